@@ -1,0 +1,47 @@
+"""fxmorph: make trained PyTorch models physically smaller (or wider) to a budget you name."""
+
+from fxmorph.analysis import ChannelGraph, Group, Pin
+from fxmorph.api import analyze, resize
+from fxmorph.check import check
+from fxmorph.cost import CostModel
+from fxmorph.counting import count_flops, count_macs, count_params
+from fxmorph.errors import (
+    AnalysisError,
+    BudgetError,
+    ConsistencyError,
+    FxmorphError,
+    InputError,
+    PlanError,
+    SurgeryError,
+    TraceError,
+)
+from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.surgery.apply import apply_plan
+from fxmorph.trace import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnalysisError",
+    "BudgetError",
+    "ChannelGraph",
+    "ConsistencyError",
+    "CostModel",
+    "FxmorphError",
+    "Group",
+    "GroupPlan",
+    "InputError",
+    "Pin",
+    "PlanError",
+    "SurgeryError",
+    "TraceError",
+    "WidthPlan",
+    "analyze",
+    "apply_plan",
+    "check",
+    "count_flops",
+    "count_macs",
+    "count_params",
+    "resize",
+    "trace",
+]

@@ -1,0 +1,45 @@
+"""One FLOP counter for all of fxmorph: PyTorch's, made complete for attention on the CPU.
+
+:class:`torch.utils.flop_counter.FlopCounterMode` counts matrix products, convolutions and the
+CUDA attention kernels. Two gaps matter on the CPU: ``scaled_dot_product_attention`` runs a kernel
+PyTorch does not count, and ``nn.MultiheadAttention`` in eval mode without grad takes a fused fast
+path that counts nothing. fxmorph counts the first with PyTorch's own attention formula and turns the
+fast path off while counting (restoring the setting after), so attention is always counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+__all__ = ["flop_counter"]
+
+_CPU_ATTENTION = [
+    getattr(torch.ops.aten, name)
+    for name in ("_scaled_dot_product_flash_attention_for_cpu",)
+    if hasattr(torch.ops.aten, name)
+]
+
+
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    return int(sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape)))
+
+
+_cpu_attention_flops._get_raw = True  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def flop_counter() -> Iterator[FlopCounterMode]:
+    """A FlopCounterMode (entered) that also counts CPU attention; read ``get_total_flops()``."""
+    counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(_CPU_ATTENTION, _cpu_attention_flops))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            yield counter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)

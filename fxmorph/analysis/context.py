@@ -1,0 +1,178 @@
+"""The state a channel rule reads and writes while the analysis walks the graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from fxmorph._meta import tensor_shape
+from fxmorph.analysis.atoms import AtomTable, Layout, Pin
+
+__all__ = ["Binding", "CostTerm", "Measure", "Rewrite", "RuleContext", "Spaces", "Taint"]
+
+Spaces = dict[int, Layout]
+"""Channel layouts of one tensor value, by (non-negative) dimension. Missing dims are fixed."""
+
+Measure = Callable[[Layout], int]
+"""Width of a layout under some plan."""
+
+
+@dataclass(frozen=True)
+class Taint:
+    """A Python number computed from the size of channel dims.
+
+    ``divisor`` is set when the number is exactly ``width(layouts[0]) // divisor`` (``x.size(1)``,
+    ``x.size(1) // 2``); ``None`` means any other arithmetic, which only pins.
+    """
+
+    layouts: tuple[Layout, ...]
+    divisor: int | None = 1
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One dimension of one parameter or buffer indexed by a channel layout.
+
+    ``role`` is ``"out"`` where the tensor defines the channels (weight rows, biases, norm affine
+    parameters and statistics, parameters used directly) and ``"in"`` where it reads them (weight
+    columns of a consumer). New channels get zero values in ``"in"`` slices so the function is kept.
+    """
+
+    target: str
+    dim: int
+    layout: Layout
+    role: str
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A constant baked into the graph that depends on channel widths.
+
+    ``location`` is ``(arg_index_or_kwarg_name, sub_index_or_None)``; ``value`` computes the new
+    constant from a :data:`Measure`.
+    """
+
+    node: str
+    location: tuple[int | str, int | None]
+    value: Callable[[Measure], Any]
+
+
+@dataclass(frozen=True)
+class CostTerm:
+    """``coef * prod(width(f) for f in factors)`` FLOPs; a factor is a layout or a fixed integer."""
+
+    node: str
+    coef: int
+    factors: tuple[Layout, ...]
+
+
+@dataclass
+class RuleContext:
+    """What rules see: the atom table, the spaces of earlier nodes, and the records they add."""
+
+    gm: fx.GraphModule
+    atoms: AtomTable = field(default_factory=AtomTable)
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
+    rewrites: list[Rewrite] = field(default_factory=list)
+    costs: list[CostTerm] = field(default_factory=list)
+    node: fx.Node | None = None
+
+    # -- reading -----------------------------------------------------------------------------------
+    def spaces(self, arg: Any) -> Spaces:
+        """Channel layouts of a tensor argument (empty for constants or unknown values)."""
+        value = self.env.get(arg) if isinstance(arg, fx.Node) else None
+        return value if isinstance(value, dict) else {}
+
+    def shape(self, arg: Any) -> tuple[int, ...] | None:
+        """Propagated shape of a tensor argument."""
+        return tensor_shape(arg) if isinstance(arg, fx.Node) else None
+
+    def module(self) -> nn.Module:
+        """The module called by the current ``call_module`` node."""
+        assert self.node is not None
+        return self.gm.get_submodule(str(self.node.target))
+
+    def here(self) -> str:
+        """Name of the current node, for pins."""
+        return self.node.name if self.node is not None else "?"
+
+    def layouts_in(self, value: Any) -> Iterator[Layout]:
+        """Every layout (and tainted size) reachable from an argument structure."""
+        if isinstance(value, fx.Node):
+            yield from self._layouts_of(self.env.get(value))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                yield from self.layouts_in(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from self.layouts_in(v)
+
+    def _layouts_of(self, value: Any) -> Iterator[Layout]:
+        if isinstance(value, dict):
+            yield from value.values()
+        elif isinstance(value, Taint):
+            yield from value.layouts
+        elif isinstance(value, tuple):
+            for v in value:
+                yield from self._layouts_of(v)
+
+    # -- writing -----------------------------------------------------------------------------------
+    def fresh(self, size: int) -> Layout:
+        """A new free atom of ``size`` channels."""
+        return ((self.atoms.new(size), 1),)
+
+    def pin(self, layout: Layout, reason: str) -> None:
+        """Freeze every group in ``layout``."""
+        self.atoms.pin(layout, Pin(reason, self.here()))
+
+    def no_grow(self, layout: Layout, reason: str) -> None:
+        """Allow removal but not growth for every group in ``layout`` (growth would change the function)."""
+        self.atoms.pin(layout, Pin(reason, self.here(), "no-grow"))
+
+    def pin_all(self, value: Any, reason: str) -> None:
+        """Freeze every group reachable from an argument structure."""
+        for layout in self.layouts_in(value):
+            self.pin(layout, reason)
+
+    def unify(self, layouts: list[Layout], reason: str) -> Layout | None:
+        """Unify ``layouts``; on failure pin them all with ``reason`` and return ``None``."""
+        if not layouts:
+            return None
+        first = layouts[0]
+        for other in layouts[1:]:
+            if not self.atoms.unify(first, other):
+                for layout in layouts:
+                    self.pin(layout, reason)
+                return None
+        return first
+
+    def bind(self, target: str, dim: int, layout: Layout | None, role: str) -> None:
+        """Record that ``target`` (a parameter or buffer path) is indexed by ``layout`` on ``dim``."""
+        if layout is None:
+            return
+        key = (target, dim)
+        previous = self.bindings.get(key)
+        if previous is None:
+            self.bindings[key] = Binding(target, dim, layout, role)
+        elif not self.atoms.unify(previous.layout, layout):
+            reason = f"'{target}' is shared by call sites whose channels do not line up"
+            self.pin(previous.layout, reason)
+            self.pin(layout, reason)
+
+    def rewrite(self, location: tuple[int | str, int | None], value: Callable[[Measure], Any]) -> None:
+        """Record a graph constant of the current node to recompute after surgery."""
+        self.rewrites.append(Rewrite(self.here(), location, value))
+
+    def cost(self, coef: int, *factors: Layout | int) -> None:
+        """Record FLOPs of the current node as ``coef`` times the widths of ``factors``."""
+        layouts: list[Layout] = []
+        for f in factors:
+            if isinstance(f, int):
+                coef *= f
+            else:
+                layouts.append(f)
+        self.costs.append(CostTerm(self.here(), coef, tuple(layouts)))

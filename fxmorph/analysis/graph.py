@@ -1,0 +1,181 @@
+"""The channel graph: groups of coupled channels, their members, parameters and pins."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from torch import fx
+
+from fxmorph.analysis.atoms import AtomTable, Layout, Pin
+from fxmorph.analysis.context import Binding, CostTerm, Rewrite, RuleContext
+from fxmorph.analysis.rules import lookup
+from fxmorph.errors import AnalysisError
+
+__all__ = ["ChannelGraph", "Group", "Member", "build_channel_graph"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One place a group appears: a tensor axis (``kind='tensor'``) or a parameter axis."""
+
+    kind: str
+    name: str
+    dim: int
+    role: str = ""
+
+
+@dataclass
+class Group:
+    """A set of channels that must keep the same index set everywhere they appear.
+
+    Attributes:
+        id: position of the group in :attr:`ChannelGraph.groups`.
+        size: number of channels.
+        tensors: tensor axes (graph node, dim) the group's channels live in.
+        params: parameter and buffer axes indexed by the group.
+        pins: why the group cannot change width (empty if it can).
+        grow_pins: why channels cannot be added to the group without changing the function.
+    """
+
+    id: int
+    size: int
+    tensors: list[Member] = field(default_factory=list)
+    params: list[Member] = field(default_factory=list)
+    pins: list[Pin] = field(default_factory=list)
+    grow_pins: list[Pin] = field(default_factory=list)
+
+    @property
+    def growable(self) -> bool:
+        """True if channels may be added with the function kept."""
+        return not self.pins and not self.grow_pins
+
+    @property
+    def pinned(self) -> str | None:
+        """Human-readable reason the group is frozen, or ``None`` if it may change."""
+        return "; ".join(dict.fromkeys(str(p) for p in self.pins)) if self.pins else None
+
+    @property
+    def producers(self) -> list[Member]:
+        """Parameter axes that define the channels (weight rows, biases, norm parameters)."""
+        return [p for p in self.params if p.role == "out"]
+
+    @property
+    def consumers(self) -> list[Member]:
+        """Parameter axes that read the channels (weight columns of the next layers)."""
+        return [p for p in self.params if p.role == "in"]
+
+
+@dataclass
+class ChannelGraph:
+    """Result of the channel analysis of one traced GraphModule.
+
+    ``groups`` lists every group; ``graph`` is a networkx graph linking groups to the tensors and
+    parameters they index. The layouts (how every channel axis is made of groups) drive surgery,
+    the cost model and the mask oracle.
+    """
+
+    gm: fx.GraphModule
+    groups: list[Group]
+    atoms: AtomTable
+    group_of: dict[int, int]
+    spaces: dict[str, Any]
+    bindings: dict[tuple[str, int], Binding]
+    rewrites: list[Rewrite]
+    costs: list[CostTerm]
+    graph: nx.Graph = field(default_factory=nx.Graph)
+
+    def layout_groups(self, layout: Layout) -> list[tuple[int, int]]:
+        """``(group id, inner)`` for every piece of a layout, in order."""
+        return [(self.group_of[self.atoms.find(a)], inner) for a, inner in self.atoms.expand(layout)]
+
+    @property
+    def free_groups(self) -> list[Group]:
+        """Groups that may change width."""
+        return [g for g in self.groups if not g.pins]
+
+    def tensor_layouts(self) -> Iterator[tuple[str, int, Layout]]:
+        """Every (node name, dim, layout) of a tensor value in the graph."""
+        for name, value in self.spaces.items():
+            yield from _walk_spaces(name, value)
+
+    def explain(self, *, all_groups: bool = False) -> str:
+        """A table of groups: id, size, state, members, pins. Hides pinned groups without parameters
+        unless ``all_groups``."""
+        from fxmorph.analysis.explain import explain_table
+
+        return explain_table(self, all_groups=all_groups)
+
+
+def _walk_spaces(name: str, value: Any) -> Iterator[tuple[str, int, Layout]]:
+    if isinstance(value, dict):
+        for dim, layout in value.items():
+            yield name, dim, layout
+    elif isinstance(value, tuple):
+        for k, v in enumerate(value):
+            yield from _walk_spaces(f"{name}[{k}]", v)
+
+
+def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
+    """Walk ``gm`` once, apply every node's rule, and collect the groups."""
+    ctx = RuleContext(gm)
+    for node in gm.graph.nodes:
+        ctx.node = node
+        rule = lookup(node, gm)
+        try:
+            ctx.env[node] = rule(ctx, node)
+        except Exception as exc:
+            raise AnalysisError(
+                f"channel rule '{getattr(rule, '__name__', rule)}' failed on node '{node.name}' "
+                f"({node.format_node()}): {type(exc).__name__}: {exc}. This is a bug in fxmorph; as a "
+                "workaround, mark the module holding this op as a leaf so its channels are pinned."
+            ) from exc
+    return _collect(ctx)
+
+
+def _collect(ctx: RuleContext) -> ChannelGraph:
+    atoms = ctx.atoms
+    spaces = {node.name: value for node, value in ctx.env.items() if value is not None}
+    group_of: dict[int, int] = {}
+    groups: list[Group] = []
+
+    def group_for(atom: int) -> Group:
+        root = atoms.find(atom)
+        if root not in group_of:
+            group_of[root] = len(groups)
+            pins = atoms.pins(atom)
+            frozen = [p for p in pins if p.kind == "frozen"]
+            no_grow = [p for p in pins if p.kind != "frozen"]
+            groups.append(Group(len(groups), atoms.size(atom), pins=frozen, grow_pins=no_grow))
+        return groups[group_of[root]]
+
+    graph = nx.Graph()
+    for name, value in spaces.items():
+        for member_name, dim, layout in _walk_spaces(name, value):
+            _add_members(atoms, layout, group_for, Member("tensor", member_name, dim), graph)
+    for binding in ctx.bindings.values():
+        member = Member("param", binding.target, binding.dim, binding.role)
+        _add_members(atoms, binding.layout, group_for, member, graph)
+    for term in ctx.costs:
+        for layout in term.factors:
+            for atom, _ in atoms.expand(layout):
+                group_for(atom)
+    cg = ChannelGraph(ctx.gm, groups, atoms, group_of, spaces, ctx.bindings, ctx.rewrites, ctx.costs, graph)
+    logger.debug("channel analysis: %d groups, %d free", len(groups), len(cg.free_groups))
+    return cg
+
+
+def _add_members(atoms: AtomTable, layout: Layout, group_for: Any, member: Member, graph: nx.Graph) -> None:
+    seen: set[int] = set()
+    for atom, _ in atoms.expand(layout):
+        group = group_for(atom)
+        if group.id in seen:
+            continue
+        seen.add(group.id)
+        (group.tensors if member.kind == "tensor" else group.params).append(member)
+        graph.add_edge(("group", group.id), (member.kind, member.name, member.dim))

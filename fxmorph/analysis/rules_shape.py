@@ -1,0 +1,456 @@
+"""Channel rules for data-movement ops: reshape, permute, indexing, cat, split, size queries.
+
+Every rule takes the :class:`RuleContext` and the node, and returns the node's channel spaces: a dict
+``{dim: Layout}`` for a tensor, a tuple of those for a tuple-valued node, a :class:`Taint` for a number
+computed from channel sizes, or ``None``. Reshapes are decided from the propagated shapes, not from
+the arguments, so dynamic sizes (``x.size(1) // 2``) and constant sizes are handled alike; constant
+sizes of channel dims are recorded as rewrites for surgery.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+from torch import fx
+
+from fxmorph.analysis.atoms import Layout
+from fxmorph.analysis.context import RuleContext, Spaces, Taint
+
+__all__ = [
+    "cat",
+    "chunk",
+    "expand",
+    "flatten_module",
+    "getattr_rule",
+    "getitem",
+    "number_op",
+    "permute",
+    "reshape",
+    "size",
+    "split",
+    "squeeze",
+    "transpose",
+    "unbind",
+    "unsqueeze",
+]
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _pin_unknown(ctx: RuleContext, node: fx.Node, why: str) -> None:
+    ctx.pin_all((node.args, node.kwargs), f"{why} in {node.op} '{_name(node.target)}'")
+
+
+def _name(target: Any) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+# -- reshape ---------------------------------------------------------------------------------------
+def _align(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Blocks of input dims and output dims with equal products, ignoring dims of size 1."""
+    a = [i for i, s in enumerate(ins) if s != 1]
+    b = [j for j, s in enumerate(outs) if s != 1]
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        bi, bj = [a[i]], [b[j]]
+        pi, pj = ins[a[i]], outs[b[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(a):
+                bi.append(a[i])
+                pi *= ins[a[i]]
+                i += 1
+            elif pj < pi and j < len(b):
+                bj.append(b[j])
+                pj *= outs[b[j]]
+                j += 1
+            else:
+                return None
+        blocks.append((bi, bj))
+    return blocks if i == len(a) and j == len(b) else None
+
+
+def _merge(ctx: RuleContext, dims: list[int], shape: tuple[int, ...], sp: Spaces) -> Layout | None:
+    """Layout of the row-major merge of ``dims``, when exactly one of them carries channels."""
+    carrying = [d for d in dims if d in sp]
+    if len(carrying) != 1:
+        return None
+    d = carrying[0]
+    k = dims.index(d)
+    outer = math.prod(shape[e] for e in dims[:k])
+    inner = math.prod(shape[e] for e in dims[k + 1 :])
+    return tuple((a, i * inner) for a, i in ctx.atoms.expand(sp[d])) * outer
+
+
+def _split_dims(ctx: RuleContext, layout: Layout, dims: list[int], shape: tuple[int, ...]) -> Spaces | None:
+    """Spread a layout over output ``dims``: the channels stay outer, or become the innermost dim."""
+    if len(dims) == 1:
+        return {dims[0]: layout}
+    block = math.prod(shape[e] for e in dims[1:])
+    pieces = ctx.atoms.expand(layout)
+    if all(inner % block == 0 for _, inner in pieces):
+        return {dims[0]: tuple((a, inner // block) for a, inner in pieces)}
+    count = math.prod(shape[e] for e in dims[:-1])
+    parts = ctx.atoms.chunks(layout, count)
+    if parts is not None:
+        merged = ctx.unify(list(parts), "reshape splits channels into blocks that do not line up")
+        return None if merged is None else {dims[-1]: merged}
+    coarse = ctx.atoms.unchunk(layout, block)
+    return None if coarse is None else {dims[0]: coarse}
+
+
+def reshape(ctx: RuleContext, node: fx.Node) -> Spaces | None:
+    """``view``/``reshape``/``flatten``: map channel layouts through the row-major reshape."""
+    src = node.args[0]
+    ins, outs = ctx.shape(src), ctx.shape(node)
+    sp = ctx.spaces(src)
+    if ins is None or outs is None:
+        _pin_unknown(ctx, node, "reshape of an unknown shape")
+        return None
+    for d, layout in sp.items():
+        if ins[d] == 1:
+            ctx.pin(layout, "reshape drops a one-channel dim")
+    blocks = _align(ins, outs)
+    if blocks is None:
+        ctx.pin_all(src, "reshape mixes dims in a way no rule covers")
+        return None
+    result: Spaces = {}
+    for in_dims, out_dims in blocks:
+        if not any(d in sp for d in in_dims):
+            continue
+        merged = _merge(ctx, in_dims, ins, sp)
+        mapped = None if merged is None else _split_dims(ctx, merged, out_dims, outs)
+        if mapped is None:
+            for d in in_dims:
+                if d in sp:
+                    ctx.pin(sp[d], "reshape mixes channels with other dims")
+            continue
+        result.update(mapped)
+    _record_size_rewrites(ctx, node, result)
+    return result
+
+
+def _record_size_rewrites(ctx: RuleContext, node: fx.Node, result: Spaces) -> None:
+    if node.op != "call_method" or node.target not in ("view", "reshape"):
+        return
+    packed = len(node.args) == 2 and isinstance(node.args[1], list | tuple)
+    sizes = node.args[1] if packed else node.args[1:]
+    for j, value in enumerate(sizes):
+        taint = ctx.env.get(value) if isinstance(value, fx.Node) else None
+        if isinstance(taint, Taint):
+            _relate_size(ctx, taint, result.get(j))
+        if j in result and isinstance(value, int) and value != -1:
+            layout = result[j]
+            location = (1, j) if packed else (1 + j, None)
+            ctx.rewrite(location, lambda measure, layout=layout: measure(layout))
+
+
+def _relate_size(ctx: RuleContext, taint: Taint, layout: Layout | None) -> None:
+    """A dynamic size ``width(T) // k`` used for a dim with ``layout``: make that hold for every plan.
+
+    ``T`` is cut into ``k`` chunks, all unified with ``layout`` (so ``T`` is ``k`` copies of it, as the
+    residual stream of an attention block is heads x head dim). Anything else pins both sides.
+    """
+    source = taint.layouts[0] if len(taint.layouts) == 1 else None
+    if layout is not None and source is not None and taint.divisor is not None:
+        parts = ctx.atoms.chunks(source, taint.divisor)
+        if parts is not None and ctx.unify([layout, *parts], "a dynamic size does not match its channels"):
+            return
+    for t in taint.layouts:
+        ctx.pin(t, "a channel count sizes a reshape in a way no rule covers")
+    if layout is not None:
+        ctx.pin(layout, "a reshape is sized by another tensor's channel count")
+
+
+def flatten_module(ctx: RuleContext, node: fx.Node) -> Spaces | None:
+    """``nn.Flatten``/``torch.flatten``: a reshape."""
+    return reshape(ctx, node)
+
+
+# -- dim moves -------------------------------------------------------------------------------------
+def _dims_arg(node: fx.Node) -> list[int]:
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], list | tuple):
+        return list(rest[0])
+    if "dims" in node.kwargs:
+        return list(node.kwargs["dims"])
+    return list(rest)
+
+
+def permute(ctx: RuleContext, node: fx.Node) -> Spaces:
+    """``permute``: output dim k is input dim perm[k]."""
+    sp = ctx.spaces(node.args[0])
+    perm = _dims_arg(node)
+    n = len(perm)
+    return {k: sp[_norm(p, n)] for k, p in enumerate(perm) if _norm(p, n) in sp}
+
+
+def transpose(ctx: RuleContext, node: fx.Node) -> Spaces:
+    """``transpose``/``swapaxes``: swap two dims."""
+    sp = ctx.spaces(node.args[0])
+    shape = ctx.shape(node) or ()
+    d0, d1 = (_norm(int(d), len(shape)) for d in node.args[1:3])
+    swap = {d0: d1, d1: d0}
+    return {swap.get(d, d): layout for d, layout in sp.items()}
+
+
+def unsqueeze(ctx: RuleContext, node: fx.Node) -> Spaces:
+    """``unsqueeze(d)``: dims at or after d move up by one."""
+    sp = ctx.spaces(node.args[0])
+    d = _norm(int(node.args[1] if len(node.args) > 1 else node.kwargs["dim"]), len(ctx.shape(node) or ()))
+    return {(k + 1 if k >= d else k): layout for k, layout in sp.items()}
+
+
+def squeeze(ctx: RuleContext, node: fx.Node) -> Spaces:
+    """``squeeze``: dims of size one disappear (a one-channel layout there is pinned)."""
+    sp = ctx.spaces(node.args[0])
+    ins = ctx.shape(node.args[0]) or ()
+    dims = node.args[1:] or list(node.kwargs.values())
+    if dims and isinstance(dims[0], list | tuple):
+        dims = list(dims[0])
+    chosen = {_norm(int(d), len(ins)) for d in dims} if dims else set(range(len(ins)))
+    gone = {d for d in chosen if ins[d] == 1}
+    out: Spaces = {}
+    for k, layout in sp.items():
+        if k in gone:
+            ctx.pin(layout, "squeeze removes a one-channel dim")
+        else:
+            out[k - sum(1 for g in gone if g < k)] = layout
+    return out
+
+
+def expand(ctx: RuleContext, node: fx.Node) -> Spaces:
+    """``expand``: broadcast dims; a channel layout broadcast from width one is pinned."""
+    sp = ctx.spaces(node.args[0])
+    ins, outs = ctx.shape(node.args[0]) or (), ctx.shape(node) or ()
+    lead = len(outs) - len(ins)
+    out: Spaces = {}
+    for k, layout in sp.items():
+        if ins[k] != outs[k + lead]:
+            ctx.pin(layout, "expand broadcasts a channel dim")
+        else:
+            out[k + lead] = layout
+    return out
+
+
+# -- indexing --------------------------------------------------------------------------------------
+def getitem(ctx: RuleContext, node: fx.Node) -> Any:
+    """``x[i]`` on a tuple value selects; on a tensor maps slices of channel dims (or pins)."""
+    src, index = node.args[0], node.args[1]
+    value = ctx.env.get(src) if isinstance(src, fx.Node) else None
+    if isinstance(value, tuple) and isinstance(index, int):
+        return value[index]
+    if ctx.shape(src) is None:
+        ctx.pin_all(node.args, "indexing of a value with channel sizes")
+        return None
+    return _index_tensor(ctx, node, ctx.spaces(src), ctx.shape(src) or ())
+
+
+def _index_tensor(ctx: RuleContext, node: fx.Node, sp: Spaces, shape: tuple[int, ...]) -> Spaces | None:
+    raw = node.args[1]
+    packed = isinstance(raw, tuple)
+    items = list(raw) if packed else [raw]
+    if any(isinstance(i, fx.Node) for i in items):
+        ctx.pin_all(node.args, "tensor indexing")
+        return None
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        fill = len(shape) - (len(items) - 1 - items.count(None))
+        items[k : k + 1] = [slice(None)] * fill
+    out: Spaces = {}
+    d = o = 0
+    for pos, item in enumerate(items):
+        if item is None:
+            o += 1
+            continue
+        layout = sp.get(d)
+        if isinstance(item, int):
+            if layout is not None:
+                ctx.pin(layout, "indexing picks a single channel")
+            d += 1
+            continue
+        if layout is not None:
+            sub = _slice_layout(ctx, node, layout, item, shape[d], (1, pos if packed else None))
+            if sub is not None:
+                out[o] = sub
+        d, o = d + 1, o + 1
+    out.update({o + k - d: sp[k] for k in range(d, len(shape)) if k in sp})
+    return out
+
+
+def _slice_layout(
+    ctx: RuleContext, node: fx.Node, layout: Layout, item: slice, size: int, location: tuple[int, int | None]
+) -> Layout | None:
+    start, stop, step = item.start, item.stop, item.step
+    if item == slice(None):
+        return layout
+    if step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (start, stop)):
+        ctx.pin(layout, "strided or dynamic slice of a channel dim")
+        return None
+    lo, hi, _ = item.indices(size)
+    sub = ctx.atoms.slice(layout, lo, hi)
+    head = ctx.atoms.slice(layout, 0, lo) if lo else ()
+    if sub is None or head is None:
+        ctx.pin(layout, "slice boundary inside a block of channels")
+        return None
+
+    def new_slice(measure: Any, head: Layout = head, sub: Layout = sub) -> slice:
+        begin = measure(head) if head else 0
+        return slice(begin, begin + measure(sub), None)
+
+    ctx.rewrite(location, new_slice)
+    return sub
+
+
+# -- cat and split ---------------------------------------------------------------------------------
+def _dim_arg(node: fx.Node, position: int, default: int = 0) -> int:
+    if len(node.args) > position:
+        return int(node.args[position])
+    return int(node.kwargs.get("dim", default))
+
+
+def _unify_other_dims(ctx: RuleContext, parts: list[Spaces], skip: int, ndim: int) -> Spaces:
+    out: Spaces = {}
+    for d in range(ndim):
+        if d == skip:
+            continue
+        layouts = [p[d] for p in parts if d in p]
+        if not layouts:
+            continue
+        if len(layouts) < len(parts):
+            for layout in layouts:
+                ctx.pin(layout, "joined with a tensor of fixed width")
+            continue
+        merged = ctx.unify(layouts, "joined tensors whose channels do not line up")
+        if merged is not None:
+            out[d] = merged
+    return out
+
+
+def cat(ctx: RuleContext, node: fx.Node) -> Spaces:
+    """``cat``: segments along the cat dim; other channel dims are unified across inputs."""
+    tensors = list(node.args[0])
+    shape = ctx.shape(node) or ()
+    d = _norm(_dim_arg(node, 1), len(shape))
+    parts = [ctx.spaces(t) for t in tensors]
+    out = _unify_other_dims(ctx, parts, d, len(shape))
+    if any(d in p for p in parts):
+        segments: list[Layout] = []
+        for t, p in zip(tensors, parts, strict=True):
+            layout = p.get(d) or ctx.fresh((ctx.shape(t) or ())[d])
+            if d not in p:
+                ctx.pin(layout, "fixed-width input of cat")
+            segments.append(layout)
+        out[d] = tuple(piece for seg in segments for piece in seg)
+    return out
+
+
+def _split_outputs(ctx: RuleContext, node: fx.Node, d: int, sizes: list[int]) -> tuple[Spaces, ...]:
+    sp = ctx.spaces(node.args[0])
+    rest = {k: v for k, v in sp.items() if k != d}
+    if d not in sp:
+        return tuple(dict(rest) for _ in sizes)
+    outs: list[Spaces] = []
+    start = 0
+    for n in sizes:
+        sub = ctx.atoms.slice(sp[d], start, start + n)
+        start += n
+        if sub is None:
+            ctx.pin(sp[d], "split boundary inside a block of channels")
+            return tuple(dict(rest) for _ in sizes)
+        outs.append({**rest, d: sub})
+    return tuple(outs)
+
+
+def _out_sizes(node: fx.Node, d: int) -> list[int] | None:
+    metas = node.meta.get("tensor_meta")
+    if not isinstance(metas, list | tuple):
+        return None
+    return [int(m.shape[d]) for m in metas]
+
+
+def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
+    """``split``: slices along a dim; constant sizes on a channel dim are recomputed by surgery."""
+    ndim = len(ctx.shape(node.args[0]) or ())
+    d = _norm(_dim_arg(node, 2), ndim)
+    sizes = _out_sizes(node, d)
+    if sizes is None:
+        ctx.pin_all(node.args, "split of unknown sizes")
+        return None
+    outs = _split_outputs(ctx, node, d, sizes)
+    if d in ctx.spaces(node.args[0]) and all(d in o for o in outs):
+        layouts = [o[d] for o in outs]
+        ctx.rewrite((1, None), lambda measure: [measure(x) for x in layouts])
+    return outs
+
+
+def chunk(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
+    """``chunk``: equal slices; on a channel dim the chunks are unified so they stay equal."""
+    ndim = len(ctx.shape(node.args[0]) or ())
+    d = _norm(_dim_arg(node, 2), ndim)
+    sizes = _out_sizes(node, d)
+    if sizes is None:
+        ctx.pin_all(node.args, "chunk of unknown sizes")
+        return None
+    outs = _split_outputs(ctx, node, d, sizes)
+    layouts = [o[d] for o in outs if d in o]
+    if layouts and (len(set(sizes)) != 1 or ctx.unify(layouts, "chunks must keep equal widths") is None):
+        for layout in layouts:
+            ctx.pin(layout, "chunk of unequal sizes")
+    return outs
+
+
+def unbind(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
+    """``unbind``: drops a dim; allowed when that dim carries no channels."""
+    shape = ctx.shape(node.args[0]) or ()
+    d = _norm(_dim_arg(node, 1), len(shape))
+    sp = ctx.spaces(node.args[0])
+    if d in sp:
+        ctx.pin(sp[d], "unbind along a channel dim")
+    rest = {(k - 1 if k > d else k): v for k, v in sp.items() if k != d}
+    return tuple(dict(rest) for _ in range(shape[d]))
+
+
+# -- sizes as numbers ------------------------------------------------------------------------------
+def size(ctx: RuleContext, node: fx.Node) -> Any:
+    """``x.size()``/``x.size(d)``: numbers tainted by the channel layouts they measure."""
+    sp = ctx.spaces(node.args[0])
+    ndim = len(ctx.shape(node.args[0]) or ())
+    dims = node.args[1:] or tuple(node.kwargs.values())
+    if dims:
+        d = _norm(int(dims[0]), ndim)
+        return Taint((sp[d],)) if d in sp else None
+    return tuple(Taint((sp[d],)) if d in sp else None for d in range(ndim))
+
+
+def getattr_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """``getattr(x, 'shape')`` is ``x.size()``; other attributes carry no channels."""
+    if len(node.args) > 1 and node.args[1] == "shape":
+        sp = ctx.spaces(node.args[0])
+        ndim = len(ctx.shape(node.args[0]) or ())
+        return tuple(Taint((sp[d],)) if d in sp else None for d in range(ndim))
+    return None
+
+
+def number_op(ctx: RuleContext, node: fx.Node) -> Taint | None:
+    """Arithmetic on Python numbers: the result is tainted by its operands.
+
+    ``size // k`` keeps an exact divisor, so a reshape can relate it to the channels it sizes.
+    """
+    layouts = tuple(ctx.layouts_in((node.args, node.kwargs)))
+    if not layouts:
+        return None
+    first = ctx.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if (
+        node.target is operator.floordiv
+        and isinstance(first, Taint)
+        and first.divisor is not None
+        and isinstance(node.args[1], int)
+    ):
+        return Taint(first.layouts, first.divisor * node.args[1])
+    return Taint(layouts, None)

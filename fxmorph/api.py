@@ -1,0 +1,43 @@
+"""Public entry points of the engine: analyse a model, resize it by a plan."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import fx, nn
+
+from fxmorph.analysis import ChannelGraph, build_channel_graph
+from fxmorph.plan import WidthPlan
+from fxmorph.surgery.apply import apply_plan
+from fxmorph.trace import trace
+
+__all__ = ["analyze", "resize"]
+
+
+def analyze(
+    model: nn.Module | fx.GraphModule,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+) -> ChannelGraph:
+    """Find every group of coupled channels of ``model``; changes no tensor.
+
+    ``model`` may be a GraphModule from :func:`fxmorph.trace` (then ``example_inputs`` may be
+    omitted) or any module, which is traced first. ``result.gm`` is the traced graph the groups refer
+    to, ``result.groups`` the groups, and ``result.explain()`` a readable table.
+    """
+    if isinstance(model, fx.GraphModule) and example_inputs is None:
+        gm = model
+    else:
+        if example_inputs is None:
+            from fxmorph.errors import InputError
+
+            raise InputError("example_inputs is required to analyse a model that is not traced yet.")
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    return build_channel_graph(gm)
+
+
+def resize(cg: ChannelGraph, plan: WidthPlan, *, seed: int = 0) -> fx.GraphModule:
+    """Apply ``plan`` to the model ``cg`` was built from; returns a new, independent GraphModule."""
+    return apply_plan(cg.gm, cg, plan, seed=seed)

@@ -1,0 +1,50 @@
+"""The exception hierarchy of fxmorph.
+
+Every error a user can meet derives from :class:`FxmorphError`, carries a message that says what was
+wrong and what to do, and is raised ``from`` the underlying cause so the full chain stays available.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnalysisError",
+    "BudgetError",
+    "ConsistencyError",
+    "FxmorphError",
+    "InputError",
+    "PlanError",
+    "SurgeryError",
+    "TraceError",
+]
+
+
+class FxmorphError(Exception):
+    """Base class of every error fxmorph raises on purpose."""
+
+
+class InputError(FxmorphError, TypeError):
+    """The caller passed something fxmorph cannot work with (wrong type, wrong inputs, bad dtype)."""
+
+
+class TraceError(FxmorphError):
+    """The model could not be traced to a torch.fx graph, or its example inputs do not run."""
+
+
+class AnalysisError(FxmorphError):
+    """The channel analysis met a graph it cannot describe (an internal invariant failed)."""
+
+
+class PlanError(FxmorphError, ValueError):
+    """A WidthPlan does not fit the channel graph it is applied to."""
+
+
+class SurgeryError(FxmorphError):
+    """Applying a WidthPlan failed."""
+
+
+class ConsistencyError(FxmorphError):
+    """The consistency checker found a model whose shapes, attributes or interface disagree."""
+
+
+class BudgetError(FxmorphError, ValueError):
+    """A FLOPs budget cannot be parsed, is out of range, or cannot be reached."""

@@ -1,0 +1,1 @@
+"""Passes: policy that decides WidthPlans (remove-dead, prune, grow, width)."""

@@ -1,0 +1,1 @@
+"""Surgery: the only code that changes widths."""

@@ -1,0 +1,169 @@
+"""Apply a WidthPlan: build new modules with sliced or extended tensors, rewrite graph constants.
+
+This is the only code that changes widths. It never writes to the GraphModule it is given: the
+result is an independent deep copy in which every module that changes is a new object.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxmorph.analysis import ChannelGraph
+from fxmorph.analysis.context import Binding, Rewrite
+from fxmorph.errors import SurgeryError
+from fxmorph.plan import WidthPlan
+from fxmorph.surgery.defaults import new_channel_values
+from fxmorph.surgery.indices import axis_map
+
+__all__ = ["apply_plan"]
+
+logger = logging.getLogger(__name__)
+
+
+def _split_path(path: str) -> tuple[str, str]:
+    owner, _, leaf = path.rpartition(".")
+    return owner, leaf
+
+
+def _affected(cg: ChannelGraph, plan: WidthPlan) -> dict[str, list[Binding]]:
+    changing = {g for g, p in plan.items() if p.new or p.keep != tuple(range(cg.groups[g].size))}
+    out: dict[str, list[Binding]] = defaultdict(list)
+    for binding in cg.bindings.values():
+        if any(gid in changing for gid, _ in cg.layout_groups(binding.layout)):
+            out[binding.target].append(binding)
+    return out
+
+
+def _new_tensor(cg: ChannelGraph, plan: WidthPlan, path: str, bindings: list[Binding], seed: int) -> torch.Tensor:
+    tensor = cg.gm.get_parameter(path) if _is_param(cg.gm, path) else cg.gm.get_buffer(path)
+    owner, _ = _split_path(path)
+    owner_type = type(cg.gm.get_submodule(owner)).__name__ if owner else ""
+    init = {g: dict(p.init) for g, p in plan.items() if p.init}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = tensor.detach()
+        for binding in sorted(bindings, key=lambda b: b.dim):
+            amap = axis_map(cg, plan, binding.layout)
+            if amap.identity:
+                continue
+            fill = None
+            if amap.slots:
+                fill = new_channel_values(out, binding.dim, amap, binding.role, owner_type, path, init, generator)
+            out = amap.gather(out, binding.dim, fill)
+    return out.clone()
+
+
+def _is_param(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_parameter(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _install(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner, leaf = _split_path(path)
+    parent = root.get_submodule(owner) if owner else root
+    parent._modules[leaf] = module
+
+
+def _rebuilt(root: nn.Module, path: str) -> nn.Module:
+    """A new module object with the state of ``root.<path>``, its containers copied."""
+    old = root.get_submodule(path)
+    new = copy.copy(old)
+    new.__dict__ = dict(old.__dict__)
+    new._parameters = dict(old._parameters)
+    new._buffers = dict(old._buffers)
+    new._modules = dict(old._modules)
+    _install(root, path, new)
+    return new
+
+
+def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    if isinstance(like, nn.Parameter):
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=like.requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def _apply_rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], rw: Rewrite, value: Any) -> None:
+    node = nodes[rw.node]
+    where, sub = rw.location
+    if isinstance(where, str) and where.startswith("@"):
+        owner_path, _, attr = where[1:].rpartition(".")
+        target = str(node.target) + (f".{owner_path}" if owner_path else "")
+        setattr(gm.get_submodule(target), attr, value)
+        return
+    if isinstance(where, str) and where.startswith("!"):
+        value(gm.get_submodule(str(node.target)))
+        return
+    if isinstance(where, int):
+        args = list(node.args)
+        args[where] = _replace(args[where], sub, value)
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs[where] = _replace(kwargs.get(where), sub, value)
+        node.kwargs = kwargs
+
+
+def _replace(container: Any, index: int | None, value: Any) -> Any:
+    if index is None:
+        return value
+    items = list(container)
+    items[index] = value
+    return type(container)(items) if isinstance(container, tuple) else items
+
+
+def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: int = 0) -> fx.GraphModule:
+    """Return a new GraphModule with ``plan`` applied; ``gm`` is left untouched.
+
+    Every parameter and buffer indexed by a changing group is rebuilt (kept positions gathered in the
+    plan's order, new positions filled as :func:`new_channel_values` says); every module that owns
+    one, or whose attributes depend on a width, is replaced by a new object; graph constants that
+    depend on widths (view sizes, split sizes, slice bounds, attention scales) are recomputed.
+    """
+    if cg.gm is not gm:
+        raise SurgeryError("the channel graph was built for another GraphModule: analyse this one first")
+    plan.validate(cg)
+    affected = _affected(cg, plan)
+    try:
+        new_tensors = {path: _new_tensor(cg, plan, path, bs, seed) for path, bs in affected.items()}
+        originals = {path: _lookup_tensor(gm, path) for path in affected}
+        memo = {id(t): torch.empty(0, dtype=t.dtype) for t in originals.values()}
+        out = copy.deepcopy(gm, memo)
+        for path, value in new_tensors.items():
+            owner, leaf = _split_path(path)
+            module = _rebuilt(out, owner) if owner else out
+            _set_tensor(module, leaf, value, originals[path])
+        _rewrite_constants(out, cg, plan)
+        out.recompile()
+    except Exception as exc:
+        raise SurgeryError(f"applying the width plan failed: {type(exc).__name__}: {exc}") from exc
+    logger.debug("surgery rebuilt %d tensors", len(new_tensors))
+    return out
+
+
+def _lookup_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    return gm.get_parameter(path) if _is_param(gm, path) else gm.get_buffer(path)
+
+
+def _rewrite_constants(out: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan) -> None:
+    measure = plan.measure(cg)
+    nodes = {n.name: n for n in out.graph.nodes}
+    rebuilt: set[str] = set()
+    changing = {g for g, p in plan.items() if p.new or p.keep != tuple(range(cg.groups[g].size))}
+    if not changing:
+        return
+    for rw in cg.rewrites:
+        node = nodes[rw.node]
+        if node.op == "call_module" and str(node.target) not in rebuilt:
+            _rebuilt(out, str(node.target))
+            rebuilt.add(str(node.target))
+        _apply_rewrite(out, nodes, rw, rw.value(measure))

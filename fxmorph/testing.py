@@ -1,0 +1,167 @@
+"""Test oracles shipped with fxmorph: random plans and the mask oracle for removals.
+
+The mask oracle runs a float64 copy of the original graph in which every removed channel is zeroed
+at every tensor and parameter axis of its group (normalisations over channels are computed over the
+kept channels only, which is what removing them means). A physically pruned model must give the same
+outputs; this checks the analysis and the surgery together, for any keep-set, on any model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxmorph.analysis import ChannelGraph, Layout
+from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.surgery.indices import axis_map
+
+__all__ = ["masked_reference", "random_plan", "run_double"]
+
+
+def random_plan(
+    cg: ChannelGraph, seed: int = 0, low: float = 0.3, high: float = 0.7, grow: int = 0
+) -> WidthPlan:
+    """Keep a random ``low``..``high`` share of every free group (at least one channel), in random
+    order of choice but sorted; with ``grow > 0`` also append up to ``grow`` channels per group."""
+    rng = np.random.default_rng(seed)
+    plans = {}
+    for g in cg.free_groups:
+        k = max(1, round(g.size * rng.uniform(low, high)))
+        keep = tuple(sorted(rng.choice(g.size, size=k, replace=False).tolist()))
+        plans[g.id] = GroupPlan(keep, int(rng.integers(0, grow + 1)) if grow else 0)
+    return WidthPlan(plans)
+
+
+def _mask(cg: ChannelGraph, plan: WidthPlan, layout: Layout) -> torch.Tensor | None:
+    amap = axis_map(cg, plan, layout)
+    if amap.identity:
+        return None
+    width = cg.atoms.width(layout)
+    mask = torch.zeros(width, dtype=torch.float64)
+    mask[torch.as_tensor(amap.source[amap.source >= 0], dtype=torch.long)] = 1.0
+    return mask
+
+
+def _apply_mask(t: torch.Tensor, dim: int, mask: torch.Tensor) -> torch.Tensor:
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t * mask.view(shape).to(t.dtype)
+
+
+class _MaskedInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, masks: dict[str, Any]) -> None:
+        super().__init__(gm)
+        self.masks = masks
+
+    def run_node(self, n: fx.Node) -> Any:
+        masked_norm = self._masked_norm(n)
+        result = masked_norm if masked_norm is not None else super().run_node(n)
+        return self._mask_value(result, self.masks.get(n.name))
+
+    def _mask_value(self, value: Any, masks: Any) -> Any:
+        if masks is None:
+            return value
+        if isinstance(value, torch.Tensor) and isinstance(masks, dict):
+            for dim, mask in masks.items():
+                value = _apply_mask(value, dim, mask)
+            return value
+        if isinstance(value, tuple | list) and isinstance(masks, tuple):
+            return type(value)(self._mask_value(v, m) for v, m in zip(value, masks, strict=False))
+        return value
+
+    def _masked_norm(self, n: fx.Node) -> torch.Tensor | None:
+        """LayerNorm/GroupNorm over partly removed channels: normalise over the kept ones only."""
+        if n.op == "call_module":
+            m = self.module.get_submodule(str(n.target))
+            if isinstance(m, nn.LayerNorm | nn.GroupNorm):
+                x = self.env[n.args[0]]
+                dim = x.dim() - 1 if isinstance(m, nn.LayerNorm) else 1
+                mask = (self.masks.get(n.args[0].name) or {}).get(dim)
+                if mask is not None:
+                    return _norm_kept(x, dim, mask, m)
+        if n.op == "call_function" and n.target is F.layer_norm:
+            x = self.env[n.args[0]]
+            mask = (self.masks.get(n.args[0].name) or {}).get(x.dim() - 1)
+            if mask is not None:
+                args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
+                kw = {k: self.env[v] if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
+                w = args[2] if len(args) > 2 else kw.get("weight")
+                b = args[3] if len(args) > 3 else kw.get("bias")
+                eps = args[4] if len(args) > 4 else kw.get("eps", 1e-5)
+                return _layer_norm_kept(x, mask, w, b, eps)
+        return None
+
+
+def _norm_kept(x: torch.Tensor, dim: int, mask: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    if isinstance(m, nn.LayerNorm):
+        return _layer_norm_kept(x, mask, m.weight, m.bias, m.eps)
+    idx = torch.nonzero(mask).flatten()
+    sub = x.index_select(1, idx)
+    w = m.weight.index_select(0, idx) if m.weight is not None else None
+    b = m.bias.index_select(0, idx) if m.bias is not None else None
+    out = torch.zeros_like(x)
+    out.index_copy_(1, idx, F.group_norm(sub, m.num_groups, w, b, m.eps))
+    return out
+
+
+def _layer_norm_kept(x: torch.Tensor, mask: torch.Tensor, w: Any, b: Any, eps: float) -> torch.Tensor:
+    idx = torch.nonzero(mask).flatten()
+    sub = x.index_select(-1, idx)
+    w = w.index_select(0, idx) if w is not None else None
+    b = b.index_select(0, idx) if b is not None else None
+    out = torch.zeros_like(x)
+    out.index_copy_(x.dim() - 1, idx, F.layer_norm(sub, (len(idx),), w, b, eps))
+    return out
+
+
+def _node_masks(cg: ChannelGraph, plan: WidthPlan, value: Any) -> Any:
+    if isinstance(value, dict):
+        masks = {d: m for d, lay in value.items() if (m := _mask(cg, plan, lay)) is not None}
+        return masks or None
+    if isinstance(value, tuple):
+        return tuple(_node_masks(cg, plan, v) for v in value)
+    return None
+
+
+def masked_reference(cg: ChannelGraph, plan: WidthPlan, *inputs: Any) -> Any:
+    """Outputs of the original graph in float64 with the plan's removed channels zeroed everywhere."""
+    ref = copy.deepcopy(cg.gm).double().eval()
+    with torch.no_grad():
+        for binding in cg.bindings.values():
+            mask = _mask(cg, plan, binding.layout)
+            if mask is None:
+                continue
+            owner, _, leaf = binding.target.rpartition(".")
+            module = ref.get_submodule(owner) if owner else ref
+            tensor = getattr(module, leaf)
+            tensor.copy_(_apply_mask(tensor, binding.dim, mask))
+        masks = {name: _node_masks(cg, plan, value) for name, value in cg.spaces.items()}
+        masks = {k: v for k, v in masks.items() if v is not None}
+        return _plain(_MaskedInterpreter(ref, masks).run(*_double(inputs)))
+
+
+def _plain(value: Any) -> Any:
+    """fx's immutable containers as plain dicts and lists, so outputs compare with eager ones."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _double(inputs: Any) -> Any:
+    return tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+
+
+def run_double(model: nn.Module, *inputs: Any) -> Any:
+    """Run a float64 eval-mode copy of ``model``."""
+    m = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        return m(*_double(inputs))
