@@ -11,11 +11,14 @@ from fxmorph.errors import (
     ConsistencyError,
     FxmorphError,
     InputError,
+    PassError,
     PlanError,
     SurgeryError,
     TraceError,
 )
 from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.report import ShrinkReport
+from fxmorph.shrink import shrink
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.trace import trace
 
@@ -31,8 +34,10 @@ __all__ = [
     "Group",
     "GroupPlan",
     "InputError",
+    "PassError",
     "Pin",
     "PlanError",
+    "ShrinkReport",
     "SurgeryError",
     "TraceError",
     "WidthPlan",
@@ -43,5 +48,6 @@ __all__ = [
     "count_macs",
     "count_params",
     "resize",
+    "shrink",
     "trace",
 ]

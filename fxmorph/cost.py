@@ -18,8 +18,6 @@ from fxmorph.trace import FLOPS_KEY
 __all__ = ["CostModel"]
 
 
-
-
 class _Polynomial:
     """``const + sum_t coef_t * prod_k (A[idx[t, k]] @ w)`` with exact int64 arithmetic."""
 
@@ -41,8 +39,10 @@ class _Polynomial:
 
     def freeze(self) -> None:
         width = max((len(f) for _, f in self._terms), default=0)
-        self._a = np.vstack([*self._rows, np.zeros(self._n, dtype=np.int64)]) if self._rows else np.zeros(
-            (1, self._n), dtype=np.int64
+        self._a = (
+            np.vstack([*self._rows, np.zeros(self._n, dtype=np.int64)])
+            if self._rows
+            else np.zeros((1, self._n), dtype=np.int64)
         )
         one = len(self._rows)
         self._coef = np.array([c for c, _ in self._terms], dtype=np.int64)
@@ -55,6 +55,12 @@ class _Polynomial:
         values[-1] = 1
         return int(self.const + int((self._coef * values[self._idx].prod(axis=1)).sum()))
 
+    def batch(self, widths: np.ndarray) -> np.ndarray:
+        """Values for a ``(groups, batch)`` matrix of width vectors."""
+        values = self._a @ widths
+        values[-1, :] = 1
+        return self.const + self._coef @ values[self._idx].prod(axis=1)
+
 
 class CostModel:
     """Predict FLOPs (2 x MACs, as ``torch.utils.flop_counter``) and parameters for any widths."""
@@ -63,10 +69,15 @@ class CostModel:
         self.cg = cg
         self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
         self._flops = _Polynomial(len(cg.groups))
+        self._free_terms = _Polynomial(len(cg.groups))
         for term in cg.costs:
             self._flops.term(term.coef, [self._flops.form(cg, f) for f in term.factors])
+            if any(not cg.groups[g].pins for f in term.factors for g, _ in cg.layout_groups(f)):
+                self._free_terms.term(term.coef, [self._free_terms.form(cg, f) for f in term.factors])
         self._flops.freeze()
+        self._free_terms.freeze()
         counted = cg.gm.meta.get(FLOPS_KEY) if counted_flops is None else counted_flops
+        self.counted = int(counted) if counted is not None else None
         if counted is not None:
             self._flops.const = int(counted) - self._flops(self.sizes.copy())
         self._params = self._param_polynomial(cg)
@@ -82,6 +93,15 @@ class CostModel:
             poly.term(coef, [poly.form(cg, layout) for layout in dims.values()])
         poly.freeze()
         return poly
+
+    def flops_batch(self, widths: np.ndarray) -> np.ndarray:
+        """FLOPs of every column of a ``(groups, batch)`` int64 matrix of widths."""
+        return self._flops.batch(np.asarray(widths, dtype=np.int64))
+
+    def prunable_share(self) -> float:
+        """Share of the model's FLOPs in ops that touch at least one free group (0 to 1)."""
+        total = self.flops()
+        return self._free_terms(self.sizes.copy()) / total if total else 0.0
 
     def widths(self, overrides: Mapping[int, int] | None = None) -> np.ndarray:
         """Vector of group widths: the original sizes with ``overrides`` applied."""

@@ -12,6 +12,7 @@ __all__ = [
     "ConsistencyError",
     "FxmorphError",
     "InputError",
+    "PassError",
     "PlanError",
     "SurgeryError",
     "TraceError",
@@ -48,3 +49,7 @@ class ConsistencyError(FxmorphError):
 
 class BudgetError(FxmorphError, ValueError):
     """A FLOPs budget cannot be parsed, is out of range, or cannot be reached."""
+
+
+class PassError(FxmorphError):
+    """A pass failed, or left a model that fails the consistency check; names the pass and its predecessors."""

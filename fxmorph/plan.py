@@ -37,8 +37,13 @@ class GroupPlan:
 class WidthPlan(Mapping[int, GroupPlan]):
     """A mapping from group id to :class:`GroupPlan`; groups not named keep every channel."""
 
-    def __init__(self, groups: Mapping[int, GroupPlan] | None = None) -> None:
+    def __init__(
+        self, groups: Mapping[int, GroupPlan] | None = None, bias_deltas: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         self._groups: dict[int, GroupPlan] = dict(groups or {})
+        self.bias_deltas: dict[str, torch.Tensor] = dict(bias_deltas or {})
+        """Per module path, a tensor to add to its bias before any width changes (a bias is created
+        where the module has none); used to fold the constant output of removed channels."""
 
     def __getitem__(self, key: int) -> GroupPlan:
         return self._groups[key]

@@ -19,13 +19,12 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph, Layout
 from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.surgery.indices import axis_map
+from fxmorph.trace import mutable_args
 
 __all__ = ["masked_reference", "random_plan", "run_double"]
 
 
-def random_plan(
-    cg: ChannelGraph, seed: int = 0, low: float = 0.3, high: float = 0.7, grow: int = 0
-) -> WidthPlan:
+def random_plan(cg: ChannelGraph, seed: int = 0, low: float = 0.3, high: float = 0.7, grow: int = 0) -> WidthPlan:
     """Keep a random ``low``..``high`` share of every free group (at least one channel), in random
     order of choice but sorted; with ``grow > 0`` also append up to ``grow`` channels per group."""
     rng = np.random.default_rng(seed)
@@ -62,6 +61,9 @@ class _MaskedInterpreter(fx.Interpreter):
         masked_norm = self._masked_norm(n)
         result = masked_norm if masked_norm is not None else super().run_node(n)
         return self._mask_value(result, self.masks.get(n.name))
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return super().call_function(target, mutable_args(args), mutable_args(kwargs))
 
     def _mask_value(self, value: Any, masks: Any) -> Any:
         if masks is None:

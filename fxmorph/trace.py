@@ -28,6 +28,7 @@ __all__ = [
     "as_inputs",
     "frozen_mode",
     "interface",
+    "mutable_args",
     "propagate_shapes",
     "trace",
     "unreached_modules",
@@ -58,9 +59,7 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
-        raise InputError(
-            f"expected a torch.nn.Module, got {type(model).__name__}: pass the model object itself."
-        )
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}: pass the model object itself.")
     for name, p in model.named_parameters():
         if p.is_meta:
             raise InputError(
@@ -141,6 +140,28 @@ def _symbolic_trace(
     return fx.GraphModule(tracer.root, graph, name)
 
 
+def mutable_args(value: Any) -> Any:
+    """fx's immutable argument containers as fresh lists and dicts, as generated code passes them.
+
+    Some library functions mutate list arguments (torchvision's 3-D Swin does); generated code
+    passes them fresh literals, and so must any Interpreter.
+    """
+    if isinstance(value, list):
+        return [mutable_args(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(mutable_args(v) for v in value)
+    if isinstance(value, dict):
+        return {k: mutable_args(v) for k, v in value.items()}
+    return value
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that hands functions mutable argument containers."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return super().call_function(target, mutable_args(args), mutable_args(kwargs))
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], *, fake: bool = False) -> None:
     """Store ``meta['tensor_meta']`` (shape, dtype) on every tensor-valued node of ``gm``.
 
@@ -155,10 +176,10 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], *, fake: bool = 
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
                 fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
                 with flop_counter() as counter:
-                    ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
+                    _ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
             else:
                 with flop_counter() as counter:
-                    ShapeProp(gm).propagate(*inputs)
+                    _ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         raise TraceError(
             f"the example inputs do not run through the traced model: {type(exc).__name__}: "

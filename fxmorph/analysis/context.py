@@ -51,8 +51,10 @@ class Binding:
 class Rewrite:
     """A constant baked into the graph that depends on channel widths.
 
-    ``location`` is ``(arg_index_or_kwarg_name, sub_index_or_None)``; ``value`` computes the new
-    constant from a :data:`Measure`.
+    ``location`` is ``(arg_index_or_kwarg_name, sub_index_or_None)`` for a node argument,
+    ``("@attr.path", None)`` for an attribute of the called module, or ``("!name", None)`` for a
+    fix-up of rebuilt tensors; ``value`` computes the new constant (for a fix-up: a function of the
+    new root module) from a :data:`Measure`.
     """
 
     node: str

@@ -19,6 +19,7 @@ from fxmorph.analysis import rules_compute as rc
 from fxmorph.analysis import rules_modules as rm
 from fxmorph.analysis import rules_shape as rs
 from fxmorph.analysis.context import RuleContext
+from fxmorph.analysis.rules_torchvision import TORCHVISION_RULES
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "Rule", "lookup"]
 
@@ -105,16 +106,7 @@ METHOD_RULES: dict[str, Rule] = {
 }  # fmt: skip
 
 
-def _torchvision_rules() -> dict[Any, Rule]:
-    """Rules for functions torchvision wraps as graph leaves."""
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return {}
-    return {stochastic_depth: rc.passthrough}
-
-
-FUNCTION_RULES.update(_torchvision_rules())
+FUNCTION_RULES.update(TORCHVISION_RULES)
 
 _SPECIAL: dict[str, Rule] = {"placeholder": rc.placeholder, "output": rc.output, "get_attr": rc.attribute}
 

@@ -342,7 +342,8 @@ def multihead_attention(ctx: RuleContext, node: fx.Node) -> Any:
     for name in ("embed_dim", "kdim", "vdim", "out_proj.in_features", "out_proj.out_features"):
         _attr(ctx, name, embed)
     _attr(ctx, "head_dim", head)
-    ctx.rewrite(("!rescale_query", None), lambda measure: _query_rescale(measure(head), m.head_dim))
+    packed = [_path(ctx, "in_proj_weight"), _path(ctx, "in_proj_bias")]
+    ctx.rewrite(("!rescale_query", None), lambda measure: rescale_query(packed, measure(head), m.head_dim))
     _attention_cost(ctx, m, sq, sk, head)
     return ({len(sq) - 1: embed}, None)
 
@@ -360,17 +361,25 @@ def _attention_cost(
     ctx.cost(2 * tokens_q, embed, embed)  # output projection
 
 
-def _query_rescale(new_head: int, old_head: int) -> Any:
-    """Scale the query projection so softmax keeps the temperature of the original head dim."""
+def rescale_query(paths: list[str], new_head: int, old_head: int) -> Any:
+    """A fix-up scaling the query rows of packed q/k/v projections (the first third of each tensor in
+    ``paths``) so the softmax keeps the temperature of the original head dim after it changed."""
 
-    def fix(module: nn.Module) -> None:
+    def fix(root: nn.Module) -> None:
         factor = math.sqrt(new_head / old_head)
         if factor == 1.0:
             return
-        embed = module.embed_dim
         with torch.no_grad():
-            module.in_proj_weight[:embed].mul_(factor)
-            if module.in_proj_bias is not None:
-                module.in_proj_bias[:embed].mul_(factor)
+            for path in paths:
+                tensor = _get(root, path)
+                if tensor is not None:
+                    tensor[: tensor.shape[0] // 3].mul_(factor)
 
     return fix
+
+
+def _get(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj

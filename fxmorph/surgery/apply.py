@@ -37,11 +37,26 @@ def _affected(cg: ChannelGraph, plan: WidthPlan) -> dict[str, list[Binding]]:
     for binding in cg.bindings.values():
         if any(gid in changing for gid, _ in cg.layout_groups(binding.layout)):
             out[binding.target].append(binding)
+    for owner in plan.bias_deltas:
+        out.setdefault(f"{owner}.bias", [])
     return out
 
 
+def _source_tensor(cg: ChannelGraph, plan: WidthPlan, path: str) -> torch.Tensor:
+    """The tensor at ``path`` with the plan's bias deltas folded in (a missing bias counts as zero)."""
+    owner, leaf = _split_path(path)
+    delta = plan.bias_deltas.get(owner) if leaf == "bias" else None
+    if _is_param(cg.gm, path):
+        tensor = cg.gm.get_parameter(path)
+    elif delta is not None and getattr(cg.gm.get_submodule(owner), "bias", None) is None:
+        return delta.detach().clone()
+    else:
+        tensor = cg.gm.get_buffer(path)
+    return tensor if delta is None else tensor.detach() + delta.to(tensor.dtype)
+
+
 def _new_tensor(cg: ChannelGraph, plan: WidthPlan, path: str, bindings: list[Binding], seed: int) -> torch.Tensor:
-    tensor = cg.gm.get_parameter(path) if _is_param(cg.gm, path) else cg.gm.get_buffer(path)
+    tensor = _source_tensor(cg, plan, path)
     owner, _ = _split_path(path)
     owner_type = type(cg.gm.get_submodule(owner)).__name__ if owner else ""
     init = {g: dict(p.init) for g, p in plan.items() if p.init}
@@ -85,9 +100,10 @@ def _rebuilt(root: nn.Module, path: str) -> nn.Module:
     return new
 
 
-def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor, like: torch.Tensor) -> None:
-    if isinstance(like, nn.Parameter):
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=like.requires_grad)
+def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
+    if like is None or isinstance(like, nn.Parameter):  # a bias created by a fold is a parameter
+        grad = like.requires_grad if like is not None else True
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=grad)
     else:
         module._buffers[leaf] = value
 
@@ -101,7 +117,7 @@ def _apply_rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], rw: Rewrite, v
         setattr(gm.get_submodule(target), attr, value)
         return
     if isinstance(where, str) and where.startswith("!"):
-        value(gm.get_submodule(str(node.target)))
+        value(gm)  # a fix-up of the rebuilt tensors, given the new root
         return
     if isinstance(where, int):
         args = list(node.args)
@@ -136,7 +152,7 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
     try:
         new_tensors = {path: _new_tensor(cg, plan, path, bs, seed) for path, bs in affected.items()}
         originals = {path: _lookup_tensor(gm, path) for path in affected}
-        memo = {id(t): torch.empty(0, dtype=t.dtype) for t in originals.values()}
+        memo = {id(t): torch.empty(0, dtype=t.dtype) for t in originals.values() if t is not None}
         out = copy.deepcopy(gm, memo)
         for path, value in new_tensors.items():
             owner, leaf = _split_path(path)
@@ -150,8 +166,12 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
     return out
 
 
-def _lookup_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    return gm.get_parameter(path) if _is_param(gm, path) else gm.get_buffer(path)
+def _lookup_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
+    if _is_param(gm, path):
+        return gm.get_parameter(path)
+    owner, leaf = _split_path(path)
+    module = gm.get_submodule(owner) if owner else gm
+    return module._buffers.get(leaf)
 
 
 def _rewrite_constants(out: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan) -> None:

@@ -1,0 +1,1 @@
+"""fxmorph benchmarks: run as modules, e.g. ``python -m benchmarks.engine``."""

@@ -1,0 +1,147 @@
+"""Engine speed, coverage and memory over the torchvision zoo.
+
+    python -m benchmarks.engine                    # speed + coverage table -> benchmarks/ENGINE.md, engine.json
+    python -m benchmarks.engine --models resnet50  # a subset
+    python -m benchmarks.engine --huge             # peak memory of analysing vit_h_14 and regnet_y_128gf
+
+For every model: trace, analysis and surgery time (median of repeats, 1x3x224x224 for images), groups
+(free/total), and the share of FLOPs in ops that touch at least one free group (the prunable share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+import fxmorph
+from fxmorph.analysis import build_channel_graph
+from fxmorph.testing import random_plan
+
+logger = logging.getLogger("benchmarks.engine")
+HERE = Path(__file__).parent
+SKIP_DEFAULT = {"vit_h_14", "regnet_y_128gf"}  # measured by --huge
+
+
+def _input(name: str) -> torch.Tensor:
+    if name in torchvision.models.list_models(module=torchvision.models.video):
+        t, s = (16, 224) if name in ("mvit_v1_b", "mvit_v2_s", "s3d") else (8, 112)
+        return torch.randn(1, 3, t, s, s)
+    return torch.randn(1, 3, 299 if name == "inception_v3" else 224, 299 if name == "inception_v3" else 224)
+
+
+def _build(name: str) -> torch.nn.Module:
+    kwargs: dict = {"weights": None}
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        kwargs["weights_backbone"] = None
+    if name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False
+    return torchvision.models.get_model(name, **kwargs).eval()
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def measure(name: str, repeats: int) -> dict:
+    model, x = _build(name), _input(name)
+    t_trace, gm = _median_time(lambda: fxmorph.trace(model, (x,)), repeats)
+    t_analysis, cg = _median_time(lambda: build_channel_graph(gm), repeats)
+    plan = random_plan(cg, seed=0, low=0.5, high=0.5)
+    t_surgery, _ = _median_time(lambda: fxmorph.resize(cg, plan), repeats)
+    cost = fxmorph.CostModel(cg)
+    widths = {g: p.width for g, p in plan.items()}
+    t_cost, _ = _median_time(lambda: cost.flops(widths), 200)
+    return {
+        "model": name,
+        "input": list(x.shape),
+        "gflops": cost.flops() / 1e9,
+        "groups": len(cg.groups),
+        "free_groups": len(cg.free_groups),
+        "prunable_share": cost.prunable_share(),
+        "trace_s": t_trace,
+        "analysis_s": t_analysis,
+        "surgery_s": t_surgery,
+        "total_s": t_trace + t_analysis + t_surgery,
+        "cost_model_us": t_cost * 1e6,
+    }
+
+
+def _huge(name: str) -> dict:
+    """Peak resident memory of analysing ``name``, relative to its fp32 weight bytes (own process)."""
+    code = (
+        "import torch, torchvision, fxmorph, resource, time;"
+        f"m = torchvision.models.get_model('{name}', weights=None).eval();"
+        "w = sum(p.numel() * 4 for p in m.parameters());"
+        "open('/proc/self/clear_refs', 'w').write('5');"
+        "t = time.perf_counter(); cg = fxmorph.analyze(m, (torch.randn(1, 3, 224, 224),)); t = time.perf_counter() - t;"
+        "hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
+        "print(w, hwm, t, len(cg.groups), len(cg.free_groups))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    weights, peak, seconds, groups, free = int(out[0]), int(out[1]), float(out[2]), int(out[3]), int(out[4])
+    return {"model": name, "weight_bytes": weights, "peak_rss_bytes": peak, "peak_over_weights": peak / weights,
+            "analysis_s": seconds, "groups": groups, "free_groups": free}  # fmt: skip
+
+
+def _table(rows: list[dict]) -> str:
+    head = "| model | input | GFLOPs | groups (free) | prunable FLOPs | trace s | analysis s | surgery s | total s |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['gflops']:.2f} "
+            f"| {r['groups']} ({r['free_groups']}) "
+            f"| {100 * r['prunable_share']:.1f}% | {r['trace_s']:.3f} | {r['analysis_s']:.3f} | {r['surgery_s']:.3f} "
+            f"| {r['total_s']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="model names (default: the whole zoo but the two huge ones)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--huge", action="store_true", help="analysis memory of vit_h_14 and regnet_y_128gf")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.huge:
+        rows = [_huge(n) for n in ("vit_h_14", "regnet_y_128gf")]
+        (args.out / "engine_huge.json").write_text(json.dumps(rows, indent=2))
+        for r in rows:
+            gb, ratio, weights = r["peak_rss_bytes"] / 1e9, r["peak_over_weights"], r["weight_bytes"] / 1e9
+            logger.info("%s: peak %.2f GB = %.2fx weights (%.2f GB), analysis %.1f s", r["model"], gb, ratio,
+                        weights, r["analysis_s"])  # fmt: skip
+        return
+    names = args.models or [n for n in torchvision.models.list_models() if n not in SKIP_DEFAULT]
+    rows = []
+    for name in names:
+        rows.append(measure(name, args.repeats))
+        r = rows[-1]
+        logger.info("%-28s total %.3f s  prunable %.1f%%", name, r["total_s"], 100 * r["prunable_share"])
+        gc.collect()
+    if not args.models:
+        (args.out / "engine.json").write_text(json.dumps(rows, indent=2))
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()

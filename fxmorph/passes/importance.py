@@ -1,0 +1,144 @@
+"""Channel importance, aggregated over every tensor of a group (policy helpers for the passes).
+
+Criteria:
+- ``l1`` / ``l2``: magnitude of every parameter slice that belongs to the channel (producer rows,
+  consumer columns, norm parameters), averaged over the group's members. Needs no data.
+- ``bn_scale``: ``|gamma|`` of the normalisation layers in the group (max over members); groups
+  without one fall back to ``l2``.
+- ``taylor``: first-order Taylor ``(sum over the channel's parameters of g * w)^2`` with ``data``
+  and ``loss_fn``, averaged over batches (Molchanov et al. 2019).
+- ``random``: a seeded baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxmorph.analysis import ChannelGraph, Layout
+from fxmorph.errors import InputError
+
+__all__ = ["CRITERIA", "channel_positions", "importance"]
+
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def channel_positions(cg: ChannelGraph, layout: Layout, gid: int) -> np.ndarray:
+    """``(group size, k)`` positions of every channel of group ``gid`` along an axis with ``layout``."""
+    blocks, pos = [], 0
+    for atom, inner in cg.atoms.expand(layout):
+        size = cg.atoms.size(atom)
+        if cg.group_of[cg.atoms.find(atom)] == gid:
+            blocks.append(pos + np.arange(size)[:, None] * inner + np.arange(inner)[None, :])
+        pos += size * inner
+    return np.hstack(blocks) if blocks else np.zeros((cg.groups[gid].size, 0), dtype=np.int64)
+
+
+def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
+    owner, _, leaf = path.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    if leaf in module._parameters:
+        return module._parameters[leaf]
+    return None  # buffers (running statistics) carry no importance
+
+
+def _per_position(tensor: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    moved = tensor.detach().double().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+    return fn(moved).sum(1).numpy()
+
+
+def _aggregate(cg: ChannelGraph, gid: int, per_member: Callable[[torch.Tensor, int], np.ndarray]) -> np.ndarray:
+    group = cg.groups[gid]
+    total, count = np.zeros(group.size), 0
+    for member in group.params:
+        tensor = _tensor(cg.gm, member.name)
+        if tensor is None:
+            continue
+        binding = cg.bindings[(member.name, member.dim)]
+        positions = channel_positions(cg, binding.layout, gid)
+        values = per_member(tensor, member.dim)[positions].sum(1)
+        scale = values.mean()
+        total += values / scale if scale > 0 else values
+        count += 1
+    return total / max(count, 1)
+
+
+def _magnitude(cg: ChannelGraph, gid: int, p: int) -> np.ndarray:
+    return _aggregate(cg, gid, lambda t, d: _per_position(t, d, lambda m: m.abs() ** p)) ** (1.0 / p)
+
+
+def _bn_scale(cg: ChannelGraph, gid: int) -> np.ndarray:
+    best = None
+    for member in cg.groups[gid].params:
+        owner, _, leaf = member.name.rpartition(".")
+        if leaf != "weight" or not owner or not isinstance(cg.gm.get_submodule(owner), _NORMS):
+            continue
+        positions = channel_positions(cg, cg.bindings[(member.name, member.dim)].layout, gid)
+        values = np.abs(cg.gm.get_parameter(member.name).detach().double().numpy())[positions].max(1)
+        best = values if best is None else np.maximum(best, values)
+    return best if best is not None else _magnitude(cg, gid, 2)
+
+
+def _taylor(cg: ChannelGraph, data: Iterable[Any], loss_fn: Callable[..., Any], batches: int) -> dict[int, np.ndarray]:
+    model = copy.deepcopy(cg.gm).eval()
+    params = dict(model.named_parameters())
+    sums = {g.id: np.zeros(g.size) for g in cg.free_groups}
+    seen = 0
+    for batch in itertools.islice(data, batches):
+        inputs, target = batch[0], batch[1]
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs), target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise InputError("loss_fn must return a scalar tensor: reduce the loss (for example with .mean()).")
+        loss.backward()
+        seen += 1
+        for gid in sums:
+            sums[gid] += _taylor_group(cg, gid, params) ** 2
+    if not seen:
+        raise InputError("data yielded no batch: pass an iterable of (inputs, targets) with at least one batch.")
+    return {g: s / seen for g, s in sums.items()}
+
+
+def _taylor_group(cg: ChannelGraph, gid: int, params: dict[str, nn.Parameter]) -> np.ndarray:
+    total = np.zeros(cg.groups[gid].size)
+    for member in cg.groups[gid].params:
+        p = params.get(member.name)
+        if p is None or p.grad is None:
+            continue
+        gw = (p.grad.detach().double() * p.detach().double()).movedim(member.dim, 0).reshape(p.shape[member.dim], -1)
+        positions = channel_positions(cg, cg.bindings[(member.name, member.dim)].layout, gid)
+        total += gw.sum(1).numpy()[positions].sum(1)
+    return total
+
+
+def importance(
+    cg: ChannelGraph,
+    criterion: str = "l1",
+    *,
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+    seed: int = 0,
+    batches: int = 8,
+) -> dict[int, np.ndarray]:
+    """Score every channel of every free group (higher is more important)."""
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion '{criterion}': choose one of {', '.join(CRITERIA)}.")
+    free = [g.id for g in cg.free_groups]
+    if criterion == "taylor":
+        if data is None or loss_fn is None:
+            raise InputError("criterion='taylor' needs data and loss_fn: pass both, or use 'l1', 'l2' or 'bn_scale'.")
+        return _taylor(cg, data, loss_fn, batches)
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return {g: rng.random(cg.groups[g].size) for g in free}
+    if criterion == "bn_scale":
+        return {g: _bn_scale(cg, g) for g in free}
+    p = 1 if criterion == "l1" else 2
+    return {g: _magnitude(cg, g, p) for g in free}

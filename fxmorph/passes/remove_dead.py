@@ -1,0 +1,195 @@
+"""The ``remove-dead`` pass: remove channels that cannot affect the output.
+
+Two kinds of dead channels are removed, each only where removal is exact:
+
+1. **Zero fan-out**: every weight slice that reads the channel is exactly zero.
+2. **Constant**: the channel's value is a constant ``k`` everywhere (its producer's weight rows are
+   zero, so it outputs its bias; or a BatchNorm with ``gamma = 0`` outputs its ``beta``), possibly
+   through elementwise activations (``act(k)``). Its contribution ``k * W[:, c]`` is folded into each
+   consumer's bias. That is exact only when no zero padding sits between the channel and the
+   consumer (padding would replace ``k`` by 0 at the borders), so a channel read by a padded
+   convolution is kept.
+
+A channel of a group is dead only if it is dead in every member. Only groups whose channels reach
+nothing but parameter reads and elementwise ops qualify (the same groups that can grow without
+changing the function). Preserves the function exactly (up to floating-point rounding of the fold).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxmorph.analysis import ChannelGraph, Group
+from fxmorph.passes.base import Pass, PassContext, PassResult
+from fxmorph.passes.importance import channel_positions
+from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.surgery.apply import apply_plan
+
+__all__ = ["RemoveDeadPass"]
+
+logger = logging.getLogger(__name__)
+
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+_NORM = nn.modules.batchnorm._BatchNorm
+_POINTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+              nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)  # fmt: skip
+
+
+def _module(cg: ChannelGraph, path: str) -> nn.Module:
+    return cg.gm.get_submodule(path)
+
+
+def _slices(cg: ChannelGraph, group: Group, role: str) -> list[tuple[str, torch.Tensor, np.ndarray]]:
+    """(path, tensor moved to put the bound dim first, positions per channel) of every ``role`` slice."""
+    out = []
+    for m in group.params:
+        if m.role != role:
+            continue
+        owner, _, leaf = m.name.rpartition(".")
+        tensor = getattr(_module(cg, owner) if owner else cg.gm, leaf)
+        positions = channel_positions(cg, cg.bindings[(m.name, m.dim)].layout, group.id)
+        out.append((m.name, tensor.detach().movedim(m.dim, 0), positions))
+    return out
+
+
+def _zero_rows(tensor: torch.Tensor, positions: np.ndarray) -> np.ndarray:
+    flat = tensor.reshape(tensor.shape[0], -1)
+    zero = (flat == 0).all(dim=1).numpy()
+    return zero[positions].all(axis=1)
+
+
+def _zero_fan_out(cg: ChannelGraph, group: Group) -> np.ndarray:
+    reads = _slices(cg, group, "in")
+    if not reads:
+        return np.zeros(group.size, dtype=bool)
+    dead = np.ones(group.size, dtype=bool)
+    for _, tensor, positions in reads:
+        dead &= _zero_rows(tensor, positions)
+    return dead
+
+
+@dataclass
+class _Chain:
+    """A group made by one layer, optionally a BatchNorm, then elementwise activations."""
+
+    layer: str
+    norm: str | None
+    activations: list[nn.Module]
+    consumers: list[str]
+
+
+def _chain(cg: ChannelGraph, group: Group) -> _Chain | None:
+    producers = {p.name.rpartition(".")[0] for p in group.producers}
+    layers = [p for p in producers if isinstance(_module(cg, p), _LAYERS)]
+    norms = [p for p in producers if isinstance(_module(cg, p), _NORM)]
+    if len(layers) != 1 or len(norms) > 1 or len(producers) != len(layers) + len(norms):
+        return None
+    nodes = {n.name: n for n in cg.gm.graph.nodes}
+    activations: list[nn.Module] = []
+    for member in group.tensors:
+        node = nodes.get(member.name)
+        if node is None or node.op != "call_module":
+            return None
+        module = _module(cg, str(node.target))
+        if isinstance(module, _POINTWISE):
+            activations.append(module)
+        elif str(node.target) not in producers:
+            return None
+    consumers = sorted({p.name.rpartition(".")[0] for p in group.consumers})
+    return _Chain(layers[0], norms[0] if norms else None, activations, consumers)
+
+
+def _foldable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        padding = module.padding
+        return module.padding_mode == "zeros" and padding != "same" and all(p == 0 for p in np.atleast_1d(padding))
+    return False
+
+
+def _constant_values(cg: ChannelGraph, chain: _Chain, group: Group) -> tuple[np.ndarray, np.ndarray]:
+    """Which channels are constant, and their value after the chain's norm and activations."""
+    layer = _module(cg, chain.layer)
+    rows = channel_positions(cg, cg.bindings[(f"{chain.layer}.weight", 0)].layout, group.id)[:, 0]
+    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    constant = (weight[rows] == 0).all(dim=1).numpy()
+    value = torch.zeros(group.size, dtype=torch.float64)
+    if layer.bias is not None:
+        value = layer.bias.detach()[rows].double()
+    if chain.norm is not None:
+        bn = _module(cg, chain.norm)
+        idx = channel_positions(cg, cg.bindings[(f"{chain.norm}.weight", 0)].layout, group.id)[:, 0]
+        gamma, beta = bn.weight.detach().double()[idx], bn.bias.detach().double()[idx]
+        mean, var = bn.running_mean.double()[idx], bn.running_var.double()[idx]
+        constant |= (gamma == 0).numpy()
+        value = torch.where(gamma == 0, beta, gamma * (value - mean) / torch.sqrt(var + bn.eps) + beta)
+    with torch.no_grad():
+        for act in chain.activations:
+            value = act.eval()(value)
+    return constant, value.numpy()
+
+
+def _folds(
+    cg: ChannelGraph, chain: _Chain, group: Group, dead: np.ndarray, value: np.ndarray
+) -> dict[str, torch.Tensor]:
+    deltas: dict[str, torch.Tensor] = {}
+    for consumer in chain.consumers:
+        module = _module(cg, consumer)
+        binding = cg.bindings[(f"{consumer}.weight", 1)]
+        positions = channel_positions(cg, binding.layout, group.id)
+        weight = module.weight.detach().double().movedim(1, 0)  # [in, out, ...]
+        per_in = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(2)  # [in, out]
+        contribution = torch.zeros(per_in.shape[1], dtype=torch.float64)
+        for c in np.flatnonzero(dead):
+            contribution += float(value[c]) * per_in[positions[c]].sum(0)
+        deltas[consumer] = contribution.to(module.weight.dtype)
+    return deltas
+
+
+@dataclass(frozen=True)
+class RemoveDeadPass(Pass):
+    """Remove dead channels (zero fan-out, or constant and folded into the consumers' biases).
+
+    Preserves the function (exactly up to rounding of the folded bias), in eval mode: BatchNorm
+    channels are judged and folded with their running statistics.
+
+    Before/after: a conv whose BN has ``gamma = 0`` on 5 of 64 channels, read by a 1x1 conv ->
+    the group has 59 channels and the 1x1 conv's bias holds ``act(beta) * W[:, c]`` of the 5.
+    """
+
+    name: ClassVar[str] = "remove-dead"
+    preserves_function: ClassVar[bool] = True
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        cg = self.analyse(gm)
+        plans: dict[int, GroupPlan] = {}
+        deltas: dict[str, torch.Tensor] = {}
+        for group in cg.groups:
+            if not group.growable:
+                continue
+            dead = _zero_fan_out(cg, group)
+            chain = _chain(cg, group)
+            if chain is not None and all(_foldable(_module(cg, c)) for c in chain.consumers):
+                constant, value = _constant_values(cg, chain, group)
+                folded = constant & ~dead
+                if folded.any():
+                    for path, delta in _folds(cg, chain, group, folded, value).items():
+                        deltas[path] = deltas.get(path, 0) + delta
+                dead |= constant
+            if dead.all():
+                dead[np.argmax(~dead) if (~dead).any() else 0] = False  # a group keeps one channel
+            if dead.any():
+                plans[group.id] = GroupPlan(tuple(int(i) for i in np.flatnonzero(~dead)))
+        if not plans:
+            return PassResult(gm, False, note="no dead channels")
+        plan = WidthPlan(plans, bias_deltas=deltas)
+        changes = {g: (cg.groups[g].size, p.width) for g, p in plans.items()}
+        removed = sum(a - b for a, b in changes.values())
+        return PassResult(apply_plan(gm, cg, plan, seed=ctx.seed), True, changes, f"{removed} dead channels", plan)

@@ -1,0 +1,202 @@
+"""fxmorph.shrink: budgets met, models that still train, the mask oracle for prune decisions,
+exact removal of dead channels, determinism, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxmorph
+from fxmorph.passes.base import PassContext
+from fxmorph.passes.prune import PrunePass
+from fxmorph.passes.remove_dead import RemoveDeadPass
+from fxmorph.passes.select import smallest_widths
+from fxmorph.passes.width import WidthPass
+from fxmorph.testing import run_double
+from tests.conftest import assert_close_trees, check_prune, output_shapes
+from tests.zoo import CLASSIFICATION, HUGE, build, example_input
+
+SAMPLE = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5", "vit_b_16", "convnext_tiny",
+          "regnet_x_400mf", "efficientnet_b0", "googlenet", "squeezenet1_0"]  # fmt: skip
+
+
+def _trains(model: nn.Module, x: torch.Tensor) -> None:
+    """Train-mode forward and backward run and give every parameter a gradient."""
+    model = copy.deepcopy(model).train()
+    out = model(torch.cat([x, x]))
+    out = out[0] if isinstance(out, tuple) else out
+    out = out["out"] if isinstance(out, dict) else out
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _smallest(model: nn.Module, x: torch.Tensor) -> int:
+    cg = fxmorph.analyze(model, (x,))
+    cost = fxmorph.CostModel(cg)
+    return cost.flops(smallest_widths(cost, [g.id for g in cg.free_groups], 1, 1, 0.9))
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple((k, float(v.double().sum())) for k, v in model.state_dict().items()), model.training
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HUGE else n for n in CLASSIFICATION])
+def test_zoo_budgets_met(name: str) -> None:
+    model = build(name)
+    x = example_input(name)
+    before = _fingerprint(model)
+    shapes = output_shapes(model, x)
+    total = fxmorph.count_flops(model, (x,))
+    for share in (0.75, 0.5, 0.25):
+        budget = math.floor(share * total)
+        if share == 0.25 and _smallest(model, x) > budget:  # the pinned part may forbid 25%
+            with pytest.raises(fxmorph.BudgetError, match="smallest is"):
+                fxmorph.shrink(model, share, (x,), round_to=1)
+            continue
+        small = fxmorph.shrink(model, share, (x,), round_to=1)
+        achieved = fxmorph.count_flops(small, (x,))
+        assert 0.99 * budget <= achieved <= budget, f"{name} at {share}: {achieved} for budget {budget}"
+        assert output_shapes(small, x) == shapes
+        fxmorph.check(small, (x,))
+    _trains(small, x)
+    assert _fingerprint(model) == before, "the user's model changed"
+
+
+@pytest.mark.parametrize("name", SAMPLE)
+def test_default_round_to_within_one_step(name: str) -> None:
+    model, x = build(name), example_input(name)
+    small, report = fxmorph.shrink(model, "50%", (x,), return_report=True)
+    assert report.flops_after <= report.budget_flops
+    assert all(r.after % 8 == 0 or r.after == r.before for r in report.groups)
+    cost = fxmorph.CostModel(fxmorph.analyze(small, (x,)))
+    # The budget is missed by less than one rounding step (8 channels) of the costliest group.
+    step = max(cost.flops({g.id: g.size + 8}) - cost.flops() for g in cost.cg.free_groups)
+    assert report.budget_flops - report.flops_after <= step
+
+
+@pytest.mark.parametrize("name", SAMPLE)
+def test_prune_decisions_obey_mask_oracle(name: str) -> None:
+    model, x = build(name), example_input(name)
+    cg = fxmorph.analyze(model, (x,))
+    budget = fxmorph.CostModel(cg).flops() // 2
+    result = PrunePass(budget, round_to=1)(cg.gm, PassContext((x,)))
+    assert result.plan
+    check_prune(cg, result.plan, x)
+    width = WidthPass(budget, round_to=1)(cg.gm, PassContext((x,)))
+    check_prune(cg, width.plan, x)
+
+
+def test_same_call_twice_gives_same_model() -> None:
+    model, x = build("resnet18"), example_input("resnet18")
+    a = fxmorph.shrink(model, 0.5, (x,), criterion="random", seed=3)
+    b = fxmorph.shrink(model, 0.5, (x,), criterion="random", seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_remove_dead_batchnorm_channels_is_exact() -> None:
+    model, x = build("resnet50"), example_input("resnet50")
+    with torch.no_grad():
+        # layer1.0.bn2 feeds a 1x1 conv (no padding): its dead channels fold into conv3's bias.
+        model.layer1[0].bn2.weight[[1, 5, 9, 20]] = 0.0
+        # layer1.0.bn1 feeds a padded 3x3 conv: folding would be inexact, so those channels stay.
+        model.layer1[0].bn1.weight[[2, 3]] = 0.0
+        # zero fan-out: nobody reads layer2.0.conv1's channels 4 and 7.
+        model.layer2[0].conv2.weight[:, [4, 7]] = 0.0
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+    cg = fxmorph.analyze(model, (x,))
+    result = RemoveDeadPass()(cg.gm, PassContext((x,)))
+    small = result.gm
+    assert small.get_submodule("layer1.0.conv2").out_channels == 60
+    assert small.get_submodule("layer1.0.conv1").out_channels == 64
+    assert small.get_submodule("layer2.0.conv1").out_channels == 126
+    assert small.get_submodule("layer1.0.conv3").bias is not None
+    fxmorph.check(small, (x,))
+    assert_close_trees(run_double(small, x), run_double(model, x), rtol=1e-9, what="remove-dead")
+    assert fxmorph.count_flops(small, (x,)) < fxmorph.count_flops(model, (x,))
+
+
+def test_budget_already_met_returns_equivalent_copy() -> None:
+    model, x = build("mobilenet_v3_small"), example_input("mobilenet_v3_small")
+    small = fxmorph.shrink(model, 1.0, (x,))
+    assert small is not model
+    assert_close_trees(run_double(small, x), run_double(model, x), rtol=1e-9)
+    for p in small.parameters():
+        assert all(p is not q for q in model.parameters())
+
+
+def test_report_lists_widths_pins_and_dropped_aux_heads() -> None:
+    model, x = build("googlenet"), example_input("googlenet")
+    model.aux_logits = True
+    model.aux1 = type(model.inception4a)(512, 192, 96, 208, 16, 48, 64) if False else model.aux1
+    small, report = fxmorph.shrink(model, 0.5, (x,), return_report=True)
+    assert small.meta["fxmorph.report"] is report
+    assert report.flops_after <= report.budget_flops
+    assert any(r.after < r.before for r in report.groups)
+    assert any(r.pinned and "model output" in r.pinned for r in report.groups)
+    text = report.table()
+    assert "FLOPs" in text and "params" in text
+    assert report.to_dict()["flops_ratio"] == pytest.approx(report.flops_after / report.flops_before)
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("budget", [0, -1, float("nan"), "abc", "150%", True, None])
+def test_bad_budgets(budget: object) -> None:
+    model, x = build("resnet18"), example_input("resnet18")
+    with pytest.raises(fxmorph.BudgetError, match="budget"):
+        fxmorph.shrink(model, budget, (x,))
+
+
+def test_unreachable_budget_states_smallest() -> None:
+    model, x = build("resnet18"), example_input("resnet18")
+    with pytest.raises(fxmorph.BudgetError, match="smallest is"):
+        fxmorph.shrink(model, 1000, (x,))
+
+
+def test_nothing_to_prune() -> None:
+    with pytest.raises(fxmorph.BudgetError, match="smallest is"):
+        fxmorph.shrink(_Tiny(), 0.5, (torch.randn(2, 10),))
+
+
+def test_inputs_that_do_not_fit() -> None:
+    with pytest.raises(fxmorph.TraceError, match="example inputs"):
+        fxmorph.shrink(build("resnet18"), 0.5, (torch.randn(1, 5, 32, 32),))
+
+
+def test_taylor_needs_data() -> None:
+    with pytest.raises(fxmorph.InputError, match="taylor"):
+        fxmorph.shrink(build("resnet18"), 0.5, (example_input("resnet18"),), criterion="taylor")
+
+
+def test_unknown_criterion_and_strategy() -> None:
+    x = example_input("resnet18")
+    with pytest.raises(fxmorph.InputError, match="criterion"):
+        fxmorph.shrink(build("resnet18"), 0.5, (x,), criterion="magic")
+    with pytest.raises(fxmorph.InputError, match="strategy"):
+        fxmorph.shrink(build("resnet18"), 0.5, (x,), strategy="magic")
+
+
+def test_loss_must_be_scalar() -> None:
+    x = example_input("resnet18", batch=2)
+    data = [(x, torch.tensor([1, 2]))]
+    with pytest.raises(fxmorph.PassError, match="scalar"):
+        fxmorph.shrink(build("resnet18"), 0.5, (x,), criterion="taylor", data=data,
+                       loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"))  # fmt: skip

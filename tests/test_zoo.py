@@ -1,0 +1,74 @@
+"""The whole torchvision zoo: trace, analyse, prune at random (mask oracle), grow (equivalence).
+
+Every classification, video and segmentation model of torchvision is built with random weights and
+a small input. For each: a random keep-set of 30 to 70% of every free group passes ``check``, keeps
+the output shapes, matches the mask oracle in float64, and the cost model predicts the counted FLOPs
+exactly; random growth of growable groups keeps the function; the user's model is untouched.
+The largest models run under the ``slow`` marker.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxmorph
+from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.testing import random_plan
+from tests.conftest import check_grow, check_prune
+from tests.zoo import CLASSIFICATION, HUGE, SEGMENTATION, VIDEO, build, example_input
+
+ALL = CLASSIFICATION + VIDEO + SEGMENTATION
+# Models with attention, where fxmorph counts the CPU attention PyTorch's counter misses.
+ATTENTION = {n for n in ALL if n.startswith(("vit_", "swin", "maxvit", "mvit"))}
+
+
+def _params(name: str) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HUGE else n for n in name]
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    state = model.state_dict()
+    return tuple((k, tuple(v.shape), float(v.double().sum())) for k, v in state.items()), model.training
+
+
+@pytest.mark.parametrize("name", _params(ALL))
+def test_zoo_prune_and_grow(name: str) -> None:
+    model = build(name)
+    x = example_input(name)
+    before = _fingerprint(model)
+    cg = fxmorph.analyze(model, (x,))
+    assert cg.free_groups, f"{name}: no free group"
+    check_prune(cg, random_plan(cg, seed=7), x)
+    rng = np.random.default_rng(3)
+    growable = [g for g in cg.groups if g.growable]
+    chosen = rng.choice(len(growable), size=min(len(growable), 8), replace=False) if growable else []
+    plan = WidthPlan(
+        {growable[i].id: GroupPlan(tuple(range(growable[i].size)), new=int(rng.integers(1, 4))) for i in chosen}
+    )
+    check_grow(cg, plan, x)
+    assert _fingerprint(model) == before, "the user's model changed"
+
+
+@pytest.mark.parametrize("name", _params([n for n in ALL if n not in ATTENTION]))
+def test_count_flops_equals_pytorch(name: str) -> None:
+    model = build(name)
+    x = example_input(name)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    assert fxmorph.count_flops(model, (x,)) == counter.get_total_flops()
+
+
+def test_count_flops_adds_cpu_attention() -> None:
+    model = build("vit_b_16")
+    x = example_input("vit_b_16")
+    counter = FlopCounterMode(display=False)
+    with counter:  # with grad, MultiheadAttention runs its unfused path, which PyTorch counts
+        model(x)
+    ours = fxmorph.count_flops(model, (x,))
+    tokens, width, heads, layers = 17, 768, 12, 12
+    attention = layers * 4 * heads * tokens * tokens * (width // heads)  # q k^T and attn v
+    assert ours == counter.get_total_flops() + attention
