@@ -5,8 +5,9 @@ Criteria:
   consumer columns, norm parameters), averaged over the group's members. Needs no data.
 - ``bn_scale``: ``|gamma|`` of the normalisation layers in the group (max over members); groups
   without one fall back to ``l2``.
-- ``taylor``: first-order Taylor ``(sum over the channel's parameters of g * w)^2`` with ``data``
-  and ``loss_fn``, averaged over batches (Molchanov et al. 2019).
+- ``taylor``: first-order Taylor ``(sum of g * w)^2`` over the weights that read the channel, which
+  is the Taylor estimate of zeroing the channel's activation (Molchanov et al. 2019), with ``data``
+  and ``loss_fn``, averaged over batches.
 - ``random``: a seeded baseline.
 """
 
@@ -107,8 +108,13 @@ def _taylor(cg: ChannelGraph, data: Iterable[Any], loss_fn: Callable[..., Any], 
 
 
 def _taylor_group(cg: ChannelGraph, gid: int, params: dict[str, nn.Parameter]) -> np.ndarray:
+    """``sum g * w`` over the slices that read the channel (consumer columns): that sum equals
+    ``sum_x a_c(x) dL/da_c(x)``, the first-order change of the loss if the channel were zeroed.
+    Groups nothing reads through a weight fall back to every member."""
     total = np.zeros(cg.groups[gid].size)
-    for member in cg.groups[gid].params:
+    group = cg.groups[gid]
+    members = group.consumers or group.params
+    for member in members:
         p = params.get(member.name)
         if p is None or p.grad is None:
             continue
