@@ -9,6 +9,7 @@ mode).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
@@ -169,7 +170,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], *, fake: bool = 
     and the input and output shapes and dtypes in ``gm.meta['fxmorph.interface']``.
     """
     try:
-        with torch.no_grad():
+        # NOTE: ShapeProp prints a traceback to stderr before re-raising; fxmorph reports the cause itself.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             if fake:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
