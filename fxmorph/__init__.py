@@ -16,6 +16,8 @@ from fxmorph.errors import (
     SurgeryError,
     TraceError,
 )
+from fxmorph.export import ExportError, ExportResult, export_onnx
+from fxmorph.latency import LatencyReport, compare_latency, measure_latency
 from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.report import ShrinkReport
 from fxmorph.shrink import shrink
@@ -30,10 +32,13 @@ __all__ = [
     "ChannelGraph",
     "ConsistencyError",
     "CostModel",
+    "ExportError",
+    "ExportResult",
     "FxmorphError",
     "Group",
     "GroupPlan",
     "InputError",
+    "LatencyReport",
     "PassError",
     "Pin",
     "PlanError",
@@ -44,9 +49,12 @@ __all__ = [
     "analyze",
     "apply_plan",
     "check",
+    "compare_latency",
     "count_flops",
     "count_macs",
     "count_params",
+    "export_onnx",
+    "measure_latency",
     "resize",
     "shrink",
     "trace",

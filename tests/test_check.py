@@ -33,7 +33,7 @@ def test_module_attributes_disagreeing_with_weights(traced) -> None:
 def test_shape_replay_failure_names_the_node(traced) -> None:
     gm, x = traced
     gm.get_submodule("layer1.0").conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
-    with pytest.raises(fxmorph.ConsistencyError, match="shape replay failed.*layer1_0_conv2"):
+    with pytest.raises(fxmorph.ConsistencyError, match=r"shape replay failed.*layer1_0_conv2"):
         fxmorph.check(gm, (x,))
 
 
