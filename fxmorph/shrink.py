@@ -32,10 +32,10 @@ STRATEGIES = ("prune", "width")
 
 
 def _passes(strategy: str, budget: int, criterion: str, round_to: int, min_width: int, max_prune: float,
-            protect: tuple[str, ...]) -> list[Pass]:  # fmt: skip
+            protect: tuple[str, ...], calibrate: bool) -> list[Pass]:  # fmt: skip
     options = {"criterion": criterion, "round_to": round_to, "min_width": min_width, "protect": protect}
     cut = PrunePass(budget, max_prune=max_prune, **options) if strategy == "prune" else WidthPass(budget, **options)
-    return [RemoveDeadPass(), cut]
+    return [RemoveDeadPass(calibrate=calibrate), cut]
 
 
 def _check_reachable(
@@ -87,6 +87,7 @@ def shrink(
     min_width: int = 1,
     max_prune: float = 0.9,
     protect: Sequence[str] = (),
+    calibrate: bool = False,
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
     return_report: bool = False,
@@ -99,6 +100,8 @@ def shrink(
             string: ``"50%"``, ``"1.2G"``, ``"3.5e8"``.
         example_inputs: a tensor or tuple of tensors the model accepts.
         data, loss_fn: batches of ``(inputs, targets)`` and a loss, for ``criterion="taylor"``.
+        calibrate: with ``data``, also remove channels that are exactly zero at every layer reading
+            them on every batch (ReLU channels that never fire).
         criterion: ``"l1"`` (default), ``"l2"``, ``"bn_scale"``, ``"taylor"`` or ``"random"``.
         strategy: ``"prune"`` (importance per FLOP, global; default) or ``"width"`` (one multiplier).
         round_to: widths are multiples of this (8 keeps onnxruntime kernels fast; 1 hits the budget
@@ -132,11 +135,14 @@ def shrink(
     protect = tuple(protect)
     _check_reachable(cg, budget, round_to, min_width, max_prune if strategy == "prune" else 1.0, protect)
     ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
-    result = Pipeline(_passes(strategy, budget, criterion, round_to, min_width, max_prune, protect))(gm, ctx)
+    if calibrate and data is None:
+        raise InputError("calibrate=True needs data: pass batches of (inputs, targets).")
+    passes = _passes(strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate)
+    result = Pipeline(passes)(gm, ctx)
     small = result.gm
     small.train(model.training)
     settings = {"criterion": criterion, "strategy": strategy, "round_to": round_to, "min_width": min_width,
-                "max_prune": max_prune, "protect": list(protect), "seed": seed}  # fmt: skip
+                "max_prune": max_prune, "protect": list(protect), "calibrate": calibrate, "seed": seed}  # fmt: skip
     report = ShrinkReport(
         budget_flops=budget,
         flops_before=gm.meta[FLOPS_KEY],

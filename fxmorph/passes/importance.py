@@ -51,28 +51,49 @@ def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
 
 
 def _per_position(tensor: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    moved = tensor.detach().double().movedim(dim, 0).reshape(tensor.shape[dim], -1)
-    return fn(moved).sum(1).numpy()
+    """``fn(tensor)`` summed over every dim but ``dim`` (float64 result)."""
+    others = [d for d in range(tensor.dim()) if d != dim]
+    values = fn(tensor.detach())
+    return (values.sum(others, dtype=torch.float64) if others else values.double()).numpy()
 
 
-def _aggregate(cg: ChannelGraph, gid: int, per_member: Callable[[torch.Tensor, int], np.ndarray]) -> np.ndarray:
+def _aggregate(cg: ChannelGraph, gid: int, per_member: Callable[[str, int], np.ndarray | None]) -> np.ndarray:
     group = cg.groups[gid]
     total, count = np.zeros(group.size), 0
     for member in group.params:
-        tensor = _tensor(cg.gm, member.name)
-        if tensor is None:
+        per_position = per_member(member.name, member.dim)
+        if per_position is None:
             continue
         binding = cg.bindings[(member.name, member.dim)]
         positions = channel_positions(cg, binding.layout, gid)
-        values = per_member(tensor, member.dim)[positions].sum(1)
+        values = per_position[positions].sum(1)
         scale = values.mean()
         total += values / scale if scale > 0 else values
         count += 1
     return total / max(count, 1)
 
 
-def _magnitude(cg: ChannelGraph, gid: int, p: int) -> np.ndarray:
-    return _aggregate(cg, gid, lambda t, d: _per_position(t, d, lambda m: m.abs() ** p)) ** (1.0 / p)
+class _Magnitudes:
+    """Per (parameter, dim): ``sum |w|^p`` over the other dims, each parameter read once."""
+
+    def __init__(self, gm: fx.GraphModule, p: int) -> None:
+        self._gm, self._p = gm, p
+        self._powered: dict[str, torch.Tensor | None] = {}
+        self._cache: dict[tuple[str, int], np.ndarray | None] = {}
+
+    def __call__(self, name: str, dim: int) -> np.ndarray | None:
+        if (name, dim) not in self._cache:
+            if name not in self._powered:
+                tensor = _tensor(self._gm, name)
+                powered = None if tensor is None else tensor.detach().abs()
+                self._powered[name] = powered if powered is None or self._p == 1 else powered.square()
+            powered = self._powered[name]
+            self._cache[(name, dim)] = None if powered is None else _per_position(powered, dim, lambda t: t)
+        return self._cache[(name, dim)]
+
+
+def _magnitude(cg: ChannelGraph, gid: int, p: int, magnitudes: _Magnitudes) -> np.ndarray:
+    return _aggregate(cg, gid, magnitudes) ** (1.0 / p)
 
 
 def _bn_scale(cg: ChannelGraph, gid: int) -> np.ndarray:
@@ -84,7 +105,7 @@ def _bn_scale(cg: ChannelGraph, gid: int) -> np.ndarray:
         positions = channel_positions(cg, cg.bindings[(member.name, member.dim)].layout, gid)
         values = np.abs(cg.gm.get_parameter(member.name).detach().double().numpy())[positions].max(1)
         best = values if best is None else np.maximum(best, values)
-    return best if best is not None else _magnitude(cg, gid, 2)
+    return best if best is not None else _magnitude(cg, gid, 2, _Magnitudes(cg.gm, 2))
 
 
 def _taylor(cg: ChannelGraph, data: Iterable[Any], loss_fn: Callable[..., Any], batches: int) -> dict[int, np.ndarray]:
@@ -147,4 +168,5 @@ def importance(
     if criterion == "bn_scale":
         return {g: _bn_scale(cg, g) for g in free}
     p = 1 if criterion == "l1" else 2
-    return {g: _magnitude(cg, g, p) for g in free}
+    magnitudes = _Magnitudes(cg.gm, p)
+    return {g: _magnitude(cg, g, p, magnitudes) for g in free}

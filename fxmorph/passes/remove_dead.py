@@ -10,6 +10,10 @@ Two kinds of dead channels are removed, each only where removal is exact:
    consumer (padding would replace ``k`` by 0 at the borders), so a channel read by a padded
    convolution is kept.
 
+3. **Silent on the data** (``calibrate=True``, with ``data``): the channel is exactly zero, on every
+   calibration sample, at the input of every layer that reads it (a ReLU channel that never fires).
+   Removal is exact on that data, and on any input that keeps the channel silent.
+
 A channel of a group is dead only if it is dead in every member. Only groups whose channels reach
 nothing but parameter reads and elementwise ops qualify (the same groups that can grow without
 changing the function). Preserves the function exactly (up to floating-point rounding of the fold).
@@ -17,9 +21,11 @@ changing the function). Preserves the function exactly (up to floating-point rou
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -153,12 +159,69 @@ def _folds(
     return deltas
 
 
+def _reader_inputs(cg: ChannelGraph, group: Group) -> list[tuple[str, int]] | None:
+    """``(node, dim)`` of the tensor each layer reading the group takes in (None if one is unknown)."""
+    by_target = {str(n.target): n for n in cg.gm.graph.nodes if n.op == "call_module"}
+    out = []
+    for m in group.consumers:
+        node = by_target.get(m.name.rpartition(".")[0])
+        if node is None or not isinstance(node.args[0], fx.Node):
+            return None
+        dims = [d for d, layout in (cg.spaces.get(node.args[0].name) or {}).items()
+                if any(g == group.id for g, _ in cg.layout_groups(layout))]  # fmt: skip
+        if len(dims) != 1:
+            return None
+        out.append((node.args[0].name, dims[0]))
+    return out or None
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps, per watched node, the max |value| per position of one dim."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, int]) -> None:
+        super().__init__(gm)
+        self.watch, self.peak = watch, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.watch and isinstance(value, torch.Tensor):
+            dim = self.watch[n.name]
+            others = [d for d in range(value.dim()) if d != dim]
+            peak = value.detach().abs().amax(others).double()
+            self.peak[n.name] = torch.maximum(self.peak[n.name], peak) if n.name in self.peak else peak
+        return value
+
+
+def _silent(cg: ChannelGraph, groups: list[Group], data: Iterable[Any], batches: int) -> dict[int, np.ndarray]:
+    """Per group, the channels that are exactly zero at every reader's input on every batch."""
+    readers = {g.id: r for g in groups if (r := _reader_inputs(cg, g)) is not None}
+    recorder = _Recorder(cg.gm, {node: dim for r in readers.values() for node, dim in r})
+    with torch.no_grad():
+        for batch in itertools.islice(data, batches):
+            inputs = batch[0] if isinstance(batch, list | tuple) else batch
+            recorder.run(*(inputs if isinstance(inputs, list | tuple) else (inputs,)))
+    out = {}
+    for gid, reader_list in readers.items():
+        silent = np.ones(cg.groups[gid].size, dtype=bool)
+        for node, dim in reader_list:
+            peak = recorder.peak.get(node)
+            if peak is None:
+                silent[:] = False
+                break
+            layout = cg.spaces[node][dim]
+            silent &= (peak.numpy()[channel_positions(cg, layout, gid)] == 0).all(axis=1)
+        out[gid] = silent
+    return out
+
+
 @dataclass(frozen=True)
 class RemoveDeadPass(Pass):
-    """Remove dead channels (zero fan-out, or constant and folded into the consumers' biases).
+    """Remove dead channels (zero fan-out, or constant and folded into the consumers' biases, or,
+    with ``calibrate`` and data, silent at every reader on every calibration batch).
 
     Preserves the function (exactly up to rounding of the folded bias), in eval mode: BatchNorm
-    channels are judged and folded with their running statistics.
+    channels are judged and folded with their running statistics. Silent channels are removed
+    exactly for the inputs on which they stay silent.
 
     Before/after: a conv whose BN has ``gamma = 0`` on 5 of 64 channels, read by a 1x1 conv ->
     the group has 59 channels and the 1x1 conv's bias holds ``act(beta) * W[:, c]`` of the 5.
@@ -166,15 +229,24 @@ class RemoveDeadPass(Pass):
 
     name: ClassVar[str] = "remove-dead"
     preserves_function: ClassVar[bool] = True
+    calibrate: bool = False
+    batches: int = 8
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        with_zeros = {name for name, p in gm.named_parameters() if not bool(p.detach().all())}
+        calibrate = self.calibrate and ctx.data is not None
+        if not with_zeros and not calibrate:  # a dead channel needs an exact zero somewhere
+            return PassResult(gm, False, note="no dead channels")
         cg = self.analyse(gm)
+        growable = [g for g in cg.groups if g.growable]
+        silent = _silent(cg, growable, ctx.data, self.batches) if calibrate else {}
         plans: dict[int, GroupPlan] = {}
         deltas: dict[str, torch.Tensor] = {}
-        for group in cg.groups:
-            if not group.growable:
+        for group in growable:
+            dead = silent.get(group.id, np.zeros(group.size, dtype=bool))
+            if not dead.any() and not any(p.name in with_zeros for p in group.params):
                 continue
-            dead = _zero_fan_out(cg, group)
+            dead = dead | _zero_fan_out(cg, group)
             chain = _chain(cg, group)
             if chain is not None and all(_foldable(_module(cg, c)) for c in chain.consumers):
                 constant, value = _constant_values(cg, chain, group)
