@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxmorph.analysis._util import norm_dim, op_name
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import RuleContext, Spaces, Taint
 from fxmorph.analysis.rules_shape import number_op
@@ -31,17 +32,9 @@ __all__ = [
 ]
 
 
-def _name(target: Any) -> str:
-    return getattr(target, "__name__", str(target))
-
-
-def _norm(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
-
-
 def no_rule(ctx: RuleContext, node: fx.Node) -> None:
     """Anything without a rule pins every group it touches; its output carries no channels."""
-    what = type(ctx.module()).__name__ if node.op == "call_module" else _name(node.target)
+    what = type(ctx.module()).__name__ if node.op == "call_module" else op_name(node.target)
     ctx.pin_all((node.args, node.kwargs), f"no channel rule for {node.op} '{what}'")
     return None
 
@@ -101,7 +94,7 @@ def spatial(count: int | None) -> Any:
             if d < lead and ins[d] == outs[d]:
                 out[d] = layout
             else:
-                ctx.pin(layout, f"'{_name(node.target)}' changes a channel dim")
+                ctx.pin(layout, f"'{op_name(node.target)}' changes a channel dim")
         return out
 
     return rule
@@ -118,7 +111,7 @@ def elementwise(ctx: RuleContext, node: fx.Node) -> Spaces | Taint | None:
             ctx.pin_all(a, "channel count used as a value in tensor arithmetic")
     if node.target in _GROWTH_UNSAFE and operands:
         risky = operands[1:] if node.target in _DIVISIONS else operands
-        _no_grow_all(ctx, risky, _name(node.target))
+        _no_grow_all(ctx, risky, op_name(node.target))
     n = len(out_shape)
     result: Spaces = {}
     for d in range(n):
@@ -127,9 +120,9 @@ def elementwise(ctx: RuleContext, node: fx.Node) -> Spaces | Taint | None:
             continue
         if fixed:
             for layout in layouts:
-                ctx.pin(layout, f"'{_name(node.target)}' combines channels with a fixed-width tensor")
+                ctx.pin(layout, f"'{op_name(node.target)}' combines channels with a fixed-width tensor")
             continue
-        merged = ctx.unify(layouts, f"'{_name(node.target)}' combines channels that do not line up")
+        merged = ctx.unify(layouts, f"'{op_name(node.target)}' combines channels that do not line up")
         if merged is not None:
             result[d] = merged
     return result
@@ -174,7 +167,7 @@ def _reduced_dims(node: fx.Node, ndim: int) -> set[int] | None:
         return None
     if isinstance(dims, int):
         dims = [dims]
-    return {_norm(int(d), ndim) for d in dims}
+    return {norm_dim(int(d), ndim) for d in dims}
 
 
 def reduce(ctx: RuleContext, node: fx.Node) -> Spaces | None:
@@ -190,7 +183,7 @@ def reduce(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     out: Spaces = {}
     for d, layout in ctx.spaces(src).items():
         if d in dims:
-            ctx.pin(layout, f"'{_name(node.target)}' reduces over channels")
+            ctx.pin(layout, f"'{op_name(node.target)}' reduces over channels")
         else:
             out[d if keep else d - sum(1 for r in dims if r < d)] = layout
     return out
@@ -203,7 +196,7 @@ def softmax(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if raw is None:
         return no_rule(ctx, node)
-    d = _norm(int(raw), ndim)
+    d = norm_dim(int(raw), ndim)
     sp = dict(ctx.spaces(src))
     if d in sp:
         ctx.pin(sp.pop(d), "softmax over channels")

@@ -1,4 +1,5 @@
-"""Channel rules for data-movement ops: reshape, permute, indexing, cat, split, size queries.
+"""Channel rules for data-movement ops: permute, indexing, cat, split, size queries (reshapes live in
+:mod:`fxmorph.analysis.rules_reshape`).
 
 Every rule takes the :class:`RuleContext` and the node, and returns the node's channel spaces: a dict
 ``{dim: Layout}`` for a tensor, a tuple of those for a tuple-valued node, a :class:`Taint` for a number
@@ -9,14 +10,15 @@ sizes of channel dims are recorded as rewrites for surgery.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any
 
 from torch import fx
 
+from fxmorph.analysis._util import norm_dim
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import RuleContext, Spaces, Taint
+from fxmorph.analysis.rules_reshape import flatten_module, reshape
 
 __all__ = [
     "cat",
@@ -37,141 +39,6 @@ __all__ = [
 ]
 
 
-def _norm(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
-
-
-def _pin_unknown(ctx: RuleContext, node: fx.Node, why: str) -> None:
-    ctx.pin_all((node.args, node.kwargs), f"{why} in {node.op} '{_name(node.target)}'")
-
-
-def _name(target: Any) -> str:
-    return getattr(target, "__name__", str(target))
-
-
-# -- reshape ---------------------------------------------------------------------------------------
-def _align(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
-    """Blocks of input dims and output dims with equal products, ignoring dims of size 1."""
-    a = [i for i, s in enumerate(ins) if s != 1]
-    b = [j for j, s in enumerate(outs) if s != 1]
-    blocks: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        bi, bj = [a[i]], [b[j]]
-        pi, pj = ins[a[i]], outs[b[j]]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj and i < len(a):
-                bi.append(a[i])
-                pi *= ins[a[i]]
-                i += 1
-            elif pj < pi and j < len(b):
-                bj.append(b[j])
-                pj *= outs[b[j]]
-                j += 1
-            else:
-                return None
-        blocks.append((bi, bj))
-    return blocks if i == len(a) and j == len(b) else None
-
-
-def _merge(ctx: RuleContext, dims: list[int], shape: tuple[int, ...], sp: Spaces) -> Layout | None:
-    """Layout of the row-major merge of ``dims``, when exactly one of them carries channels."""
-    carrying = [d for d in dims if d in sp]
-    if len(carrying) != 1:
-        return None
-    d = carrying[0]
-    k = dims.index(d)
-    outer = math.prod(shape[e] for e in dims[:k])
-    inner = math.prod(shape[e] for e in dims[k + 1 :])
-    return tuple((a, i * inner) for a, i in ctx.atoms.expand(sp[d])) * outer
-
-
-def _split_dims(ctx: RuleContext, layout: Layout, dims: list[int], shape: tuple[int, ...]) -> Spaces | None:
-    """Spread a layout over output ``dims``: the channels stay outer, or become the innermost dim."""
-    if len(dims) == 1:
-        return {dims[0]: layout}
-    block = math.prod(shape[e] for e in dims[1:])
-    pieces = ctx.atoms.expand(layout)
-    if all(inner % block == 0 for _, inner in pieces):
-        return {dims[0]: tuple((a, inner // block) for a, inner in pieces)}
-    count = math.prod(shape[e] for e in dims[:-1])
-    parts = ctx.atoms.chunks(layout, count)
-    if parts is not None:
-        merged = ctx.unify(list(parts), "reshape splits channels into blocks that do not line up")
-        return None if merged is None else {dims[-1]: merged}
-    coarse = ctx.atoms.unchunk(layout, block)
-    return None if coarse is None else {dims[0]: coarse}
-
-
-def reshape(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``view``/``reshape``/``flatten``: map channel layouts through the row-major reshape."""
-    src = node.args[0]
-    ins, outs = ctx.shape(src), ctx.shape(node)
-    sp = ctx.spaces(src)
-    if ins is None or outs is None:
-        _pin_unknown(ctx, node, "reshape of an unknown shape")
-        return None
-    for d, layout in sp.items():
-        if ins[d] == 1:
-            ctx.pin(layout, "reshape drops a one-channel dim")
-    blocks = _align(ins, outs)
-    if blocks is None:
-        ctx.pin_all(src, "reshape mixes dims in a way no rule covers")
-        return None
-    result: Spaces = {}
-    for in_dims, out_dims in blocks:
-        if not any(d in sp for d in in_dims):
-            continue
-        merged = _merge(ctx, in_dims, ins, sp)
-        mapped = None if merged is None else _split_dims(ctx, merged, out_dims, outs)
-        if mapped is None:
-            for d in in_dims:
-                if d in sp:
-                    ctx.pin(sp[d], "reshape mixes channels with other dims")
-            continue
-        result.update(mapped)
-    _record_size_rewrites(ctx, node, result)
-    return result
-
-
-def _record_size_rewrites(ctx: RuleContext, node: fx.Node, result: Spaces) -> None:
-    if node.op != "call_method" or node.target not in ("view", "reshape"):
-        return
-    packed = len(node.args) == 2 and isinstance(node.args[1], list | tuple)
-    sizes = node.args[1] if packed else node.args[1:]
-    for j, value in enumerate(sizes):
-        taint = ctx.env.get(value) if isinstance(value, fx.Node) else None
-        if isinstance(taint, Taint):
-            _relate_size(ctx, taint, result.get(j))
-        if j in result and isinstance(value, int) and value != -1:
-            layout = result[j]
-            location = (1, j) if packed else (1 + j, None)
-            ctx.rewrite(location, lambda measure, layout=layout: measure(layout))
-
-
-def _relate_size(ctx: RuleContext, taint: Taint, layout: Layout | None) -> None:
-    """A dynamic size ``width(T) // k`` used for a dim with ``layout``: make that hold for every plan.
-
-    ``T`` is cut into ``k`` chunks, all unified with ``layout`` (so ``T`` is ``k`` copies of it, as the
-    residual stream of an attention block is heads x head dim). Anything else pins both sides.
-    """
-    source = taint.layouts[0] if len(taint.layouts) == 1 else None
-    if layout is not None and source is not None and taint.divisor is not None:
-        parts = ctx.atoms.chunks(source, taint.divisor)
-        if parts is not None and ctx.unify([layout, *parts], "a dynamic size does not match its channels"):
-            return
-    for t in taint.layouts:
-        ctx.pin(t, "a channel count sizes a reshape in a way no rule covers")
-    if layout is not None:
-        ctx.pin(layout, "a reshape is sized by another tensor's channel count")
-
-
-def flatten_module(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``nn.Flatten``/``torch.flatten``: a reshape."""
-    return reshape(ctx, node)
-
-
 # -- dim moves -------------------------------------------------------------------------------------
 def _dims_arg(node: fx.Node) -> list[int]:
     rest = node.args[1:]
@@ -187,14 +54,14 @@ def permute(ctx: RuleContext, node: fx.Node) -> Spaces:
     sp = ctx.spaces(node.args[0])
     perm = _dims_arg(node)
     n = len(perm)
-    return {k: sp[_norm(p, n)] for k, p in enumerate(perm) if _norm(p, n) in sp}
+    return {k: sp[norm_dim(p, n)] for k, p in enumerate(perm) if norm_dim(p, n) in sp}
 
 
 def transpose(ctx: RuleContext, node: fx.Node) -> Spaces:
     """``transpose``/``swapaxes``: swap two dims."""
     sp = ctx.spaces(node.args[0])
     shape = ctx.shape(node) or ()
-    d0, d1 = (_norm(int(d), len(shape)) for d in node.args[1:3])
+    d0, d1 = (norm_dim(int(d), len(shape)) for d in node.args[1:3])
     swap = {d0: d1, d1: d0}
     return {swap.get(d, d): layout for d, layout in sp.items()}
 
@@ -202,7 +69,7 @@ def transpose(ctx: RuleContext, node: fx.Node) -> Spaces:
 def unsqueeze(ctx: RuleContext, node: fx.Node) -> Spaces:
     """``unsqueeze(d)``: dims at or after d move up by one."""
     sp = ctx.spaces(node.args[0])
-    d = _norm(int(node.args[1] if len(node.args) > 1 else node.kwargs["dim"]), len(ctx.shape(node) or ()))
+    d = norm_dim(int(node.args[1] if len(node.args) > 1 else node.kwargs["dim"]), len(ctx.shape(node) or ()))
     return {(k + 1 if k >= d else k): layout for k, layout in sp.items()}
 
 
@@ -213,7 +80,7 @@ def squeeze(ctx: RuleContext, node: fx.Node) -> Spaces:
     dims = node.args[1:] or list(node.kwargs.values())
     if dims and isinstance(dims[0], list | tuple):
         dims = list(dims[0])
-    chosen = {_norm(int(d), len(ins)) for d in dims} if dims else set(range(len(ins)))
+    chosen = {norm_dim(int(d), len(ins)) for d in dims} if dims else set(range(len(ins)))
     gone = {d for d in chosen if ins[d] == 1}
     out: Spaces = {}
     for k, layout in sp.items():
@@ -336,7 +203,7 @@ def cat(ctx: RuleContext, node: fx.Node) -> Spaces:
     """``cat``: segments along the cat dim; other channel dims are unified across inputs."""
     tensors = list(node.args[0])
     shape = ctx.shape(node) or ()
-    d = _norm(_dim_arg(node, 1), len(shape))
+    d = norm_dim(_dim_arg(node, 1), len(shape))
     parts = [ctx.spaces(t) for t in tensors]
     out = _unify_other_dims(ctx, parts, d, len(shape))
     if any(d in p for p in parts):
@@ -377,7 +244,7 @@ def _out_sizes(node: fx.Node, d: int) -> list[int] | None:
 def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     """``split``: slices along a dim; constant sizes on a channel dim are recomputed by surgery."""
     ndim = len(ctx.shape(node.args[0]) or ())
-    d = _norm(_dim_arg(node, 2), ndim)
+    d = norm_dim(_dim_arg(node, 2), ndim)
     sizes = _out_sizes(node, d)
     if sizes is None:
         ctx.pin_all(node.args, "split of unknown sizes")
@@ -392,7 +259,7 @@ def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
 def chunk(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     """``chunk``: equal slices; on a channel dim the chunks are unified so they stay equal."""
     ndim = len(ctx.shape(node.args[0]) or ())
-    d = _norm(_dim_arg(node, 2), ndim)
+    d = norm_dim(_dim_arg(node, 2), ndim)
     sizes = _out_sizes(node, d)
     if sizes is None:
         ctx.pin_all(node.args, "chunk of unknown sizes")
@@ -408,7 +275,7 @@ def chunk(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
 def unbind(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     """``unbind``: drops a dim; allowed when that dim carries no channels."""
     shape = ctx.shape(node.args[0]) or ()
-    d = _norm(_dim_arg(node, 1), len(shape))
+    d = norm_dim(_dim_arg(node, 1), len(shape))
     sp = ctx.spaces(node.args[0])
     if d in sp:
         ctx.pin(sp[d], "unbind along a channel dim")
@@ -423,7 +290,7 @@ def size(ctx: RuleContext, node: fx.Node) -> Any:
     ndim = len(ctx.shape(node.args[0]) or ())
     dims = node.args[1:] or tuple(node.kwargs.values())
     if dims:
-        d = _norm(int(dims[0]), ndim)
+        d = norm_dim(int(dims[0]), ndim)
         return Taint((sp[d],)) if d in sp else None
     return tuple(Taint((sp[d],)) if d in sp else None for d in range(ndim))
 
