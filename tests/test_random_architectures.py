@@ -601,12 +601,6 @@ class _ReusedOnInput(nn.Module):
         return self.head(self.shared(F.relu(self.shared(x))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a module called twice, first on a tensor without a channel layout (the model input), is "
-    "left free: that call site binds nothing, so shared's group is not pinned and pruning shrinks "
-    "shared.in_channels below the 3 channels of the input",
-)
 def test_regression_module_reused_on_model_input() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
@@ -633,12 +627,6 @@ class _ReusedAfterUnalignedAdd(nn.Module):
         return self.head(self.shared(self.shared(y + self.b(y))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same cause as test_regression_module_reused_on_model_input, inside the model: the first "
-    "call of shared reads the add's result, which has no layout, so shared's group stays free and "
-    "pruning it makes shared.in_channels 2 while the add still gives 4 channels",
-)
 def test_regression_module_reused_after_unaligned_add() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
@@ -662,17 +650,14 @@ class _ChunkCountAboveSize(nn.Module):
         return self.b(p[0]) + self.c(p[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="growing the chunked group by one channel per piece makes 6 channels, which chunk(3) now "
-    "cuts into three pieces of 2 instead of two of 3: the chunk count is kept, not the piece count",
-)
 def test_regression_chunk_count_above_piece_count_grows() -> None:
+    """Growing the chunked group would make chunk(3) cut 3 pieces instead of 2: it must be pinned."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     cg = fxmorph.analyze(_ChunkCountAboveSize().eval(), (x,))
+    chunked = next(g for g in cg.groups if any(p.name == "a.weight" for p in g.params))
+    assert chunked.pinned is not None and "chunk" in chunked.pinned
     plan = WidthPlan({g.id: GroupPlan(tuple(range(g.size)), new=1) for g in cg.groups if g.growable})
-    assert plan, "the chunked group is growable"
     check_grow(cg, plan, x)
 
 

@@ -79,6 +79,7 @@ class RuleContext:
     atoms: AtomTable = field(default_factory=AtomTable)
     env: dict[fx.Node, Any] = field(default_factory=dict)
     bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
+    fixed: set[tuple[str, int]] = field(default_factory=set)
     rewrites: list[Rewrite] = field(default_factory=list)
     costs: list[CostTerm] = field(default_factory=list)
     node: fx.Node | None = None
@@ -153,10 +154,20 @@ class RuleContext:
         return first
 
     def bind(self, target: str, dim: int, layout: Layout | None, role: str) -> None:
-        """Record that ``target`` (a parameter or buffer path) is indexed by ``layout`` on ``dim``."""
-        if layout is None:
-            return
+        """Record that ``target`` (a parameter or buffer path) is indexed by ``layout`` on ``dim``.
+
+        ``layout=None`` says that at this use the dim has a fixed width (a module called once on a
+        model input and once inside the model): every layout bound to it, before or after, is pinned.
+        """
         key = (target, dim)
+        reason = f"'{target}' is also used where this dim has a fixed width"
+        if layout is None:
+            self.fixed.add(key)
+            if key in self.bindings:
+                self.pin(self.bindings[key].layout, reason)
+            return
+        if key in self.fixed:
+            self.pin(layout, reason)
         previous = self.bindings.get(key)
         if previous is None:
             self.bindings[key] = Binding(target, dim, layout, role)

@@ -94,8 +94,9 @@ def conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     else:
         fan_in = _grouped_in(ctx, lin, groups, cin_g)
         lout = _repeat(ctx.fresh(cout // groups), groups)
+    if groups == 1 or cin_g > 1:  # (a depthwise weight's input dim has one channel: nothing to bind)
+        ctx.bind(_path(ctx, "weight"), 1, None if isinstance(fan_in, int) else fan_in, "in")
     if not isinstance(fan_in, int):
-        ctx.bind(_path(ctx, "weight"), 1, fan_in, "in")
         _attr(ctx, "in_channels", fan_in, groups)
     _bind(ctx, ("weight", "bias"), 0, lout, "out")
     _attr(ctx, "out_channels", lout)

@@ -257,7 +257,8 @@ def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
 
 
 def chunk(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
-    """``chunk``: equal slices; on a channel dim the chunks are unified so they stay equal."""
+    """``chunk(n)``: equal slices; on a channel dim the chunks are unified so they stay equal, which
+    keeps ``n`` pieces only if there were ``n`` to begin with (``chunk(3)`` of 4 channels gives 2)."""
     ndim = len(ctx.shape(node.args[0]) or ())
     d = norm_dim(_dim_arg(node, 2), ndim)
     sizes = _out_sizes(node, d)
@@ -266,9 +267,14 @@ def chunk(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
         return None
     outs = _split_outputs(ctx, node, d, sizes)
     layouts = [o[d] for o in outs if d in o]
-    if layouts and (len(set(sizes)) != 1 or ctx.unify(layouts, "chunks must keep equal widths") is None):
+    requested = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    if layouts and (
+        len(set(sizes)) != 1
+        or len(sizes) != requested
+        or ctx.unify(layouts, "chunks must keep equal widths") is None
+    ):
         for layout in layouts:
-            ctx.pin(layout, "chunk of unequal sizes")
+            ctx.pin(layout, "chunk whose piece count depends on the width")
     return outs
 
 
