@@ -1,1 +1,21 @@
-"""Passes: policy that decides WidthPlans (remove-dead, prune, grow, width)."""
+"""Passes: policy that decides WidthPlans (remove-dead, prune, width), run by a checked Pipeline."""
+
+from fxmorph.passes.base import Pass, PassContext, PassResult, Pipeline, PipelineResult
+from fxmorph.passes.prune import PrunePass
+from fxmorph.passes.remove_dead import RemoveDeadPass
+from fxmorph.passes.width import WidthPass
+
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (RemoveDeadPass, PrunePass, WidthPass)}
+"""Every pass by its kebab-case name."""
+
+__all__ = [
+    "PASSES",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "Pipeline",
+    "PipelineResult",
+    "PrunePass",
+    "RemoveDeadPass",
+    "WidthPass",
+]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from torch import fx, nn
+from torch import fx
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.check import check
@@ -131,11 +131,3 @@ class Pipeline:
         else:
             with frozen_mode(gm):
                 propagate_shapes(gm, ctx.example_inputs)
-
-
-def carry_meta(old: nn.Module, new: fx.GraphModule) -> fx.GraphModule:
-    """Copy fxmorph's graph-level metadata (unreached modules, interface) onto a rebuilt model."""
-    if isinstance(old, fx.GraphModule):
-        for key, value in old.meta.items():
-            new.meta.setdefault(key, value)
-    return new
