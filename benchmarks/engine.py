@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fxmorph").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.huge:
@@ -138,7 +139,12 @@ def main() -> None:
             logger.info("%s: peak %.2f GB = %.2fx weights (%.2f GB), analysis %.1f s", r["model"], gb, ratio,
                         weights, r["analysis_s"])  # fmt: skip
         return
-    names = args.models or [n for n in torchvision.models.list_models() if n not in SKIP_DEFAULT]
+    zoo = [
+        *torchvision.models.list_models(module=torchvision.models),
+        *torchvision.models.list_models(module=torchvision.models.video),
+        *torchvision.models.list_models(module=torchvision.models.segmentation),
+    ]
+    names = args.models or [n for n in zoo if n not in SKIP_DEFAULT]
     rows = []
     for name in names:
         rows.append(measure(name, args.repeats))
