@@ -20,6 +20,7 @@ from fxmorph.export import ExportError, ExportResult, export_onnx
 from fxmorph.latency import LatencyReport, compare_latency, measure_latency
 from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.report import ShrinkReport
+from fxmorph.serialize import SerializationError, load, save
 from fxmorph.shrink import shrink
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.trace import trace
@@ -42,6 +43,7 @@ __all__ = [
     "PassError",
     "Pin",
     "PlanError",
+    "SerializationError",
     "ShrinkReport",
     "SurgeryError",
     "TraceError",
@@ -54,8 +56,10 @@ __all__ = [
     "count_macs",
     "count_params",
     "export_onnx",
+    "load",
     "measure_latency",
     "resize",
+    "save",
     "shrink",
     "trace",
 ]

@@ -9,7 +9,8 @@ strings) and tensors:
 - the example input shapes and dtypes the model was traced with;
 - the **width plan**: for every channel group of the original model's channel graph
   (``fxmorph.analyze(original, inputs)``), its final width;
-- the state dict, and the shape of each of its entries.
+- the state dict, the shape of each of its entries, and a SHA-256 of each tensor's bytes (``torch.load``
+  does not check the archive's CRCs, so damaged tensor data would otherwise load silently).
 
 :func:`load` reads the file with ``torch.load(..., weights_only=True)``, analyses the original
 architecture (which the caller supplies, as code they trust), rebuilds the shrunk model with
@@ -20,6 +21,7 @@ validated; problems raise :class:`SerializationError` with a message that says w
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -43,18 +45,35 @@ _REQUIRED = {
     "example_inputs": list,
     "widths": dict,
     "shapes": dict,
+    "checksums": dict,
     "state_dict": dict,
     "training": bool,
 }
 _DTYPES = {
     str(d).removeprefix("torch."): d
-    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
+    for d in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
 }
 
 
 class SerializationError(FxmorphError):
     """A model cannot be saved, or a file cannot be loaded back (unreadable, corrupted, or made from
     another architecture)."""
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -139,7 +158,10 @@ def save(
             raise SerializationError(
                 "save needs example_inputs to analyse the original model: pass example_inputs=(x,)."
             )
-        inputs = tuple(torch.zeros(s["shape"], dtype=_DTYPES[s["dtype"]]) for s in spec)
+        if example_inputs is not None:
+            inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        else:
+            inputs = tuple(torch.zeros(s["shape"], dtype=_DTYPES[s["dtype"]]) for s in spec)
         cg = analyze(original, inputs)
         widths = _group_widths(cg, shapes)
     else:
@@ -155,6 +177,7 @@ def save(
         "example_inputs": spec,
         "widths": widths,
         "shapes": shapes,
+        "checksums": {k: _checksum(v) for k, v in state.items()},
         "state_dict": state,
         "training": bool(model.training),
     }
@@ -174,7 +197,8 @@ def _read(path: Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for truncated, corrupted or foreign files
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         lines = [line for line in lines if line.startswith("WeightsUnpickler error")] or lines
-        detail = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+        first = lines[0].split(". ")[0][:200] if lines else ""
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
         raise SerializationError(
             f"cannot read {path}: it is truncated, corrupted, or not a file written by fxmorph.save ({detail})."
         ) from exc
@@ -202,6 +226,15 @@ def _read(path: Path) -> dict[str, Any]:
             raise SerializationError(
                 f"{path} is corrupted: tensor '{name}' has shape {list(tensor.shape)}, the file lists {shapes[name]}."
             )
+    checksums = data["checksums"]
+    if set(checksums) != set(state):
+        raise SerializationError(f"{path} is corrupted: the checksums do not cover the stored tensors.")
+    damaged = [name for name, tensor in state.items() if _checksum(tensor) != checksums[name]]
+    if damaged:
+        raise SerializationError(
+            f"{path} is corrupted: the data of {len(damaged)} tensor(s) does not match its checksum "
+            f"(first '{damaged[0]}'); save the model again."
+        )
     for gid, width in data["widths"].items():
         if not isinstance(gid, int) or not isinstance(width, int) or width < 1:
             raise SerializationError(f"{path} is corrupted: width entry {gid!r}: {width!r} is not a positive int.")
@@ -276,7 +309,8 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
             raise SerializationError(f"{path} holds '{owner}.bias', but the original model has no '{owner}'.") from None
         size = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
         if not isinstance(size, int):
-            raise SerializationError(f"{path} adds a bias to '{owner}' ({type(module).__name__}), which cannot have one.")
+            kind = type(module).__name__
+            raise SerializationError(f"{path} adds a bias to '{owner}' ({kind}), which cannot have one.")
         bias_deltas[owner] = torch.zeros(size, dtype=state[f"{owner}.bias"].dtype)
     plan = WidthPlan(WidthPlan.from_widths(cg, widths), bias_deltas=bias_deltas)
     try:
@@ -301,7 +335,14 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
             f"{len(wrong)} tensor(s) in {path} have the wrong shape, first '{name}': {got} in the file, {want} in "
             "the model rebuilt from its widths: the file is corrupted or was saved from another architecture."
         )
-    small.load_state_dict(state, strict=True, assign=True)
+    other = [(k, state[k].dtype, v.dtype) for k, v in expected.items() if state[k].dtype != v.dtype]
+    if other:
+        name, got, want = other[0]
+        raise SerializationError(
+            f"tensor '{name}' is {got} in {path} but {want} in the rebuilt model: convert the original model to "
+            f"{got} first (for example `original.to({got})`)."
+        )
+    small.load_state_dict(state, strict=True)
     small.train(data["training"])
     logger.info("loaded %s from %s (%d group widths)", type(original_model).__name__, path, len(widths))
     return small
