@@ -91,17 +91,44 @@ def _huge(name: str) -> dict:
     """Peak resident memory of analysing ``name``, relative to its fp32 weight bytes (own process)."""
     code = (
         "import torch, torchvision, fxmorph, resource, time;"
+        "base = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS')][0];"
         f"m = torchvision.models.get_model('{name}', weights=None).eval();"
         "w = sum(p.numel() * 4 for p in m.parameters());"
         "open('/proc/self/clear_refs', 'w').write('5');"
         "t = time.perf_counter(); cg = fxmorph.analyze(m, (torch.randn(1, 3, 224, 224),)); t = time.perf_counter() - t;"
         "hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
-        "print(w, hwm, t, len(cg.groups), len(cg.free_groups))"
+        "print(w, hwm, t, len(cg.groups), len(cg.free_groups), base)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    weights, peak, seconds, groups, free = int(out[0]), int(out[1]), float(out[2]), int(out[3]), int(out[4])
+    weights, peak, seconds, groups, free, base = (int(out[0]), int(out[1]), float(out[2]), int(out[3]),
+                                                  int(out[4]), int(out[5]))  # fmt: skip
     return {"model": name, "weight_bytes": weights, "peak_rss_bytes": peak, "peak_over_weights": peak / weights,
+            "process_baseline_bytes": base, "peak_above_baseline_over_weights": (peak - base) / weights,
             "analysis_s": seconds, "groups": groups, "free_groups": free}  # fmt: skip
+
+
+def coverage(name: str) -> dict:
+    """Groups and prunable FLOPs share of ``name`` at the test-suite's small input (analysis only)."""
+    sys.path.insert(0, str(HERE.parent))
+    from tests.zoo import build, example_input
+
+    model, x = build(name), example_input(name)
+    cg = fxmorph.analyze(model, (x,))
+    cost = fxmorph.CostModel(cg)
+    pins = sorted({p.reason.split(" (at")[0] for g in cg.groups for p in g.pins if g.params} - {"model output"})
+    return {"model": name, "input": list(x.shape), "groups": len(cg.groups), "free_groups": len(cg.free_groups),
+            "prunable_share": cost.prunable_share(), "pins": pins[:4]}  # fmt: skip
+
+
+def _coverage_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | input | groups (free) | prunable FLOPs | pin reasons besides the output |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['groups']} ({r['free_groups']}) "
+                     f"| {100 * r['prunable_share']:.1f}% | {'; '.join(r['pins'])[:150]} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _table(rows: list[dict]) -> str:
@@ -125,6 +152,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="model names (default: the whole zoo but the two huge ones)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--huge", action="store_true", help="analysis memory of vit_h_14 and regnet_y_128gf")
+    parser.add_argument("--coverage", action="store_true", help="prunable FLOPs share of the zoo (small inputs)")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -136,8 +164,10 @@ def main() -> None:
         (args.out / "engine_huge.json").write_text(json.dumps(rows, indent=2))
         for r in rows:
             gb, ratio, weights = r["peak_rss_bytes"] / 1e9, r["peak_over_weights"], r["weight_bytes"] / 1e9
-            logger.info("%s: peak %.2f GB = %.2fx weights (%.2f GB), analysis %.1f s", r["model"], gb, ratio,
-                        weights, r["analysis_s"])  # fmt: skip
+            logger.info("%s: peak RSS %.2f GB = %.2fx the fp32 weights (%.2f GB); above the process's RSS after "
+                        "importing torch (%.2f GB): %.2fx; analysis %.1f s", r["model"], gb, ratio, weights,
+                        r["process_baseline_bytes"] / 1e9, r["peak_above_baseline_over_weights"],
+                        r["analysis_s"])  # fmt: skip
         return
     zoo = [
         *torchvision.models.list_models(module=torchvision.models),
@@ -145,6 +175,11 @@ def main() -> None:
         *torchvision.models.list_models(module=torchvision.models.segmentation),
     ]
     names = args.models or [n for n in zoo if n not in SKIP_DEFAULT]
+    if args.coverage:
+        rows = [coverage(n) for n in names]
+        (args.out / "coverage.json").write_text(json.dumps(rows, indent=2))
+        print(_coverage_table(rows))
+        return
     rows = []
     for name in names:
         rows.append(measure(name, args.repeats))
