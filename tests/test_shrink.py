@@ -240,3 +240,27 @@ def test_remove_dead_with_calibration_removes_silent_relu_channels() -> None:
         assert_close_trees(run_double(result.gm, batch), run_double(model, batch), rtol=1e-9)
     small = fxmorph.shrink(model, 1.0, (x,), data=data, calibrate=True)
     assert small.get_submodule("a").out_channels == 6
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121", "regnet_x_400mf"])
+def test_remove_dead_on_zoo_models_with_zeroed_batchnorms(name: str) -> None:
+    """A quarter of every BatchNorm's scales set to zero by hand: removal keeps the function exactly
+    (float64), and lowers the FLOPs where a channel could go (ResNet-18 and DenseNet read theirs
+    through padded or concatenated paths, where folding would not be exact: nothing may change)."""
+    model = build(name)
+    x = example_input(name)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                dead = torch.randperm(bn.num_features, generator=generator)[: bn.num_features // 4]
+                bn.weight[dead] = 0.0
+                bn.bias.uniform_(-0.5, 0.5, generator=generator)
+                bn.running_var.uniform_(0.5, 1.5, generator=generator)
+    cg = fxmorph.analyze(model, (x,))
+    result = RemoveDeadPass()(cg.gm, PassContext((x,)))
+    assert result.modified == (name in ("mobilenet_v3_small", "regnet_x_400mf"))
+    fxmorph.check(result.gm, (x,))
+    assert_close_trees(run_double(result.gm, x), run_double(model, x), rtol=1e-9, what="remove-dead")
+    if result.modified:
+        assert fxmorph.count_flops(result.gm, (x,)) < fxmorph.count_flops(model, (x,))

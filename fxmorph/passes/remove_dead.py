@@ -8,7 +8,8 @@ Two kinds of dead channels are removed, each only where removal is exact:
    through elementwise activations (``act(k)``). Its contribution ``k * W[:, c]`` is folded into each
    consumer's bias. That is exact only when no zero padding sits between the channel and the
    consumer (padding would replace ``k`` by 0 at the borders), so a channel read by a padded
-   convolution is kept.
+   convolution is kept; so is one read by a grouped convolution, or made by one (its channels
+   repeat once per group).
 
 3. **Silent on the data** (``calibrate=True``, with ``data``): the channel is exactly zero, on every
    calibration sample, at the input of every layer that reads it (a ReLU channel that never fires).
@@ -114,10 +115,16 @@ def _chain(cg: ChannelGraph, group: Group) -> _Chain | None:
 def _foldable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:
         padding = module.padding
         return module.padding_mode == "zeros" and padding != "same" and all(p == 0 for p in np.atleast_1d(padding))
     return False
+
+
+def _single_occurrence(cg: ChannelGraph, chain: _Chain, group: Group) -> bool:
+    """True if each channel is one row of the producer (not repeated, as in a grouped conv's output)."""
+    names = [f"{chain.layer}.weight"] + ([f"{chain.norm}.weight"] if chain.norm else [])
+    return all(channel_positions(cg, cg.bindings[(n, 0)].layout, group.id).shape[1] == 1 for n in names)
 
 
 def _constant_values(cg: ChannelGraph, chain: _Chain, group: Group) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +255,8 @@ class RemoveDeadPass(Pass):
                 continue
             dead = dead | _zero_fan_out(cg, group)
             chain = _chain(cg, group)
-            if chain is not None and all(_foldable(_module(cg, c)) for c in chain.consumers):
+            foldable = chain is not None and all(_foldable(_module(cg, c)) for c in chain.consumers)
+            if chain is not None and foldable and _single_occurrence(cg, chain, group):
                 constant, value = _constant_values(cg, chain, group)
                 folded = constant & ~dead
                 if folded.any():
