@@ -1,10 +1,17 @@
-"""The ``prune`` pass: remove the least important channels per FLOP until a FLOPs budget is met."""
+"""The ``prune`` pass: remove the least important channels per FLOP until a FLOPs budget is met.
+
+Also home of :class:`BudgetPass`, what ``prune`` and ``width`` share: score the free groups, choose
+widths under the budget with the cost model, keep the best-scored channels, apply the plan.
+"""
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 from torch import fx
 
 from fxmorph.analysis import ChannelGraph
@@ -15,7 +22,7 @@ from fxmorph.passes.plans import keep_best
 from fxmorph.passes.select import greedy_widths
 from fxmorph.surgery.apply import apply_plan
 
-__all__ = ["PrunePass", "free_group_ids"]
+__all__ = ["BudgetPass", "PrunePass", "free_group_ids"]
 
 
 def free_group_ids(cg: ChannelGraph, protect: tuple[str, ...]) -> list[int]:
@@ -29,7 +36,38 @@ def free_group_ids(cg: ChannelGraph, protect: tuple[str, ...]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class PrunePass(Pass):
+class BudgetPass(Pass):
+    """Base of the passes that cut free groups down to ``budget_flops`` (does not preserve the function).
+
+    Subclasses choose the widths (:meth:`choose`); which channels stay is decided by ``criterion``.
+    """
+
+    budget_flops: int
+    criterion: str = "l1"
+    round_to: int = 8
+    min_width: int = 1
+    protect: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
+        """The width of every group, under the budget."""
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        cg = self.analyse(gm)
+        cost = CostModel(cg)
+        if cost.flops() <= self.budget_flops:
+            return PassResult(gm, False, note="budget already met")
+        scores = importance(cg, self.criterion, data=ctx.data, loss_fn=ctx.loss_fn, seed=ctx.seed)
+        scores = {g: scores[g] for g in free_group_ids(cg, self.protect)}
+        widths = self.choose(cost, scores)
+        plan = keep_best(cg, widths, scores)
+        changes = {g: (cg.groups[g].size, p.width) for g, p in plan.items()}
+        note = f"FLOPs {cost.flops() / 1e9:.3f} G -> {cost.flops(widths) / 1e9:.3f} G"
+        return PassResult(apply_plan(gm, cg, plan, seed=ctx.seed), bool(plan), changes, note, plan)
+
+
+@dataclass(frozen=True)
+class PrunePass(BudgetPass):
     """Remove channels, least important per FLOP saved first, until ``budget_flops`` is met.
 
     Importance comes from ``criterion`` (see :mod:`fxmorph.passes.importance`), aggregated over every
@@ -40,33 +78,17 @@ class PrunePass(Pass):
     no group loses more than ``max_prune`` of its channels.
     Does not preserve the function (it removes live channels); the mask oracle describes the result.
 
-    Before/after (resnet18, ``budget_flops=0.5 x``): layer1.0.conv1 64 -> 24 channels, ...; FLOPs
-    3.63 G -> 1.81 G.
+    Before/after (resnet50, ``budget_flops`` half of 8.18 GFLOPs): layer1.0.conv1 64 -> 8 channels,
+    layer3.0.conv3's residual group 1024 -> 904, ...; FLOPs 8.178 G -> 4.089 G.
     """
 
     name: ClassVar[str] = "prune"
     preserves_function: ClassVar[bool] = False
-    budget_flops: int
-    criterion: str = "l1"
-    round_to: int = 8
-    min_width: int = 1
     max_prune: float = 0.9
     flops_weight: float = 0.5
-    protect: tuple[str, ...] = ()
 
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        cg = self.analyse(gm)
-        cost = CostModel(cg)
-        if cost.flops() <= self.budget_flops:
-            return PassResult(gm, False, note="budget already met")
-        groups = free_group_ids(cg, self.protect)
-        scores = importance(cg, self.criterion, data=ctx.data, loss_fn=ctx.loss_fn, seed=ctx.seed)
-        scores = {g: scores[g] for g in groups}
-        widths = greedy_widths(
+    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
+        return greedy_widths(
             cost, scores, self.budget_flops, self.round_to, self.min_width,
             flops_weight=self.flops_weight, max_prune=self.max_prune,
         )  # fmt: skip
-        plan = keep_best(cg, widths, scores)
-        changes = {g: (cg.groups[g].size, p.width) for g, p in plan.items()}
-        note = f"FLOPs {cost.flops() / 1e9:.3f} G -> {cost.flops(widths) / 1e9:.3f} G"
-        return PassResult(apply_plan(gm, cg, plan, seed=ctx.seed), bool(plan), changes, note, plan)
