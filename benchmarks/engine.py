@@ -16,10 +16,8 @@ import gc
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 import torchvision
 
 import fxmorph
+from benchmarks.common import build, example_input, median_time
 from fxmorph.analysis import build_channel_graph
 from fxmorph.testing import random_plan
 
@@ -35,41 +34,16 @@ HERE = Path(__file__).parent
 SKIP_DEFAULT = {"vit_h_14", "regnet_y_128gf"}  # measured by --huge
 
 
-def _input(name: str) -> torch.Tensor:
-    if name in torchvision.models.list_models(module=torchvision.models.video):
-        t, s = (16, 224) if name in ("mvit_v1_b", "mvit_v2_s", "s3d") else (8, 112)
-        return torch.randn(1, 3, t, s, s)
-    return torch.randn(1, 3, 299 if name == "inception_v3" else 224, 299 if name == "inception_v3" else 224)
-
-
-def _build(name: str) -> torch.nn.Module:
-    kwargs: dict = {"weights": None}
-    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
-        kwargs["weights_backbone"] = None
-    if name in ("googlenet", "inception_v3"):
-        kwargs["init_weights"] = False
-    return torchvision.models.get_model(name, **kwargs).eval()
-
-
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def measure(name: str, repeats: int) -> dict:
-    model, x = _build(name), _input(name)
-    t_trace, gm = _median_time(lambda: fxmorph.trace(model, (x,)), repeats)
-    t_analysis, cg = _median_time(lambda: build_channel_graph(gm), repeats)
+    model, x = build(name), example_input(name)
+    t_trace, gm = median_time(lambda: fxmorph.trace(model, (x,)), repeats)
+    t_analysis, cg = median_time(lambda: build_channel_graph(gm), repeats)
     plan = random_plan(cg, seed=0, low=0.5, high=0.5)
-    t_surgery, _ = _median_time(lambda: fxmorph.resize(cg, plan), repeats)
+    t_surgery, _ = median_time(lambda: fxmorph.resize(cg, plan), repeats)
     cost = fxmorph.CostModel(cg)
     widths = {g: p.width for g, p in plan.items()}
-    t_cost, _ = _median_time(lambda: cost.flops(widths), 200)
-    t_shrink, small = _median_time(lambda: fxmorph.shrink(model, 0.5, (x,)), repeats)
+    t_cost, _ = median_time(lambda: cost.flops(widths), 200)
+    t_shrink, small = median_time(lambda: fxmorph.shrink(model, 0.5, (x,)), repeats)
     return {
         "model": name,
         "input": list(x.shape),

@@ -17,8 +17,11 @@ from fxmorph.errors import (
     TraceError,
 )
 from fxmorph.export import ExportError, ExportResult, export_onnx
+from fxmorph.grow import GrowReport, grow
 from fxmorph.latency import LatencyReport, compare_latency, measure_latency
+from fxmorph.morph import MorphReport, morph
 from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.regularizer import FlopsRegularizer
 from fxmorph.report import ShrinkReport
 from fxmorph.serialize import SerializationError, load, save
 from fxmorph.shrink import shrink
@@ -35,11 +38,14 @@ __all__ = [
     "CostModel",
     "ExportError",
     "ExportResult",
+    "FlopsRegularizer",
     "FxmorphError",
     "Group",
     "GroupPlan",
+    "GrowReport",
     "InputError",
     "LatencyReport",
+    "MorphReport",
     "PassError",
     "Pin",
     "PlanError",
@@ -56,8 +62,10 @@ __all__ = [
     "count_macs",
     "count_params",
     "export_onnx",
+    "grow",
     "load",
     "measure_latency",
+    "morph",
     "resize",
     "save",
     "shrink",

@@ -7,7 +7,7 @@ import re
 
 from fxmorph.errors import BudgetError
 
-__all__ = ["parse_budget"]
+__all__ = ["parse_any_budget", "parse_budget"]
 
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT%]?)\s*(?:FLOPS?)?\s*$", re.IGNORECASE)
@@ -41,3 +41,16 @@ def _check(value: float, model_flops: int, raw: object, percent: bool) -> int:
             raise BudgetError(f"budget {raw!r} is above 100%: shrink needs a budget at most the model's FLOPs.")
         return math.floor(value * model_flops)
     return math.floor(value * model_flops) if value <= 1 else int(value)
+
+
+def parse_any_budget(budget_flops: float | int | str, flops: int) -> int:
+    """Like :func:`parse_budget`, but percentages may exceed 100% (``"150%"``), as growth needs."""
+    if isinstance(budget_flops, str) and budget_flops.strip().endswith("%"):
+        try:
+            value = float(budget_flops.strip()[:-1])
+        except ValueError as exc:
+            raise BudgetError(f"cannot parse budget '{budget_flops}': use for example '150%' or 1.2e9.") from exc
+        if not math.isfinite(value) or value <= 0:
+            raise BudgetError(f"budget {budget_flops!r} must be a positive, finite percentage.")
+        return math.floor(value / 100.0 * flops)
+    return parse_budget(budget_flops, flops)

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from fxmorph.passes.select import DEFAULT_ROUND_TO
+
 __all__ = ["CRITERIA", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 PROG = "fxmorph-export"
@@ -82,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-shape", default="1,3,224,224", metavar="SHAPE", help="example input shape (default 1,3,224,224)"
     )
     parser.add_argument(
-        "--round-to", type=_positive_int, default=8, metavar="N", help="widths are multiples of N (default 8)"
+        "--round-to",
+        type=_positive_int,
+        default=DEFAULT_ROUND_TO,
+        metavar="N",
+        help=f"widths are multiples of N (default {DEFAULT_ROUND_TO})",
     )
     parser.add_argument("--criterion", choices=CRITERIA, default="l1", help="channel importance (default l1)")
     parser.add_argument(

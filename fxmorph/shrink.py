@@ -18,7 +18,7 @@ from fxmorph.passes.base import Pass, PassContext, Pipeline
 from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.prune import PrunePass, free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
-from fxmorph.passes.select import smallest_widths
+from fxmorph.passes.select import DEFAULT_ROUND_TO, smallest_widths
 from fxmorph.passes.width import WidthPass
 from fxmorph.report import GroupRow, ShrinkReport
 from fxmorph.trace import FLOPS_KEY, UNREACHED_KEY, as_inputs, trace
@@ -83,7 +83,7 @@ def shrink(
     loss_fn: Callable[..., Any] | None = None,
     criterion: str = "l1",
     strategy: str = "prune",
-    round_to: int = 8,
+    round_to: int = DEFAULT_ROUND_TO,
     min_width: int = 1,
     max_prune: float = 0.9,
     protect: Sequence[str] = (),
@@ -104,8 +104,8 @@ def shrink(
             them on every batch (ReLU channels that never fire).
         criterion: ``"l1"`` (default), ``"l2"``, ``"bn_scale"``, ``"taylor"`` or ``"random"``.
         strategy: ``"prune"`` (importance per FLOP, global; default) or ``"width"`` (one multiplier).
-        round_to: widths are multiples of this (8 keeps onnxruntime kernels fast; 1 hits the budget
-            most precisely). Groups smaller than ``round_to`` keep their width.
+        round_to: widths are multiples of this (16 keeps onnxruntime's blocked CPU kernels fast; 1 hits
+            the budget most precisely). Groups smaller than ``round_to`` keep their width.
         min_width: no group goes below this many channels.
         max_prune: no group loses more than this share of its channels (``strategy="prune"``).
         protect: module path prefixes whose groups are left alone.

@@ -1,15 +1,17 @@
-"""Passes: policy that decides WidthPlans (remove-dead, prune, width), run by a checked Pipeline."""
+"""Passes: policy that decides WidthPlans (remove-dead, prune, width, grow), run by a checked Pipeline."""
 
 from fxmorph.passes.base import Pass, PassContext, PassResult, Pipeline, PipelineResult
+from fxmorph.passes.grow import GrowPass
 from fxmorph.passes.prune import PrunePass
 from fxmorph.passes.remove_dead import RemoveDeadPass
 from fxmorph.passes.width import WidthPass
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (RemoveDeadPass, PrunePass, WidthPass)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (RemoveDeadPass, PrunePass, WidthPass, GrowPass)}
 """Every pass by its kebab-case name."""
 
 __all__ = [
     "PASSES",
+    "GrowPass",
     "Pass",
     "PassContext",
     "PassResult",

@@ -19,7 +19,7 @@ from fxmorph.cost import CostModel
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.importance import importance
 from fxmorph.passes.plans import keep_best
-from fxmorph.passes.select import greedy_widths
+from fxmorph.passes.select import DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["BudgetPass", "PrunePass", "free_group_ids"]
@@ -44,7 +44,7 @@ class BudgetPass(Pass):
 
     budget_flops: int
     criterion: str = "l1"
-    round_to: int = 8
+    round_to: int = DEFAULT_ROUND_TO
     min_width: int = 1
     protect: tuple[str, ...] = ()
 
@@ -71,24 +71,26 @@ class PrunePass(BudgetPass):
     """Remove channels, least important per FLOP saved first, until ``budget_flops`` is met.
 
     Importance comes from ``criterion`` (see :mod:`fxmorph.passes.importance`), aggregated over every
-    member of a group; the FLOPs a channel saves come from the cost model (weighted by
-    ``flops_weight``, see :func:`~fxmorph.passes.select.greedy_widths`) and are re-ranked as widths
-    change; once under the budget, channels are added back greedily while it still holds. Widths are
+    member of a group and weighed against the FLOPs a channel saves, from the cost model and re-ranked
+    as widths change (see :func:`~fxmorph.passes.select.greedy_widths`); once under the budget,
+    channels are added back greedily while it still holds. Widths are
     multiples of ``round_to`` (groups smaller than that keep their size), at least ``min_width``, and
-    no group loses more than ``max_prune`` of its channels.
+    no group loses more than ``max_prune`` of its channels; ``balance`` weighs a group's remaining
+    channels more the fewer they are, which keeps widths even where scores say little.
     Does not preserve the function (it removes live channels); the mask oracle describes the result.
 
-    Before/after (resnet50, ``budget_flops`` half of 8.18 GFLOPs): layer1.0.conv1 64 -> 8 channels,
-    layer3.0.conv3's residual group 1024 -> 904, ...; FLOPs 8.178 G -> 4.089 G.
+    Before/after (resnet50 with weights=None, ``budget_flops`` half of 8.18 GFLOPs, defaults):
+    layer1.0.conv1 64 -> 32 channels, layer3.0.conv2 256 -> 176, layer3's residual group 1024 -> 768,
+    layer4.0.conv2 512 -> 352, ...; FLOPs 8.178 G -> 4.089 G.
     """
 
     name: ClassVar[str] = "prune"
     preserves_function: ClassVar[bool] = False
     max_prune: float = 0.9
-    flops_weight: float = 0.5
+    balance: float = 1.0
 
     def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
         return greedy_widths(
-            cost, scores, self.budget_flops, self.round_to, self.min_width,
-            flops_weight=self.flops_weight, max_prune=self.max_prune,
+            cost, scores, self.budget_flops, self.round_to, self.min_width, max_prune=self.max_prune,
+            balance=self.balance,
         )  # fmt: skip

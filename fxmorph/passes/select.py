@@ -14,7 +14,15 @@ import numpy as np
 
 from fxmorph.cost import CostModel
 
-__all__ = ["allowed_widths", "greedy_widths", "smallest_widths", "uniform_widths"]
+__all__ = [
+    "DEFAULT_ROUND_TO", "allowed_widths", "greedy_widths", "largest_multiplier", "smallest_widths", "uniform_widths",
+]  # fmt: skip
+
+DEFAULT_ROUND_TO = 16
+"""Default width multiple. onnxruntime's CPU convolutions work on blocks of 16 channels on AVX-512
+machines (8 on AVX2), so widths off that grid pay for padding and layout changes: on the project's
+AVX-512 machine, rounding to 8 instead of 16 left regnet_x_400mf at 0.98 of its latency at half the
+FLOPs (0.69 with 16) and mobilenet_v2 at 0.90 (0.66). ``benchmarks/RESULTS.md`` holds the figures."""
 
 Cumulative = Mapping[int, np.ndarray]
 
@@ -54,13 +62,18 @@ def _candidates(w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray]
     return out
 
 
-def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
-    if not cands:
-        return np.zeros(0)
+def _steps(w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
     mat = np.repeat(w[:, None], len(cands), axis=1)
     for j, (g, width) in enumerate(cands):
         mat[g, j] = width
-    return np.abs(cost.flops_batch(mat) - cost.flops(w)).astype(np.float64)
+    return mat
+
+
+def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
+    """FLOPs each candidate step changes."""
+    if not cands:
+        return np.zeros(0)
+    return np.abs(cost.flops_batch(_steps(w, cands)) - cost.flops(w)).astype(np.float64)
 
 
 def _value(cumulative: Cumulative, g: int, lo: int, hi: int) -> float:
@@ -68,12 +81,32 @@ def _value(cumulative: Cumulative, g: int, lo: int, hi: int) -> float:
     return float(cumulative[g][hi] - cumulative[g][lo])
 
 
-def _cumulative(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Per group, the cumulative sum of scores (normalised by the group mean) from the top down."""
+def _cumulative(
+    scores: Mapping[int, np.ndarray], unit: Mapping[int, float] | None = None, balance: float = 0.0
+) -> dict[int, np.ndarray]:
+    """Per group, the cumulative sum of channel values from the top down.
+
+    A channel's value is its score over the group's mean score, times ``unit[g]`` (1 without ``unit``),
+    times ``(size / rank) ** balance`` where ``rank`` counts from the top (1 for the best channel): the
+    fewer channels a group keeps, the more each one weighs, so no group is thinned far below the
+    others on small score differences."""
     out = {}
     for g, s in scores.items():
-        normed = s / s.mean() if s.size and s.mean() > 0 else s
-        out[g] = np.concatenate([[0.0], np.cumsum(np.sort(normed)[::-1])])
+        normed = np.sort(s / s.mean() if s.size and s.mean() > 0 else s)[::-1]
+        if unit is not None:
+            normed = normed * unit[g]
+        if balance:
+            normed = normed * (len(normed) / np.arange(1, len(normed) + 1)) ** balance
+        out[g] = np.concatenate([[0.0], np.cumsum(normed)])
+    return out
+
+
+def unit_costs(cost: CostModel, groups: list[int]) -> dict[int, float]:
+    """FLOPs one channel of each group costs at the original widths (at least 1)."""
+    w = cost.widths()
+    cands = [(g, int(w[g]) - 1) for g in groups if w[g] > 1]
+    out = dict.fromkeys(groups, 1.0)
+    out.update({g: max(float(f), 1.0) for (g, _), f in zip(cands, _deltas(cost, w, cands), strict=True)})
     return out
 
 
@@ -84,29 +117,34 @@ def greedy_widths(
     round_to: int = 1,
     min_width: int = 1,
     *,
-    flops_weight: float = 0.5,
     max_prune: float = 0.9,
     step: float = 0.25,
+    balance: float = 1.0,
 ) -> np.ndarray:
     """Remove the least important channels per FLOP saved until under ``budget``, then add back.
 
-    Each round ranks, for every group, the next allowed step down by importance lost divided by
-    (FLOPs saved) ** ``flops_weight``, removes the best steps covering ``step`` of the remaining gap,
-    and re-ranks (the FLOPs a channel saves change as the widths around it change). Importance is
-    normalised by each group's mean, so ``flops_weight=1`` would always empty the high-resolution
-    layers first; the default 0.5 balances cost against importance. No group loses more than
-    ``max_prune`` of its channels. Once under the budget, steps up are added back greedily (most
-    importance per FLOP first) while the budget still holds, and coarse steps are traded for fine
-    ones where that lands closer to the budget.
+    A channel's value is its score over its group's mean score, times the FLOPs one channel of the
+    group costs at the original widths: a group's average channel is worth what it costs, so on flat
+    scores every group thins in proportion (which also keeps onnxruntime fast: no layer collapses
+    while its neighbours stay wide), and uneven scores move the cuts to where they matter least.
+    ``balance`` makes the channels a group keeps weigh more the fewer they are (see ``_cumulative``):
+    at half the FLOPs of untrained torchvision models, 1.0 took mobilenet_v3_large's onnxruntime
+    latency ratio from 0.76 to 0.61 and efficientnet_b0's from 0.75 to 0.67 (0 turns it off).
+    Each round ranks, for every group, the next allowed step down by value lost per FLOP saved now,
+    removes the best steps covering ``step`` of the remaining gap, and re-ranks (what a channel saves
+    falls as the widths around it fall). No group loses more than ``max_prune`` of its channels.
+    Once under the budget, steps up are added back greedily (most value per FLOP first) while the
+    budget still holds, and coarse steps are traded for fine ones where that lands closer to it.
     """
     groups = sorted(scores)
     allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
-    normed = _cumulative(scores)
+    normed = _cumulative(scores, unit_costs(cost, groups), balance)
     remove = functools.partial(_remove, cost, allowed=allowed, normed=normed, budget=budget,
-                               flops_weight=flops_weight, step=step)  # fmt: skip
+                               step=step)  # fmt: skip
+    add_back = functools.partial(_add_back, cost, allowed=allowed, normed=normed, budget=budget)
     w = remove(cost.widths(), groups)
-    w = _add_back(cost, w, groups, allowed, normed, budget)
-    return _refine(cost, w, groups, allowed, normed, budget, remove)
+    w = add_back(w, groups)
+    return _refine(cost, w, groups, allowed, budget, remove, add_back)
 
 
 def _remove(
@@ -117,7 +155,6 @@ def _remove(
     allowed: dict[int, np.ndarray],
     normed: Cumulative,
     budget: int,
-    flops_weight: float,
     step: float,
 ) -> np.ndarray:
     """Take steps down in ``groups``, best (importance lost / FLOPs saved) first, until under budget."""
@@ -129,7 +166,7 @@ def _remove(
             break
         saved = _deltas(cost, w, cands)
         lost = np.array([_value(normed, g, width, int(w[g])) for g, width in cands])
-        order = np.argsort(lost / np.maximum(saved, 1e-9) ** flops_weight, kind="stable")
+        order = np.argsort(lost / np.maximum(saved, 1e-9), kind="stable")
         target = max((current - budget) * step, 1.0)
         taken = 0.0
         for j in order:
@@ -148,7 +185,13 @@ def _gain(normed: Cumulative, w: np.ndarray, cand: tuple[int, int], added: float
 
 
 def _add_back(
-    cost: CostModel, w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray], normed: Cumulative, budget: int
+    cost: CostModel,
+    w: np.ndarray,
+    groups: list[int],
+    *,
+    allowed: dict[int, np.ndarray],
+    normed: Cumulative,
+    budget: int,
 ) -> np.ndarray:
     """Take steps up, most importance per FLOP first, while the budget holds: several per round while
     the room left is large, then one at a time."""
@@ -182,9 +225,9 @@ def _refine(
     w: np.ndarray,
     groups: list[int],
     allowed: dict[int, np.ndarray],
-    normed: Cumulative,
     budget: int,
     remove: Callable[..., np.ndarray],
+    add_back: Callable[..., np.ndarray],
     tries: int = 4,
 ) -> np.ndarray:
     """Trade coarse steps for fine ones, to land closer to the budget.
@@ -200,7 +243,7 @@ def _refine(
             g = int(np.flatnonzero(trial != w)[0])
             if trial[g] > w[g]:
                 trial = remove(trial, [h for h in groups if h != g])
-            trial = _add_back(cost, trial, groups, allowed, normed, budget)
+            trial = add_back(trial, groups)
             flops = cost.flops(trial)
             if best_flops < flops <= budget:
                 best, best_flops = trial, flops
@@ -225,6 +268,19 @@ def _trials(
     return trials
 
 
+def largest_multiplier(fits: Callable[[float], bool], lo: float, hi: float, steps: int = 40) -> float:
+    """The largest multiplier in ``[lo, hi]`` that ``fits`` (by bisection; ``lo`` is assumed to fit)."""
+    if fits(hi):
+        return hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def uniform_widths(
     cost: CostModel, groups: list[int], budget: int, round_to: int = 1, min_width: int = 1
 ) -> np.ndarray:
@@ -238,15 +294,7 @@ def uniform_widths(
             w[g] = opts[np.argmin(np.abs(opts - m * sizes[g]))]
         return w
 
-    lo, hi = 0.0, 1.0
-    if cost.flops(widths_at(hi)) <= budget:
-        return widths_at(hi)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if cost.flops(widths_at(mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid
+    lo = largest_multiplier(lambda m: cost.flops(widths_at(m)) <= budget, 0.0, 1.0)
     flat = _cumulative({g: np.ones(int(sizes[g])) for g in groups})
     allowed = {g: allowed_widths(int(sizes[g]), round_to, min_width) for g in groups}
-    return _add_back(cost, widths_at(lo), groups, allowed, flat, budget)
+    return _add_back(cost, widths_at(lo), groups, allowed=allowed, normed=flat, budget=budget)

@@ -1,0 +1,59 @@
+"""What the benchmarks share: building zoo models, their inputs, and timing with peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torchvision
+
+T = TypeVar("T")
+
+
+def example_input(name: str) -> torch.Tensor:
+    """The benchmark input of a torchvision model: 1x3x224x224 (299 for inception_v3, clips for video)."""
+    if name in torchvision.models.list_models(module=torchvision.models.video):
+        t, s = (16, 224) if name in ("mvit_v1_b", "mvit_v2_s", "s3d") else (8, 112)
+        return torch.randn(1, 3, t, s, s)
+    side = 299 if name == "inception_v3" else 224
+    return torch.randn(1, 3, side, side)
+
+
+def build(name: str) -> torch.nn.Module:
+    """A torchvision model by name with random weights (``weights=None``), in eval mode."""
+    kwargs: dict = {"weights": None}
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        kwargs["weights_backbone"] = None
+    if name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False
+    return torchvision.models.get_model(name, **kwargs).eval()
+
+
+def median_time(fn: Callable[[], T], repeats: int) -> tuple[float, T]:
+    """Median wall time of ``repeats`` calls, and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result  # type: ignore[return-value]
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def peak_memory(fn: Callable[[], T]) -> tuple[int, T]:
+    """Peak resident memory above the process's resident size before the call (bytes; Linux), and the result."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _status("VmRSS")
+    except OSError:
+        return -1, fn()
+    result = fn()
+    return max(_status("VmHWM") - before, 0), result

@@ -1,0 +1,146 @@
+"""A small embedded training loop: the default of :func:`fxmorph.morph`, usable on its own.
+
+One loop, four parts a user can replace: the step (``step_fn(model, batch) -> scalar loss``; the default
+is ``loss_fn(model(*inputs), targets)`` on ``(inputs, targets)`` batches), the optimizer (a factory, since
+morph trains two different architectures), an optional penalty added to every step's loss (MorphNet's
+FLOPs regularizer), and a tqdm progress bar. Data is whatever iterable of batches the user has (a list,
+a ``DataLoader``); it is read once per epoch, on the device where the user put it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fxmorph.errors import FxmorphError, InputError
+
+__all__ = ["EpochLog", "OptimizerFactory", "StepFn", "adam", "default_step", "fit", "scalar_loss"]
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``step_fn(model, batch) -> loss``: a scalar tensor to minimise (the loop calls ``backward``)."""
+OptimizerFactory = Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer]
+"""``optimizer(parameters) -> torch.optim.Optimizer``; called once per training phase."""
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    """One epoch of one phase: mean task loss, mean penalty (0 without one), steps, seconds."""
+
+    phase: str
+    epoch: int
+    loss: float
+    penalty: float
+    steps: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+
+def adam(lr: float) -> OptimizerFactory:
+    """A factory of ``torch.optim.Adam(parameters, lr=lr)``."""
+
+    def make(parameters: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=lr)
+
+    return make
+
+
+def _split(batch: Any) -> tuple[tuple[Any, ...], Any]:
+    if not isinstance(batch, list | tuple) or len(batch) < 2:
+        raise InputError(
+            f"each batch must be a pair (inputs, targets), got {type(batch).__name__}: pass such batches, or "
+            "pass step_fn(model, batch) -> loss to read your own batch format."
+        )
+    inputs = batch[0]
+    return (tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)), batch[1]
+
+
+def default_step(loss_fn: Callable[..., Any]) -> StepFn:
+    """The step ``loss_fn(model(*inputs), targets)`` on a batch ``(inputs, targets)``."""
+
+    def step(model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, targets = _split(batch)
+        return loss_fn(model(*inputs), targets)
+
+    return step
+
+
+def scalar_loss(loss: Any, where: str) -> torch.Tensor:
+    """``loss`` if it is a scalar tensor that requires grad; otherwise an :class:`InputError`."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InputError(
+            f"{where} must return a scalar tensor, got {shape}: reduce the loss (for example with .mean(), "
+            "or the loss's default reduction)."
+        )
+    if not loss.requires_grad:
+        raise InputError(f"{where} returned a loss that does not depend on the model's parameters (no grad).")
+    return loss.reshape(())
+
+
+def _length(data: Iterable[Any]) -> int | None:
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def fit(
+    model: nn.Module,
+    data: Iterable[Any],
+    step: StepFn,
+    optimizer: OptimizerFactory,
+    epochs: int,
+    *,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    progress: bool = True,
+    phase: str = "train",
+    where: str = "loss_fn",
+) -> list[EpochLog]:
+    """Train ``model`` in place for ``epochs`` passes over ``data``; returns one log per epoch.
+
+    Each step: ``loss = step(model, batch) (+ penalty())``, ``backward``, optimizer step. The model is
+    left in train mode. Preserves nothing: this is training.
+
+    Raises:
+        InputError: ``data`` yields no batch, or the step returns a non-scalar loss.
+        FxmorphError: the loss became NaN or infinite (lower the learning rate or the penalty).
+    """
+    model.train()
+    opt = optimizer([p for p in model.parameters() if p.requires_grad])
+    logs = []
+    for epoch in range(1, epochs + 1):
+        start, total, total_penalty, steps = time.perf_counter(), 0.0, 0.0, 0
+        bar = tqdm(data, desc=f"{phase} {epoch}/{epochs}", total=_length(data), disable=not progress, leave=False)
+        for batch in bar:
+            opt.zero_grad(set_to_none=True)
+            loss = scalar_loss(step(model, batch), where)
+            extra = penalty() if penalty is not None else None
+            (loss if extra is None else loss + extra).backward()
+            opt.step()
+            value, steps = float(loss.detach()), steps + 1
+            if not math.isfinite(value):
+                raise FxmorphError(f"{phase}: the loss is {value} at epoch {epoch}, step {steps}: training diverged; "
+                                   "lower the learning rate (or the regularizer's strength).")  # fmt: skip
+            total += value
+            total_penalty += float(extra.detach()) if extra is not None else 0.0
+            if steps % 10 == 0:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        if steps == 0:
+            raise InputError("data yielded no batch: pass a non-empty list or DataLoader of batches.")
+        logs.append(EpochLog(phase, epoch, total / steps, total_penalty / steps, steps, time.perf_counter() - start))
+        logger.info("%s epoch %d/%d: loss %.4f, penalty %.4f, %d steps", phase, epoch, epochs, total / steps,
+                    total_penalty / steps, steps)  # fmt: skip
+    return logs
