@@ -298,7 +298,8 @@ def export_onnx(
     also at another batch size when the batch is dynamic.
     ``exporter="auto"`` tries the TorchScript exporter, then the dynamo one (see the module docstring).
     ``model`` itself is never modified: a deep copy is exported. Raises :class:`ExportError` when no
-    exporter gives a correct file; its message names the largest difference, its output and index.
+    exporter gives a correct file; its message names the output, index and values of the element
+    furthest beyond the tolerance, and the largest difference.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}: pass the model object itself.")

@@ -62,18 +62,14 @@ def _candidates(w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray]
     return out
 
 
-def _steps(w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
-    mat = np.repeat(w[:, None], len(cands), axis=1)
-    for j, (g, width) in enumerate(cands):
-        mat[g, j] = width
-    return mat
-
-
 def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
     """FLOPs each candidate step changes."""
     if not cands:
         return np.zeros(0)
-    return np.abs(cost.flops_batch(_steps(w, cands)) - cost.flops(w)).astype(np.float64)
+    mat = np.repeat(w[:, None], len(cands), axis=1)
+    for j, (g, width) in enumerate(cands):
+        mat[g, j] = width
+    return np.abs(cost.flops_batch(mat) - cost.flops(w)).astype(np.float64)
 
 
 def _value(cumulative: Cumulative, g: int, lo: int, hi: int) -> float:
@@ -101,7 +97,7 @@ def _cumulative(
     return out
 
 
-def unit_costs(cost: CostModel, groups: list[int]) -> dict[int, float]:
+def _unit_costs(cost: CostModel, groups: list[int]) -> dict[int, float]:
     """FLOPs one channel of each group costs at the original widths (at least 1)."""
     w = cost.widths()
     cands = [(g, int(w[g]) - 1) for g in groups if w[g] > 1]
@@ -138,7 +134,7 @@ def greedy_widths(
     """
     groups = sorted(scores)
     allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
-    normed = _cumulative(scores, unit_costs(cost, groups), balance)
+    normed = _cumulative(scores, _unit_costs(cost, groups), balance)
     remove = functools.partial(_remove, cost, allowed=allowed, normed=normed, budget=budget,
                                step=step)  # fmt: skip
     add_back = functools.partial(_add_back, cost, allowed=allowed, normed=normed, budget=budget)
