@@ -10,7 +10,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
-from fxmorph.budget import parse_budget
+from fxmorph.budget import parse_any_budget, parse_budget
 from fxmorph.cost import CostModel
 from fxmorph.counting import count_params
 from fxmorph.errors import BudgetError, InputError
@@ -97,7 +97,8 @@ def shrink(
     Args:
         model: the model; never modified.
         budget_flops: absolute FLOPs (a number > 1), a fraction of the model's FLOPs (0 < x <= 1), or a
-            string: ``"50%"``, ``"1.2G"``, ``"3.5e8"``.
+            string: ``"50%"``, ``"1.2G"``, ``"3.5e8"``. With ``strategy="width"`` it may be above the
+            model's FLOPs (``"150%"``): the multiplier then goes above 1 and the model grows.
         example_inputs: a tensor or tuple of tensors the model accepts.
         data, loss_fn: batches of ``(inputs, targets)`` and a loss, for ``criterion="taylor"``.
         calibrate: with ``data``, also remove channels that are exactly zero at every layer reading
@@ -130,7 +131,7 @@ def shrink(
         raise InputError(f"max_prune must lie in (0, 1], got {max_prune}.")
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules=leaf_modules)
-    budget = parse_budget(budget_flops, gm.meta[FLOPS_KEY])
+    budget = (parse_any_budget if strategy == "width" else parse_budget)(budget_flops, gm.meta[FLOPS_KEY])
     cg = build_channel_graph(gm)
     protect = tuple(protect)
     _check_reachable(cg, budget, round_to, min_width, max_prune if strategy == "prune" else 1.0, protect)

@@ -137,6 +137,7 @@ def _replace(container: Any, index: int | None, value: Any) -> Any:
     return type(container)(items) if isinstance(container, tuple) else items
 
 
+@torch.inference_mode(False)  # the new model's tensors are ordinary (trainable) even under inference_mode
 def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: int = 0) -> fx.GraphModule:
     """Return a new GraphModule with ``plan`` applied; ``gm`` is left untouched.
 
