@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
@@ -66,3 +68,12 @@ def check_grow(cg: ChannelGraph, plan: WidthPlan, x: torch.Tensor, reference: An
     with torch.no_grad():
         assert_close_trees(big.eval()(x), reference, rtol=1e-5, what="growth equivalence")
     return big
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module: on a shared 2-core machine two threads per process oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

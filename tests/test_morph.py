@@ -34,13 +34,7 @@ class _Net(nn.Module):
         return self.fc2(F.relu(self.b3(self.fc1(torch.flatten(x, 1)))))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """One intra-op thread: on a shared 2-core machine two threads per process oversubscribe badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
