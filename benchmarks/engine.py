@@ -2,7 +2,7 @@
 
     python -m benchmarks.engine                    # speed + coverage table -> benchmarks/ENGINE.md, engine.json
     python -m benchmarks.engine --models resnet50  # a subset
-    python -m benchmarks.engine --huge             # peak memory of analysing vit_h_14 and regnet_y_128gf
+    python -m benchmarks.engine --huge             # peak memory of analysing and shrinking vit_h_14, regnet_y_128gf
 
 For every model: trace, analysis and surgery time (median of repeats, 1x3x224x224 for images), groups
 (free/total), the share of FLOPs in ops that touch at least one free group (the prunable share), and
@@ -61,24 +61,48 @@ def measure(name: str, repeats: int) -> dict:
     }
 
 
-def _huge(name: str) -> dict:
-    """Peak resident memory of analysing ``name``, relative to its fp32 weight bytes (own process)."""
-    code = (
-        "import torch, torchvision, fxmorph, resource, time;"
-        "base = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS')][0];"
-        f"m = torchvision.models.get_model('{name}', weights=None).eval();"
-        "w = sum(p.numel() * 4 for p in m.parameters());"
-        "open('/proc/self/clear_refs', 'w').write('5');"
-        "t = time.perf_counter(); cg = fxmorph.analyze(m, (torch.randn(1, 3, 224, 224),)); t = time.perf_counter() - t;"
-        "hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
-        "print(w, hwm, t, len(cg.groups), len(cg.free_groups), base)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    weights, peak, seconds, groups, free, base = (int(out[0]), int(out[1]), float(out[2]), int(out[3]),
-                                                  int(out[4]), int(out[5]))  # fmt: skip
-    return {"model": name, "weight_bytes": weights, "peak_rss_bytes": peak, "peak_over_weights": peak / weights,
-            "process_baseline_bytes": base, "peak_above_baseline_over_weights": (peak - base) / weights,
-            "analysis_s": seconds, "groups": groups, "free_groups": free}  # fmt: skip
+_HUGE_CODE = """
+import resource, sys, time, torch, torchvision, fxmorph
+def rss(key):
+    return [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key)][0]
+name, phase = sys.argv[1], sys.argv[2]
+base = rss('VmRSS')
+m = torchvision.models.get_model(name, weights=None).eval()
+w = sum(p.numel() * 4 for p in m.parameters())
+x = torch.randn(1, 3, 224, 224)
+built = rss('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')
+t = time.perf_counter()
+if phase == 'analyze':
+    cg = fxmorph.analyze(m, (x,))
+    extra = [len(cg.groups), len(cg.free_groups)]
+else:
+    small = fxmorph.shrink(m, 0.5, (x,))
+    report = small.meta['fxmorph.report']
+    extra = [report.flops_ratio, sum(p.numel() * 4 for p in small.parameters())]
+t = time.perf_counter() - t
+print(w, rss('VmHWM'), t, base, built, *extra)
+"""
+
+
+def _huge(name: str, phase: str) -> dict:
+    """Peak resident memory of ``fxmorph.analyze`` or ``fxmorph.shrink`` (50%) of ``name`` (own process).
+
+    The high-water mark is reset once the model is built, so the peak counts the model, the torch
+    runtime and what the call adds; ``peak_over_weights`` divides it by the fp32 weight bytes.
+    """
+    cmd = [sys.executable, "-c", _HUGE_CODE, name, phase]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    weights, peak, seconds, base, built = int(out[0]), int(out[1]), float(out[2]), int(out[3]), int(out[4])
+    row = {"model": name, "phase": phase, "weight_bytes": weights, "peak_rss_bytes": peak,
+           "peak_over_weights": peak / weights, "process_baseline_bytes": base,
+           "peak_above_baseline_over_weights": (peak - base) / weights,
+           "peak_above_built_model_over_weights": (peak - built) / weights, "seconds": seconds}  # fmt: skip
+    if phase == "analyze":
+        row.update(groups=int(out[5]), free_groups=int(out[6]))
+    else:
+        row.update(flops_ratio=float(out[5]), shrunk_weight_bytes=int(out[6]))
+    return row
 
 
 def coverage(name: str) -> dict:
@@ -125,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="model names (default: the whole zoo but the two huge ones)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--huge", action="store_true", help="analysis memory of vit_h_14 and regnet_y_128gf")
+    parser.add_argument("--huge", action="store_true", help="analysis and shrink memory of vit_h_14 and regnet_y_128gf")
     parser.add_argument("--coverage", action="store_true", help="prunable FLOPs share of the zoo (small inputs)")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
@@ -134,14 +158,14 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(os.cpu_count() or 1)
     if args.huge:
-        rows = [_huge(n) for n in ("vit_h_14", "regnet_y_128gf")]
+        rows = [_huge(n, phase) for n in ("vit_h_14", "regnet_y_128gf") for phase in ("analyze", "shrink")]
         (args.out / "engine_huge.json").write_text(json.dumps(rows, indent=2))
         for r in rows:
-            gb, ratio, weights = r["peak_rss_bytes"] / 1e9, r["peak_over_weights"], r["weight_bytes"] / 1e9
-            logger.info("%s: peak RSS %.2f GB = %.2fx the fp32 weights (%.2f GB); above the process's RSS after "
-                        "importing torch (%.2f GB): %.2fx; analysis %.1f s", r["model"], gb, ratio, weights,
+            logger.info("%s %s: peak RSS %.2f GB = %.2fx the fp32 weights (%.2f GB); above the runtime after "
+                        "importing torch (%.2f GB): %.2fx; above the built model: %.2fx; %.1f s", r["model"],
+                        r["phase"], r["peak_rss_bytes"] / 1e9, r["peak_over_weights"], r["weight_bytes"] / 1e9,
                         r["process_baseline_bytes"] / 1e9, r["peak_above_baseline_over_weights"],
-                        r["analysis_s"])  # fmt: skip
+                        r["peak_above_built_model_over_weights"], r["seconds"])  # fmt: skip
         return
     zoo = [
         *torchvision.models.list_models(module=torchvision.models),

@@ -60,15 +60,21 @@ def prune(model: nn.Module, x: torch.Tensor, ratio: float, round_to: int | None)
     return model
 
 
-def match_flops(model: nn.Module, x: torch.Tensor, target: int, round_to: int | None) -> tuple[float, nn.Module]:
-    """The ratio (by bisection, 14 steps) whose pruned model's FLOPs come closest to ``target``."""
+def match_flops(
+    model: nn.Module, x: torch.Tensor, target: int, round_to: int | None, *, under: bool = False, high: float = 0.95
+) -> tuple[float, nn.Module]:
+    """The ratio (by bisection in ``[0, high]``, 14 steps) whose pruned model's FLOPs come closest to
+    ``target`` (with ``under``, closest among those at or below it)."""
     count: Callable[[nn.Module], int] = lambda m: fxmorph.count_flops(m, (x,))  # noqa: E731
-    lo, hi = 0.0, 0.95
+    lo, hi = 0.0, high
     best: tuple[float, float, nn.Module] | None = None
     for _ in range(14):
         mid = (lo + hi) / 2
         pruned = prune(model, x, mid, round_to)
         flops = count(pruned)
+        if under and flops > target:
+            lo = mid
+            continue
         if best is None or abs(flops - target) < best[0]:
             best = (abs(flops - target), mid, pruned)
         if flops > target:

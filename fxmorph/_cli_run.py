@@ -236,6 +236,11 @@ def load_checkpoint(model: nn.Module, path: str, trust: bool, name: str | None =
         raise UsageError(
             f"--checkpoint {path} cannot be read ({type(exc).__name__}): it is not a torch.save file or it is damaged"
         ) from exc
+    if isinstance(obj, Mapping) and obj.get("format") == "fxmorph.shrunk-model":
+        raise UsageError(
+            f"--checkpoint {path} is a shrunk model written by fxmorph.save, not weights of {name or 'MODEL'}: "
+            "pass the original model's state dict (rebuild the shrunk one in Python with fxmorph.load)"
+        )
     state = _state_dict_of(obj, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -254,7 +259,10 @@ def load_checkpoint(model: nn.Module, path: str, trust: bool, name: str | None =
                 f"{len(wrong)} of another shape ({k}: {list(state[k].shape)} in the file, {list(own[k].shape)} "
                 "in the model)"
             )
-        raise UsageError(f"--checkpoint {path} does not fit {name or type(model).__name__}: tensors {'; '.join(parts)}")
+        raise UsageError(
+            f"--checkpoint {path} does not fit {name or type(model).__name__}: tensors {'; '.join(parts)}; pass a "
+            "state dict saved from this architecture"
+        )
     model.load_state_dict(state, strict=True)
     return len(state)
 
@@ -262,15 +270,29 @@ def load_checkpoint(model: nn.Module, path: str, trust: bool, name: str | None =
 def _first_forward(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> int:
     """Run the model once on the example input and count its FLOPs; bad inputs become exit code 2."""
     from fxmorph.counting import count_flops
+    from fxmorph.validate import check_model, model_dtype, run_failure_hint
 
+    try:
+        check_model(model)
+    except InputError as exc:
+        raise UsageError(f"{args.model}: {_first_line(exc)}") from exc
+    dtype = model_dtype(model)
+    if dtype is not None and dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        raise UsageError(
+            f"{args.model} is a {name} model, but {PROG} works in float32 (its example input, the ONNX check and "
+            f"the onnxruntime CPU timing): return a float32 model from the factory (`model.float()`); a {name} "
+            "--checkpoint still loads into it"
+        )
     try:
         return count_flops(model, (x,))
     except InputError as exc:
         raise UsageError(f"{args.model}: {_first_line(exc)}") from exc
     except Exception as exc:  # the model's own forward may raise anything
+        hint = run_failure_hint(model, (x,), exc)
         raise UsageError(
             f"the example inputs do not run through {args.model} (--input-shape {args.input_shape}): "
-            f"{type(exc).__name__}: {_first_line(exc, 200)}"
+            f"{type(exc).__name__}: {_first_line(exc, 100 if hint else 200)}{f'; fix: {hint}' if hint else ''}"
         ) from exc
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
+from fxmorph.errors import InputError
 from fxmorph.plan import WidthPlan
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.trace import trace
@@ -28,14 +29,26 @@ def analyze(
     to, ``result.groups`` the groups, and ``result.explain()`` a readable table.
     """
     if isinstance(model, fx.GraphModule) and example_inputs is None:
+        if not _has_shapes(model):
+            raise InputError(
+                "this GraphModule carries no shape metadata (it was not made by fxmorph.trace, shrink or grow), so "
+                "its channels cannot be analysed: pass example_inputs, or trace it with fxmorph.trace first."
+            )
         gm = model
     else:
         if example_inputs is None:
-            from fxmorph.errors import InputError
-
-            raise InputError("example_inputs is required to analyse a model that is not traced yet.")
+            raise InputError(
+                f"example_inputs is required to analyse a {type(model).__name__} that is not traced yet: pass for "
+                "example `fxmorph.analyze(model, (torch.randn(1, 3, 224, 224),))`."
+            )
         gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     return build_channel_graph(gm)
+
+
+def _has_shapes(gm: fx.GraphModule) -> bool:
+    """True when every placeholder of ``gm`` carries shape metadata (``meta["tensor_meta"]``)."""
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    return bool(nodes) and all("tensor_meta" in n.meta for n in nodes if n.op == "placeholder")
 
 
 def resize(cg: ChannelGraph, plan: WidthPlan, *, seed: int = 0) -> fx.GraphModule:

@@ -98,6 +98,10 @@ class CostModel:
         """FLOPs of every column of a ``(groups, batch)`` int64 matrix of widths."""
         return self._flops.batch(np.asarray(widths, dtype=np.int64))
 
+    def params_batch(self, widths: np.ndarray) -> np.ndarray:
+        """Parameter counts of every column of a ``(groups, batch)`` int64 matrix of widths."""
+        return self._params.batch(np.asarray(widths, dtype=np.int64))
+
     def prunable_share(self) -> float:
         """Share of the model's FLOPs in ops that touch at least one free group (0 to 1)."""
         total = self.flops()

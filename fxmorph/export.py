@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -48,6 +51,13 @@ from torch.utils._pytree import tree_flatten
 
 from fxmorph.errors import FxmorphError, InputError
 from fxmorph.trace import as_inputs
+from fxmorph.validate import (
+    check_model,
+    check_out_path,
+    check_tensor_inputs,
+    check_tolerances,
+    run_failure_hint,
+)
 
 __all__ = ["EXPORTERS", "ExportError", "ExportResult", "export_onnx"]
 
@@ -259,6 +269,11 @@ def _hint(exc: BaseException) -> str:
         return "the batch axis could not be made dynamic: pass `dynamic_batch=False`"
     if "data-dependent" in text or "data dependent" in text or "guard" in text:
         return "the forward branches on tensor values: make its control flow depend on shapes only"
+    if "could not find an implementation" in text or "not_implemented" in text:
+        return (
+            "onnxruntime's CPU provider has no kernel for an operator in this dtype (float64 convolutions, for "
+            "example): export the model in float32 (`model.float()` with float32 inputs)"
+        )
     if "2gb" in text or "protobuf" in text:
         return "the model is too large for one ONNX file: use the dynamo exporter (`exporter='dynamo'`)"
     return "see the chained exception for the full cause; try the other exporter with `exporter=...`"
@@ -269,12 +284,6 @@ def _opset_of(path: Path) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
-def _remove(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".data")):
-        with contextlib.suppress(OSError):
-            p.unlink()
-
-
 def export_onnx(
     model: nn.Module,
     example_inputs: Any,
@@ -283,8 +292,8 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: int | None = None,
     check: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     exporter: ExporterName = "auto",
 ) -> ExportResult:
     """Export ``model`` (in eval mode) to the ONNX file ``path`` and check it in onnxruntime.
@@ -297,30 +306,57 @@ def export_onnx(
     to that tenth, since they carry the float32 rounding of the large values they were computed from),
     also at another batch size when the batch is dynamic.
     ``exporter="auto"`` tries the TorchScript exporter, then the dynamo one (see the module docstring).
-    ``model`` itself is never modified: a deep copy is exported. Raises :class:`ExportError` when no
+    ``rtol``/``atol`` default to 1e-4/1e-5, and to 1e-2/1e-3 for float16 models (a few float16 rounding
+    steps). ``model`` itself is never modified: a deep copy is exported. The file is written next to
+    ``path`` and moved there only once it passed the check, so a failed export leaves a file already at
+    ``path`` as it was. Raises :class:`InputError` for bad arguments (see ``docs/bad_input.md``; bfloat16
+    models are refused: onnxruntime's CPU provider cannot check them) and :class:`ExportError` when no
     exporter gives a correct file; its message names the output, index and values of the element
     furthest beyond the tolerance, and the largest difference.
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}: pass the model object itself.")
+    check_model(model)
     inputs = as_inputs(example_inputs)
     if not all(isinstance(t, torch.Tensor) for t in inputs):
         raise InputError("export_onnx takes tensor inputs only: pass `example_inputs=(tensor, ...)`.")
+    check_tensor_inputs(inputs)
     if exporter not in ("auto", *EXPORTERS):
         raise InputError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}.")
     if dynamic_batch and not all(t.dim() for t in inputs):
         raise InputError("a dynamic batch needs inputs with a batch axis (dim 0): pass `dynamic_batch=False`.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
+        raise InputError(f"opset must be None (the exporter's default) or a positive int such as 18, got {opset!r}.")
+    rtol, atol = check_tolerances(model, rtol, atol)
+    path = check_out_path(path, "path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"path {path}: its directory cannot be created ({exc.strerror or exc}).") from exc
     inputs = tuple(t.detach().cpu() for t in inputs)
     try:
         work = copy.deepcopy(model).cpu().eval()
         expected = _run_torch(work, inputs)
     except Exception as exc:
+        fix = run_failure_hint(model, inputs, exc) or "check the shapes and dtypes of `example_inputs`"
         raise ExportError(
-            f"{type(model).__name__} does not run on the example inputs in eval mode ({_first_line(exc)}): "
-            "check the shapes and dtypes of `example_inputs`."
+            f"{type(model).__name__} does not run on the example inputs in eval mode ({_first_line(exc)}): {fix}."
         ) from exc
+    with tempfile.TemporaryDirectory(prefix=".fxmorph-export-", dir=path.parent) as scratch:
+        result = _export_checked(model, work, inputs, expected, Path(scratch) / path.name, dynamic_batch, opset, check,
+                                 rtol, atol, exporter)  # fmt: skip
+        for name in (path.name + ".data", path.name):  # the weights first: the model file refers to them
+            if (Path(scratch) / name).exists():
+                os.replace(Path(scratch) / name, path.with_name(name))
+    result = dataclasses.replace(result, path=path)
+    logger.info("exported %s to %s with the %s exporter in %.1f s (max abs diff %s)", type(model).__name__, path,
+                result.exporter, result.export_seconds,
+                "unchecked" if result.max_abs_diff is None else f"{result.max_abs_diff:.3g}")  # fmt: skip
+    return result
+
+
+def _export_checked(model: nn.Module, work: nn.Module, inputs: tuple[torch.Tensor, ...], expected: list[np.ndarray],
+                    path: Path, dynamic_batch: bool, opset: int | None, check: bool, rtol: float, atol: float,
+                    exporter: str) -> ExportResult:  # fmt: skip
+    """Export to ``path`` with each exporter in turn until one gives a file that passes the check."""
     input_names, output_names = _names("input", len(inputs)), _names("output", len(expected))
     order = EXPORTERS if exporter == "auto" else (exporter,)
     failures: list[tuple[str, str, BaseException]] = []  # (exporter, "export" | "mismatch", cause)
@@ -357,16 +393,7 @@ def export_onnx(
                 f"{n}: {exc}" if kind == "mismatch" else f"{n}: {_first_line(exc)}" for n, kind, exc in failures
             ),
         )
-        logger.info(
-            "exported %s to %s with the %s exporter in %.1f s (max abs diff %s)",
-            type(model).__name__,
-            path,
-            name,
-            seconds,
-            "unchecked" if diffs[0] is None else f"{diffs[0]:.3g}",
-        )
         return result
-    _remove(path)
     raise _failure(type(model).__name__, failures) from failures[0][2]
 
 

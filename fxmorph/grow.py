@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.budget import parse_any_budget
@@ -20,7 +23,16 @@ from fxmorph.passes.grow import GROW_KEY, GrowPass, grow_candidates
 from fxmorph.passes.grow_init import DATA_INITS, INITS
 from fxmorph.passes.grow_select import max_grow_flops
 from fxmorph.passes.select import DEFAULT_ROUND_TO
-from fxmorph.trace import FLOPS_KEY, as_inputs, trace
+from fxmorph.trace import FLOPS_KEY, as_inputs, frozen_mode, propagate_shapes, trace
+from fxmorph.validate import (
+    check_callable,
+    check_data,
+    check_first_batch,
+    check_model,
+    check_number,
+    check_prefixes,
+    low_precision_dtype,
+)
 
 __all__ = ["GrowReport", "grow"]
 
@@ -91,19 +103,35 @@ def _group_of_module(cg: ChannelGraph, key: Any) -> int:
 
 
 def _check_options(init: str, data: Any, loss_fn: Any, round_to: int, max_factor: float, rank: int,
-                   batches: int) -> None:  # fmt: skip
+                   batches: int, scale: float, noise: float) -> None:  # fmt: skip
     if init not in INITS:
-        raise InputError(f"unknown init '{init}': choose one of {', '.join(INITS)}.")
+        raise InputError(f"unknown init {init!r}: choose one of {', '.join(INITS)}.")
     if init in DATA_INITS and data is None:
         raise InputError(f"init='{init}' needs data and loss_fn (gradients choose its values): pass both, "
                          "or use init='net2net' or 'zero'.")  # fmt: skip
     if data is not None and loss_fn is None:
         raise InputError("data needs loss_fn: pass a loss such as torch.nn.functional.cross_entropy.")
+    check_callable("loss_fn", loss_fn)
     for name, value in (("round_to", round_to), ("rank", rank), ("batches", batches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive int, got {value!r}.")
-    if not max_factor > 1.0:
-        raise InputError(f"max_factor must be above 1, got {max_factor!r}.")
+    check_number("max_factor", max_factor, low=1.0, open_low=True)
+    check_number("scale", scale, low=0.0)
+    check_number("noise", noise, low=0.0)
+
+
+def _to_float32(value: Any) -> Any:
+    return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
+
+
+class _Float32Batches:
+    """A re-iterable view of ``data`` whose floating tensors are float32."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(_to_float32, self.data)
 
 
 def _check_budget(cost: CostModel, budget: int, candidates: list[int], round_to: int, max_factor: float) -> None:
@@ -172,17 +200,41 @@ def grow(
     BatchNorm buffers (each rank's running statistics are its own, and new channels' statistics and
     the choice of groups read them); then wrap the result in DDP again.
 
+    A float16 or bfloat16 model is grown as a float32 copy (the function check and the SVDs need that
+    precision) and the result converted back to the model's dtype.
+
     Raises:
-        InputError: unknown init, an init that needs data without data, data without a loss, a loss that
-            is not a scalar, malformed ``channels``, or bad model or inputs.
+        InputError: unknown init, an init that needs data without data, data without a loss, data that is
+            empty or whose batches the model cannot run, a loss that is not a scalar, malformed ``channels``,
+            out-of-range options, or bad model or inputs (see ``docs/bad_input.md``).
         BudgetError: the budget cannot be parsed, is not above the model's FLOPs, or cannot be reached.
     """
     start = time.perf_counter()
-    _check_options(init, data, loss_fn, round_to, max_factor, rank, batches)
+    _check_options(init, data, loss_fn, round_to, max_factor, rank, batches, scale, noise)
     if (budget_flops is None) == (channels is None):
         raise InputError("pass exactly one of budget_flops and channels.")
+    protect = check_prefixes("protect", protect)
     inputs = as_inputs(example_inputs)
+    check_model(model)
+    low = low_precision_dtype(model)
+    if low is not None:  # grow a float32 copy: the function check (1e-4) and the SVDs need its precision
+        if data is not None:
+            data = check_data(data, "grow")[0]
+            data = map(_to_float32, data) if isinstance(data, Iterator) else _Float32Batches(data)
+        options = {"budget_flops": budget_flops, "channels": channels, "data": data, "loss_fn": loss_fn, "init": init,
+                   "round_to": round_to, "max_factor": max_factor, "rank": rank, "batches": batches, "scale": scale,
+                   "noise": noise, "protect": protect, "seed": seed, "leaf_modules": leaf_modules}  # fmt: skip
+        wide, report = grow(copy.deepcopy(model).float(), _to_float32(inputs), **options, return_report=True)
+        wide = wide.to(low)
+        with frozen_mode(wide):
+            propagate_shapes(wide, inputs)
+        report.settings["dtype"] = str(low).removeprefix("torch.")
+        logger.info("grow: grew a float32 copy of the %s model and converted the result back", low)
+        return (wide, report) if return_report else wide
     gm = trace(model, inputs, leaf_modules=leaf_modules)
+    if data is not None:
+        data, first = check_data(data, "grow")
+        check_first_batch(model, first, "grow")
     cg = build_channel_graph(gm)
     candidates, skipped = grow_candidates(cg, tuple(protect))
     budget = None

@@ -18,6 +18,7 @@ mobilenet's ratio to it from about 0.3 to 0.04. Spinning is therefore off by def
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import platform
@@ -34,6 +35,7 @@ from torch import nn
 
 from fxmorph.errors import InputError
 from fxmorph.export import ExportResult, export_onnx
+from fxmorph.validate import check_count, check_model, check_options, check_tensor_inputs
 
 __all__ = ["LatencyReport", "ModelLatency", "compare_latency", "measure_latency"]
 
@@ -119,6 +121,12 @@ def _level(level: ort.GraphOptimizationLevel | str) -> ort.GraphOptimizationLeve
 def _session(name: str, source: ModelSource, options: ort.SessionOptions) -> ort.InferenceSession:
     if isinstance(source, ExportResult):
         source = source.path
+    if not isinstance(source, str | os.PathLike | bytes):
+        fix = " (export it first with fxmorph.export_onnx)" if isinstance(source, nn.Module) else ""
+        raise InputError(
+            f"model {name!r} is a {type(source).__name__}: pass the path of an .onnx file, its bytes, or the "
+            f"ExportResult of fxmorph.export_onnx{fix}."
+        )
     model = source if isinstance(source, bytes) else str(Path(source))
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -132,7 +140,10 @@ def _session(name: str, source: ModelSource, options: ort.SessionOptions) -> ort
 
 def _array(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        check_tensor_inputs((value,), what="input")
         return value.detach().cpu().numpy()
+    if value is None:
+        raise InputError("an input is None: pass one tensor or array per model input.")
     return np.asarray(value)
 
 
@@ -143,6 +154,9 @@ def _feed(name: str, session: ort.InferenceSession, inputs: Any) -> dict[str, np
         if missing:
             raise InputError(f"model {name!r} needs inputs {wanted}; the inputs mapping lacks {missing}.")
         return {n: _array(inputs[n]) for n in wanted}
+    if not isinstance(inputs, torch.Tensor | np.ndarray | Sequence):
+        raise InputError(f"inputs must be a tensor, an array, a sequence of them or a mapping from input name to "
+                         f"array, got {type(inputs).__name__}.")  # fmt: skip
     values = [inputs] if isinstance(inputs, torch.Tensor | np.ndarray) else list(inputs)
     if len(values) != len(wanted):
         raise InputError(
@@ -174,13 +188,17 @@ def measure_latency(
     docstring for why it is off by default). Raises :class:`fxmorph.errors.InputError` for a file
     onnxruntime cannot load or inputs a model cannot run on.
     """
+    if not isinstance(models, Mapping):
+        raise InputError(
+            f"models must be a mapping from a name to a model, got {type(models).__name__}: pass for example "
+            "{'original': 'original.onnx', 'shrunk': 'shrunk.onnx'}."
+        )
     if not models:
         raise InputError("measure_latency needs at least one model: pass {'name': 'model.onnx', ...}.")
-    if warmup < 0 or rounds < 1 or repeats_per_round < 1:
-        raise InputError("need warmup >= 0, rounds >= 1 and repeats_per_round >= 1.")
-    threads = threads if threads is not None else os.cpu_count() or 1
-    if threads < 1:
-        raise InputError(f"threads must be at least 1, got {threads}.")
+    check_count("warmup", warmup, 0)
+    check_count("rounds", rounds, 1)
+    check_count("repeats_per_round", repeats_per_round, 1)
+    threads = check_count("threads", threads, 1) if threads is not None else os.cpu_count() or 1
     level = _level(graph_optimization)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -250,6 +268,10 @@ def measure_latency(
     )
 
 
+_LATENCY_OPTIONS = tuple(inspect.signature(measure_latency).parameters)[2:]  # after models, inputs
+_EXPORT_OPTIONS = tuple(inspect.signature(export_onnx).parameters)[3:]  # after model, example_inputs, path
+
+
 def compare_latency(
     original_model: nn.Module,
     shrunk_model: nn.Module,
@@ -262,11 +284,24 @@ def compare_latency(
     """Export both models with :func:`fxmorph.export.export_onnx` into ``workdir`` (as
     ``original.onnx`` and ``shrunk.onnx``, checked against torch) and measure them with
     :func:`measure_latency` on ``example_inputs``; ``original`` is the baseline of the ratios.
-    ``export_kwargs`` go to the exports, every other keyword to :func:`measure_latency`."""
+    ``export_kwargs`` go to the exports, every other keyword to :func:`measure_latency`; an unknown option
+    raises :class:`InputError` before anything is written."""
+    for model in (original_model, shrunk_model):
+        check_model(model)
+    export_kwargs = dict(export_kwargs or {})
+    check_options("export_kwargs", export_kwargs, _EXPORT_OPTIONS.__contains__, _EXPORT_OPTIONS)
+    check_options("measure_latency", kw, _LATENCY_OPTIONS.__contains__, _LATENCY_OPTIONS)
+    if not isinstance(workdir, str | os.PathLike):
+        raise InputError(f"workdir must be a directory path, got {type(workdir).__name__}.")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"workdir {workdir} is a file, not a directory: pass a directory for the two .onnx files.")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"workdir {workdir} cannot be created ({exc.strerror or exc}).") from exc
     exported = {
-        name: export_onnx(model, example_inputs, workdir / f"{name}.onnx", **dict(export_kwargs or {}))
+        name: export_onnx(model, example_inputs, workdir / f"{name}.onnx", **export_kwargs)
         for name, model in (("original", original_model), ("shrunk", shrunk_model))
     }
     inputs: Sequence[Any] = example_inputs if isinstance(example_inputs, list | tuple) else (example_inputs,)

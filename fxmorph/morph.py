@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,19 +29,21 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxmorph.analysis import ChannelGraph
+from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.api import analyze
 from fxmorph.budget import parse_any_budget
 from fxmorph.counting import count_flops, count_params
-from fxmorph.errors import InputError
+from fxmorph.errors import BudgetError, InputError
 from fxmorph.passes.base import PassContext, Pipeline
 from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.remove_dead import RemoveDeadPass
 from fxmorph.passes.select import DEFAULT_ROUND_TO
+from fxmorph.passes.width import WidthPass
 from fxmorph.regularizer import FlopsRegularizer
-from fxmorph.shrink import shrink
+from fxmorph.shrink import shrink, width_reach
 from fxmorph.trace import FLOPS_KEY, as_inputs, trace
 from fxmorph.training import EpochLog, OptimizerFactory, StepFn, adam, default_step, fit
+from fxmorph.validate import check_leaf_modules, check_model, check_trainable, low_precision_dtype
 
 __all__ = ["MORPH_KEY", "MorphReport", "MorphStage", "morph", "recalibrate_norms"]
 
@@ -143,8 +146,46 @@ def _check_callables(loss_fn: Any, step_fn: Any, optimizer: Any, evaluate: Any) 
 
 def _check_rates(lr: float, finetune_lr: float) -> None:
     for name, value in (("lr", lr), ("finetune_lr", finetune_lr)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise InputError(f"{name} must be a positive number, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            raise InputError(f"{name} must be a positive finite number, got {value!r}.")
+
+
+def _check_model(model: Any) -> None:
+    check_model(model)
+    low = low_precision_dtype(model)
+    if low is not None:
+        name = str(low).removeprefix("torch.")
+        raise InputError(
+            f"the model is {name}: morph trains it, and {name} training without mixed precision loses the "
+            "regularizer's small gradients and diverges. Call morph on a float32 copy (`model.float()`, with "
+            f"float32 data) and convert the result back (`result.to(torch.{name})`)."
+        )
+    check_trainable(model, "morph")
+
+
+def _budget(model: nn.Module, budget_flops: Any, inputs: tuple[Any, ...], leaf: tuple[Any, ...], round_to: int) -> int:
+    """The budget in FLOPs, refused before training when no width multiplier can reach it."""
+    gm = trace(model, inputs, leaf_modules=leaf)
+    budget = parse_any_budget(budget_flops, gm.meta[FLOPS_KEY])
+    if budget > gm.meta[FLOPS_KEY] and budget > (most := width_reach(build_channel_graph(gm), round_to, ())):
+        raise BudgetError(
+            f"budget {budget:,} FLOPs is above what morph's width step can reach: {most:,} FLOPs with every "
+            f"growable group of the model at {WidthPass.max_factor:g}x its width (round_to={round_to}). Lower the "
+            "budget (a percentage such as '150%', or absolute FLOPs)."
+        )
+    return budget
+
+
+def _reachable(lean: fx.GraphModule, budget: int, inputs: tuple[Any, ...], leaf: tuple[Any, ...], round_to: int) -> int:
+    """``budget``, or the most the lean model can grow to when that is less (dead channels were removed)."""
+    if budget <= lean.meta.get(FLOPS_KEY, budget):
+        return budget
+    most = width_reach(analyze(lean, inputs, leaf_modules=leaf), round_to, ())
+    if budget > most:
+        logger.warning("morph: the lean model grows to at most %s FLOPs (budget %s): resizing to that",
+                       f"{most:,}", f"{budget:,}")  # fmt: skip
+        return most
+    return budget
 
 
 # -- stages ------------------------------------------------------------------------------------------------
@@ -288,16 +329,23 @@ def morph(
         (also at ``result.meta["fxmorph.morph"]``).
 
     Raises:
-        InputError: no or empty data, a one-shot iterator, neither ``loss_fn`` nor ``step_fn``, a loss that is
-            not a scalar, an optimizer instance instead of a factory, negative epochs, a bad criterion,
-            strength or threshold, a model with no channel gate to regularize, bad model or inputs.
-        BudgetError: the budget cannot be parsed, or is below what the lean model can reach.
+        InputError: no or empty data, a one-shot iterator, batches the model cannot run, neither ``loss_fn`` nor
+            ``step_fn``, a loss that is not a scalar, an optimizer instance instead of a factory (or a factory
+            that returns no optimizer), negative epochs, a bad criterion, strength or threshold, a model with no
+            channel gate to regularize, no trainable parameter, a float16/bfloat16 model, bad model or inputs.
+        BudgetError: the budget cannot be parsed, is above what the width step can reach (checked before
+            training), or is below what the lean model can reach. See ``docs/bad_input.md``.
     """
     start = time.perf_counter()
     for name, value in (("epochs", epochs), ("finetune_epochs", finetune_epochs), ("recalibrate", recalibrate)):
         _check_count(name, value)
     _check_callables(loss_fn, step_fn, optimizer, evaluate)
     _check_rates(lr, finetune_lr)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise InputError(f"round_to must be a positive int, got {round_to!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an int, got {seed!r}.")
+    _check_model(model)
     criterion = criterion or ("taylor" if loss_fn is not None else "l1")
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion '{criterion}': choose one of {', '.join(CRITERIA)}.")
@@ -305,7 +353,8 @@ def morph(
         raise InputError("criterion='taylor' needs loss_fn; with step_fn alone use 'l1', 'l2' or 'bn_scale'.")
     _check_data(data)
     inputs, leaf = as_inputs(example_inputs), tuple(leaf_modules)
-    budget = parse_any_budget(budget_flops, trace(model, inputs, leaf_modules=leaf).meta[FLOPS_KEY])
+    leaf = check_leaf_modules(model, leaf)
+    budget = _budget(model, budget_flops, inputs, leaf, round_to)
     step = step_fn or default_step(loss_fn)  # type: ignore[arg-type]
     where = "step_fn" if step_fn is not None else "loss_fn"
     settings = {"strength": strength, "threshold": threshold, "epochs": epochs, "finetune_epochs": finetune_epochs,
@@ -328,7 +377,8 @@ def morph(
         lean = _remove_dead(work, inputs, leaf)
         report.stages.append(_stage("dead removed", lean, inputs, evaluate, leaf))
         with_data = {"data": data, "loss_fn": loss_fn} if loss_fn is not None else {}
-        result = shrink(lean, budget, inputs, strategy="width", criterion=criterion, round_to=round_to, seed=seed,
+        target = _reachable(lean, budget, inputs, leaf, round_to)
+        result = shrink(lean, target, inputs, strategy="width", criterion=criterion, round_to=round_to, seed=seed,
                         leaf_modules=leaf, **with_data)  # fmt: skip
         assert isinstance(result, fx.GraphModule)
         report.stages.append(_stage("resized", result, inputs, evaluate, leaf))

@@ -150,7 +150,12 @@ def _rows(p: torch.Tensor, s: _Slice) -> torch.Tensor:
 
 
 def _check_strength(strength: float) -> float:
-    if not isinstance(strength, int | float) or not math.isfinite(strength) or strength <= 0:
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, int | float)
+        or not math.isfinite(strength)
+        or strength <= 0
+    ):
         raise InputError(
             f"strength must be a positive finite number, got {strength!r}: MorphNet suggests starting near "
             "1 / FLOPs of the model (the default, strength=None) and scanning x0.3 to x10 around it."
@@ -159,7 +164,12 @@ def _check_strength(strength: float) -> float:
 
 
 def _check_threshold(threshold: float) -> float:
-    if not isinstance(threshold, int | float) or not math.isfinite(threshold) or threshold < 0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not math.isfinite(threshold)
+        or threshold < 0
+    ):
         raise InputError(f"threshold must be a finite number >= 0, got {threshold!r} (MorphNet uses 1e-2 or 1e-3).")
     return float(threshold)
 
@@ -190,7 +200,9 @@ class FlopsRegularizer:
         leaf_modules: extra leaf modules for tracing, as in :func:`fxmorph.trace`.
 
     Raises:
-        InputError: no free group has a gate, or ``strength`` / ``threshold`` is out of range.
+        InputError: no free group has a gate, or ``strength`` / ``threshold`` is out of range; bad model or
+            inputs. Later, every method raises it when a parameter it reads is gone or changed shape (the
+            architecture changed after construction: build a new regularizer). See ``docs/bad_input.md``.
     """
 
     def __init__(
@@ -217,6 +229,8 @@ class FlopsRegularizer:
                 "whose width may change (conv/linear layers with BatchNorm or plain weights); `fxmorph.analyze("
                 "model, inputs).explain()` lists each group and why it is pinned."
             )
+        self._shapes = {s.name: tuple(self._model.get_parameter(s.name).shape)
+                        for g in self._gates for s in (*g.gates, *g.fan_out)}  # fmt: skip
         self._marginals = _Marginals(cg)
         self.initial_flops = self.cost.flops()
         self.strength = 1.0 / max(self.initial_flops, 1) if strength is None else _check_strength(strength)
@@ -237,7 +251,20 @@ class FlopsRegularizer:
         return {g.gid: g.kind for g in self._gates}
 
     def _param(self, name: str) -> torch.Tensor:
-        return self._model.get_parameter(name)
+        try:
+            p = self._model.get_parameter(name)
+        except AttributeError as exc:
+            raise InputError(
+                f"the model no longer has parameter '{name}', which it had when this FlopsRegularizer was built: "
+                "its architecture changed (surgery, a replaced layer); build a new FlopsRegularizer for it."
+            ) from exc
+        if tuple(p.shape) != self._shapes[name]:
+            raise InputError(
+                f"parameter '{name}' has shape {list(p.shape)}, but {list(self._shapes[name])} when this "
+                "FlopsRegularizer was built: the model's architecture changed (surgery, a replaced layer); build a "
+                "new FlopsRegularizer for it."
+            )
+        return p
 
     def _gate(self, gate: _Gate) -> torch.Tensor:
         if gate.kind == "bn":

@@ -21,9 +21,11 @@ validated; problems raise :class:`SerializationError` with a message that says w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from fxmorph.errors import FxmorphError
+from fxmorph.validate import check_model, check_out_path, model_dtype
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SerializationError", "load", "save"]
 
@@ -145,8 +148,8 @@ def save(
     its input shapes) to compute it now; without ``original`` the widths come from the shrink report
     the model carries, or failing that, are recomputed from the stored shapes when loading.
     """
-    if not isinstance(model, nn.Module):
-        raise SerializationError(f"save expects a torch.nn.Module, got {type(model).__name__}.")
+    check_model(model, error=SerializationError)
+    path = check_out_path(path, "save: path", error=SerializationError)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     shapes = {k: [int(s) for s in v.shape] for k, v in state.items()}
     spec = _input_spec(model, example_inputs)
@@ -181,12 +184,29 @@ def save(
         "state_dict": state,
         "training": bool(model.training),
     }
-    path = Path(path)
-    try:
-        torch.save(payload, path)
-    except OSError as exc:
-        raise SerializationError(f"cannot write {path}: {exc.strerror or exc}.") from exc
+    _write(payload, path)
     logger.info("saved %s (%d tensors, %d group widths) to %s", type(model).__name__, len(state), len(widths), path)
+
+
+def _write(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a file beside ``path``, then move it there: a failed write leaves ``path`` as it was."""
+    if not path.parent.is_dir():
+        raise SerializationError(f"cannot write {path}: the directory {path.parent} does not exist; create it first.")
+    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, scratch)
+        os.replace(scratch, path)
+    except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError for OS failures
+        raise SerializationError(f"cannot write {path}: {getattr(exc, 'strerror', None) or _first(exc)}.") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)
+
+
+def _first(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -270,6 +290,18 @@ def _inputs(data: dict[str, Any], example_inputs: Any, path: Path) -> tuple[torc
     return values
 
 
+def _check_dtype(data: dict[str, Any], original: nn.Module, path: Path) -> None:
+    """The saved model's floating dtype matches the original model's (surgery keeps the dtype)."""
+    saved = {t.dtype for t in data["state_dict"].values() if t.is_floating_point()}
+    own = model_dtype(original)
+    if len(saved) == 1 and own is not None and (dtype := saved.pop()) != own:
+        name = _dtype_name(dtype)
+        raise SerializationError(
+            f"{path} holds a {name} model, but the original model is {_dtype_name(own)}: convert the original "
+            f"first (`original.to(torch.{name})`), then load; convert the result afterwards if you need another dtype."
+        )
+
+
 def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """Rebuild the model saved at ``path`` from ``original_model`` (the architecture it was shrunk from,
     with any weights) and load the stored weights into it; returns a new GraphModule.
@@ -281,10 +313,13 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
     from fxmorph.api import analyze, resize
     from fxmorph.plan import WidthPlan
 
+    if not isinstance(path, str | os.PathLike):
+        raise SerializationError(f"load: path must be a str or pathlib.Path, got {type(path).__name__}.")
     path = Path(path)
     data = _read(path)
     if not isinstance(original_model, nn.Module):
         raise SerializationError(f"load expects the original torch.nn.Module, got {type(original_model).__name__}.")
+    _check_dtype(data, original_model, path)
     inputs = _inputs(data, example_inputs, path)
     cg = analyze(original_model, inputs)
     state: dict[str, torch.Tensor] = data["state_dict"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -13,17 +14,20 @@ from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.budget import parse_any_budget, parse_budget
 from fxmorph.cost import CostModel
 from fxmorph.counting import count_params
-from fxmorph.errors import BudgetError, InputError
+from fxmorph.errors import BudgetError, InputError, PassError
 from fxmorph.passes.base import Pass, PassContext, Pipeline
+from fxmorph.passes.grow import grow_candidates
+from fxmorph.passes.grow_select import max_grow_flops
 from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.prune import PrunePass, free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
-from fxmorph.passes.select import DEFAULT_ROUND_TO, smallest_widths
+from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
 from fxmorph.passes.width import WidthPass
 from fxmorph.report import GroupRow, ShrinkReport
 from fxmorph.trace import FLOPS_KEY, UNREACHED_KEY, as_inputs, trace
+from fxmorph.validate import check_callable, check_data, check_first_batch, check_number, check_prefixes
 
-__all__ = ["REPORT_KEY", "STRATEGIES", "shrink"]
+__all__ = ["REPORT_KEY", "STRATEGIES", "shrink", "width_reach"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +36,31 @@ STRATEGIES = ("prune", "width")
 
 
 def _passes(strategy: str, budget: int, criterion: str, round_to: int, min_width: int, max_prune: float,
-            protect: tuple[str, ...], calibrate: bool) -> list[Pass]:  # fmt: skip
+            protect: tuple[str, ...], calibrate: bool, param_cost: float) -> list[Pass]:  # fmt: skip
     options = {"criterion": criterion, "round_to": round_to, "min_width": min_width, "protect": protect}
-    cut = PrunePass(budget, max_prune=max_prune, **options) if strategy == "prune" else WidthPass(budget, **options)
+    cut = (PrunePass(budget, max_prune=max_prune, param_cost=param_cost, **options) if strategy == "prune"
+           else WidthPass(budget, **options))  # fmt: skip
     return [RemoveDeadPass(calibrate=calibrate), cut]
 
 
-def _check_reachable(
-    cg: ChannelGraph, budget: int, round_to: int, min_width: int, max_prune: float, protect: tuple[str, ...]
-) -> None:
+def width_reach(cg: ChannelGraph, round_to: int, protect: tuple[str, ...]) -> int:
+    """The most FLOPs ``strategy="width"`` can grow the model of ``cg`` to (every growable group at
+    ``max_factor`` times its width)."""
+    groups, _ = grow_candidates(cg, protect)
+    return max_grow_flops(CostModel(cg), groups, round_to, WidthPass.max_factor)
+
+
+def _check_reachable(cg: ChannelGraph, budget: int, strategy: str, round_to: int, min_width: int, max_prune: float,
+                     protect: tuple[str, ...]) -> None:  # fmt: skip
     cost = CostModel(cg)
     if budget >= cost.flops():
+        if strategy == "width" and budget > cost.flops() and budget > (most := width_reach(cg, round_to, protect)):
+            raise BudgetError(
+                f"budget {budget:,} FLOPs is above what strategy='width' can reach: {most:,} FLOPs "
+                f"({100 * most / cost.flops():.0f}% of the model's {cost.flops():,}) with every growable group at "
+                f"{WidthPass.max_factor:g}x its width (round_to={round_to}). Lower the budget, or use "
+                "fxmorph.grow(..., max_factor=...) to grow further."
+            )
         return
     groups = free_group_ids(cg, protect)
     smallest = cost.flops(smallest_widths(cost, groups, round_to, min_width, max_prune))
@@ -55,6 +73,29 @@ def _check_reachable(
             f"{len(cg.groups) - len(cg.free_groups)} pinned group(s) unchanged. Raise the budget, or lower "
             "round_to/min_width, or raise max_prune."
         )
+
+
+def _check_options(criterion: Any, strategy: Any, round_to: Any, min_width: Any, max_prune: Any,
+                   loss_fn: Any) -> None:  # fmt: skip
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion {criterion!r}: choose one of {', '.join(CRITERIA)}.")
+    if strategy not in STRATEGIES:
+        raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}.")
+    for name, value in (("round_to", round_to), ("min_width", min_width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"round_to and min_width must be positive integers, got {name}={value!r}.")
+    check_number("max_prune", max_prune, low=0.0, high=1.0, open_low=True)
+    check_callable("loss_fn", loss_fn)
+
+
+def _check_data(model: nn.Module, data: Any, loss_fn: Any, criterion: str, strategy: str, calibrate: bool) -> Any:
+    """The data to use (checked: iterable, not empty, its first batch runs through the model)."""
+    cut = data is not None and (criterion == "taylor" or (strategy == "width" and loss_fn is not None))
+    if not (cut or calibrate):
+        return data
+    data, first = check_data(data, "shrink", reads=int(cut) + int(calibrate))
+    check_first_batch(model, first, "shrink", pair=cut)
+    return data
 
 
 def _group_rows(cg: ChannelGraph, new: nn.Module) -> list[GroupRow]:
@@ -74,6 +115,12 @@ def _group_rows(cg: ChannelGraph, new: nn.Module) -> list[GroupRow]:
     return rows
 
 
+def _shares_storage(a: nn.Module, b: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``a`` shares memory with one of ``b``."""
+    theirs = {t.untyped_storage().data_ptr() for t in (*b.parameters(), *b.buffers()) if t.numel()}
+    return any(t.numel() and t.untyped_storage().data_ptr() in theirs for t in (*a.parameters(), *a.buffers()))
+
+
 def shrink(
     model: nn.Module,
     budget_flops: float | int | str,
@@ -86,6 +133,7 @@ def shrink(
     round_to: int = DEFAULT_ROUND_TO,
     min_width: int = 1,
     max_prune: float = 0.9,
+    param_cost: float = DEFAULT_PARAM_COST,
     protect: Sequence[str] = (),
     calibrate: bool = False,
     seed: int = 0,
@@ -109,41 +157,53 @@ def shrink(
             the budget most precisely). Groups smaller than ``round_to`` keep their width.
         min_width: no group goes below this many channels.
         max_prune: no group loses more than this share of its channels (``strategy="prune"``).
+        param_cost: what one parameter weighs against one FLOP when choosing the cuts
+            (``strategy="prune"``): the default (50) makes weight-bound layers, which cost batch-1 latency
+            their FLOPs do not show, give way first; 0 ranks by FLOPs alone. The budget is in FLOPs either way.
         protect: module path prefixes whose groups are left alone.
         seed: seeds the random criterion and the values of any new tensors; same seed, same model.
         return_report: also return the :class:`~fxmorph.report.ShrinkReport` (always available as
             ``result.meta["fxmorph.report"]``).
 
     Raises:
-        BudgetError: the budget cannot be parsed, is out of range, or is below the smallest reachable.
-        InputError, TraceError: bad model or inputs.
+        BudgetError: the budget cannot be parsed, is out of range, is below the smallest reachable, or (with
+            ``strategy="width"``) above the largest reachable.
+        InputError: a bad option, model, example inputs or data (not iterable, empty, batches the model cannot
+            run); TraceError: the model cannot be traced, or the example inputs do not run through it.
+            A ``loss_fn`` that does not return a scalar is an InputError too.
+        PassError: a pass failed (a bug: please report it with the model).
+        See ``docs/bad_input.md`` for every bad input and its error.
     """
     start = time.perf_counter()
-    if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion '{criterion}': choose one of {', '.join(CRITERIA)}.")
-    if strategy not in STRATEGIES:
-        raise InputError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}.")
-    if not (isinstance(round_to, int) and isinstance(min_width, int)) or round_to < 1 or min_width < 1:
-        raise InputError("round_to and min_width must be positive integers.")
+    _check_options(criterion, strategy, round_to, min_width, max_prune, loss_fn)
+    check_number("param_cost", param_cost, low=0.0)
     if criterion == "taylor" and (data is None or loss_fn is None):
         raise InputError("criterion='taylor' needs data and loss_fn: pass both, or use 'l1', 'l2' or 'bn_scale'.")
-    if not 0.0 < max_prune <= 1.0:
-        raise InputError(f"max_prune must lie in (0, 1], got {max_prune}.")
-    inputs = as_inputs(example_inputs)
-    gm = trace(model, inputs, leaf_modules=leaf_modules)
-    budget = (parse_any_budget if strategy == "width" else parse_budget)(budget_flops, gm.meta[FLOPS_KEY])
-    cg = build_channel_graph(gm)
-    protect = tuple(protect)
-    _check_reachable(cg, budget, round_to, min_width, max_prune if strategy == "prune" else 1.0, protect)
-    ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
     if calibrate and data is None:
         raise InputError("calibrate=True needs data: pass batches of (inputs, targets).")
-    passes = _passes(strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate)
-    result = Pipeline(passes)(gm, ctx)
-    small = result.gm
+    protect = check_prefixes("protect", protect)
+    inputs = as_inputs(example_inputs)
+    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    data = _check_data(model, data, loss_fn, criterion, strategy, calibrate)
+    budget = (parse_any_budget if strategy == "width" else parse_budget)(budget_flops, gm.meta[FLOPS_KEY])
+    cg = build_channel_graph(gm)
+    _check_reachable(cg, budget, strategy, round_to, min_width, max_prune if strategy == "prune" else 1.0, protect)
+    ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
+    passes = _passes(strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
+    # No defensive copy up front: remove-dead, prune and width build new tensors through surgery and
+    # never write to the model they receive, so only a result that still shares storage with the user's
+    # model (nothing changed) is copied. That keeps huge models at the original plus the smaller copy.
+    try:
+        result = Pipeline(passes)(gm, ctx, copy_model=False)
+    except PassError as exc:  # the user's input (a loss that is not a scalar), not a failed pass
+        if isinstance(exc.__cause__, InputError | BudgetError):
+            raise exc.__cause__ from None
+        raise
+    small = result.gm if not _shares_storage(result.gm, model) else copy.deepcopy(result.gm)
     small.train(model.training)
     settings = {"criterion": criterion, "strategy": strategy, "round_to": round_to, "min_width": min_width,
-                "max_prune": max_prune, "protect": list(protect), "calibrate": calibrate, "seed": seed}  # fmt: skip
+                "max_prune": max_prune, "param_cost": param_cost, "protect": list(protect), "calibrate": calibrate,
+                "seed": seed}  # fmt: skip
     report = ShrinkReport(
         budget_flops=budget,
         flops_before=gm.meta[FLOPS_KEY],

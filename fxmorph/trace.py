@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmorph._flops import flop_counter
 from fxmorph.errors import InputError, TraceError
+from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, run_failure_hint
 
 __all__ = [
     "FLOPS_KEY",
@@ -41,7 +43,6 @@ UNREACHED_KEY = "fxmorph.unreached"
 FLOPS_KEY = "fxmorph.flops"
 INTERFACE_KEY = "fxmorph.interface"
 FAKE_THRESHOLD_BYTES = 1 << 30  # models with more weight bytes than this propagate on fake tensors
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -59,19 +60,8 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}: pass the model object itself.")
-    for name, p in model.named_parameters():
-        if p.is_meta:
-            raise InputError(
-                f"parameter '{name}' is on the meta device and has no data: materialise the model "
-                "(for example `model.to_empty(device='cpu')` and load a state dict) before calling fxmorph."
-            )
-        if p.dtype not in _SUPPORTED_DTYPES:
-            raise InputError(
-                f"parameter '{name}' has dtype {p.dtype}; fxmorph supports float32, float64, float16 "
-                "and bfloat16 models: convert the model with `model.float()` first."
-            )
+    """A module with data (not on the meta device) of a supported dtype; see :func:`fxmorph.validate.check_model`."""
+    check_model(model)
 
 
 class _Tracer(fx.Tracer):
@@ -183,14 +173,29 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], *, fake: bool = 
                 with flop_counter() as counter:
                     _ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
+        fix = (
+            run_failure_hint(gm, inputs, exc)
+            or "pass example_inputs with the shapes, dtypes and device the model expects"
+        )
         raise TraceError(
-            f"the example inputs do not run through the traced model: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
-            "  fix: pass example_inputs with the shapes, dtypes and device the model expects "
-            f"(got {_describe(inputs)})."
+            f"the example inputs do not run through the traced model{_failing_node(exc)}: {_root_cause(exc)}\n"
+            f"  fix: {fix} (got {_describe(inputs)})."
         ) from exc
     gm.meta[FLOPS_KEY] = int(counter.get_total_flops())
     gm.meta[INTERFACE_KEY] = interface(gm)
+
+
+def _failing_node(exc: BaseException) -> str:
+    match = re.match(r"ShapeProp error for: node=%(\S+)", str(exc))
+    return f" at node '{match.group(1)}'" if match else ""
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (ShapeProp wraps the real error in its own)."""
+    while exc.__cause__ is not None and str(exc).startswith("ShapeProp error"):
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def interface(gm: fx.GraphModule) -> tuple[tuple[Any, ...], Any]:
@@ -271,6 +276,8 @@ def trace(
     """
     _check_model(model)
     inputs = as_inputs(example_inputs)
+    check_tensor_inputs(inputs)
+    leaf_modules = check_leaf_modules(model, leaf_modules)
     with frozen_mode(model):
         gm = _symbolic_trace(model, leaf_modules, concrete_args)
         use_fake = _weight_bytes(model) > FAKE_THRESHOLD_BYTES if fake is None else fake

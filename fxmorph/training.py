@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxmorph.errors import FxmorphError, InputError
+from fxmorph.validate import first_line, run_failure_hint, split_batch
 
 __all__ = ["EpochLog", "OptimizerFactory", "StepFn", "adam", "default_step", "fit", "scalar_loss"]
 
@@ -58,13 +59,8 @@ def adam(lr: float) -> OptimizerFactory:
 
 
 def _split(batch: Any) -> tuple[tuple[Any, ...], Any]:
-    if not isinstance(batch, list | tuple) or len(batch) < 2:
-        raise InputError(
-            f"each batch must be a pair (inputs, targets), got {type(batch).__name__}: pass such batches, or "
-            "pass step_fn(model, batch) -> loss to read your own batch format."
-        )
-    inputs = batch[0]
-    return (tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)), batch[1]
+    return split_batch(batch, "the default training step",
+                       "pass such batches, or pass step_fn(model, batch) -> loss to read your own batch format")
 
 
 def default_step(loss_fn: Callable[..., Any]) -> StepFn:
@@ -88,6 +84,22 @@ def scalar_loss(loss: Any, where: str) -> torch.Tensor:
     if not loss.requires_grad:
         raise InputError(f"{where} returned a loss that does not depend on the model's parameters (no grad).")
     return loss.reshape(())
+
+
+def _run_step(step: StepFn, model: nn.Module, batch: Any, where: str, at: str) -> Any:
+    """``step(model, batch)``; the user's model, data or loss failing becomes an :class:`InputError`."""
+    try:
+        return step(model, batch)
+    except FxmorphError:
+        raise
+    except Exception as exc:  # the user's model, batch and loss may raise anything
+        inputs = batch[0] if isinstance(batch, list | tuple) and batch else batch
+        inputs = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
+        hint = run_failure_hint(model, inputs, exc) or (
+            "check that every batch is (inputs, targets) whose inputs the model accepts (like example_inputs) and "
+            f"whose targets {where} accepts"
+        )
+        raise InputError(f"{at}: {where} failed ({first_line(exc)}): {hint}.") from exc
 
 
 def _length(data: Iterable[Any]) -> int | None:
@@ -115,18 +127,27 @@ def fit(
     left in train mode. Preserves nothing: this is training.
 
     Raises:
-        InputError: ``data`` yields no batch, or the step returns a non-scalar loss.
+        InputError: ``data`` yields no batch, a step fails on a batch (the model, batch or loss raised) or
+            returns a non-scalar loss, no parameter requires grad, or ``optimizer`` returns no optimizer.
         FxmorphError: the loss became NaN or infinite (lower the learning rate or the penalty).
     """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError(f"{phase}: no parameter of the model requires grad: unfreeze it (`model.requires_grad_()`).")
     model.train()
-    opt = optimizer([p for p in model.parameters() if p.requires_grad])
+    opt = optimizer(params)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise InputError(
+            f"{phase}: the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer: pass a "
+            "factory such as `lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)`."
+        )
     logs = []
     for epoch in range(1, epochs + 1):
         start, total, total_penalty, steps = time.perf_counter(), 0.0, 0.0, 0
         bar = tqdm(data, desc=f"{phase} {epoch}/{epochs}", total=_length(data), disable=not progress, leave=False)
         for batch in bar:
             opt.zero_grad(set_to_none=True)
-            loss = scalar_loss(step(model, batch), where)
+            loss = scalar_loss(_run_step(step, model, batch, where, f"{phase} epoch {epoch}, batch {steps + 1}"), where)
             extra = penalty() if penalty is not None else None
             (loss if extra is None else loss + extra).backward()
             opt.step()

@@ -192,6 +192,25 @@ def test_factory_with_checkpoint_json_and_force(tmp_path: Path) -> None:
     assert (out / "latency.png").is_file()
 
 
+def test_force_never_writes_through_links_outside_out(tmp_path: Path) -> None:
+    """--force replaces result files in --out; a result name that is a link to a file elsewhere is
+    replaced by a new file, and the file it pointed to keeps its bytes."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    for name in ("shrunk.onnx", "report.json", "report.md"):
+        (elsewhere / name).write_bytes(b"precious " + name.encode())
+        (out / name).symlink_to(elsewhere / name)
+    args = ["cli_models:small_net", "--budget-flops", "0.5", "--out", str(out), "--input-shape", SHAPE,
+            "--no-latency", "--force"]  # fmt: skip
+    result = _run(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("shrunk.onnx", "report.json", "report.md"):
+        assert (elsewhere / name).read_bytes() == b"precious " + name.encode()
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+
+
 def test_whole_model_checkpoint_needs_trust(tmp_path: Path) -> None:
     torch.save(cli_models.small_net(), tmp_path / "model.pt")  # a pickled module, not a state dict
     args = ["cli_models:small_net", "--explain", "--input-shape", SHAPE, "--checkpoint", str(tmp_path / "model.pt")]

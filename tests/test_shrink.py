@@ -137,8 +137,29 @@ def test_budget_already_met_returns_equivalent_copy() -> None:
     small = fxmorph.shrink(model, 1.0, (x,))
     assert small is not model
     assert_close_trees(run_double(small, x), run_double(model, x), rtol=1e-9)
-    for p in small.parameters():
-        assert all(p is not q for q in model.parameters())
+    theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not any(t.untyped_storage().data_ptr() in theirs for t in (*small.parameters(), *small.buffers()))
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_shrink_of_a_model_in_train_mode_shares_and_writes_nothing(calibrate: bool) -> None:
+    """Regression: calibration batches ran the model in its own mode, so a model in train mode had its
+    BatchNorm statistics rewritten (and judged) from batch statistics; and the result must never share
+    storage with the user's model (shrink copies nothing up front)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3)).train()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    before = copy.deepcopy(model.state_dict())
+    data = [(torch.rand(4, 3, 8, 8), None) for _ in range(3)]
+    small = fxmorph.shrink(model, 0.5, (data[0][0],), data=data, calibrate=calibrate, round_to=1)
+    assert small.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    kept = small.get_submodule("1")
+    assert kept.num_batches_tracked.item() == 0  # no calibration batch updated the running statistics
+    theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not any(t.untyped_storage().data_ptr() in theirs for t in (*small.parameters(), *small.buffers()))
 
 
 def test_report_lists_widths_pins_and_dropped_aux_heads() -> None:
@@ -208,7 +229,7 @@ def test_unknown_criterion_and_strategy() -> None:
 def test_loss_must_be_scalar() -> None:
     x = example_input("resnet18", batch=2)
     data = [(x, torch.tensor([1, 2]))]
-    with pytest.raises(fxmorph.PassError, match="scalar"):
+    with pytest.raises(fxmorph.InputError, match="scalar"):  # as grow and morph say it
         fxmorph.shrink(build("resnet18"), 0.5, (x,), criterion="taylor", data=data,
                        loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"))  # fmt: skip
 

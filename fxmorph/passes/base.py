@@ -82,10 +82,21 @@ class Pass(abc.ABC):
 
 @dataclass
 class PipelineResult:
-    """Output of a :class:`Pipeline`: the model and one record per pass (name, modified, seconds)."""
+    """Output of a :class:`Pipeline`: the model and one record per pass: name, modified, seconds,
+    ``changes`` (per group, width before and after), note, and ``kept`` (per group that lost channels,
+    the indices it kept, in the group ids of the model the pass received)."""
 
     gm: fx.GraphModule
     records: list[dict[str, Any]]
+
+
+def _kept(result: PassResult) -> dict[int, list[int]]:
+    """Per group that lost channels, the indices it kept (in the group ids of the model the pass
+    received): what removed which channels, so the result can be checked against the mask oracle."""
+    if result.plan is None:
+        return {}
+    return {g: [int(i) for i in result.plan[g].keep] for g, (before, after) in result.changes.items()
+            if after < before and g in result.plan}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,7 @@ class Pipeline:
             gm.meta[INTERFACE_KEY] = interface
             done.append(p.name)
             records.append({"pass": p.name, "modified": result.modified, "seconds": time.perf_counter() - start,
-                            "changes": result.changes, "note": result.note})  # fmt: skip
+                            "changes": result.changes, "note": result.note, "kept": _kept(result)})  # fmt: skip
             logger.info("pass %s: modified=%s %s", p.name, result.modified, result.note)
         return PipelineResult(gm, records)
 

@@ -126,6 +126,8 @@ def net2net_problem(cg: ChannelGraph, slots: Sequence[Slot]) -> str | None:
     """Why splitting channels of a group would not be exact (``None`` if it would)."""
     if any(s.spread != 1 for s in slots):
         return "a channel repeats along an axis (flatten, grouped convolution or repeated pieces)"
+    if len({s.path for s in slots}) < len(slots):  # its rows are copied and its columns shared: one spec per path
+        return "a parameter both reads and makes the group's channels (a layer applied to its own output)"
     if any(s.kind == "fanout" and not dense_reader(cg, s) for s in slots):
         return "a reader is not a Linear or an ungrouped convolution"
     return None

@@ -19,7 +19,7 @@ from fxmorph.cost import CostModel
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.importance import importance
 from fxmorph.passes.plans import keep_best
-from fxmorph.passes.select import DEFAULT_ROUND_TO, greedy_widths
+from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["BudgetPass", "PrunePass", "free_group_ids"]
@@ -76,7 +76,8 @@ class PrunePass(BudgetPass):
     channels are added back greedily while it still holds. Widths are
     multiples of ``round_to`` (groups smaller than that keep their size), at least ``min_width``, and
     no group loses more than ``max_prune`` of its channels; ``balance`` weighs a group's remaining
-    channels more the fewer they are, which keeps widths even where scores say little.
+    channels more the fewer they are, which keeps widths even where scores say little; ``param_cost``
+    counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first).
     Does not preserve the function (it removes live channels); the mask oracle describes the result.
 
     Before/after (resnet50 with weights=None, ``budget_flops`` half of 8.18 GFLOPs, defaults):
@@ -88,9 +89,10 @@ class PrunePass(BudgetPass):
     preserves_function: ClassVar[bool] = False
     max_prune: float = 0.9
     balance: float = 1.0
+    param_cost: float = DEFAULT_PARAM_COST
 
     def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
         return greedy_widths(
             cost, scores, self.budget_flops, self.round_to, self.min_width, max_prune=self.max_prune,
-            balance=self.balance,
+            balance=self.balance, param_cost=self.param_cost,
         )  # fmt: skip

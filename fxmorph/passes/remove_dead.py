@@ -37,6 +37,7 @@ from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.importance import channel_positions
 from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.surgery.apply import apply_plan
+from fxmorph.trace import frozen_mode
 
 __all__ = ["RemoveDeadPass"]
 
@@ -145,7 +146,8 @@ def _constant_values(cg: ChannelGraph, chain: _Chain, group: Group) -> tuple[np.
         value = torch.where(gamma == 0, beta, gamma * (value - mean) / torch.sqrt(var + bn.eps) + beta)
     with torch.no_grad():
         for act in chain.activations:
-            value = act.eval()(value)
+            with frozen_mode(act):  # eval behaviour without leaving the module's flag changed
+                value = act(value)
     return constant, value.numpy()
 
 
@@ -203,7 +205,8 @@ def _silent(cg: ChannelGraph, groups: list[Group], data: Iterable[Any], batches:
     """Per group, the channels that are exactly zero at every reader's input on every batch."""
     readers = {g.id: r for g in groups if (r := _reader_inputs(cg, g)) is not None}
     recorder = _Recorder(cg.gm, {node: dim for r in readers.values() for node, dim in r})
-    with torch.no_grad():
+    # eval mode: BatchNorm judged (and left) with its running statistics, whatever the model's mode
+    with torch.no_grad(), frozen_mode(cg.gm):
         for batch in itertools.islice(data, batches):
             inputs = batch[0] if isinstance(batch, list | tuple) else batch
             recorder.run(*(inputs if isinstance(inputs, list | tuple) else (inputs,)))
@@ -256,17 +259,19 @@ class RemoveDeadPass(Pass):
             dead = dead | _zero_fan_out(cg, group)
             chain = _chain(cg, group)
             foldable = chain is not None and all(_foldable(_module(cg, c)) for c in chain.consumers)
+            constant, value = np.zeros(group.size, dtype=bool), np.zeros(group.size)
             if chain is not None and foldable and _single_occurrence(cg, chain, group):
                 constant, value = _constant_values(cg, chain, group)
-                folded = constant & ~dead
-                if folded.any():
-                    for path, delta in _folds(cg, chain, group, folded, value).items():
-                        deltas[path] = deltas.get(path, 0) + delta
-                dead |= constant
-            if dead.all():
-                dead[np.argmax(~dead) if (~dead).any() else 0] = False  # a group keeps one channel
-            if dead.any():
-                plans[group.id] = GroupPlan(tuple(int(i) for i in np.flatnonzero(~dead)))
+            removed = dead | constant
+            if removed.all():
+                removed[0] = False  # a group keeps one channel
+            folded = removed & constant & ~dead  # only channels that go are folded: a kept one still adds itself
+            if folded.any():
+                assert chain is not None
+                for path, delta in _folds(cg, chain, group, folded, value).items():
+                    deltas[path] = deltas.get(path, 0) + delta
+            if removed.any():
+                plans[group.id] = GroupPlan(tuple(int(i) for i in np.flatnonzero(~removed)))
         if not plans:
             return PassResult(gm, False, note="no dead channels")
         plan = WidthPlan(plans, bias_deltas=deltas)
