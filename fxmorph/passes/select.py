@@ -71,17 +71,27 @@ def _candidates(w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray]
     return out
 
 
-def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], param_cost: float = 0.0) -> np.ndarray:
-    """FLOPs each candidate step changes, plus ``param_cost`` per parameter it changes."""
-    if not cands:
-        return np.zeros(0)
+def _step_matrix(w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
     mat = np.repeat(w[:, None], len(cands), axis=1)
     for j, (g, width) in enumerate(cands):
         mat[g, j] = width
-    out = np.abs(cost.flops_batch(mat) - cost.flops(w)).astype(np.float64)
-    if param_cost:
-        out += param_cost * np.abs(cost.params_batch(mat) - cost.params(w)).astype(np.float64)
-    return out
+    return mat
+
+
+def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
+    """FLOPs each candidate step changes."""
+    if not cands:
+        return np.zeros(0)
+    return np.abs(cost.flops_batch(_step_matrix(w, cands)) - cost.flops(w)).astype(np.float64)
+
+
+def _weighed(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray,
+             param_cost: float) -> np.ndarray:  # fmt: skip
+    """``flops`` (what each step changes) plus ``param_cost`` per parameter it changes."""
+    if not param_cost or not cands:
+        return flops
+    params = np.abs(cost.params_batch(_step_matrix(w, cands)) - cost.params(w)).astype(np.float64)
+    return flops + param_cost * params
 
 
 def _ratios(normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray,
@@ -178,14 +188,16 @@ def _remove(
         if not cands:
             break
         saved = _deltas(cost, w, cands)
-        weighed = _deltas(cost, w, cands, param_cost) if param_cost else saved
+        weighed = _weighed(cost, w, cands, saved, param_cost)
         ratios = _ratios(normed, w, cands, saved, weighed)
         order = np.argsort(ratios, kind="stable")
+        if not np.isfinite(ratios[order[0]]):
+            break  # no step saves FLOPs any more
         target = max((current - budget) * step, 1.0)
         taken = 0.0
         for j in order:
-            if taken and ratios[j] > ratios[order[0]] * (1.0 + slack):
-                break  # only steps about as good as the best share a round: no group steps just for its turn
+            if not np.isfinite(ratios[j]) or (taken and ratios[j] > ratios[order[0]] * (1.0 + slack)):
+                break  # only steps about as good as the best share a round (and none that saves no FLOPs)
             g, width = cands[j]
             w[g] = width
             taken += saved[j]
@@ -212,7 +224,7 @@ def _add_back(
     while True:
         cands = _candidates(w, groups, allowed, down=False)
         added = _deltas(cost, w, cands)
-        weighed = _deltas(cost, w, cands, param_cost) if param_cost else added
+        weighed = _weighed(cost, w, cands, added, param_cost)
         room = budget - current
         gains = _ratios(normed, w, cands, added, weighed)
         fits = sorted((j for j in range(len(cands)) if added[j] <= room), key=lambda j: -gains[j])
