@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
@@ -15,6 +16,21 @@ import fxmorph
 from fxmorph.analysis import ChannelGraph
 from fxmorph.plan import WidthPlan
 from fxmorph.testing import masked_reference
+
+
+class SmallNet(nn.Module):
+    """conv-BN-ReLU, conv-ReLU, global mean, linear: two free channel groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        return self.fc(F.relu(self.conv2(h)).mean((2, 3)))
 
 
 def assert_close_trees(actual: Any, expected: Any, rtol: float = 1e-7, what: str = "outputs") -> None:

@@ -22,21 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxmorph
 from fxmorph import BudgetError, FxmorphError, InputError, TraceError
-
-
-class Net(nn.Module):
-    """conv-BN-ReLU, conv-ReLU, global mean, linear: two free channel groups."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 32, 3, padding=1)
-        self.bn = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn(self.conv(x)))
-        return self.fc(F.relu(self.conv2(h)).mean((2, 3)))
+from tests.conftest import SmallNet as Net
 
 
 class Untraceable(Net):

@@ -15,20 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmorph
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 32, 3, padding=1)
-        self.bn = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn(self.conv(x)))
-        return self.fc(F.relu(self.conv2(h)).mean((2, 3)))
-
+from tests.conftest import SmallNet as Net
 
 X = torch.randn(2, 3, 8, 8)
 DATA = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))) for _ in range(2)]

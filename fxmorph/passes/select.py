@@ -107,6 +107,14 @@ def _ratios(normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], flo
     return out
 
 
+def _ranked(cost: CostModel, w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray], normed: Cumulative,
+            param_cost: float, down: bool) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:  # fmt: skip
+    """The next step of every group (down or up), the FLOPs each changes, and its value per weighed cost."""
+    cands = _candidates(w, groups, allowed, down=down)
+    flops = _deltas(cost, w, cands)
+    return cands, flops, _ratios(normed, w, cands, flops, _weighed(cost, w, cands, flops, param_cost))
+
+
 def _cumulative(scores: Mapping[int, np.ndarray], balance: float = 0.0) -> dict[int, np.ndarray]:
     """Per group, the cumulative sum of channel values from the top down.
 
@@ -184,12 +192,9 @@ def _remove(
     w = w.copy()
     current = cost.flops(w)
     while current > budget:
-        cands = _candidates(w, groups, allowed, down=True)
+        cands, saved, ratios = _ranked(cost, w, groups, allowed, normed, param_cost, down=True)
         if not cands:
             break
-        saved = _deltas(cost, w, cands)
-        weighed = _weighed(cost, w, cands, saved, param_cost)
-        ratios = _ratios(normed, w, cands, saved, weighed)
         order = np.argsort(ratios, kind="stable")
         if not np.isfinite(ratios[order[0]]):
             break  # no step saves FLOPs any more
@@ -222,11 +227,8 @@ def _add_back(
     w = w.copy()
     current = cost.flops(w)
     while True:
-        cands = _candidates(w, groups, allowed, down=False)
-        added = _deltas(cost, w, cands)
-        weighed = _weighed(cost, w, cands, added, param_cost)
+        cands, added, gains = _ranked(cost, w, groups, allowed, normed, param_cost, down=False)
         room = budget - current
-        gains = _ratios(normed, w, cands, added, weighed)
         fits = sorted((j for j in range(len(cands)) if added[j] <= room), key=lambda j: -gains[j])
         if not fits:
             return w
