@@ -116,7 +116,7 @@ def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 LATENCY: dict[str, tuple[Callable[[Path], Any], tuple[str, ...]]] = {
     "models a list": (lambda f: fxmorph.measure_latency([f], X), ("must be a mapping", "{'original'")),
     "a torch model instead of a file": (lambda f: fxmorph.measure_latency({"net": Net()}, X),
-                                        ("is a net", "export it first")),
+                                        ("is a SmallNet", "export it first")),
     "rounds a string": (lambda f: fxmorph.measure_latency({"net": f}, X, rounds="5"), ("rounds must be an int",)),
     "warmup negative": (lambda f: fxmorph.measure_latency({"net": f}, X, warmup=-1), ("warmup", "at least 0")),
     "threads a float": (lambda f: fxmorph.measure_latency({"net": f}, X, threads=1.5), ("threads", "at least 1")),
