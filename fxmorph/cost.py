@@ -55,11 +55,16 @@ class _Polynomial:
         values[-1] = 1
         return int(self.const + int((self._coef * values[self._idx].prod(axis=1)).sum()))
 
-    def batch(self, widths: np.ndarray) -> np.ndarray:
-        """Values for a ``(groups, batch)`` matrix of width vectors."""
+    def steps(self, widths: np.ndarray, groups: np.ndarray, new_widths: np.ndarray) -> np.ndarray:
+        """Values after each single-group change ``widths[groups[j]] = new_widths[j]``, one per ``j``.
+
+        Only the forms' columns of the changed groups are read: ``O(forms x steps)``, no matrix product."""
         values = self._a @ widths
-        values[-1, :] = 1
-        return self.const + self._coef @ values[self._idx].prod(axis=1)
+        values[-1] = 1
+        delta = new_widths - widths[groups]
+        changed = values[:, None] + self._a[:, groups] * delta[None, :]
+        changed[-1, :] = 1
+        return self.const + self._coef @ changed[self._idx].prod(axis=1)
 
 
 class CostModel:
@@ -94,13 +99,13 @@ class CostModel:
         poly.freeze()
         return poly
 
-    def flops_batch(self, widths: np.ndarray) -> np.ndarray:
-        """FLOPs of every column of a ``(groups, batch)`` int64 matrix of widths."""
-        return self._flops.batch(np.asarray(widths, dtype=np.int64))
+    def flops_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
+        """FLOPs after each step ``(group, new width)`` of ``steps`` taken alone from ``widths``."""
+        return self._flops.steps(*_step_arrays(widths, steps))
 
-    def params_batch(self, widths: np.ndarray) -> np.ndarray:
-        """Parameter counts of every column of a ``(groups, batch)`` int64 matrix of widths."""
-        return self._params.batch(np.asarray(widths, dtype=np.int64))
+    def params_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Parameter counts after each step ``(group, new width)`` taken alone from ``widths``."""
+        return self._params.steps(*_step_arrays(widths, steps))
 
     def prunable_share(self) -> float:
         """Share of the model's FLOPs in ops that touch at least one free group (0 to 1)."""
@@ -126,3 +131,9 @@ class CostModel:
         if widths is None or isinstance(widths, Mapping):
             return self.widths(widths)  # type: ignore[arg-type]
         return np.asarray(widths, dtype=np.int64).copy()
+
+
+def _step_arrays(widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    groups = np.array([g for g, _ in steps], dtype=np.int64)
+    new = np.array([n for _, n in steps], dtype=np.int64)
+    return np.asarray(widths, dtype=np.int64), groups, new

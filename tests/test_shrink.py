@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,3 +286,20 @@ def test_remove_dead_on_zoo_models_with_zeroed_batchnorms(name: str) -> None:
     assert_close_trees(run_double(result.gm, x), run_double(model, x), rtol=1e-9, what="remove-dead")
     if result.modified:
         assert fxmorph.count_flops(result.gm, (x,)) < fxmorph.count_flops(model, (x,))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "vit_b_16", "mobilenet_v3_small"])
+def test_cost_of_single_steps_equals_cost_of_whole_vectors(name: str) -> None:
+    """``flops_steps``/``params_steps`` (which read only the changed groups' columns) give exactly the
+    FLOPs and parameters of the width vector with that one group changed, from any starting widths."""
+    cost = fxmorph.CostModel(fxmorph.analyze(build(name), (example_input(name),)))
+    rng = np.random.default_rng(0)
+    free = [g.id for g in cost.cg.free_groups]
+    for _ in range(3):
+        w = cost.widths({g: int(rng.integers(1, cost.sizes[g] + 1)) for g in free})
+        steps = [(g, int(rng.integers(1, 2 * cost.sizes[g] + 1))) for g in rng.choice(free, 20)]
+        for (g, width), flops, params in zip(steps, cost.flops_steps(w, steps), cost.params_steps(w, steps),
+                                             strict=True):  # fmt: skip
+            moved = w.copy()
+            moved[g] = width
+            assert (int(flops), int(params)) == (cost.flops(moved), cost.params(moved))

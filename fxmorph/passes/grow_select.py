@@ -67,10 +67,7 @@ def next_steps(w: np.ndarray, options: Mapping[int, np.ndarray]) -> list[tuple[i
 
 
 def _step_flops(cost: CostModel, w: np.ndarray, steps: list[tuple[int, int]]) -> np.ndarray:
-    mat = np.repeat(w[:, None], len(steps), axis=1)
-    for j, (g, width) in enumerate(steps):
-        mat[g, j] = width
-    return cost.flops_batch(mat).astype(np.float64)
+    return cost.flops_steps(w, steps).astype(np.float64)
 
 
 def extend_spectrum(values: np.ndarray, count: int) -> np.ndarray:

@@ -71,18 +71,11 @@ def _candidates(w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray]
     return out
 
 
-def _step_matrix(w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
-    mat = np.repeat(w[:, None], len(cands), axis=1)
-    for j, (g, width) in enumerate(cands):
-        mat[g, j] = width
-    return mat
-
-
 def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
     """FLOPs each candidate step changes."""
     if not cands:
         return np.zeros(0)
-    return np.abs(cost.flops_batch(_step_matrix(w, cands)) - cost.flops(w)).astype(np.float64)
+    return np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
 
 
 def _weighed(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray,
@@ -90,7 +83,7 @@ def _weighed(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], flops
     """``flops`` (what each step changes) plus ``param_cost`` per parameter it changes."""
     if not param_cost or not cands:
         return flops
-    params = np.abs(cost.params_batch(_step_matrix(w, cands)) - cost.params(w)).astype(np.float64)
+    params = np.abs(cost.params_steps(w, cands) - cost.params(w)).astype(np.float64)
     return flops + param_cost * params
 
 
