@@ -9,8 +9,9 @@ each method of :mod:`benchmarks.mnist_methods` (uniform width from scratch, Torc
 pruner + fine-tune, fxmorph shrink with Taylor importance + fine-tune, fxmorph morph, fxmorph
 grow-and-prune), all trained for the same number of epochs. FLOPs are 2 x MACs at batch 1 (PyTorch's
 counter); accuracy on the 10k MNIST test images. Writes ``mnist.json``, ``MNIST.md`` and one plot per
-net (``mnist_<net>.png``) next to ``--out``; the JSON is rewritten after every point, so a long run
-can be read while it goes.
+net (``mnist_<net>.png``) next to ``--out``. Each seed (``--seeds``, three by default, ``--jobs`` of
+them at once in separate processes) trains everything anew; cells and plots show the median and the
+range over seeds, and the JSON is rewritten as each seed ends.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import statistics
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +55,13 @@ def _row(net: str, method: str, ratio: float | None, model: torch.nn.Module, set
     return row
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every net x ratio x method; returns the rows (also written to ``args.out`` as it goes)."""
+def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """Every net x ratio x method for one seed (data order, initialisation, probes)."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
     limit = 5000 if args.quick else None
     setup = Setup(load_mnist("train", limit), load_mnist("test", 2000 if args.quick else None), epochs=args.epochs,
-                  pretrain=args.pretrain, lr=args.lr, seed=args.seed, quiet=args.quiet)  # fmt: skip
+                  pretrain=args.pretrain, lr=args.lr, finetune_lr=args.lr, seed=seed, quiet=args.quiet)  # fmt: skip
     x = setup.test[0][:1]
     rows: list[dict[str, Any]] = []
     for net in args.nets:
@@ -72,30 +78,58 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 t = time.perf_counter()
                 model = METHODS[method](setup, net, int(dense_flops / ratio), x, ckpt)
                 rows.append(_row(net, method, ratio, model, setup, x, dense_flops, time.perf_counter() - t))
-                args.out.write_text(json.dumps(rows, indent=1))
-    args.out.write_text(json.dumps(rows, indent=1))
+    return [{**r, "seed": seed} for r in rows]
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every seed (``args.jobs`` processes at a time); the rows are written to ``args.out`` as seeds end."""
+    rows: list[dict[str, Any]] = []
+    if args.jobs <= 1 or len(args.seeds) == 1:
+        for seed in args.seeds:
+            rows += run_seed(args, seed)
+            args.out.write_text(json.dumps(rows, indent=1))
+        return rows
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        for seed_rows in pool.map(run_seed, [args] * len(args.seeds), args.seeds):
+            rows += seed_rows
+            args.out.write_text(json.dumps(rows, indent=1))
     return rows
 
 
+def _points(rows: list[dict[str, Any]], net: str, method: str, ratio: float | None) -> list[dict[str, Any]]:
+    return [r for r in rows if r["net"] == net and r["method"] == method and r["target"] == ratio]
+
+
 def _cell(rows: list[dict[str, Any]], net: str, method: str, ratio: float) -> str:
-    hit = [r for r in rows if r["net"] == net and r["method"] == method and r["target"] == ratio]
+    """Median accuracy over seeds (with the range where there are several) and the FLOPs reduction."""
+    hit = _points(rows, net, method, ratio)
     if not hit:
         return "-"
-    r = hit[0]
-    return f"{100 * r['accuracy']:.2f} ({r['reduction']:.1f}x)"
+    acc = [100 * r["accuracy"] for r in hit]
+    spread = f" [{min(acc):.2f}-{max(acc):.2f}]" if len(acc) > 1 else ""
+    return f"{statistics.median(acc):.2f}{spread} ({statistics.median(r['reduction'] for r in hit):.1f}x)"
+
+
+def _seeds(args: argparse.Namespace) -> str:
+    return f"({', '.join(map(str, args.seeds))}) " if len(args.seeds) > 1 else ""
 
 
 def write_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, minutes: float) -> None:
     """``MNIST.md``: per net, a table of accuracy (and achieved reduction) by method and target."""
     lines = ["# MNIST: accuracy against FLOPs at equal training epochs", "",
-             f"Command: `{command}` ({minutes:.0f} min, {torch.get_num_threads()} thread(s)). Every method trains "
+             f"Command: `{command}` ({minutes:.0f} min, {args.jobs} process(es) of {args.threads} thread(s)). "
+             "Every method trains "
              f"{args.epochs:g} epochs in all (SGD, momentum 0.9, batch 64, learning rate falling linearly to 1/100); "
              f"Torch-Pruning, fxmorph shrink and morph start from one dense checkpoint trained {args.pretrain:g} "
              "epochs and spend the rest fine-tuning; uniform and grow-and-prune start from scratch. Cells: test "
-             "accuracy in % (FLOPs reduction achieved against the dense net). One seed.", ""]  # fmt: skip
+             f"accuracy in %, the median over {len(args.seeds)} seed(s) {_seeds(args)}with the range in brackets "
+             "(FLOPs reduction achieved against the dense net). Fine-tuning after pruning starts at the full "
+             "learning rate for Torch-Pruning and fxmorph alike.", ""]  # fmt: skip
     for net in args.nets:
-        base = [r for r in rows if r["net"] == net and r["method"] == "dense"]
-        lines += [f"## {net}", "", f"Dense: {100 * base[0]['accuracy']:.2f}% at {base[0]['flops']:,} FLOPs." if base
+        base = _points(rows, net, "dense", None)
+        dense_acc = statistics.median(100 * r["accuracy"] for r in base) if base else 0.0
+        lines += [f"## {net}", "", f"Dense: {dense_acc:.2f}% (median) at {base[0]['flops']:,} FLOPs." if base
                   else "", "", "| method | " + " | ".join(f"{r:g}x" for r in args.ratios) + " |",
                   "|---|" + "---|" * len(args.ratios)]  # fmt: skip
         for method in args.methods:
@@ -115,13 +149,21 @@ def plot(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for net in args.nets:
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         for method in args.methods:
-            mine = [r for r in rows if r["net"] == net and r["method"] == method]
-            pts = sorted((r["reduction"], 100 * r["accuracy"]) for r in mine)
+            pts = []
+            for ratio in args.ratios:
+                hit = _points(rows, net, method, ratio)
+                if hit:
+                    acc = [100 * r["accuracy"] for r in hit]
+                    mid = statistics.median(acc)
+                    pts.append((statistics.median(r["reduction"] for r in hit), mid, mid - min(acc), max(acc) - mid))
             if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=method)
-        for r in (r for r in rows if r["net"] == net and r["method"] == "dense"):
-            ax.axhline(100 * r["accuracy"], color="k", ls="--", lw=1, label="dense")
-            ax.axhline(100 * r["accuracy"] - 0.3, color="k", ls=":", lw=1, label="dense - 0.3")
+                xs, ys, lo, hi = zip(*pts, strict=True)
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=method)
+        base = _points(rows, net, "dense", None)
+        if base:
+            dense_acc = statistics.median(100 * r["accuracy"] for r in base)
+            ax.axhline(dense_acc, color="k", ls="--", lw=1, label="dense")
+            ax.axhline(dense_acc - 0.3, color="k", ls=":", lw=1, label="dense - 0.3")
         ax.set_xscale("log")
         ax.set_xticks(args.ratios, [f"{r:g}x" for r in args.ratios])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -145,7 +187,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=5.0)
     p.add_argument("--pretrain", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda s: [int(k) for k in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one process each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--quick", action="store_true", help="5k training images, 2k test images")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--replot", action="store_true", help="redraw the plots from --out's JSON; train nothing")

@@ -179,6 +179,19 @@ class FlattenLinear(nn.Module):
         return self.fc1(torch.flatten(y, 1)) + self.fc2(y.view(y.size(0), -1)) + self.fc3(y.reshape(2, 96))
 
 
+class FeatureSelect(nn.Module):
+    """Input features chosen by an index buffer (function and method form, one buffer) into Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("kept", torch.tensor([0, 2, 3, 5, 7, 8, 10, 11, 13, 14, 17, 19]))
+        self.fc1, self.fc2, self.fc3 = nn.Linear(12, 6), nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, g = torch.index_select(x, 1, self.kept), x.index_select(1, self.kept)
+        return self.fc3(F.relu(self.fc1(f)) + F.relu(self.fc2(g)))
+
+
 class ChannelsLast(nn.Module):
     """A ConvNeXt-style block: depthwise conv, permute to NHWC, LayerNorm, MLP, layer scale, back."""
 
@@ -338,6 +351,7 @@ CATALOG: dict[str, Case] = {
     "nested_cat": (NestedCat, _img()),
     "split_chunk_unbind": (SplitChunkUnbind, _img()),
     "flatten_linear": (FlattenLinear, _img()),
+    "feature_select": (FeatureSelect, lambda: torch.randn(4, 20)),
     "channels_last": (ChannelsLast, _img()),
     "pool_interpolate": (PoolInterp, _img()),
     "channel_shuffle": (Shuffle, _img()),

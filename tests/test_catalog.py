@@ -135,3 +135,27 @@ def test_explain_lists_groups_and_pins() -> None:
     _, _, cg = _analyse("unknown_op")
     table = cg.explain()
     assert "cumsum" in table and "free" in table and "pinned" in table
+
+
+def test_index_select_of_input_features_is_a_group_that_does_not_grow() -> None:
+    _, x, cg = _analyse("feature_select")
+    features = _group_of(cg, "fc1.weight", 1)
+    assert features is _group_of(cg, "fc2.weight", 1) and features.size == 12
+    assert not features.pins and not features.growable
+    small = check_prune(cg, WidthPlan({features.id: GroupPlan((0, 4, 11))}), x)
+    assert small.kept.tolist() == [0, 7, 19]
+    assert small.get_submodule("fc1").in_features == 3
+
+
+def test_index_select_along_channels_pins_them() -> None:
+    class Picks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("order", torch.tensor([2, 0, 1, 3]))
+            self.conv, self.head = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).index_select(1, self.order))
+
+    cg = fxmorph.analyze(Picks().eval(), (torch.randn(1, 3, 4, 4),))
+    assert "index_select along a channel dim" in (_group_of(cg, "conv.weight").pinned or "")

@@ -14,6 +14,8 @@ import fxmorph
 from fxmorph.analysis import build_channel_graph
 from fxmorph.passes import PASSES, DropInputsPass, GrowPass, PassContext, Pipeline, PrunePass, RemoveDeadPass
 from fxmorph.passes.drop_inputs import DROP_KEY
+from fxmorph.testing import random_plan
+from tests.conftest import check_prune
 
 
 class LeNet(nn.Module):
@@ -154,19 +156,24 @@ def test_budget_features_and_fold_mean() -> None:
     assert torch.allclose(_forward(gm, data), _forward(model, filled.reshape(data.shape)), atol=1e-9)
 
 
-def test_later_passes_still_resize_the_hidden_layers(mnist: torch.Tensor) -> None:
+def test_later_passes_resize_the_hidden_layers_and_the_kept_features(mnist: torch.Tensor) -> None:
+    """After drop-inputs the kept features are a channel group of their own: pruning ranks them
+    against the hidden neurons (removing one = zeroing it, the mask oracle), growth leaves them be."""
     model, x = _model(), mnist[:1]
     data = _batches(mnist[:2000], 1000)
     dropped = _run(model, x, data, DropInputsPass())
-    free = {g.producers[0].name for g in build_channel_graph(dropped).free_groups}
-    assert {"fc1.weight", "fc2.weight"} <= free
-    budget = fxmorph.count_flops(dropped, (x,)) // 2
+    cg = build_channel_graph(dropped)
+    free = {g.producers[0].name for g in cg.free_groups}
+    assert {"fc1.weight", "fc2.weight", "fxmorph_kept_inputs"} <= free
+    check_prune(cg, random_plan(cg, seed=0), x)
+    budget = fxmorph.count_flops(dropped, (x,)) // 4
     pruned = _run(model, x, data, DropInputsPass(), RemoveDeadPass(calibrate=True), PrunePass(budget, round_to=1))
     kept = dropped.fc1.in_features  # pixels not constant on these 2,000 images
-    assert pruned.fc1.in_features == kept < 784 and pruned.fc1.out_features < 300 and pruned.fc2.out_features < 100
+    assert len(pruned.fxmorph_kept_inputs) == pruned.fc1.in_features <= kept < 784
+    assert pruned.fc1.out_features < 300 and pruned.fc2.out_features < 100
     assert fxmorph.count_flops(pruned, (x,)) <= budget
     small = fxmorph.shrink(dropped, 0.5, (x,), round_to=1)
-    assert small.fc1.in_features == kept and small.fc1.out_features < 300
+    assert small.fc1.in_features <= kept and small.fc1.out_features < 300
     fxmorph.check(small, (x,))
     big = Pipeline([GrowPass(int(1.5 * fxmorph.count_flops(dropped, (x,))))])(dropped, PassContext((x,))).gm
     assert big.fc1.in_features == kept and big.fc1.out_features > 300

@@ -71,6 +71,7 @@ _ELEMENTWISE = (
 FUNCTION_RULES: dict[Any, Rule] = {
     **dict.fromkeys(_ELEMENTWISE, rc.elementwise),
     operator.getitem: rs.getitem,
+    torch.index_select: rs.index_select,
     getattr: rs.getattr_rule,
     torch.flatten: rs.reshape, torch.reshape: rs.reshape,
     torch.permute: rs.permute, torch.transpose: rs.transpose, torch.swapaxes: rs.transpose,
@@ -96,7 +97,7 @@ METHOD_RULES: dict[str, Rule] = {
         rc.elementwise,
     ),
     **dict.fromkeys(["contiguous", "clone", "detach", "float", "double", "half", "to", "type_as"], rc.passthrough),
-    "view": rs.reshape, "reshape": rs.reshape, "flatten": rs.reshape,
+    "index_select": rs.index_select, "view": rs.reshape, "reshape": rs.reshape, "flatten": rs.reshape,
     "permute": rs.permute, "transpose": rs.transpose, "swapaxes": rs.transpose,
     "unsqueeze": rs.unsqueeze, "squeeze": rs.squeeze, "expand": rs.expand,
     "split": rs.split, "chunk": rs.chunk, "unbind": rs.unbind,

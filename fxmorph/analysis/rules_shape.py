@@ -118,6 +118,28 @@ def getitem(ctx: RuleContext, node: fx.Node) -> Any:
     return _index_tensor(ctx, node, ctx.spaces(src), ctx.shape(src) or ())
 
 
+def index_select(ctx: RuleContext, node: fx.Node) -> Spaces | None:
+    """``index_select(x, dim, index)`` choosing along the last dim of ``x``, a dim without channels
+    (a model input's features), with ``index`` a 1-D buffer read by ``get_attr``: the output's dim
+    is the index's channel space, so removing channels there drops entries of the index (features no
+    longer read). New channels would have to invent features, so that space does not grow. Any
+    other use pins what it touches."""
+    src = node.args[0]
+    index = node.args[2] if len(node.args) > 2 else node.kwargs.get("index")
+    shape = ctx.shape(src)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if shape is None or not isinstance(dim, int) or not isinstance(index, fx.Node) or index.op != "get_attr":
+        ctx.pin_all((node.args, node.kwargs), "index_select with a computed index or dim")
+        return None
+    sp, chosen = ctx.spaces(src), ctx.spaces(index).get(0)
+    d = norm_dim(dim, len(shape))
+    if d in sp or d != len(shape) - 1 or chosen is None:
+        ctx.pin_all((node.args, node.kwargs), "index_select along a channel dim or an inner dim")
+        return None
+    ctx.no_grow(chosen, "index_select: new entries would read features the model never chose")
+    return {**sp, d: chosen}
+
+
 def _index_tensor(ctx: RuleContext, node: fx.Node, sp: Spaces, shape: tuple[int, ...]) -> Spaces | None:
     raw = node.args[1]
     packed = isinstance(raw, tuple)

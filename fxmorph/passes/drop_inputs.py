@@ -8,9 +8,10 @@ the kept features (``torch.index_select(flat, 1, kept)`` with ``kept`` a registe
 ONNX ``Gather``) right before the Linear, whose weight keeps only those columns: the model's inputs
 and outputs keep their shapes, and the Linear's FLOPs fall from ``2*N*F*out`` to ``2*N*kept*out``.
 
-The channel analysis has no rule for ``index_select``, so it pins what it touches: the ``kept``
-buffer and the (already pinned) input side. The Linear's output group stays free, so later passes
-(prune, remove-dead, grow) still resize the hidden layers.
+For the channel analysis the kept features are a group of their own (the ``index_select`` rule binds
+the ``kept`` buffer's entries to the Linear's input columns): later passes resize the hidden layers
+and may also remove kept features, ranked against the hidden neurons by the same importance per
+FLOP (removing one is zeroing it for the Linear, the mask oracle holds); that group never grows.
 """
 
 from __future__ import annotations
