@@ -59,6 +59,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     """Every net x ratio x method for one seed (data order, initialisation, probes)."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    if not logging.getLogger().handlers:  # a spawned worker: log as the parent does
+        logging.basicConfig(level=logging.INFO, format=f"seed {seed}: %(message)s")
+        logging.getLogger("fxmorph").setLevel(logging.WARNING)
     limit = 5000 if args.quick else None
     setup = Setup(load_mnist("train", limit), load_mnist("test", 2000 if args.quick else None), epochs=args.epochs,
                   pretrain=args.pretrain, lr=args.lr, finetune_lr=args.lr, seed=seed, quiet=args.quiet)  # fmt: skip
