@@ -180,6 +180,20 @@ def test_later_passes_resize_the_hidden_layers_and_the_kept_features(mnist: torc
     assert (_forward(big, mnist[:64]) - _forward(model, mnist[:64])).abs().max() <= 1e-6  # calibration images
 
 
+def test_model_with_pruned_features_saves_loads_and_exports(tmp_path: Path) -> None:
+    """A shrink that removed kept features round-trips through save/load (the index buffer rebuilt from
+    the plan) and matches torch in onnxruntime (a Gather of the shorter index)."""
+    x = _synthetic(64)
+    dropped = _run(_model().float(), x[:1].float(), _batches(x.float()), DropInputsPass())
+    small = fxmorph.shrink(dropped, 0.3, (x[:1].float(),), round_to=1)
+    assert len(small.fxmorph_kept_inputs) == small.fc1.in_features < dropped.fc1.in_features
+    fxmorph.save(small, tmp_path / "small.pt")
+    again = fxmorph.load(tmp_path / "small.pt", dropped)
+    assert torch.equal(again.fxmorph_kept_inputs, small.fxmorph_kept_inputs)
+    assert torch.equal(_forward(again, x.float()), _forward(small, x.float()))
+    fxmorph.export_onnx(small, (x[:2].float(),), tmp_path / "small.onnx")  # raises on a mismatch
+
+
 def test_reshape_with_size_query_and_identity() -> None:
     torch.manual_seed(0)
     model, data = ViewNet().double().eval(), torch.rand(64, 3, 4, 4, dtype=torch.float64)
