@@ -184,6 +184,20 @@ def _widths(cost: CostModel, record: dict[str, Any]) -> np.ndarray:
 # -- shrink below 100% ----------------------------------------------------------------------------------
 
 
+def _growth_case(
+    model: nn.Module, x: torch.Tensor, budget: tuple[str, bool, float], round_to: int
+) -> tuple[ChannelGraph, CostModel, int, tuple[Any, int, int]]:
+    """The channel graph, cost model, most FLOPs growth can reach, and the drawn budget (value to pass,
+    FLOPs expected, slack) of a growth case; skips models where nothing may grow (the analysis
+    properties cover those)."""
+    cg = fxmorph.analyze(model, (x,))
+    cost = CostModel(cg)
+    candidates, _ = grow_candidates(cg, ())
+    assume(candidates)
+    most = max_grow_flops(cost, candidates, round_to, MAX_FACTOR)
+    return cg, cost, most, _budget(budget, cost.flops(), (cost.flops() + 1, max(most, cost.flops() + 1)))
+
+
 @settings(max_examples=400, **SETTINGS)
 @given(
     arch=architectures(),
@@ -324,12 +338,7 @@ def test_grow_meets_random_budgets_and_keeps_function(
     model, x = build(arch)
     model.train(train)
     before = _snapshot(model)
-    cg = fxmorph.analyze(model, (x,))
-    cost = CostModel(cg)
-    candidates, _ = grow_candidates(cg, ())
-    assume(candidates)  # models where nothing may grow are covered by the analysis properties
-    most = max_grow_flops(cost, candidates, round_to, MAX_FACTOR)
-    value, expected, slack = _budget(budget, cost.flops(), (cost.flops() + 1, max(most, cost.flops() + 1)))
+    cg, cost, most, (value, expected, slack) = _growth_case(model, x, budget, round_to)
     data = _batches(seed) if with_data or init in DATA_INITS else None
     options: dict[str, Any] = {"budget_flops": value, "init": init, "data": data, "loss_fn": _loss if data else None,
                                "round_to": round_to, "seed": seed}  # fmt: skip
@@ -371,12 +380,7 @@ def test_width_strategy_above_budget_grows_and_keeps_function(
 ) -> None:
     model, x = build(arch)
     before = _snapshot(model)
-    cg = fxmorph.analyze(model, (x,))
-    cost = CostModel(cg)
-    candidates, _ = grow_candidates(cg, ())
-    assume(candidates)  # models where nothing may grow are covered by the analysis properties
-    most = max_grow_flops(cost, candidates, round_to, MAX_FACTOR)
-    value, expected, slack = _budget(budget, cost.flops(), (cost.flops() + 1, max(most, cost.flops() + 1)))
+    cg, cost, most, (value, expected, slack) = _growth_case(model, x, budget, round_to)
     data = {"data": _batches(seed), "loss_fn": _loss} if with_data else {}
     try:
         wide, report = fxmorph.shrink(model, value, (x,), strategy="width", round_to=round_to, seed=seed,
