@@ -1,6 +1,6 @@
 """MNIST: test accuracy against FLOPs for LeNet-300-100 and LeNet-5, every method at equal epochs.
 
-    python -m benchmarks.mnist_table                                # both nets at 3x/10x/20x/40x -> MNIST.md
+    python -m benchmarks.mnist_table                                # both nets at 3x/10x/20x/25x/40x -> MNIST.md
     python -m benchmarks.mnist_table --nets lenet300 --ratios 10 --methods uniform,fxmorph-shrink
     python -m benchmarks.mnist_table --quick                        # a smoke run on 5k images, one ratio
 
@@ -184,11 +184,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nets", type=lambda s: s.split(","), default=list(NETS))
-    p.add_argument("--ratios", type=lambda s: [float(r) for r in s.split(",")], default=[3.0, 10.0, 20.0, 40.0])
+    p.add_argument("--ratios", type=lambda s: [float(r) for r in s.split(",")], default=[3.0, 10.0, 20.0, 25.0, 40.0])
     p.add_argument("--methods", type=lambda s: [m.replace("-", " ", 1) if m.startswith("fxmorph-") else m
                                                 for m in s.split(",")], default=list(METHODS))  # fmt: skip
     p.add_argument("--epochs", type=float, default=5.0)
-    p.add_argument("--pretrain", type=float, default=3.0)
+    p.add_argument("--pretrain", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", type=lambda s: [int(k) for k in s.split(",")], default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one process each")

@@ -9,6 +9,8 @@ strings) and tensors:
 - the example input shapes and dtypes the model was traced with;
 - the **width plan**: for every channel group of the original model's channel graph
   (``fxmorph.analyze(original, inputs)``), its final width;
+- the paths of the layers ``shrink(..., factorize=...)`` split in two (``factors``; absent in files
+  without any), which :func:`load` splits the same way before analysing the original;
 - the state dict, the shape of each of its entries, and a SHA-256 of each tensor's bytes (``torch.load``
   does not check the archive's CRCs, so damaged tensor data would otherwise load silently).
 
@@ -153,10 +155,9 @@ def save(
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     shapes = {k: [int(s) for s in v.shape] for k, v in state.items()}
     spec = _input_spec(model, example_inputs)
+    factors = _factors(model)
     widths: dict[int, int] = {}
     if original is not None:
-        from fxmorph.api import analyze
-
         if not spec:
             raise SerializationError(
                 "save needs example_inputs to analyse the original model: pass example_inputs=(x,)."
@@ -165,7 +166,7 @@ def save(
             inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         else:
             inputs = tuple(torch.zeros(s["shape"], dtype=_DTYPES[s["dtype"]]) for s in spec)
-        cg = analyze(original, inputs)
+        cg = _analyze(original, inputs, factors, Path(path))
         widths = _group_widths(cg, shapes)
     else:
         from fxmorph.shrink import REPORT_KEY
@@ -184,8 +185,36 @@ def save(
         "state_dict": state,
         "training": bool(model.training),
     }
+    if factors:
+        payload["factors"] = factors
     _write(payload, path)
     logger.info("saved %s (%d tensors, %d group widths) to %s", type(model).__name__, len(state), len(widths), path)
+
+
+def _factors(model: nn.Module) -> list[str]:
+    """The paths of the layers a factorize pass split in ``model`` (from its ``meta``)."""
+    from fxmorph.passes.factorize import FACTORS_KEY
+
+    return sorted(getattr(model, "meta", {}).get(FACTORS_KEY, {}))
+
+
+def _analyze(original: nn.Module, inputs: tuple[Any, ...], factors: list[str], path: Path) -> Any:
+    """The channel graph of ``original``, with the layers at ``factors`` split first as shrink split them."""
+    from fxmorph.api import analyze
+
+    if not factors:
+        return analyze(original, inputs)
+    from fxmorph.passes import FactorizePass, PassContext, Pipeline
+    from fxmorph.trace import trace
+
+    try:
+        gm = Pipeline([FactorizePass(tuple(factors))])(trace(original, inputs), PassContext(inputs)).gm
+    except FxmorphError as exc:
+        raise SerializationError(
+            f"{path} was saved from a model whose layers {factors[:3]} were factorized, and the original model "
+            f"cannot be factorized the same way ({str(exc).splitlines()[0]}): it is another architecture."
+        ) from exc
+    return analyze(gm)
 
 
 def _write(payload: dict[str, Any], path: Path) -> None:
@@ -258,6 +287,9 @@ def _read(path: Path) -> dict[str, Any]:
     for gid, width in data["widths"].items():
         if not isinstance(gid, int) or not isinstance(width, int) or width < 1:
             raise SerializationError(f"{path} is corrupted: width entry {gid!r}: {width!r} is not a positive int.")
+    factors = data.setdefault("factors", [])
+    if not isinstance(factors, list) or not all(isinstance(f, str) for f in factors):
+        raise SerializationError(f"{path} is corrupted: entry 'factors' is not a list of module paths.")
     for spec in data["example_inputs"]:
         if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list) and spec.get("dtype") in _DTYPES):
             raise SerializationError(f"{path} is corrupted: example input entry {spec!r} is malformed.")
@@ -310,7 +342,7 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
     :class:`SerializationError` for a missing, truncated, corrupted or foreign file, and for a file
     whose widths or tensor shapes do not fit ``original_model``.
     """
-    from fxmorph.api import analyze, resize
+    from fxmorph.api import resize
     from fxmorph.plan import WidthPlan
 
     if not isinstance(path, str | os.PathLike):
@@ -321,7 +353,7 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
         raise SerializationError(f"load expects the original torch.nn.Module, got {type(original_model).__name__}.")
     _check_dtype(data, original_model, path)
     inputs = _inputs(data, example_inputs, path)
-    cg = analyze(original_model, inputs)
+    cg = _analyze(original_model, inputs, data["factors"], path)
     state: dict[str, torch.Tensor] = data["state_dict"]
     derived = _group_widths(cg, data["shapes"])
     widths = dict(data["widths"]) or derived

@@ -1,18 +1,23 @@
-"""Passes: policy that decides WidthPlans (remove-dead, prune, width, grow), run by a checked Pipeline."""
+"""Passes: policy that decides WidthPlans (remove-dead, prune, width, grow) and structural rewrites
+(drop-inputs, factorize), run by a checked Pipeline."""
 
 from fxmorph.passes.base import Pass, PassContext, PassResult, Pipeline, PipelineResult
 from fxmorph.passes.drop_inputs import DropInputsPass
+from fxmorph.passes.factorize import FactorizePass
 from fxmorph.passes.grow import GrowPass
 from fxmorph.passes.prune import PrunePass
 from fxmorph.passes.remove_dead import RemoveDeadPass
 from fxmorph.passes.width import WidthPass
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (RemoveDeadPass, PrunePass, WidthPass, GrowPass, DropInputsPass)}
+PASSES: dict[str, type[Pass]] = {
+    p.name: p for p in (RemoveDeadPass, PrunePass, WidthPass, GrowPass, DropInputsPass, FactorizePass)
+}
 """Every pass by its kebab-case name."""
 
 __all__ = [
     "PASSES",
     "DropInputsPass",
+    "FactorizePass",
     "GrowPass",
     "Pass",
     "PassContext",

@@ -1,0 +1,183 @@
+"""The factorize pass: exact low-rank splits of Linear and convolution layers, and shrink(factorize=...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxmorph
+from fxmorph.passes import FactorizePass, PassContext, Pipeline
+from fxmorph.passes.factorize import FACTORS_KEY, factorizable
+from fxmorph.testing import masked_reference, random_plan
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 10))
+
+
+class ConvZoo(nn.Module):
+    """Every convolution kind the pass splits, with the options the first factor must keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 3, stride=2, padding=2, dilation=2, padding_mode="reflect")
+        self.c2 = nn.Conv2d(3, 12, (3, 5), stride=(1, 2), padding=(1, 2), padding_mode="circular", bias=False)
+        self.c3 = nn.Conv3d(2, 6, 3, padding=1)
+        self.depthwise = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        y = self.depthwise(self.c2(b)).mean((2, 3)).sum(1)
+        return self.c1(a).mean((1, 2)) + y + self.c3(c).mean((1, 2, 3, 4))
+
+
+def _factorize(model: nn.Module, inputs: tuple[torch.Tensor, ...], **options: object) -> torch.fx.GraphModule:
+    return Pipeline([FactorizePass(**options)])(fxmorph.trace(model, inputs), PassContext(inputs)).gm  # type: ignore[arg-type]
+
+
+def test_mlp_split_is_exact_and_costs_rank_times_in_plus_out() -> None:
+    model, x = _mlp().double(), torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    gm = _factorize(model, (x,))
+    assert (gm(x) - model(x)).abs().max() <= 1e-12
+    assert gm.meta[FACTORS_KEY] == {"1": {"rank": 40, "full_rank": 40}, "3": {"rank": 24, "full_rank": 24},
+                                    "5": {"rank": 10, "full_rank": 10}}  # fmt: skip
+    assert gm.get_submodule("1.0").bias is None and gm.get_submodule("1.1").in_features == 40
+    macs = 40 * (64 + 40) + 24 * (40 + 24) + 10 * (24 + 10)
+    assert fxmorph.count_flops(gm, (x[:1],)) == 2 * macs
+
+
+def test_convolutions_of_every_dimension_keep_their_options() -> None:
+    torch.manual_seed(0)
+    model = ConvZoo().double().eval()
+    inputs = (torch.randn(2, 3, 20, dtype=torch.float64), torch.randn(2, 3, 9, 10, dtype=torch.float64),
+              torch.randn(2, 2, 4, 5, 6, dtype=torch.float64))  # fmt: skip
+    gm = _factorize(model, inputs)
+    assert set(gm.meta[FACTORS_KEY]) == {"c1", "c2", "c3"}  # the depthwise convolution is skipped
+    assert gm.get_submodule("c1.0").padding_mode == "reflect" and gm.get_submodule("c1.0").dilation == (2,)
+    assert gm.get_submodule("c2.1").kernel_size == (1, 1) and gm.get_submodule("c2.1").bias is None
+    assert gm.get_submodule("c3.1").bias is not None
+    assert (gm(*inputs) - model(*inputs)).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vit_b_16"])
+def test_zoo_split_preserves_the_function(name: str) -> None:
+    """Exact in float64; in float32 the factors' rounding stays within 1e-5 of the output's scale."""
+    torch.manual_seed(0)
+    size = {"image_size": 64} if name.startswith("vit") else {}
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10, **size).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for p in model.parameters():  # no all-zero head (vit_b_16's), so the outputs have a scale
+            p.add_(1e-3 * torch.randn_like(p))
+        gm = _factorize(model, (x,))
+        assert len(gm.meta[FACTORS_KEY]) >= 20
+        reference = model(x)
+        assert (gm(x) - reference).abs().max() <= 1e-5 * reference.abs().max()
+        exact = _factorize(model.double(), (x.double(),))
+        assert (exact(x.double()) - model(x.double())).abs().max() <= 1e-10 * reference.abs().max()
+
+
+def test_random_plans_on_a_factorized_model_match_the_mask_oracle() -> None:
+    model, x = _mlp().double(), torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    gm = _factorize(model, (x,))
+    cg = fxmorph.analyze(gm)
+    assert len(cg.free_groups) == 5  # two rank groups, two hidden layers, the last layer's rank
+    for seed in range(5):
+        plan = random_plan(cg, seed=seed)
+        small = fxmorph.resize(cg, plan)
+        assert (small(x) - masked_reference(cg, plan, x)).abs().max() <= 1e-10
+
+
+def test_energy_keeps_the_rank_of_a_low_rank_weight() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(20, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64))
+    x = torch.randn(5, 30)
+    gm = _factorize(model, (x.double(),), energy=0.999999)
+    assert gm.meta[FACTORS_KEY]["0"]["rank"] == 3 and gm.get_submodule("0.0").out_features == 3
+    assert (gm(x.double()) - model(x.double())).abs().max() <= 1e-9
+    assert _factorize(model.float(), (x,), energy=0.5).meta[FACTORS_KEY]["0"]["rank"] <= 2
+
+
+def test_targets_skips_and_a_second_run() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.a(self.a(x)) + self.b(x))
+
+    model, x = Shared(), torch.randn(2, 6)
+    reasons = factorizable(fxmorph.trace(model, (x,)))
+    assert "called 2 times" in str(reasons["a"]) and "shared" in str(reasons["b"]) and reasons["c"] is None
+    gm = _factorize(model, (x,))
+    assert set(gm.meta[FACTORS_KEY]) == {"c"}
+    again = Pipeline([FactorizePass()])(gm, PassContext((x,)))
+    assert not again.records[0]["modified"] and set(again.gm.meta[FACTORS_KEY]) == {"c"}
+    assert "already factorized" in str(factorizable(gm)["c.0"])
+    assert not Pipeline([FactorizePass(("c",))])(gm, PassContext((x,))).records[0]["modified"]
+    with pytest.raises(fxmorph.PassError, match="'a' cannot be factorized: a is called 2 times"):
+        _factorize(model, (x,), targets=("a",))
+    with pytest.raises(fxmorph.PassError, match="no Linear or convolution at or under 'fc'; the model's are: a, b, c"):
+        _factorize(model, (x,), targets=("fc",))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"energy": 0.0}, "energy must lie in"),
+        ({"energy": True}, "energy must lie in"),
+        ({"targets": "fc1"}, "targets must be a tuple of module paths"),
+    ],
+)
+def test_bad_options(options: dict[str, object], message: str) -> None:
+    with pytest.raises(fxmorph.InputError, match=message):
+        FactorizePass(**options)  # type: ignore[arg-type]
+
+
+def test_shrink_with_factorize_meets_the_budget_round_trips_and_exports(tmp_path: Path) -> None:
+    model, x = _mlp(), torch.randn(4, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, report = fxmorph.shrink(model, 0.2, (x,), round_to=1, factorize=["1"], return_report=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model
+    assert isinstance(small.get_submodule("1"), nn.Sequential) and isinstance(small.get_submodule("3"), nn.Linear)
+    assert small.get_submodule("1.0").out_features < 40
+    assert report.flops_before == fxmorph.count_flops(model, (x,))
+    assert report.flops_after <= report.budget_flops == int(0.2 * report.flops_before)
+    assert report.settings["factorize"] == ["1"] and report.passes[0]["pass"] == "factorize"
+    assert small(x).shape == model(x).shape
+    fxmorph.check(small, (x,))
+    fxmorph.save(small, tmp_path / "small.pt")
+    again = fxmorph.load(tmp_path / "small.pt", model)
+    assert torch.equal(again(x), small(x))
+    fxmorph.save(small, tmp_path / "with_original.pt", original=model, example_inputs=(x,))
+    assert torch.equal(fxmorph.load(tmp_path / "with_original.pt", model)(x), small(x))
+    fxmorph.export_onnx(small, (x,), tmp_path / "small.onnx")  # raises on a mismatch with torch
+
+
+def test_shrink_factorize_on_a_cnn_and_its_bad_input() -> None:
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(weights=None, num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    small = fxmorph.shrink(model, 0.3, (x,), factorize=["layer4"], round_to=8)
+    assert isinstance(small.get_submodule("layer4.0.conv1"), nn.Sequential)
+    assert fxmorph.count_flops(small, (x,)) <= 0.3 * fxmorph.count_flops(model, (x,))
+    with pytest.raises(fxmorph.InputError, match="factorize must be a list of module path prefixes"):
+        fxmorph.shrink(model, 0.5, (x,), factorize="layer4")  # type: ignore[arg-type]
+    with pytest.raises(fxmorph.InputError, match="no Linear or convolution at or under 'head'"):
+        fxmorph.shrink(model, 0.5, (x,), factorize=["head"])
+
+
+def test_load_refuses_an_original_that_cannot_be_factorized_the_same_way(tmp_path: Path) -> None:
+    model, x = _mlp(), torch.randn(4, 1, 8, 8)
+    small = fxmorph.shrink(model, 0.3, (x,), round_to=1, factorize=True)
+    fxmorph.save(small, tmp_path / "small.pt")
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(fxmorph.SerializationError, match="were factorized, and the original model cannot"):
+        fxmorph.load(tmp_path / "small.pt", other)
