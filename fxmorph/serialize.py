@@ -172,7 +172,7 @@ def save(
         from fxmorph.shrink import REPORT_KEY
 
         report = getattr(model, "meta", {}).get(REPORT_KEY)
-        if report is not None:
+        if report is not None and not factors:  # with factors, widths are measured from the shapes on load
             widths = {int(r.id): int(r.after) for r in report.groups if not r.pinned}
     payload = {
         "format": FORMAT,

@@ -16,10 +16,11 @@ from fxmorph.cost import CostModel
 from fxmorph.counting import count_params
 from fxmorph.errors import BudgetError, InputError, PassError
 from fxmorph.passes.base import Pass, PassContext, Pipeline, PipelineResult
-from fxmorph.passes.factorize import FactorizePass
+from fxmorph.passes.factorize import FACTORS_KEY, FactorizePass
 from fxmorph.passes.grow import grow_candidates
 from fxmorph.passes.grow_select import max_grow_flops
 from fxmorph.passes.importance import CRITERIA
+from fxmorph.passes.merge_factors import MergeFactorsPass
 from fxmorph.passes.prune import PrunePass, free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
 from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
@@ -129,6 +130,35 @@ def _factorize(gm: fx.GraphModule, inputs: tuple[Any, ...], factorize: bool | tu
         raise
 
 
+_FACTOR_ROUNDS = 3
+"""How often shrink(factorize=...) prunes again without the pairs pruning left dearer than one layer."""
+
+
+def _factor_paths(gm: fx.GraphModule) -> list[str]:
+    return list(gm.meta.get(FACTORS_KEY, {}))
+
+
+def _cut(gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, loss_fn: Any, seed: int, options: tuple[Any, ...],
+         merge: bool) -> tuple[ChannelGraph, PipelineResult]:  # fmt: skip
+    """The channel graph of ``gm`` and the checked pipeline that cuts it to the budget (``options``:
+    strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)."""
+    strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost = options
+    cg = build_channel_graph(gm)
+    _check_reachable(cg, budget, strategy, round_to, min_width, max_prune if strategy == "prune" else 1.0, protect)
+    ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
+    passes = _passes(strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
+    passes += [MergeFactorsPass()] if merge else []
+    # No defensive copy up front: remove-dead, prune and width build new tensors through surgery and
+    # never write to the model they receive, so only a result that still shares storage with the user's
+    # model (nothing changed) is copied. That keeps huge models at the original plus the smaller copy.
+    try:
+        return cg, Pipeline(passes)(gm, ctx, copy_model=False)
+    except PassError as exc:  # the user's input (a loss that is not a scalar), not a failed pass
+        if isinstance(exc.__cause__, InputError | BudgetError):
+            raise exc.__cause__ from None
+        raise
+
+
 def _shares_storage(a: nn.Module, b: nn.Module) -> bool:
     """Whether any parameter or buffer of ``a`` shares memory with one of ``b``."""
     theirs = {t.untyped_storage().data_ptr() for t in (*b.parameters(), *b.buffers()) if t.numel()}
@@ -184,7 +214,9 @@ def shrink(
             layer, or a list of module paths (or prefixes). It pays where weight matrices are far from
             full rank: LeNet-300-100 on MNIST at 10x fewer FLOPs, 97.8% against 97.3% without
             (``benchmarks/RESULTS.md``). The pair costs more FLOPs than the single layer while its rank
-            stays above ``in * out / (in + out)``, so it suits deep cuts, not mild ones.
+            stays above ``in * out / (in + out)``; such pairs are merged back into one layer after the
+            pruning (:class:`~fxmorph.passes.merge_factors.MergeFactorsPass`), so the result never holds
+            a pair dearer than its product, but budget spent on them is not given back: it suits deep cuts.
         seed: seeds the random criterion and the values of any new tensors; same seed, same model.
         return_report: also return the :class:`~fxmorph.report.ShrinkReport` (always available as
             ``result.meta["fxmorph.report"]``).
@@ -212,21 +244,28 @@ def shrink(
     data = _check_data(model, data, loss_fn, criterion, strategy, calibrate)
     flops_before = gm.meta[FLOPS_KEY]
     budget = (parse_any_budget if strategy == "width" else parse_budget)(budget_flops, flops_before)
-    split = _factorize(gm, inputs, factorize)
-    gm = split.gm
-    cg = build_channel_graph(gm)
-    _check_reachable(cg, budget, strategy, round_to, min_width, max_prune if strategy == "prune" else 1.0, protect)
-    ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
-    passes = _passes(strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
-    # No defensive copy up front: remove-dead, prune and width build new tensors through surgery and
-    # never write to the model they receive, so only a result that still shares storage with the user's
-    # model (nothing changed) is copied. That keeps huge models at the original plus the smaller copy.
-    try:
-        result = Pipeline(passes)(gm, ctx, copy_model=False)
-    except PassError as exc:  # the user's input (a loss that is not a scalar), not a failed pass
-        if isinstance(exc.__cause__, InputError | BudgetError):
-            raise exc.__cause__ from None
-        raise
+    options = (strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
+    targets: bool | tuple[str, ...] = factorize
+    best: tuple[ChannelGraph, PipelineResult, PipelineResult] | None = None
+    for _ in range(_FACTOR_ROUNDS):
+        split = _factorize(gm, inputs, targets)
+        try:
+            cg, result = _cut(split.gm, inputs, data, loss_fn, seed, options, merge=bool(split.records))
+        except BudgetError:
+            if best is None:
+                raise
+            break  # fewer layers split cannot reach the budget: keep the last round's result
+        best = (cg, split, result)
+        still_split = _factor_paths(result.gm)
+        if still_split == _factor_paths(split.gm):
+            break
+        # Pairs that pruning left dearer than their product were merged, so the model is under the
+        # budget: prune again with those layers whole, so that the budget goes to channels that pay.
+        targets = tuple(still_split)
+        logger.info("shrink: %d factorized pair(s) cost more than one layer; pruning again without them",
+                    len(_factor_paths(split.gm)) - len(still_split))  # fmt: skip
+    assert best is not None
+    cg, split, result = best
     small = result.gm if not _shares_storage(result.gm, model) else copy.deepcopy(result.gm)
     small.train(model.training)
     settings = {"criterion": criterion, "strategy": strategy, "round_to": round_to, "min_width": min_width,

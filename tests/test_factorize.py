@@ -10,14 +10,30 @@ import torchvision
 from torch import nn
 
 import fxmorph
-from fxmorph.passes import FactorizePass, PassContext, Pipeline
+from fxmorph.passes import FactorizePass, MergeFactorsPass, PassContext, Pipeline
 from fxmorph.passes.factorize import FACTORS_KEY, factorizable
 from fxmorph.testing import masked_reference, random_plan
 
 
-def _mlp() -> nn.Module:
+def _mlp(low_rank: bool = False) -> nn.Module:
+    """A small MLP; ``low_rank``: its first layer's weight has rank 4 plus a little noise, as trained
+    layers' weights are often close to low rank (then a split pays)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 10))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 10))
+    if low_rank:
+        with torch.no_grad():
+            model[1].weight.copy_(torch.randn(40, 4) @ torch.randn(4, 64) / 8 + 1e-3 * torch.randn(40, 64))
+    return model
+
+
+def _pairs_pay(gm: torch.fx.GraphModule) -> bool:
+    """Every factorized pair left costs less than the single layer it stands for."""
+    for path in gm.meta.get(FACTORS_KEY, {}):
+        first, second = gm.get_submodule(f"{path}.0").weight, gm.get_submodule(f"{path}.1").weight
+        rank, fan_in, out = first.shape[0], first[0].numel(), second.shape[0]
+        if rank * (fan_in + out) >= fan_in * out:
+            return False
+    return True
 
 
 class ConvZoo(nn.Module):
@@ -125,6 +141,8 @@ def test_targets_skips_and_a_second_run() -> None:
     assert not Pipeline([FactorizePass(("c",))])(gm, PassContext((x,))).records[0]["modified"]
     with pytest.raises(fxmorph.PassError, match="'a' cannot be factorized: a is called 2 times"):
         _factorize(model, (x,), targets=("a",))
+    with pytest.raises(fxmorph.InputError, match="'a' cannot be factorized: a is called 2 times, not once"):
+        fxmorph.shrink(model, 0.5, (x,), factorize=["a"])
     with pytest.raises(fxmorph.PassError, match="no Linear or convolution at or under 'fc'; the model's are: a, b, c"):
         _factorize(model, (x,), targets=("fc",))
 
@@ -143,14 +161,15 @@ def test_bad_options(options: dict[str, object], message: str) -> None:
 
 
 def test_shrink_with_factorize_meets_the_budget_round_trips_and_exports(tmp_path: Path) -> None:
-    model, x = _mlp(), torch.randn(4, 1, 8, 8)
+    model, x = _mlp(low_rank=True), torch.randn(4, 1, 8, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     small, report = fxmorph.shrink(model, 0.2, (x,), round_to=1, factorize=["1"], return_report=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model
     assert isinstance(small.get_submodule("1"), nn.Sequential) and isinstance(small.get_submodule("3"), nn.Linear)
     assert small.get_submodule("1.0").out_features < 40
     assert report.flops_before == fxmorph.count_flops(model, (x,))
-    assert report.flops_after <= report.budget_flops == int(0.2 * report.flops_before)
+    assert 0.99 * report.budget_flops <= report.flops_after <= report.budget_flops == int(0.2 * report.flops_before)
+    assert _pairs_pay(small)
     assert report.settings["factorize"] == ["1"] and report.passes[0]["pass"] == "factorize"
     assert small(x).shape == model(x).shape
     fxmorph.check(small, (x,))
@@ -165,9 +184,10 @@ def test_shrink_with_factorize_meets_the_budget_round_trips_and_exports(tmp_path
 def test_shrink_factorize_on_a_cnn_and_its_bad_input() -> None:
     torch.manual_seed(0)
     model, x = torchvision.models.resnet18(weights=None, num_classes=10).eval(), torch.randn(1, 3, 64, 64)
-    small = fxmorph.shrink(model, 0.3, (x,), factorize=["layer4"], round_to=8)
-    assert isinstance(small.get_submodule("layer4.0.conv1"), nn.Sequential)
-    assert fxmorph.count_flops(small, (x,)) <= 0.3 * fxmorph.count_flops(model, (x,))
+    small, report = fxmorph.shrink(model, 0.3, (x,), factorize=["layer4"], round_to=8, return_report=True)
+    assert report.passes[0]["pass"] == "factorize" or not small.meta.get(FACTORS_KEY)
+    assert 0.97 * report.budget_flops <= report.flops_after <= report.budget_flops and _pairs_pay(small)
+    assert small(x).shape == (1, 10)
     with pytest.raises(fxmorph.InputError, match="factorize must be a list of module path prefixes"):
         fxmorph.shrink(model, 0.5, (x,), factorize="layer4")  # type: ignore[arg-type]
     with pytest.raises(fxmorph.InputError, match="no Linear or convolution at or under 'head'"):
@@ -175,9 +195,37 @@ def test_shrink_factorize_on_a_cnn_and_its_bad_input() -> None:
 
 
 def test_load_refuses_an_original_that_cannot_be_factorized_the_same_way(tmp_path: Path) -> None:
-    model, x = _mlp(), torch.randn(4, 1, 8, 8)
+    model, x = _mlp(low_rank=True), torch.randn(4, 1, 8, 8)
     small = fxmorph.shrink(model, 0.3, (x,), round_to=1, factorize=True)
+    assert small.meta[FACTORS_KEY]
     fxmorph.save(small, tmp_path / "small.pt")
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(fxmorph.SerializationError, match="were factorized, and the original model cannot"):
         fxmorph.load(tmp_path / "small.pt", other)
+
+
+def test_merge_factors_joins_full_rank_pairs_exactly() -> None:
+    model = ConvZoo().double().eval()
+    inputs = (torch.randn(2, 3, 20, dtype=torch.float64), torch.randn(2, 3, 9, 10, dtype=torch.float64),
+              torch.randn(2, 2, 4, 5, 6, dtype=torch.float64))  # fmt: skip
+    split = _factorize(model, inputs)
+    joined = Pipeline([MergeFactorsPass()])(split, PassContext(inputs)).gm
+    assert joined.meta[FACTORS_KEY] == {}
+    assert {n: tuple(p.shape) for n, p in joined.named_parameters()} == {
+        n: tuple(p.shape) for n, p in model.named_parameters()
+    }
+    assert (joined(*inputs) - model(*inputs)).abs().max() <= 1e-10
+    assert not Pipeline([MergeFactorsPass()])(joined, PassContext(inputs)).records[0]["modified"]
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.5, 0.1])
+def test_shrink_factorize_meets_the_budget_and_keeps_only_pairs_that_pay(budget: float) -> None:
+    """A mild budget leaves ranks above the break-even: those layers are pruned again whole, so the
+    FLOPs still land on the budget (not under it) and no pair costs more than its product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                          nn.Linear(100, 10))  # fmt: skip
+    x = torch.randn(4, 1, 28, 28)
+    small, report = fxmorph.shrink(model, budget, (x,), round_to=1, factorize=True, return_report=True)
+    assert 0.99 * report.budget_flops <= report.flops_after <= report.budget_flops
+    assert _pairs_pay(small)
