@@ -42,7 +42,7 @@ def lenet300(scale: float = 1.0) -> nn.Module:
 NETS: dict[str, Callable[[float], nn.Module]] = {"lenet300": lenet300, "lenet5": lenet5}
 FACTORIZE: dict[str, tuple[str, ...]] = {"lenet300": ("1", "3"), "lenet5": ()}
 """Layers fxmorph's shrink splits by SVD before pruning (``shrink(..., factorize=...)``), chosen on
-MNIST's validation split (never the test split), pruning to 10x fewer FLOPs from the 2-epoch checkpoint:
+MNIST's validation split, pruning to 10x fewer FLOPs from the 2-epoch checkpoint:
 LeNet-300-100's two hidden Linears (median of seeds 0-6: 97.97% against 97.95% splitting only the first
 and 97.33% splitting none (seeds 0-2); splitting the 10-way classifier too was no better). LeNet-5's
 FLOPs sit in its convolutions, and splitting fc1 lost 0.01 to 0.07 points (seeds 0-2), so its layers

@@ -90,12 +90,14 @@ def _check_options(criterion: Any, strategy: Any, round_to: Any, min_width: Any,
     check_callable("loss_fn", loss_fn)
 
 
-def _check_data(model: nn.Module, data: Any, loss_fn: Any, criterion: str, strategy: str, calibrate: bool) -> Any:
-    """The data to use (checked: iterable, not empty, its first batch runs through the model)."""
+def _check_data(model: nn.Module, data: Any, loss_fn: Any, criterion: str, strategy: str, calibrate: bool,
+                rounds: int) -> Any:  # fmt: skip
+    """The data to use (checked: iterable, not empty, its first batch runs through the model); pruning
+    may run ``rounds`` times (``factorize``), each reading the data."""
     cut = data is not None and (criterion == "taylor" or (strategy == "width" and loss_fn is not None))
     if not (cut or calibrate):
         return data
-    data, first = check_data(data, "shrink", reads=int(cut) + int(calibrate))
+    data, first = check_data(data, "shrink", reads=(int(cut) + int(calibrate)) * rounds)
     check_first_batch(model, first, "shrink", pair=cut)
     return data
 
@@ -241,13 +243,14 @@ def shrink(
     factorize = factorize if isinstance(factorize, bool) else check_prefixes("factorize", factorize)
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules=leaf_modules)
-    data = _check_data(model, data, loss_fn, criterion, strategy, calibrate)
+    rounds = 1 if factorize in (False, ()) else _FACTOR_ROUNDS
+    data = _check_data(model, data, loss_fn, criterion, strategy, calibrate, rounds)
     flops_before = gm.meta[FLOPS_KEY]
     budget = (parse_any_budget if strategy == "width" else parse_budget)(budget_flops, flops_before)
     options = (strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
     targets: bool | tuple[str, ...] = factorize
     best: tuple[ChannelGraph, PipelineResult, PipelineResult] | None = None
-    for _ in range(_FACTOR_ROUNDS):
+    for _ in range(rounds):
         split = _factorize(gm, inputs, targets)
         try:
             cg, result = _cut(split.gm, inputs, data, loss_fn, seed, options, merge=bool(split.records))

@@ -192,6 +192,10 @@ def test_shrink_factorize_on_a_cnn_and_its_bad_input() -> None:
         fxmorph.shrink(model, 0.5, (x,), factorize="layer4")  # type: ignore[arg-type]
     with pytest.raises(fxmorph.InputError, match="no Linear or convolution at or under 'head'"):
         fxmorph.shrink(model, 0.5, (x,), factorize=["head"])
+    batches = iter([(x, torch.tensor([1]))])  # a one-shot iterator cannot feed a pruning that may run again
+    with pytest.raises(fxmorph.InputError, match="one-shot iterator, but it is read 3 times here"):
+        fxmorph.shrink(model, 0.5, (x,), factorize=["fc"], data=batches, loss_fn=nn.functional.cross_entropy,
+                       criterion="taylor")  # fmt: skip
 
 
 def test_load_refuses_an_original_that_cannot_be_factorized_the_same_way(tmp_path: Path) -> None:

@@ -63,7 +63,10 @@ def _worth_merging(first: nn.Module, second: nn.Module) -> bool:
     """True when the single layer costs at most what the pair costs per output position."""
     if not isinstance(first, (nn.Linear, *_CONVS)) or type(second) is not type(first):
         return False
-    if isinstance(second, _CONVS) and (any(k != 1 for k in second.kernel_size) or second.groups != 1):
+    if isinstance(second, _CONVS) and (
+        any(k != 1 for k in second.kernel_size) or any(t != 1 for t in second.stride)
+        or second.padding not in ("valid", (0,) * len(second.kernel_size)) or second.groups != 1
+    ):  # fmt: skip
         return False
     rank, fan_in = first.weight.shape[0], first.weight[0].numel()
     out = second.weight.shape[0]
