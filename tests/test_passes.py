@@ -36,7 +36,7 @@ class _ReturnsNothing(Pass):
 
 
 def test_registry_has_kebab_case_names_and_docstrings() -> None:
-    assert set(PASSES) == {"remove-dead", "prune", "width", "grow", "drop-inputs"}
+    assert set(PASSES) == {"remove-dead", "prune", "width", "grow", "drop-inputs", "factorize", "merge-factors"}
     for name, cls in PASSES.items():
         assert name == name.lower() and " " not in name and "_" not in name
         assert cls.__doc__ and isinstance(cls.preserves_function, bool)
