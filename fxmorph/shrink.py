@@ -215,10 +215,11 @@ def shrink(
             ranks each layer's rank directions against neurons and filters: ``True`` for every eligible
             layer, or a list of module paths (or prefixes). It pays where weight matrices are far from
             full rank: LeNet-300-100 on MNIST at 10x fewer FLOPs, 98.1% against 97.5% without
-            (``benchmarks/RESULTS.md``). The pair costs more FLOPs than the single layer while its rank
-            stays above ``in * out / (in + out)``; such pairs are merged back into one layer after the
-            pruning (:class:`~fxmorph.passes.merge_factors.MergeFactorsPass`), so the result never holds
-            a pair dearer than its product, but budget spent on them is not given back: it suits deep cuts.
+            (``benchmarks/RESULTS.md``). A pair costs more FLOPs than the single layer while its rank
+            stays above ``in * out / (in + out)``: such pairs are merged back into one layer
+            (:class:`~fxmorph.passes.merge_factors.MergeFactorsPass`) and the model is pruned again with
+            those layers whole (up to 3 rounds, each reading ``data``), so the budget still lands as
+            closely as without ``factorize`` and no pair dearer than its product is returned.
         seed: seeds the random criterion and the values of any new tensors; same seed, same model.
         return_report: also return the :class:`~fxmorph.report.ShrinkReport` (always available as
             ``result.meta["fxmorph.report"]``).
