@@ -124,12 +124,7 @@ def _factorize(gm: fx.GraphModule, inputs: tuple[Any, ...], factorize: bool | tu
     if factorize is False or factorize == ():
         return PipelineResult(gm, [])
     targets = () if factorize is True else factorize
-    try:
-        return Pipeline([FactorizePass(targets)])(gm, PassContext(inputs), copy_model=False)
-    except PassError as exc:  # a target that names no layer is the user's input
-        if isinstance(exc.__cause__, InputError):
-            raise exc.__cause__ from None
-        raise
+    return _run([FactorizePass(targets)], gm, PassContext(inputs))
 
 
 _FACTOR_ROUNDS = 3
@@ -150,12 +145,20 @@ def _cut(gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, loss_fn: Any, s
     ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
     passes = _passes(strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
     passes += [MergeFactorsPass()] if merge else []
-    # No defensive copy up front: remove-dead, prune and width build new tensors through surgery and
-    # never write to the model they receive, so only a result that still shares storage with the user's
-    # model (nothing changed) is copied. That keeps huge models at the original plus the smaller copy.
+    return cg, _run(passes, gm, ctx)
+
+
+def _run(passes: list[Pass], gm: fx.GraphModule, ctx: PassContext) -> PipelineResult:
+    """The checked pipeline of ``passes`` on ``gm``; a failure caused by the user's input (a loss that is
+    not a scalar, a factorize target that names no layer) is raised as that InputError or BudgetError.
+
+    No defensive copy up front: factorize copies before it rewrites, and remove-dead, prune and width
+    build new tensors through surgery and never write to the model they receive, so only a result that
+    still shares storage with the user's model (nothing changed) is copied. That keeps huge models at
+    the original plus the smaller copy."""
     try:
-        return cg, Pipeline(passes)(gm, ctx, copy_model=False)
-    except PassError as exc:  # the user's input (a loss that is not a scalar), not a failed pass
+        return Pipeline(passes)(gm, ctx, copy_model=False)
+    except PassError as exc:
         if isinstance(exc.__cause__, InputError | BudgetError):
             raise exc.__cause__ from None
         raise

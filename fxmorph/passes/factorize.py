@@ -33,7 +33,7 @@ from fxmorph.errors import InputError
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.trace import frozen_mode, propagate_shapes
 
-__all__ = ["FACTORS_KEY", "FactorizePass", "factorizable", "full_rank"]
+__all__ = ["CONVS", "FACTORS_KEY", "FactorizePass", "factorizable", "full_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ FACTORS_KEY = "fxmorph.factors"
 """``gm.meta`` key: ``{path: {"rank": r, "full_rank": R}}`` for every layer split into ``path.0``, ``path.1``."""
 
 _ALREADY = "already factorized"
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_KINDS = (nn.Linear, *_CONVS)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The convolutions the pass splits (and merge-factors joins)."""
+_KINDS = (nn.Linear, *CONVS)
 
 
 def full_rank(module: nn.Module) -> int:
@@ -55,7 +56,7 @@ def _why_not(gm: fx.GraphModule, path: str, module: nn.Module, calls: dict[str, 
     """Why the layer at ``path`` cannot be factorized, or None."""
     if type(module) not in _KINDS:
         return f"a {type(module).__name__}, not a Linear or Conv1d/2d/3d"
-    if isinstance(module, _CONVS) and module.groups != 1:
+    if isinstance(module, CONVS) and module.groups != 1:
         return f"a grouped convolution (groups={module.groups})"
     if calls.get(path, 0) != 1:
         return f"called {calls.get(path, 0)} times, not once"

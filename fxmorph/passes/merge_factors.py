@@ -18,29 +18,26 @@ import torch
 from torch import fx, nn
 
 from fxmorph.passes.base import Pass, PassContext, PassResult
-from fxmorph.passes.factorize import FACTORS_KEY
+from fxmorph.passes.factorize import CONVS, FACTORS_KEY
 from fxmorph.trace import frozen_mode, propagate_shapes
 
 __all__ = ["MergeFactorsPass", "merged_layer"]
 
 logger = logging.getLogger(__name__)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 def merged_layer(first: nn.Module, second: nn.Module) -> nn.Module:
     """The single layer computing ``second(first(x))`` (weights multiplied in float64)."""
     out, rank = second.weight.shape[:2]
     w = first.weight.detach()
-    product = second.weight.detach().to("cpu", torch.float64).reshape(out, rank) @ w.to(
-        "cpu", torch.float64
-    ).reshape(rank, -1)
+    outer = second.weight.detach().to("cpu", torch.float64).reshape(out, rank)
+    product = outer @ w.to("cpu", torch.float64).reshape(rank, -1)
     factory = {"device": w.device, "dtype": w.dtype}
     has_bias = second.bias is not None
     if isinstance(first, nn.Linear):
         layer: nn.Module = nn.Linear(first.in_features, out, bias=has_bias, **factory)
     else:
-        assert isinstance(first, _CONVS)
+        assert isinstance(first, CONVS)
         layer = type(first)(first.in_channels, out, first.kernel_size, first.stride, first.padding, first.dilation,
                             bias=has_bias, padding_mode=first.padding_mode, **factory)  # fmt: skip
     layer.weight = nn.Parameter(product.reshape(out, *w.shape[1:]).to(**factory), requires_grad=w.requires_grad)
@@ -50,9 +47,13 @@ def merged_layer(first: nn.Module, second: nn.Module) -> nn.Module:
     return layer
 
 
-def _pair(gm: fx.GraphModule, path: str) -> tuple[fx.Node, fx.Node] | None:
-    """The call nodes of ``path.0`` and ``path.1``, if the first feeds only the second."""
-    nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+def _calls(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The call_module nodes of ``gm`` by module path."""
+    return {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def _pair(nodes: dict[str, fx.Node], path: str) -> tuple[fx.Node, fx.Node] | None:
+    """The call nodes of ``path.0`` and ``path.1`` (from :func:`_calls`), if the first feeds only the second."""
     a, b = nodes.get(f"{path}.0"), nodes.get(f"{path}.1")
     if a is None or b is None or list(a.users) != [b] or b.args != (a,) or b.kwargs:
         return None
@@ -61,9 +62,9 @@ def _pair(gm: fx.GraphModule, path: str) -> tuple[fx.Node, fx.Node] | None:
 
 def _worth_merging(first: nn.Module, second: nn.Module) -> bool:
     """True when the single layer costs at most what the pair costs per output position."""
-    if not isinstance(first, (nn.Linear, *_CONVS)) or type(second) is not type(first):
+    if not isinstance(first, (nn.Linear, *CONVS)) or type(second) is not type(first):
         return False
-    if isinstance(second, _CONVS) and (
+    if isinstance(second, CONVS) and (
         any(k != 1 for k in second.kernel_size) or any(t != 1 for t in second.stride)
         or second.padding not in ("valid", (0,) * len(second.kernel_size)) or second.groups != 1
     ):  # fmt: skip
@@ -89,12 +90,14 @@ class MergeFactorsPass(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         record = gm.meta.get(FACTORS_KEY, {})
-        chosen = [path for path in record if self._mergeable(gm, path)]
+        nodes = _calls(gm)
+        chosen = [path for path in record if self._mergeable(gm, nodes, path)]
         if not chosen:
             return PassResult(gm, False, note="nothing merged: every factorized pair is cheaper than its product")
         out = copy.deepcopy(gm)
+        nodes = _calls(out)
         for path in chosen:
-            self._merge(out, path)
+            self._merge(out, nodes, path)
         out.graph.lint()
         out.recompile()
         out.meta[FACTORS_KEY] = {p: r for p, r in record.items() if p not in chosen}
@@ -105,13 +108,13 @@ class MergeFactorsPass(Pass):
         return PassResult(out, True, note=note)
 
     @staticmethod
-    def _mergeable(gm: fx.GraphModule, path: str) -> bool:
-        pair = _pair(gm, path)
+    def _mergeable(gm: fx.GraphModule, nodes: dict[str, fx.Node], path: str) -> bool:
+        pair = _pair(nodes, path)
         return pair is not None and _worth_merging(gm.get_submodule(f"{path}.0"), gm.get_submodule(f"{path}.1"))
 
     @staticmethod
-    def _merge(gm: fx.GraphModule, path: str) -> None:
-        pair = _pair(gm, path)
+    def _merge(gm: fx.GraphModule, nodes: dict[str, fx.Node], path: str) -> None:
+        pair = _pair(nodes, path)
         assert pair is not None
         a, b = pair
         layer = merged_layer(gm.get_submodule(f"{path}.0"), gm.get_submodule(f"{path}.1"))
