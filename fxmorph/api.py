@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.errors import InputError
-from fxmorph.plan import WidthPlan
+from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.trace import trace
 
@@ -51,6 +51,18 @@ def _has_shapes(gm: fx.GraphModule) -> bool:
     return bool(nodes) and all("tensor_meta" in n.meta for n in nodes if n.op == "placeholder")
 
 
-def resize(cg: ChannelGraph, plan: WidthPlan, *, seed: int = 0) -> fx.GraphModule:
-    """Apply ``plan`` to the model ``cg`` was built from; returns a new, independent GraphModule."""
+def resize(cg: ChannelGraph, plan: WidthPlan | Mapping[int, GroupPlan], *, seed: int = 0) -> fx.GraphModule:
+    """Apply ``plan`` to the model ``cg`` was built from; returns a new, independent GraphModule.
+
+    ``plan`` is a :class:`WidthPlan` or a mapping from group id to :class:`GroupPlan`. Raises
+    :class:`~fxmorph.InputError` for arguments of the wrong kind and :class:`~fxmorph.PlanError` for a
+    plan that does not fit ``cg`` (``docs/bad_input.md`` lists each case)."""
+    if not isinstance(cg, ChannelGraph):
+        raise InputError(f"resize takes the ChannelGraph of fxmorph.analyze(model, example_inputs), got "
+                         f"{type(cg).__name__}: call `cg = fxmorph.analyze(model, (x,))` first")  # fmt: skip
+    if isinstance(plan, Mapping) and not isinstance(plan, WidthPlan):
+        plan = WidthPlan(plan)
+    if not isinstance(plan, WidthPlan):
+        raise InputError(f"resize takes a WidthPlan (or a dict of group id -> GroupPlan), got {type(plan).__name__}: "
+                         "for example `WidthPlan({0: GroupPlan(keep=(0, 1, 2))})`")  # fmt: skip
     return apply_plan(cg.gm, cg, plan, seed=seed)

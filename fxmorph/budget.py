@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 from fxmorph.errors import BudgetError
@@ -20,7 +21,7 @@ def parse_budget(budget: float | int | str, model_flops: int) -> int:
     A number in (0, 1] is a fraction of ``model_flops``; a number above 1 is absolute FLOPs; a string
     may be a percentage (``"50%"``), a number with a K/M/G/T suffix (``"1.2G"``) or a plain number.
     """
-    if isinstance(budget, bool) or not isinstance(budget, int | float | str):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real | str):  # NumPy scalars are Real
         raise BudgetError(f"budget_flops must be a number or a string, got {type(budget).__name__}: {_HELP}.")
     if isinstance(budget, str):
         match = _PATTERN.match(budget)

@@ -279,6 +279,16 @@ def _hint(exc: BaseException) -> str:
     return "see the chained exception for the full cause; try the other exporter with `exporter=...`"
 
 
+def _opset_range() -> tuple[int, int]:
+    """The opsets this torch's ONNX exporters accept (from torch's constants, else onnx's newest)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 7, int(onnx.defs.onnx_opset_version())
+
+
 def _opset_of(path: Path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
@@ -323,8 +333,10 @@ def export_onnx(
         raise InputError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}.")
     if dynamic_batch and not all(t.dim() for t in inputs):
         raise InputError("a dynamic batch needs inputs with a batch axis (dim 0): pass `dynamic_batch=False`.")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
-        raise InputError(f"opset must be None (the exporter's default) or a positive int such as 18, got {opset!r}.")
+    low, high = _opset_range()
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high):
+        raise InputError(f"opset must be None (the exporter's default) or an int from {low} to {high} (what this "
+                         f"torch exports), such as 18; got {opset!r}.")  # fmt: skip
     rtol, atol = check_tolerances(model, rtol, atol)
     path = check_out_path(path, "path")
     try:

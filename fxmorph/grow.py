@@ -28,9 +28,11 @@ from fxmorph.validate import (
     check_callable,
     check_data,
     check_first_batch,
+    check_first_loss,
     check_model,
     check_number,
     check_prefixes,
+    check_seed,
     low_precision_dtype,
 )
 
@@ -72,13 +74,28 @@ class GrowReport:
 
 
 def _resolve_channels(
-    cg: ChannelGraph, channels: int | Mapping[int | str, int], candidates: list[int]
+    cg: ChannelGraph, channels: int | Mapping[int | str, int], candidates: list[int], skipped: Mapping[int, str]
 ) -> dict[int, int]:
-    """``{group id: count}`` from an int (every growable group) or a mapping by group id or module path."""
+    """``{group id: count}`` from an int (every growable group) or a mapping by group id or module path; a
+    group the mapping names that cannot grow (pinned, protected, or growth would change the function) is
+    refused with the reason, not skipped."""
     if isinstance(channels, bool) or not isinstance(channels, int | Mapping):
         raise InputError("channels must be an int or a mapping {group id or module path: count}.")
     if isinstance(channels, int):
-        channels = dict.fromkeys(candidates, channels)
+        if channels < 0:
+            raise InputError(f"channels must be a non-negative int (channels to add per group), got {channels}.")
+        return {g: channels for g in candidates if channels}
+    out = _by_group(cg, channels)
+    for gid in out:
+        if gid not in candidates:
+            why = skipped.get(gid) or cg.groups[gid].pinned or "it is not a free group"
+            raise InputError(f"channels asks group {gid} to grow, but it cannot: {why}. Drop it from channels "
+                             "(fxmorph.analyze(model, inputs).explain() shows which groups may grow).")  # fmt: skip
+    return out
+
+
+def _by_group(cg: ChannelGraph, channels: Mapping[int | str, int]) -> dict[int, int]:
+    """``{group id: count}`` from a mapping by group id or module path (counts of one group add up)."""
     out: dict[int, int] = {}
     for key, count in channels.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -213,7 +230,7 @@ def grow(
     _check_options(init, data, loss_fn, round_to, max_factor, rank, batches, scale, noise)
     if (budget_flops is None) == (channels is None):
         raise InputError("pass exactly one of budget_flops and channels.")
-    protect = check_prefixes("protect", protect)
+    protect, seed = check_prefixes("protect", protect), check_seed(seed)
     inputs = as_inputs(example_inputs)
     check_model(model)
     low = low_precision_dtype(model)
@@ -235,6 +252,8 @@ def grow(
     if data is not None:
         data, first = check_data(data, "grow")
         check_first_batch(model, first, "grow")
+        check_first_loss(model, first, loss_fn, "grow", "chooses where to grow from the gradients of its "
+                         "parameters (data and loss_fn given); pass no data to grow without them")  # fmt: skip
     cg = build_channel_graph(gm)
     candidates, skipped = grow_candidates(cg, tuple(protect))
     budget = None
@@ -244,7 +263,7 @@ def grow(
         _check_budget(CostModel(cg), budget, candidates, round_to, max_factor)
     else:
         assert channels is not None
-        requested = _resolve_channels(cg, channels, candidates)
+        requested = _resolve_channels(cg, channels, candidates, skipped)
     grow_pass = GrowPass(budget, tuple(sorted(requested.items())), init, round_to, max_factor, rank, batches, scale,
                          noise, tuple(protect))  # fmt: skip
     ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)

@@ -43,7 +43,7 @@ from fxmorph.regularizer import FlopsRegularizer
 from fxmorph.shrink import shrink, width_reach
 from fxmorph.trace import FLOPS_KEY, as_inputs, trace
 from fxmorph.training import EpochLog, OptimizerFactory, StepFn, adam, default_step, fit
-from fxmorph.validate import check_leaf_modules, check_model, check_trainable, low_precision_dtype
+from fxmorph.validate import check_leaf_modules, check_model, check_seed, check_trainable, low_precision_dtype
 
 __all__ = ["MORPH_KEY", "MorphReport", "MorphStage", "morph", "recalibrate_norms"]
 
@@ -343,8 +343,7 @@ def morph(
     _check_rates(lr, finetune_lr)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise InputError(f"round_to must be a positive int, got {round_to!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be an int, got {seed!r}.")
+    seed = check_seed(seed)
     _check_model(model)
     criterion = criterion or ("taylor" if loss_fn is not None else "l1")
     if criterion not in CRITERIA:

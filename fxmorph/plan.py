@@ -28,6 +28,17 @@ class GroupPlan:
     new: int = 0
     init: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # any sequence of integers (a list, a range, a 1-D integer tensor or array) becomes a tuple of ints,
+        # other sequences a tuple of what they hold, for WidthPlan.validate to refuse with the reason
+        keep = self.keep.tolist() if isinstance(self.keep, torch.Tensor | np.ndarray) else self.keep
+        try:
+            items = tuple(keep)
+        except TypeError:
+            return
+        integral = all(_integral(i) for i in items)
+        object.__setattr__(self, "keep", tuple(int(i) for i in items) if integral else items)
+
     @property
     def width(self) -> int:
         """Width of the group after the plan."""
@@ -78,27 +89,66 @@ class WidthPlan(Mapping[int, GroupPlan]):
     def validate(self, cg: ChannelGraph) -> None:
         """Raise :class:`PlanError` if the plan does not fit ``cg``."""
         for gid, plan in self._groups.items():
+            if isinstance(gid, bool) or not isinstance(gid, int | np.integer):
+                raise PlanError(f"group ids are integers (ChannelGraph.groups[i].id), got {gid!r}")
             if not 0 <= gid < len(cg.groups):
                 raise PlanError(f"group {gid} does not exist: the graph has {len(cg.groups)} groups")
-            group = cg.groups[gid]
-            keep = np.asarray(plan.keep, dtype=np.int64)
-            if keep.size and (keep.min() < 0 or keep.max() >= group.size):
-                raise PlanError(f"group {gid}: keep indices must lie in [0, {group.size})")
-            if len(set(plan.keep)) != len(plan.keep):
-                raise PlanError(f"group {gid}: keep indices repeat")
-            if plan.new < 0:
-                raise PlanError(f"group {gid}: cannot add a negative number of channels")
-            if plan.width < 1:
-                raise PlanError(f"group {gid} would have no channels left: keep at least one")
-            if group.pins and (plan.new or plan.keep != tuple(range(group.size))):
-                raise PlanError(f"group {gid} is pinned ({group.pinned}) and cannot change")
-            if plan.new and group.grow_pins:
-                reason = "; ".join(str(p) for p in group.grow_pins)
-                raise PlanError(f"group {gid} cannot grow without changing the function: {reason}")
+            if not isinstance(plan, GroupPlan):
+                raise PlanError(f"group {gid}: expected a GroupPlan, got {type(plan).__name__}: "
+                                "write GroupPlan(keep=(0, 1, ...), new=0)")  # fmt: skip
+            _check_group(cg, gid, plan)
+        for gid, plan in self._groups.items():
+            _check_init(cg, gid, plan)
 
     def measure(self, cg: ChannelGraph) -> MeasureFn:
         """A function giving the width of any layout of ``cg`` under this plan."""
         return MeasureFn(cg, self)
+
+
+def _integral(values: object) -> bool:
+    """True for integers (Python or NumPy, not bool) and for integer-dtype tensors and arrays."""
+    if isinstance(values, torch.Tensor | np.ndarray):
+        return not values.dtype.is_floating_point if isinstance(values, torch.Tensor) else values.dtype.kind in "iu"
+    return isinstance(values, int | np.integer) and not isinstance(values, bool)
+
+
+def _check_group(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
+    group = cg.groups[gid]
+    if not isinstance(plan.keep, tuple | list):
+        raise PlanError(f"group {gid}: keep is a sequence of channel indices, got {type(plan.keep).__name__}")
+    if not all(_integral(i) for i in plan.keep):
+        raise PlanError(f"group {gid}: keep holds channel indices, integers only; got {list(plan.keep)[:8]}")
+    if not _integral(plan.new):
+        raise PlanError(f"group {gid}: new is a number of channels to add, an integer; got {plan.new!r}")
+    keep = np.asarray([int(i) for i in plan.keep], dtype=np.int64)
+    if keep.size and (keep.min() < 0 or keep.max() >= group.size):
+        raise PlanError(f"group {gid}: keep indices must lie in [0, {group.size})")
+    if len(set(keep.tolist())) != len(keep):
+        raise PlanError(f"group {gid}: keep indices repeat")
+    if plan.new < 0:
+        raise PlanError(f"group {gid}: cannot add a negative number of channels")
+    if plan.width < 1:
+        raise PlanError(f"group {gid} would have no channels left: keep at least one")
+    if group.pins and (plan.new or tuple(keep.tolist()) != tuple(range(group.size))):
+        raise PlanError(f"group {gid} is pinned ({group.pinned}) and cannot change")
+    if plan.new and group.grow_pins:
+        reason = "; ".join(str(p) for p in group.grow_pins)
+        raise PlanError(f"group {gid} cannot grow without changing the function: {reason}")
+
+
+def _check_init(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
+    """``init`` names tensors of the model and gives tensors; their shapes are checked where surgery
+    uses them (:func:`fxmorph.surgery.defaults.new_channel_values`)."""
+    if plan.init and not plan.new:
+        raise PlanError(f"group {gid}: init gives values for new channels, but new is 0")
+    names = dict(cg.gm.named_parameters()) | dict(cg.gm.named_buffers())
+    for path, values in plan.init.items():
+        if path not in names:
+            close = ", ".join(n for n in names if n.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1])[:200]
+            raise PlanError(f"group {gid}: init names '{path}', which is not a parameter or buffer of the model"
+                            + (f" (those of that kind: {close})" if close else ""))  # fmt: skip
+        if not isinstance(values, torch.Tensor):
+            raise PlanError(f"group {gid}: init['{path}'] must be a tensor, got {type(values).__name__}")
 
 
 class MeasureFn:

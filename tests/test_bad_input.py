@@ -221,6 +221,11 @@ SHRINK = {
     "protect a lone string": Case(
         lambda m: fxmorph.shrink(m, 0.5, (X,), protect="conv"), InputError, ("got the string", "protect=['conv']")
     ),
+    "protect a misspelt path": Case(
+        lambda m: fxmorph.shrink(m, 0.5, (X,), protect=["conv3"]), InputError, ("protect names 'conv3'", "did you mean")
+    ),
+    "seed not an int": Case(lambda m: fxmorph.shrink(m, 0.5, (X,), seed="a"), InputError, ("seed must be an int",)),
+    "seed beyond torch's range": Case(lambda m: fxmorph.shrink(m, 0.5, (X,), seed=2**70), InputError, ("2**63 - 1",)),
     "loss_fn not callable": Case(lambda m: _taylor(m, batches(), "ce"), InputError, ("loss_fn must be callable",)),
     "empty DataLoader": Case(lambda m: _taylor(m, empty_loader()), InputError, ("no batch", "non-empty")),
     "data not iterable": Case(lambda m: _taylor(m, 5), InputError, ("iterable of batches", "got int")),
@@ -272,6 +277,12 @@ GROW = {
     "noise NaN": Case(lambda m: fxmorph.grow(m, (X,), channels=2, noise=float("nan")), InputError, ("noise", "finite")),
     "protect a lone string": Case(
         lambda m: fxmorph.grow(m, (X,), channels=2, protect="conv"), InputError, ("protect=['conv']",)
+    ),
+    "protect a misspelt path": Case(
+        lambda m: fxmorph.grow(m, (X,), channels=2, protect=["conv3"]), InputError, ("protect names 'conv3'",)
+    ),
+    "seed not an int": Case(
+        lambda m: fxmorph.grow(m, (X,), channels=2, seed=None), InputError, ("seed must be an int",)
     ),
     "empty DataLoader": Case(lambda m: _grow_data(m, empty_loader()), InputError, ("no batch", "non-empty")),
     "data not iterable": Case(lambda m: _grow_data(m, 3), InputError, ("iterable of batches",)),
@@ -399,3 +410,14 @@ def test_regularizer_on_low_precision_models(dtype: torch.dtype) -> None:
     assert term.dtype == dtype and term.dim() == 0 and torch.isfinite(term)
     term.backward()
     assert model.bn.weight.grad is not None and model.bn.weight.grad.abs().sum() > 0
+
+
+def test_numpy_scalars_are_budgets() -> None:
+    """Supported: NumPy scalars as budgets (``np.float32(0.5)``, ``np.int64`` FLOPs), as Python numbers are."""
+    import numpy as np
+
+    model = Net().eval()
+    half = fxmorph.shrink(model, np.float32(0.5), (X,), return_report=True)[1]
+    assert half.budget_flops == fxmorph.shrink(model, 0.5, (X,), return_report=True)[1].budget_flops
+    absolute = fxmorph.shrink(model, np.int64(half.budget_flops), (X,), return_report=True)[1]
+    assert absolute.budget_flops == half.budget_flops and absolute.flops_after <= absolute.budget_flops

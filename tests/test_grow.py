@@ -193,7 +193,12 @@ def test_new_weights_get_gradient(arch: str, init: str) -> None:
     big.train()
     F.cross_entropy(big(x), _data(x, 3 if arch.startswith("mlp") else 5)[0][1]).backward()
     old, new = _layers(model), _layers(big)
-    old_max = max(float(m.weight.grad.abs().max()) for m in new)
+    assert len(report.groups) == len(old) - 1  # every hidden group grew
+    assert all(bool(torch.isfinite(m.weight.grad).all()) for m in new)
+    # the largest gradient on the weights every layer had before growth (old rows and old columns only)
+    kept = [n.weight.grad[: o.weight.shape[0], : o.weight.shape[1]] for o, n in zip(old, new, strict=True)]
+    old_max = max(float(g.abs().max()) for g in kept)
+    assert old_max > 0
     for k, row in enumerate(report.groups):  # group k: made by layer k, read by layer k + 1
         c = old[k].weight.shape[0]
         fan_in, fan_out = new[k].weight.grad[c:], new[k + 1].weight.grad[:, c:]
@@ -274,7 +279,7 @@ def test_bridging_operator_matches_exact_svd() -> None:
     exact = {0: z2.grad.T @ x, 1: z3.grad.T @ model[1](z1)}
     for g in (0, 1):
         top = torch.linalg.svdvals(exact[g].detach())[:2].numpy()
-        assert np.allclose(found[g].s[:2], top, rtol=0.05), (found[g].s, top)
+        assert np.allclose(found[g].s[:2], top, rtol=1e-2), (found[g].s, top)  # measured: 2.2e-3
 
 
 # -- budgets ----------------------------------------------------------------------------------------
@@ -374,13 +379,23 @@ def test_grow_pass_direct_and_deterministic() -> None:
 
 
 def test_channels_by_module_path_and_skips() -> None:
-    """``channels`` names groups by module path; a group that cannot grow is skipped, with its reason."""
+    """``channels`` names groups by module path. An int grows every group that can, and the report says
+    why the others were skipped; a mapping that names a group that cannot grow is refused, with the reason
+    (it used to be skipped silently, the model returned as it was)."""
     model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(3, 6)
-    big, report = fxmorph.grow(model, (x,), channels={"0": 2, "2": 3}, init="zero", return_report=True)
+    big, report = fxmorph.grow(model, (x,), channels={"2": 3}, init="zero", return_report=True)
+    assert [(r["before"], r["after"]) for r in report.groups] == [(4, 7)]
+    assert _max_diff(model, big, x) <= 1e-6
+    _, report = fxmorph.grow(model, (x,), channels=3, init="zero", return_report=True)
     assert [(r["before"], r["after"]) for r in report.groups] == [(4, 7)]
     assert any("LayerNorm" in reason for reason in report.skipped.values())
-    assert _max_diff(model, big, x) <= 1e-6
+    with pytest.raises(fxmorph.InputError, match=r"channels asks group 0 to grow, but it cannot: .*LayerNorm"):
+        fxmorph.grow(model, (x,), channels={"0": 2, "2": 3}, init="zero")
+    with pytest.raises(fxmorph.InputError, match="channels asks group 2 to grow, but it cannot: model output"):
+        fxmorph.grow(model, (x,), channels={"4": 2}, init="zero")
+    with pytest.raises(fxmorph.InputError, match=r"channels must be a non-negative int .* got -16"):
+        fxmorph.grow(model, (x,), channels=-16, init="zero")
 
 
 # -- bad input --------------------------------------------------------------------------------------

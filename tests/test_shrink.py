@@ -303,3 +303,20 @@ def test_cost_of_single_steps_equals_cost_of_whole_vectors(name: str) -> None:
             moved = w.copy()
             moved[g] = width
             assert (int(flops), int(params)) == (cost.flops(moved), cost.params(moved))
+
+
+def test_protect_matches_whole_path_components() -> None:
+    """``protect=["fc1"]`` keeps fc1's group whole and leaves ``fc10`` free (a prefix ends at a ``.``)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc10, self.out = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.fc10(torch.relu(self.fc1(x)))))
+
+    x = torch.randn(2, 8)
+    small = fxmorph.shrink(Net(), 0.5, (x,), protect=["fc1"], round_to=1)
+    assert small.get_submodule("fc1").out_features == 32
+    assert small.get_submodule("fc10").out_features < 32

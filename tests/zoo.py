@@ -31,7 +31,11 @@ _VIDEO_SHAPE = {
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
-    """The model ``name`` with random weights (``weights=None``), in eval mode."""
+    """The model ``name`` with random weights (``weights=None``), in eval mode.
+
+    Linear layers that torchvision initialises to all zeros (ViT's classifier head) get small random
+    weights: a zero head makes every output 0 whatever the trunk computes, and every comparison of
+    outputs vacuous."""
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {"weights": None}
     if name in SEGMENTATION:
@@ -40,7 +44,11 @@ def build(name: str, seed: int = 0) -> nn.Module:
         kwargs["image_size"] = 56 if name == "vit_h_14" else _VIT_IMAGE
     if name in ("googlenet", "inception_v3"):
         kwargs["init_weights"] = False
-    return get_model(name, **kwargs).eval()
+    model = get_model(name, **kwargs).eval()
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.detach().any():
+            nn.init.normal_(m.weight, std=0.02)
+    return model
 
 
 def example_input(name: str, batch: int = 1) -> torch.Tensor:

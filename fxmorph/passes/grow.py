@@ -29,6 +29,7 @@ from fxmorph.passes.grow_select import greedy_grow_widths, uniform_grow_widths
 from fxmorph.passes.grow_stats import batch_inputs, calibrate_norms, dual_signs
 from fxmorph.passes.grow_values import group_slots, stage_plan
 from fxmorph.passes.importance import importance
+from fxmorph.passes.prune import check_protect, is_protected
 from fxmorph.passes.select import DEFAULT_ROUND_TO
 from fxmorph.plan import WidthPlan
 from fxmorph.surgery.apply import apply_plan
@@ -44,9 +45,10 @@ GROW_KEY = "fxmorph.grow"
 
 def grow_candidates(cg: ChannelGraph, protect: Sequence[str]) -> tuple[list[int], dict[int, str]]:
     """Groups that may grow, and why each other free group may not."""
+    check_protect(cg.gm, protect)
     ok, skipped = [], {}
     for g in cg.free_groups:
-        if protect and any(p.name.startswith(prefix) for p in g.producers for prefix in protect):
+        if is_protected(g, protect):
             skipped[g.id] = "protected"
         elif g.grow_pins:
             skipped[g.id] = "; ".join(dict.fromkeys(str(p) for p in g.grow_pins))

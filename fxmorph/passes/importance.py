@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Layout
 from fxmorph.errors import InputError
+from fxmorph.validate import split_batch
 
 __all__ = ["CRITERIA", "channel_positions", "importance"]
 
@@ -114,18 +115,49 @@ def _taylor(cg: ChannelGraph, data: Iterable[Any], loss_fn: Callable[..., Any], 
     sums = {g.id: np.zeros(g.size) for g in cg.free_groups}
     seen = 0
     for batch in itertools.islice(data, batches):
-        inputs, target = batch[0], batch[1]
+        inputs, target = split_batch(batch, "criterion='taylor'")
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs), target)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise InputError("loss_fn must return a scalar tensor: reduce the loss (for example with .mean()).")
-        loss.backward()
+        _taylor_loss(loss_fn(model(*inputs), target), seen + 1).backward()
         seen += 1
         for gid in sums:
             sums[gid] += _taylor_group(cg, gid, params) ** 2
     if not seen:
         raise InputError("data yielded no batch: pass an iterable of (inputs, targets) with at least one batch.")
+    for gid, total in sums.items():
+        if not np.isfinite(total).all():
+            raise InputError(
+                f"criterion='taylor': the importance of the channels made by {_made_by(cg, gid)} is not finite (the "
+                "gradients of the layers reading them overflow or are NaN): check loss_fn and the data, or use "
+                "criterion='l1'."
+            )
     return {g: s / seen for g, s in sums.items()}
+
+
+def _taylor_loss(loss: Any, k: int) -> torch.Tensor:
+    """``loss`` of batch ``k`` (from 1), checked: a finite scalar tensor."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise InputError("loss_fn must return a scalar tensor: reduce the loss (for example with .mean()).")
+    if not torch.isfinite(loss.detach()).all():
+        raise InputError(
+            f"criterion='taylor': loss_fn returned {float(loss.detach())} on batch {k} of data, so no channel can "
+            "be ranked: every batch must give a finite loss; check that batch for NaN or inf inputs or targets."
+        )
+    return loss
+
+
+def _made_by(cg: ChannelGraph, gid: int) -> str:
+    return ", ".join(dict.fromkeys(p.name.rsplit(".", 1)[0] for p in cg.groups[gid].producers)) or f"group {gid}"
+
+
+def _check_finite_weights(cg: ChannelGraph) -> None:
+    """Every parameter of the model is finite: NaN or inf weights cannot be ranked (and make NaN outputs)."""
+    for name, p in cg.gm.named_parameters():
+        bad = int((~torch.isfinite(p.detach())).sum())
+        if bad:
+            raise InputError(
+                f"parameter '{name}' holds {bad} NaN or infinite value(s): its channels cannot be ranked and the "
+                "model computes NaN; load finite weights (a checkpoint from before training diverged) first."
+            )
 
 
 def _taylor_group(cg: ChannelGraph, gid: int, params: dict[str, nn.Parameter]) -> np.ndarray:
@@ -158,6 +190,7 @@ def importance(
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion '{criterion}': choose one of {', '.join(CRITERIA)}.")
     free = [g.id for g in cg.free_groups]
+    _check_finite_weights(cg)
     if criterion == "taylor":
         if data is None or loss_fn is None:
             raise InputError("criterion='taylor' needs data and loss_fn: pass both, or use 'l1', 'l2' or 'bn_scale'.")

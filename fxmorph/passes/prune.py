@@ -7,32 +7,50 @@ widths under the budget with the cost model, keep the best-scored channels, appl
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 from torch import fx
 
-from fxmorph.analysis import ChannelGraph
+from fxmorph.analysis import ChannelGraph, Group
 from fxmorph.cost import CostModel
+from fxmorph.errors import InputError
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.importance import importance
 from fxmorph.passes.plans import keep_best
 from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.surgery.apply import apply_plan
 
-__all__ = ["BudgetPass", "PrunePass", "free_group_ids"]
+__all__ = ["BudgetPass", "PrunePass", "check_protect", "free_group_ids", "is_protected"]
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(f"{prefix}.")
+
+
+def is_protected(group: Group, protect: Sequence[str]) -> bool:
+    """True if a parameter that produces ``group`` lives at or under one of the module paths ``protect``
+    (``"features.1"`` covers ``features.1.0.weight``, not ``features.10``)."""
+    return any(_under(p.name, prefix) for p in group.producers for prefix in protect)
+
+
+def check_protect(gm: fx.GraphModule, protect: Sequence[str]) -> None:
+    """Raise :class:`InputError` for a ``protect`` entry that names no module or parameter of ``gm``."""
+    names = [n for n, _ in gm.named_modules() if n] + [n for n, _ in gm.named_parameters()]
+    for prefix in protect:
+        if not any(_under(n, prefix) for n in names):
+            close = difflib.get_close_matches(prefix, names, n=3)
+            hint = f"Did you mean: {', '.join(close)}?" if close else "Pass paths as model.named_modules() names them."
+            raise InputError(f"protect names '{prefix}', but the model has no module or parameter at that path. {hint}")
 
 
 def free_group_ids(cg: ChannelGraph, protect: tuple[str, ...]) -> list[int]:
-    """Free groups, minus those whose producing parameters live under a protected module prefix."""
-    out = []
-    for g in cg.free_groups:
-        if protect and any(p.name.startswith(prefix) for p in g.producers for prefix in protect):
-            continue
-        out.append(g.id)
-    return out
+    """Free groups, minus those whose producing parameters live under a protected module path."""
+    check_protect(cg.gm, protect)
+    return [g.id for g in cg.free_groups if not is_protected(g, protect)]
 
 
 @dataclass(frozen=True)

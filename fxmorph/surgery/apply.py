@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.context import Binding, Rewrite
-from fxmorph.errors import SurgeryError
+from fxmorph.errors import PlanError, SurgeryError
 from fxmorph.plan import WidthPlan
 from fxmorph.surgery.defaults import new_channel_values
 from fxmorph.surgery.indices import axis_map
@@ -150,6 +150,11 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
         raise SurgeryError("the channel graph was built for another GraphModule: analyse this one first")
     plan.validate(cg)
     affected = _affected(cg, plan)
+    for gid, group_plan in plan.items():
+        unbound = sorted(set(group_plan.init) - set(affected))
+        if unbound:
+            raise PlanError(f"group {gid}: init names {', '.join(unbound)}, which no changing group binds: "
+                            "give values only for tensors the group's channels live in")  # fmt: skip
     try:
         new_tensors = {path: _new_tensor(cg, plan, path, bs, seed) for path, bs in affected.items()}
         originals = {path: _lookup_tensor(gm, path) for path in affected}
@@ -161,6 +166,8 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
             _set_tensor(module, leaf, value, originals[path])
         _rewrite_constants(out, cg, plan)
         out.recompile()
+    except PlanError:
+        raise
     except Exception as exc:
         raise SurgeryError(f"applying the width plan failed: {type(exc).__name__}: {exc}") from exc
     logger.debug("surgery rebuilt %d tensors", len(new_tensors))

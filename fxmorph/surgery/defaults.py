@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from fxmorph.errors import PlanError
 from fxmorph.surgery.indices import AxisMap
 
 __all__ = ["new_channel_values"]
@@ -49,5 +50,15 @@ def new_channel_values(
     for pos, gid, k, _ in amap.slots:
         values = init.get(gid, {}).get(path)
         if values is not None:
+            _check_init_shape(values, fill, dim, k, gid, path)
             fill.select(dim, pos).copy_(values.select(dim, k))
     return fill
+
+
+def _check_init_shape(values: torch.Tensor, fill: torch.Tensor, dim: int, k: int, gid: int, path: str) -> None:
+    """Explicit values must match the rebuilt tensor on every other dim and hold new channel ``k``."""
+    same = values.dim() == fill.dim() and all(values.shape[d] == fill.shape[d] for d in range(fill.dim()) if d != dim)
+    if not same or values.shape[dim] <= k:
+        want = [*fill.shape[:dim], "new", *fill.shape[dim + 1 :]]
+        raise PlanError(f"group {gid}: init['{path}'] has shape {list(values.shape)}, but the new channels need "
+                        f"{want} (dim {dim}: one slice per new channel)")  # fmt: skip
