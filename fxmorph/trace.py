@@ -141,7 +141,7 @@ def mutable_args(value: Any) -> Any:
     """
     if isinstance(value, list):
         return [mutable_args(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+    if type(value) is tuple:  # not namedtuples nor torch.return_types (``max(dim).values``): they keep their type
         return tuple(mutable_args(v) for v in value)
     if isinstance(value, dict):
         return {k: mutable_args(v) for k, v in value.items()}

@@ -133,3 +133,25 @@ def test_functional_layers_with_parameters_used_directly() -> None:
     cg = fxmorph.analyze(Functional(), (torch.randn(2, 3, 6, 6),))
     group = next(g for g in cg.groups if any(p.name == "w1" and p.dim == 0 for p in g.params))
     assert not group.pins and {p.name for p in group.params} == {"w1", "w2"}
+
+
+def test_return_types_keep_their_fields_through_shape_propagation() -> None:
+    """``h.max(dim=1).values``, ``topk(...).values`` and ``sort(...).values`` trace (fixed: shape propagation
+    turned torch.return_types into plain tuples, and every entry point raised a TraceError blaming the inputs).
+    Channels that topk and sort reorder are pinned with the reason; the rest still prunes."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c, self.b = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.c(torch.relu(self.a(x)))
+            v = h.topk(2, dim=0).values.sum(0, keepdim=True) + h.sort(dim=1).values
+            return self.b(torch.relu(v + h.max(dim=1, keepdim=True).values))
+
+    model, x = Net().eval(), torch.randn(3, 8)
+    cg = fxmorph.analyze(model, (x,))
+    assert any("'topk'" in str(g.pinned) for g in cg.groups)
+    small = fxmorph.shrink(model, 0.5, (x,), round_to=1)
+    assert small(x).shape == (3, 4) and fxmorph.count_flops(small, (x,)) <= fxmorph.count_flops(model, (x,)) // 2
