@@ -281,9 +281,14 @@ def shrink(
         try:
             cg, result = _cut(split.gm, inputs, data, loss_fn, seed, options, merge=bool(split.records))
         except BudgetError:
-            if best is None:
-                raise
-            break  # fewer layers split cannot reach the budget: keep the last round's result
+            if best is not None:
+                break  # fewer layers split cannot reach the budget: keep the last round's result
+            if not split.records or targets == ():
+                raise  # the model itself cannot reach the budget
+            # the split layers' rank groups cannot thin enough (round_to, min_width): try those layers whole
+            logger.info("shrink: the factorized model cannot reach the budget; pruning the layers whole")
+            targets = ()
+            continue
         best = (cg, split, result)
         still_split = _factor_paths(result.gm)
         if still_split == _factor_paths(split.gm):

@@ -13,6 +13,7 @@ import fxmorph
 from fxmorph.passes import FactorizePass, MergeFactorsPass, PassContext, Pipeline
 from fxmorph.passes.factorize import FACTORS_KEY, factorizable
 from fxmorph.testing import masked_reference, random_plan
+from tests.conftest import MLP
 
 
 def _mlp(low_rank: bool = False) -> nn.Module:
@@ -257,3 +258,16 @@ def test_shrink_factorize_meets_the_budget_and_keeps_only_pairs_that_pay(budget:
         assert not factors and "factorize" not in [p["pass"] for p in report.passes]
     else:
         assert factors
+
+
+def test_factorize_falls_back_to_whole_layers_when_the_split_cannot_reach_the_budget() -> None:
+    """With ``round_to=16`` the split model's rank groups cannot thin to half of an 8-32-32-4 MLP: shrink
+    prunes the layers whole, as without ``factorize`` (fixed: a BudgetError quoting the split model's
+    FLOPs); a budget the model itself cannot reach names the model's own FLOPs."""
+    model, x = MLP(), torch.randn(2, 8)
+    plain = fxmorph.shrink(model, 0.5, (x,), round_to=16, return_report=True)[1]
+    small, report = fxmorph.shrink(model, 0.5, (x,), round_to=16, factorize=True, return_report=True)
+    assert report.flops_after == plain.flops_after <= report.budget_flops
+    assert not small.meta.get(FACTORS_KEY) and "factorize" not in [p["pass"] for p in report.passes]
+    with pytest.raises(fxmorph.BudgetError, match=r"of 5,632\)"):
+        fxmorph.shrink(model, 0.05, (x,), round_to=16, factorize=True)
