@@ -28,7 +28,6 @@ from fxmorph.validate import (
     check_callable,
     check_data,
     check_first_batch,
-    check_first_loss,
     check_model,
     check_number,
     check_prefixes,
@@ -251,9 +250,8 @@ def grow(
     gm = trace(model, inputs, leaf_modules=leaf_modules)
     if data is not None:
         data, first = check_data(data, "grow")
-        check_first_batch(model, first, "grow")
-        check_first_loss(model, first, loss_fn, "grow", "chooses where to grow from the gradients of its "
-                         "parameters (data and loss_fn given); pass no data to grow without them")  # fmt: skip
+        check_first_batch(model, first, "grow", loss_fn=loss_fn, needs="chooses where to grow from the gradients "
+                          "of its parameters (data and loss_fn given); pass no data to grow without them")  # fmt: skip
     cg = build_channel_graph(gm)
     candidates, skipped = grow_candidates(cg, tuple(protect))
     budget = None

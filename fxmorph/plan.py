@@ -97,8 +97,9 @@ class WidthPlan(Mapping[int, GroupPlan]):
                 raise PlanError(f"group {gid}: expected a GroupPlan, got {type(plan).__name__}: "
                                 "write GroupPlan(keep=(0, 1, ...), new=0)")  # fmt: skip
             _check_group(cg, gid, plan)
+        names = dict.fromkeys([*dict(cg.gm.named_parameters()), *dict(cg.gm.named_buffers())])  # in model order
         for gid, plan in self._groups.items():
-            _check_init(cg, gid, plan)
+            _check_init(names, gid, plan)
 
     def measure(self, cg: ChannelGraph) -> MeasureFn:
         """A function giving the width of any layout of ``cg`` under this plan."""
@@ -136,12 +137,11 @@ def _check_group(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
         raise PlanError(f"group {gid} cannot grow without changing the function: {reason}")
 
 
-def _check_init(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
-    """``init`` names tensors of the model and gives tensors; their shapes are checked where surgery
-    uses them (:func:`fxmorph.surgery.defaults.new_channel_values`)."""
+def _check_init(names: Mapping[str, None], gid: int, plan: GroupPlan) -> None:
+    """``init`` names tensors of the model (``names``: its parameters and buffers) and gives tensors; their
+    shapes are checked where surgery uses them (:func:`fxmorph.surgery.defaults.new_channel_values`)."""
     if plan.init and not plan.new:
         raise PlanError(f"group {gid}: init gives values for new channels, but new is 0")
-    names = dict(cg.gm.named_parameters()) | dict(cg.gm.named_buffers())
     for path, values in plan.init.items():
         if path not in names:
             close = ", ".join(n for n in names if n.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1])[:200]

@@ -31,7 +31,6 @@ from fxmorph.validate import (
     check_callable,
     check_data,
     check_first_batch,
-    check_first_loss,
     check_number,
     check_prefixes,
     check_seed,
@@ -106,11 +105,9 @@ def _check_data(model: nn.Module, data: Any, loss_fn: Any, criterion: str, strat
     if not (cut or calibrate):
         return data
     data, first = check_data(data, "shrink", reads=(int(cut) + int(calibrate)) * rounds)
-    check_first_batch(model, first, "shrink", pair=cut)
-    if cut and loss_fn is not None:
-        needs = ("reads the gradients of the model's parameters (criterion='taylor'); use criterion='l1' without "
-                 "them" if criterion == "taylor" else "grows with gradients (data and loss_fn given)")  # fmt: skip
-        check_first_loss(model, first, loss_fn, "shrink", needs)
+    needs = ("reads the gradients of the model's parameters (criterion='taylor'); use criterion='l1' without "
+             "them" if criterion == "taylor" else "grows with gradients (data and loss_fn given)")  # fmt: skip
+    check_first_batch(model, first, "shrink", pair=cut, loss_fn=loss_fn if cut else None, needs=needs)
     return data
 
 

@@ -21,9 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxmorph.errors import FxmorphError, InputError
-from fxmorph.validate import first_line, run_failure_hint, split_batch
+from fxmorph.validate import check_loss, first_line, run_failure_hint, split_batch
 
-__all__ = ["EpochLog", "OptimizerFactory", "StepFn", "adam", "default_step", "fit", "scalar_loss"]
+__all__ = ["EpochLog", "OptimizerFactory", "StepFn", "adam", "default_step", "fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +71,6 @@ def default_step(loss_fn: Callable[..., Any]) -> StepFn:
         return loss_fn(model(*inputs), targets)
 
     return step
-
-
-def scalar_loss(loss: Any, where: str) -> torch.Tensor:
-    """``loss`` if it is a scalar tensor that requires grad; otherwise an :class:`InputError`."""
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise InputError(
-            f"{where} must return a scalar tensor, got {shape}: reduce the loss (for example with .mean(), "
-            "or the loss's default reduction)."
-        )
-    if not loss.requires_grad:
-        raise InputError(f"{where} returned a loss that does not depend on the model's parameters (no grad).")
-    return loss.reshape(())
 
 
 def _run_step(step: StepFn, model: nn.Module, batch: Any, where: str, at: str) -> Any:
@@ -147,7 +134,7 @@ def fit(
         bar = tqdm(data, desc=f"{phase} {epoch}/{epochs}", total=_length(data), disable=not progress, leave=False)
         for batch in bar:
             opt.zero_grad(set_to_none=True)
-            loss = scalar_loss(_run_step(step, model, batch, where, f"{phase} epoch {epoch}, batch {steps + 1}"), where)
+            loss = check_loss(_run_step(step, model, batch, where, f"{phase} epoch {epoch}, batch {steps + 1}"), where)
             extra = penalty() if penalty is not None else None
             (loss if extra is None else loss + extra).backward()
             opt.step()

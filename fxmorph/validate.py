@@ -28,8 +28,8 @@ __all__ = [
     "check_count",
     "check_data",
     "check_first_batch",
-    "check_first_loss",
     "check_leaf_modules",
+    "check_loss",
     "check_model",
     "check_number",
     "check_options",
@@ -205,65 +205,65 @@ def split_batch(batch: Any, who: str, fix: str = "yield such pairs (a DataLoader
     return (tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)), batch[1]
 
 
-def check_first_batch(model: nn.Module, batch: Any, who: str, *, pair: bool = True) -> None:
-    """The first ``batch`` of the data runs through ``model`` (eval mode, no grad; nothing is written)."""
+def check_first_batch(model: nn.Module, batch: Any, who: str, *, pair: bool = True,
+                      loss_fn: Callable[..., Any] | None = None, needs: str = "") -> None:  # fmt: skip
+    """The first ``batch`` of the data runs through ``model`` (eval mode; nothing is written). With ``loss_fn``,
+    that same forward runs with gradients on and ``loss_fn(outputs, targets)`` must be a finite scalar that
+    depends on the parameters (no ``backward``); ``needs`` says what ``who`` uses the gradients for, for the
+    message about a frozen model."""
     from fxmorph.trace import frozen_mode
 
     if pair:
-        inputs, _ = split_batch(batch, who)
+        inputs, targets = split_batch(batch, who)
     else:
         raw = batch[0] if isinstance(batch, list | tuple) else batch
-        inputs = tuple(raw) if isinstance(raw, list | tuple) else (raw,)
+        inputs, targets = (tuple(raw) if isinstance(raw, list | tuple) else (raw,)), None
     check_tensor_inputs(inputs, what="the first batch's input")
-    try:
-        with frozen_mode(model), torch.no_grad():
-            model(*inputs)
-    except Exception as exc:  # the user's model and data may raise anything
-        hint = run_failure_hint(model, inputs, exc) or (
-            "every batch must be (inputs, targets) whose inputs the model accepts, like example_inputs"
-        )
-        raise InputError(f"{who}: the first batch of data does not run through the model ({first_line(exc)}): "
-                         f"{hint}.") from exc  # fmt: skip
-
-
-def check_first_loss(model: nn.Module, batch: Any, loss_fn: Callable[..., Any], who: str, needs: str) -> None:
-    """``loss_fn(model(*inputs), targets)`` on the first ``batch`` is a finite scalar that depends on the model's
-    parameters (eval mode, gradients on; nothing is written: no ``backward``). Call after :func:`check_first_batch`.
-    ``needs`` says what ``who`` uses the gradients for, for the message about a frozen model."""
-    from fxmorph.trace import frozen_mode
-
-    check_trainable(model, who, needs)
-    inputs, targets = split_batch(batch, who)
-    with frozen_mode(model), torch.enable_grad():
-        outputs = model(*inputs)
+    with frozen_mode(model), torch.enable_grad() if loss_fn is not None else torch.no_grad():
         try:
-            loss = loss_fn(outputs, targets)
-        except Exception as exc:  # the user's loss may raise anything
-            raise InputError(
-                f"{who}: loss_fn failed on the first batch of data ({first_line(exc)}): it is called as "
-                "loss_fn(model(*inputs), targets) and must return a scalar tensor; check that it takes those two "
-                "arguments and that the targets have the dtype and shape it expects (class indices are int64)."
-            ) from exc
-    _check_loss_value(loss, who)
+            outputs = model(*inputs)
+        except Exception as exc:  # the user's model and data may raise anything
+            hint = run_failure_hint(model, inputs, exc) or (
+                "every batch must be (inputs, targets) whose inputs the model accepts, like example_inputs"
+            )
+            raise InputError(f"{who}: the first batch of data does not run through the model ({first_line(exc)}): "
+                             f"{hint}.") from exc  # fmt: skip
+        if loss_fn is not None:
+            check_trainable(model, who, needs)
+            check_loss(_first_loss(loss_fn, outputs, targets, who), f"{who}: loss_fn", batch=1)
 
 
-def _check_loss_value(loss: Any, who: str) -> None:
-    """``loss`` is a finite scalar tensor that requires grad."""
+def _first_loss(loss_fn: Callable[..., Any], outputs: Any, targets: Any, who: str) -> Any:
+    try:
+        return loss_fn(outputs, targets)
+    except Exception as exc:  # the user's loss may raise anything
+        raise InputError(
+            f"{who}: loss_fn failed on the first batch of data ({first_line(exc)}): it is called as "
+            "loss_fn(model(*inputs), targets) and must return a scalar tensor; check that it takes those two "
+            "arguments and that the targets have the dtype and shape it expects (class indices are int64)."
+        ) from exc
+
+
+def check_loss(loss: Any, where: str, *, batch: int | None = None) -> torch.Tensor:
+    """``loss`` as a 0-d tensor if it is a scalar tensor that requires grad, and with ``batch`` (the batch it
+    came from, counted from 1, for the message) also finite; otherwise an :class:`InputError`. ``where`` names
+    what returned it (``"shrink: loss_fn"``)."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise InputError(f"{who}: loss_fn must return a scalar tensor, got {got}: reduce the loss (for example with "
+        raise InputError(f"{where} must return a scalar tensor, got {got}: reduce the loss (for example with "
                          ".mean(), or the loss's default reduction).")  # fmt: skip
     if not loss.requires_grad:
         raise InputError(
-            f"{who}: loss_fn returned a loss that does not depend on the model's parameters (no grad): compute it "
-            "from the model's outputs with torch operations, not under torch.no_grad() nor through .detach(), "
-            ".item() or numpy."
+            f"{where} returned a loss that does not depend on the model's parameters (no grad): compute it from "
+            "the model's outputs with torch operations, not under torch.no_grad() nor through .detach(), .item() "
+            "or numpy."
         )
-    if not torch.isfinite(loss.detach()).all():
+    if batch is not None and not torch.isfinite(loss.detach()).all():
         raise InputError(
-            f"{who}: loss_fn returned {float(loss.detach())} on the first batch of data: the loss must be finite; "
-            "check the data (NaN or inf inputs or targets), the weights and loss_fn."
+            f"{where} returned {float(loss.detach())} on batch {batch} of data, but the loss must be finite on every "
+            "batch: check that batch for NaN or inf inputs or targets, and the weights and loss_fn."
         )
+    return loss.reshape(())
 
 
 # -- scalars and names -----------------------------------------------------------------------------------

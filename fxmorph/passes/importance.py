@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Layout
 from fxmorph.errors import InputError
-from fxmorph.validate import split_batch
+from fxmorph.validate import check_loss, split_batch
 
 __all__ = ["CRITERIA", "channel_positions", "importance"]
 
@@ -117,7 +117,7 @@ def _taylor(cg: ChannelGraph, data: Iterable[Any], loss_fn: Callable[..., Any], 
     for batch in itertools.islice(data, batches):
         inputs, target = split_batch(batch, "criterion='taylor'")
         model.zero_grad(set_to_none=True)
-        _taylor_loss(loss_fn(model(*inputs), target), seen + 1).backward()
+        check_loss(loss_fn(model(*inputs), target), "criterion='taylor': loss_fn", batch=seen + 1).backward()
         seen += 1
         for gid in sums:
             sums[gid] += _taylor_group(cg, gid, params) ** 2
@@ -131,18 +131,6 @@ def _taylor(cg: ChannelGraph, data: Iterable[Any], loss_fn: Callable[..., Any], 
                 "criterion='l1'."
             )
     return {g: s / seen for g, s in sums.items()}
-
-
-def _taylor_loss(loss: Any, k: int) -> torch.Tensor:
-    """``loss`` of batch ``k`` (from 1), checked: a finite scalar tensor."""
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise InputError("loss_fn must return a scalar tensor: reduce the loss (for example with .mean()).")
-    if not torch.isfinite(loss.detach()).all():
-        raise InputError(
-            f"criterion='taylor': loss_fn returned {float(loss.detach())} on batch {k} of data, so no channel can "
-            "be ranked: every batch must give a finite loss; check that batch for NaN or inf inputs or targets."
-        )
-    return loss
 
 
 def _made_by(cg: ChannelGraph, gid: int) -> str:
