@@ -89,6 +89,9 @@ def module_problems(model: nn.Module) -> list[tuple[str, str]]:
     """Every ``(module path, problem)`` where a module's attributes disagree with its tensors."""
     found = []
     for path, m in model.named_modules():
+        # a name held as both a parameter and a buffer: forward reads one, state_dict keeps the other
+        found.extend((path or "<root>", f"'{name}' is both a parameter and a buffer")
+                     for name in m._parameters.keys() & m._buffers.keys())  # fmt: skip
         for kind, fn in _MODULE_CHECKS:
             if isinstance(m, kind):
                 found.extend((path or "<root>", p) for p in fn(m))

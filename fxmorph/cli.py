@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from fxmorph.passes.rounding import AUTO, RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
 
 __all__ = ["CRITERIA", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -48,6 +49,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _round_to(text: str) -> RoundTo:
+    """``--round-to``: ``auto`` or a positive whole number."""
+    return AUTO if text.strip().lower() == AUTO else _positive_int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -85,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--round-to",
-        type=_positive_int,
+        type=_round_to,
         default=DEFAULT_ROUND_TO,
         metavar="N",
-        help=f"widths are multiples of N (default {DEFAULT_ROUND_TO})",
+        help="widths are multiples of N, or 'auto': multiples of 16 (onnxruntime's CPU channel block) where the "
+        "budget allows, finer steps for narrow groups where it needs them (default auto)",
     )
     parser.add_argument("--criterion", choices=CRITERIA, default="l1", help="channel importance (default l1)")
     parser.add_argument(

@@ -22,6 +22,7 @@ from fxmorph.passes.base import PassContext, Pipeline
 from fxmorph.passes.grow import GROW_KEY, GrowPass, grow_candidates
 from fxmorph.passes.grow_init import DATA_INITS, INITS
 from fxmorph.passes.grow_select import max_grow_flops
+from fxmorph.passes.rounding import RoundTo, check_round_to
 from fxmorph.passes.select import DEFAULT_ROUND_TO
 from fxmorph.trace import FLOPS_KEY, as_inputs, frozen_mode, propagate_shapes, trace
 from fxmorph.validate import (
@@ -118,7 +119,7 @@ def _group_of_module(cg: ChannelGraph, key: Any) -> int:
     )
 
 
-def _check_options(init: str, data: Any, loss_fn: Any, round_to: int, max_factor: float, rank: int,
+def _check_options(init: str, data: Any, loss_fn: Any, round_to: RoundTo, max_factor: float, rank: int,
                    batches: int, scale: float, noise: float) -> None:  # fmt: skip
     if init not in INITS:
         raise InputError(f"unknown init {init!r}: choose one of {', '.join(INITS)}.")
@@ -128,7 +129,9 @@ def _check_options(init: str, data: Any, loss_fn: Any, round_to: int, max_factor
     if data is not None and loss_fn is None:
         raise InputError("data needs loss_fn: pass a loss such as torch.nn.functional.cross_entropy.")
     check_callable("loss_fn", loss_fn)
-    for name, value in (("round_to", round_to), ("rank", rank), ("batches", batches)):
+    if not check_round_to(round_to):
+        raise InputError(f"round_to must be 'auto' or a positive int, got {round_to!r}.")
+    for name, value in (("rank", rank), ("batches", batches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive int, got {value!r}.")
     check_number("max_factor", max_factor, low=1.0, open_low=True)
@@ -150,7 +153,7 @@ class _Float32Batches:
         return map(_to_float32, self.data)
 
 
-def _check_budget(cost: CostModel, budget: int, candidates: list[int], round_to: int, max_factor: float) -> None:
+def _check_budget(cost: CostModel, budget: int, candidates: list[int], round_to: RoundTo, max_factor: float) -> None:
     flops = cost.flops()
     if budget <= flops:
         raise BudgetError(
@@ -175,7 +178,7 @@ def grow(
     data: Iterable[Any] | None = None,
     loss_fn: Callable[..., Any] | None = None,
     init: str = "auto",
-    round_to: int = DEFAULT_ROUND_TO,
+    round_to: RoundTo = DEFAULT_ROUND_TO,
     max_factor: float = 4.0,
     rank: int = 8,
     batches: int = 4,
@@ -202,8 +205,8 @@ def grow(
         init: ``"auto"``, ``"gradmax"``, ``"dual"`` (both need data), ``"net2net"`` or ``"zero"``: see
             :mod:`fxmorph.passes.grow_init`. Groups where the init asked for is not valid fall back (the
             report says which and why).
-        round_to: widths of growing groups become multiples of this (the project default, as
-            :func:`fxmorph.shrink`'s; ``channels`` counts are added as asked).
+        round_to: widths of growing groups become multiples of this; ``"auto"`` (the default) grows in
+            multiples of 16, onnxruntime's CPU channel block (``channels`` counts are added as asked).
         max_factor: no group grows beyond this multiple of its width.
         rank, batches: singular values per group and batches of ``data`` used to estimate them.
         scale: GradMax fan-out norm, relative to the mean fan-out norm of the existing channels.

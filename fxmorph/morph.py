@@ -37,6 +37,7 @@ from fxmorph.errors import BudgetError, InputError
 from fxmorph.passes.base import PassContext, Pipeline
 from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.remove_dead import RemoveDeadPass
+from fxmorph.passes.rounding import RoundTo, check_round_to
 from fxmorph.passes.select import DEFAULT_ROUND_TO
 from fxmorph.passes.width import WidthPass
 from fxmorph.regularizer import FlopsRegularizer
@@ -163,7 +164,8 @@ def _check_model(model: Any) -> None:
     check_trainable(model, "morph")
 
 
-def _budget(model: nn.Module, budget_flops: Any, inputs: tuple[Any, ...], leaf: tuple[Any, ...], round_to: int) -> int:
+def _budget(model: nn.Module, budget_flops: Any, inputs: tuple[Any, ...], leaf: tuple[Any, ...],
+            round_to: RoundTo) -> int:  # fmt: skip
     """The budget in FLOPs, refused before training when no width multiplier can reach it."""
     gm = trace(model, inputs, leaf_modules=leaf)
     budget = parse_any_budget(budget_flops, gm.meta[FLOPS_KEY])
@@ -176,7 +178,8 @@ def _budget(model: nn.Module, budget_flops: Any, inputs: tuple[Any, ...], leaf: 
     return budget
 
 
-def _reachable(lean: fx.GraphModule, budget: int, inputs: tuple[Any, ...], leaf: tuple[Any, ...], round_to: int) -> int:
+def _reachable(lean: fx.GraphModule, budget: int, inputs: tuple[Any, ...], leaf: tuple[Any, ...],
+               round_to: RoundTo) -> int:  # fmt: skip
     """``budget``, or the most the lean model can grow to when that is less (dead channels were removed)."""
     if budget <= lean.meta.get(FLOPS_KEY, budget):
         return budget
@@ -273,7 +276,7 @@ def morph(
     step_fn: StepFn | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
     criterion: str | None = None,
-    round_to: int = DEFAULT_ROUND_TO,
+    round_to: RoundTo = DEFAULT_ROUND_TO,
     recalibrate: int = 20,
     progress: bool = True,
     seed: int = 0,
@@ -317,7 +320,8 @@ def morph(
             with the model in eval mode under ``torch.no_grad()``; recorded in the report.
         criterion: importance for the shrinking side of the width step; default ``"taylor"`` with
             ``loss_fn``, ``"l1"`` without.
-        round_to: widths of resized groups are multiples of this (groups narrower than it keep their width).
+        round_to: widths of resized groups are multiples of this (groups narrower than it keep their width);
+            ``"auto"`` (the default) as in :func:`fxmorph.shrink`.
         recalibrate: after regularized training, re-estimate BatchNorm running statistics over this many
             batches (see :func:`recalibrate_norms`); 0 skips it.
         progress: show tqdm progress bars.
@@ -341,8 +345,8 @@ def morph(
         _check_count(name, value)
     _check_callables(loss_fn, step_fn, optimizer, evaluate)
     _check_rates(lr, finetune_lr)
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise InputError(f"round_to must be a positive int, got {round_to!r}.")
+    if not check_round_to(round_to):
+        raise InputError(f"round_to must be 'auto' or a positive int, got {round_to!r}.")
     seed = check_seed(seed)
     _check_model(model)
     criterion = criterion or ("taylor" if loss_fn is not None else "l1")

@@ -336,9 +336,10 @@ class FlopsRegularizer:
         BatchNorm groups get ``gamma = 0``; with ``fan_out`` (default) their consumer weight columns are
         zeroed too, so remove-dead removes every dead channel wherever it sits, at the price of dropping
         the channel's constant output ``act(beta) * W`` (small after regularized training; fine-tune to
-        recover). With ``fan_out=False`` remove-dead instead folds that constant into the consumers' bias
-        exactly, but only where the channel reaches its consumers through activation modules alone and they
-        apply no zero padding (see :class:`~fxmorph.passes.RemoveDeadPass`); it keeps the other channels.
+        recover). With ``fan_out=False`` remove-dead instead removes the channel exactly where its constant
+        is 0 where it is read (``act(beta) = 0``), and folds a nonzero constant into the consumers' bias
+        where no zero padding or grouping sits between them (see :class:`~fxmorph.passes.RemoveDeadPass`);
+        it keeps the other channels.
         Group-lasso groups get every slice of the dead channel zeroed. Returns :meth:`dead_channels`.
         """
         dead = self.dead_channels(threshold)

@@ -64,6 +64,8 @@ class ShrinkReport:
             f"params  {self.params_before / 1e6:9.3f} M -> {self.params_after / 1e6:9.3f} M",
             f"time    {self.seconds:.2f} s ({', '.join(p['pass'] for p in self.passes)})",
         ]
+        if "rounding" in self.settings:
+            lines.append(f"widths  {self.settings['rounding']}")
         if self.dropped_modules:
             lines.append(
                 "dropped (never run in eval mode, so not in the shrunk model): " + ", ".join(self.dropped_modules)

@@ -154,7 +154,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         f"Input {shape}; budget {data['budget']['requested']} ({_si(data['budget']['flops'], 'FLOPs')}); "
         f"criterion `{data['settings'].get('criterion')}`, strategy `{data['settings'].get('strategy')}`, "
-        f"widths rounded to {data['settings'].get('round_to')}; "
+        f"widths: {data['settings'].get('rounding', data['settings'].get('round_to'))}; "
         + (
             f"weights from `{data['checkpoint']['path']}`."
             if data.get("checkpoint")

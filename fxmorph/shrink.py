@@ -6,8 +6,10 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
@@ -23,7 +25,8 @@ from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.merge_factors import MergeFactorsPass
 from fxmorph.passes.prune import PrunePass, free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
-from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
+from fxmorph.passes.rounding import AUTO, AUTO_GRIDS, Grid, RoundTo, as_grid, check_round_to
+from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
 from fxmorph.passes.width import WidthPass
 from fxmorph.report import GroupRow, ShrinkReport
 from fxmorph.trace import FLOPS_KEY, UNREACHED_KEY, as_inputs, trace
@@ -44,43 +47,76 @@ REPORT_KEY = "fxmorph.report"
 STRATEGIES = ("prune", "width")
 
 
-def _passes(strategy: str, budget: int, criterion: str, round_to: int, min_width: int, max_prune: float,
-            protect: tuple[str, ...], calibrate: bool, param_cost: float) -> list[Pass]:  # fmt: skip
-    options = {"criterion": criterion, "round_to": round_to, "min_width": min_width, "protect": protect}
-    cut = (PrunePass(budget, max_prune=max_prune, param_cost=param_cost, **options) if strategy == "prune"
+@dataclass(frozen=True)
+class Limits:
+    """The rounding grid and the most a group may lose that a cut uses, once ``"auto"`` is resolved."""
+
+    grid: Grid
+    max_prune: float
+
+    def describe(self) -> str:
+        """For reports: the grid, and the share of channels a group could lose."""
+        if self.max_prune >= 1.0:
+            return f"{self.grid.describe()}; groups may lose any share of their channels (min_width binds)"
+        return f"{self.grid.describe()}; a group keeps at least {100 * (1 - self.max_prune):.0f}% of its channels"
+
+
+def _passes(strategy: str, budget: int, criterion: str, limits: Limits, min_width: int, protect: tuple[str, ...],
+            calibrate: bool, param_cost: float) -> list[Pass]:  # fmt: skip
+    options = {"criterion": criterion, "round_to": limits.grid, "min_width": min_width, "protect": protect}
+    cut = (PrunePass(budget, max_prune=limits.max_prune, param_cost=param_cost, **options) if strategy == "prune"
            else WidthPass(budget, **options))  # fmt: skip
     return [RemoveDeadPass(calibrate=calibrate), cut]
 
 
-def width_reach(cg: ChannelGraph, round_to: int, protect: tuple[str, ...]) -> int:
+def width_reach(cg: ChannelGraph, round_to: RoundTo | Grid, protect: tuple[str, ...]) -> int:
     """The most FLOPs ``strategy="width"`` can grow the model of ``cg`` to (every growable group at
     ``max_factor`` times its width)."""
     groups, _ = grow_candidates(cg, protect)
     return max_grow_flops(CostModel(cg), groups, round_to, WidthPass.max_factor)
 
 
-def _check_reachable(cg: ChannelGraph, budget: int, strategy: str, round_to: int, min_width: int, max_prune: float,
-                     protect: tuple[str, ...]) -> None:  # fmt: skip
+def _limits(cg: ChannelGraph, budget: int, strategy: str, round_to: RoundTo, min_width: int,
+            max_prune: float | str, protect: tuple[str, ...]) -> Limits:  # fmt: skip
+    """The grid and ``max_prune`` to cut with: the first, in order of speed, under which the budget can be
+    reached. ``round_to="auto"`` tries the grids of :data:`AUTO_GRIDS`; ``max_prune="auto"`` tries
+    :data:`DEFAULT_MAX_PRUNE`, then any share (only ``min_width`` binds) once no grid reaches the budget.
+    Explicit values are hard limits. Raises BudgetError when nothing allowed reaches the budget."""
+    grids = AUTO_GRIDS if round_to == AUTO else (as_grid(round_to),)
+    if strategy == "width":  # one multiplier for every group: max_prune does not apply
+        prunes: tuple[float, ...] = (1.0,)
+    else:
+        prunes = (DEFAULT_MAX_PRUNE, 1.0) if max_prune == AUTO else (float(max_prune),)
     cost = CostModel(cg)
     if budget >= cost.flops():
-        if strategy == "width" and budget > cost.flops() and budget > (most := width_reach(cg, round_to, protect)):
-            raise BudgetError(
-                f"budget {budget:,} FLOPs is above what strategy='width' can reach: {most:,} FLOPs "
-                f"({100 * most / cost.flops():.0f}% of the model's {cost.flops():,}) with every growable group at "
-                f"{WidthPass.max_factor:g}x its width (round_to={round_to}). Lower the budget, or use "
-                "fxmorph.grow(..., max_factor=...) to grow further."
-            )
-        return
+        _check_growth_reach(cg, budget, strategy, grids[0], protect)
+        return Limits(grids[0], prunes[0])
     groups = free_group_ids(cg, protect)
-    smallest = cost.flops(smallest_widths(cost, groups, round_to, min_width, max_prune))
-    if budget < smallest:
-        share = 100 * smallest / cost.flops()
+    smallest = 0
+    for share in prunes:
+        for grid in grids:
+            smallest = cost.flops(smallest_widths(cost, groups, grid, min_width, share))
+            if smallest <= budget:
+                return Limits(grid, share)
+    # ``smallest`` is now the finest grid's and the loosest share's: the least the model can reach.
+    raise BudgetError(
+        f"budget {budget:,} FLOPs is below what this model can reach: the smallest is {smallest:,} FLOPs "
+        f"({100 * smallest / cost.flops():.1f}% of {cost.flops():,}), with every free group at its minimum width "
+        f"(round_to={round_to!r}, min_width={min_width}, max_prune={max_prune!r}) and "
+        f"{len(cg.groups) - len(cg.free_groups)} pinned group(s) unchanged. Raise the budget, or lower "
+        "round_to/min_width, or raise max_prune."
+    )
+
+
+def _check_growth_reach(cg: ChannelGraph, budget: int, strategy: str, grid: Grid, protect: tuple[str, ...]) -> None:
+    """``strategy="width"`` above the model's FLOPs grows every group by one multiplier, up to a limit."""
+    flops = CostModel(cg).flops()
+    if strategy == "width" and budget > flops and budget > (most := width_reach(cg, grid, protect)):
         raise BudgetError(
-            f"budget {budget:,} FLOPs is below what this model can reach: the smallest is {smallest:,} FLOPs "
-            f"({share:.1f}% of {cost.flops():,}), with every free group at its minimum width "
-            f"(round_to={round_to}, min_width={min_width}, max_prune={max_prune}) and "
-            f"{len(cg.groups) - len(cg.free_groups)} pinned group(s) unchanged. Raise the budget, or lower "
-            "round_to/min_width, or raise max_prune."
+            f"budget {budget:,} FLOPs is above what strategy='width' can reach: {most:,} FLOPs "
+            f"({100 * most / flops:.0f}% of the model's {flops:,}) with every growable group at "
+            f"{WidthPass.max_factor:g}x its width ({grid.describe()}). Lower the budget, or use "
+            "fxmorph.grow(..., max_factor=...) to grow further."
         )
 
 
@@ -90,10 +126,12 @@ def _check_options(criterion: Any, strategy: Any, round_to: Any, min_width: Any,
         raise InputError(f"unknown criterion {criterion!r}: choose one of {', '.join(CRITERIA)}.")
     if strategy not in STRATEGIES:
         raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}.")
-    for name, value in (("round_to", round_to), ("min_width", min_width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"round_to and min_width must be positive integers, got {name}={value!r}.")
-    check_number("max_prune", max_prune, low=0.0, high=1.0, open_low=True)
+    if not check_round_to(round_to):
+        raise InputError(f"round_to must be 'auto' or a positive integer, got round_to={round_to!r}.")
+    if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 1:
+        raise InputError(f"min_width must be a positive integer, got min_width={min_width!r}.")
+    if not (isinstance(max_prune, str) and max_prune == AUTO):
+        check_number("max_prune", max_prune, low=0.0, high=1.0, open_low=True)
     check_callable("loss_fn", loss_fn)
 
 
@@ -121,21 +159,46 @@ def _check_result(flops: int, budget: int) -> None:
         )
 
 
-def _group_rows(cg: ChannelGraph, new: nn.Module) -> list[GroupRow]:
+def _bound_tensor(model: nn.Module, path: str) -> torch.Tensor | None:
+    """The tensor at ``path`` as the model's forward reads it (a parameter before a buffer of the same
+    name, as ``getattr`` resolves it), or None where the path no longer names a tensor (a layer
+    merged back from a factorized pair)."""
+    owner, _, leaf = path.rpartition(".")
+    try:
+        value = getattr(model.get_submodule(owner) if owner else model, leaf)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _rows(cg: ChannelGraph, new: nn.Module) -> list[GroupRow]:
     rows = []
-    tensors = dict(new.named_parameters()) | dict(new.named_buffers())
     for g in cg.groups:
         if g.pins and not g.params:
             continue
         after = g.size
         for m in g.params:
             pieces = cg.layout_groups(cg.bindings[(m.name, m.dim)].layout)
-            if m.name in tensors and all(gid == g.id for gid, _ in pieces):
-                after = tensors[m.name].shape[m.dim] // sum(inner for _, inner in pieces)
+            tensor = _bound_tensor(new, m.name)
+            # the tensor must still have the bound dim (a rebuilt layer may not: then measure another)
+            if tensor is not None and m.dim < tensor.dim() and all(gid == g.id for gid, _ in pieces):
+                after = tensor.shape[m.dim] // sum(inner for _, inner in pieces)
                 break
         made_by = ", ".join(dict.fromkeys(p.name.rsplit(".", 1)[0] for p in g.producers)) or "-"
         rows.append(GroupRow(g.id, made_by[:60], g.size, after, g.pinned))
     return rows
+
+
+def _group_rows(cg: ChannelGraph, new: nn.Module, passes: list[str]) -> list[GroupRow]:
+    """Per group of ``cg``, its width before and in ``new``; an internal failure is a PassError naming
+    the step (never a raw exception, whatever the model)."""
+    try:
+        return _rows(cg, new)
+    except Exception as exc:
+        raise PassError(
+            f"step 'report' failed after {passes}: {type(exc).__name__}: {exc}. The model was shrunk and checked, "
+            "but this is a bug in fxmorph: please report it with the model."
+        ) from exc
 
 
 def _factorize(gm: fx.GraphModule, inputs: tuple[Any, ...], factorize: bool | tuple[str, ...]) -> PipelineResult:
@@ -155,16 +218,17 @@ def _factor_paths(gm: fx.GraphModule) -> list[str]:
 
 
 def _cut(gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, loss_fn: Any, seed: int, options: tuple[Any, ...],
-         merge: bool) -> tuple[ChannelGraph, PipelineResult]:  # fmt: skip
-    """The channel graph of ``gm`` and the checked pipeline that cuts it to the budget (``options``:
-    strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)."""
+         merge: bool) -> tuple[ChannelGraph, PipelineResult, Limits]:  # fmt: skip
+    """The channel graph of ``gm``, the checked pipeline that cuts it to the budget and the limits it cut
+    under (``options``: strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate,
+    param_cost)."""
     strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost = options
     cg = build_channel_graph(gm)
-    _check_reachable(cg, budget, strategy, round_to, min_width, max_prune if strategy == "prune" else 1.0, protect)
+    limits = _limits(cg, budget, strategy, round_to, min_width, max_prune, protect)
     ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
-    passes = _passes(strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
+    passes = _passes(strategy, budget, criterion, limits, min_width, protect, calibrate, param_cost)
     passes += [MergeFactorsPass()] if merge else []
-    return cg, _run(passes, gm, ctx)
+    return cg, _run(passes, gm, ctx), limits
 
 
 def _run(passes: list[Pass], gm: fx.GraphModule, ctx: PassContext) -> PipelineResult:
@@ -198,9 +262,9 @@ def shrink(
     loss_fn: Callable[..., Any] | None = None,
     criterion: str = "l1",
     strategy: str = "prune",
-    round_to: int = DEFAULT_ROUND_TO,
+    round_to: RoundTo = DEFAULT_ROUND_TO,
     min_width: int = 1,
-    max_prune: float = 0.9,
+    max_prune: float | str = AUTO,
     param_cost: float = DEFAULT_PARAM_COST,
     protect: Sequence[str] = (),
     calibrate: bool = False,
@@ -222,10 +286,15 @@ def shrink(
             them on every batch (ReLU channels that never fire).
         criterion: ``"l1"`` (default), ``"l2"``, ``"bn_scale"``, ``"taylor"`` or ``"random"``.
         strategy: ``"prune"`` (importance per FLOP, global; default) or ``"width"`` (one multiplier).
-        round_to: widths are multiples of this (16 keeps onnxruntime's blocked CPU kernels fast; 1 hits
-            the budget most precisely). Groups smaller than ``round_to`` keep their width.
+        round_to: widths are multiples of this (groups smaller than it keep their width): 16 keeps
+            onnxruntime's blocked CPU kernels fast, 1 hits the budget most precisely. ``"auto"`` (the
+            default) uses 16 where the budget can be reached that way, and otherwise finer steps, first in
+            groups narrower than 64 channels, then everywhere (:mod:`fxmorph.passes.rounding`); the report's
+            ``settings["rounding"]`` says which.
         min_width: no group goes below this many channels.
-        max_prune: no group loses more than this share of its channels (``strategy="prune"``).
+        max_prune: no group loses more than this share of its channels (``strategy="prune"``). ``"auto"``
+            (the default) is 0.9, unless the budget cannot be reached that way on any grid: then only
+            ``min_width`` binds (small models cut 25x, such as LeNet-5).
         param_cost: what one parameter weighs against one FLOP when choosing the cuts
             (``strategy="prune"``): the default (50) makes weight-bound layers, which cost batch-1 latency
             their FLOPs do not show, give way first; 0 ranks by FLOPs alone, the better choice when the goal
@@ -272,11 +341,11 @@ def shrink(
     budget = (parse_any_budget if strategy == "width" else parse_budget)(budget_flops, flops_before)
     options = (strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
     targets: bool | tuple[str, ...] = factorize
-    best: tuple[ChannelGraph, PipelineResult, PipelineResult] | None = None
+    best: tuple[ChannelGraph, PipelineResult, PipelineResult, Limits] | None = None
     for _ in range(rounds):
         split = _factorize(gm, inputs, targets)
         try:
-            cg, result = _cut(split.gm, inputs, data, loss_fn, seed, options, merge=bool(split.records))
+            cg, result, limits = _cut(split.gm, inputs, data, loss_fn, seed, options, merge=bool(split.records))
         except BudgetError:
             if best is not None:
                 break  # fewer layers split cannot reach the budget: keep the last round's result
@@ -286,7 +355,7 @@ def shrink(
             logger.info("shrink: the factorized model cannot reach the budget; pruning the layers whole")
             targets = ()
             continue
-        best = (cg, split, result)
+        best = (cg, split, result, limits)
         still_split = _factor_paths(result.gm)
         if still_split == _factor_paths(split.gm):
             break
@@ -296,12 +365,13 @@ def shrink(
         logger.info("shrink: %d factorized pair(s) cost more than one layer; pruning again without them",
                     len(_factor_paths(split.gm)) - len(still_split))  # fmt: skip
     assert best is not None
-    cg, split, result = best
+    cg, split, result, limits = best
     small = result.gm if not _shares_storage(result.gm, model) else copy.deepcopy(result.gm)
     _check_result(small.meta[FLOPS_KEY], budget)
     small.train(model.training)
     settings = {"criterion": criterion, "strategy": strategy, "round_to": round_to, "min_width": min_width,
-                "max_prune": max_prune, "param_cost": param_cost, "protect": list(protect), "calibrate": calibrate,
+                "max_prune": max_prune, "rounding": limits.describe(), "param_cost": param_cost,
+                "protect": list(protect), "calibrate": calibrate,
                 "factorize": factorize if isinstance(factorize, bool) else list(factorize), "seed": seed}  # fmt: skip
     report = ShrinkReport(
         budget_flops=budget,
@@ -310,7 +380,7 @@ def shrink(
         params_before=count_params(model),
         params_after=count_params(small),
         seconds=time.perf_counter() - start,
-        groups=_group_rows(cg, small),
+        groups=_group_rows(cg, small, [r["pass"] for r in split.records + result.records]),
         passes=split.records + result.records,
         dropped_modules=gm.meta.get(UNREACHED_KEY, ()),
         settings=settings,

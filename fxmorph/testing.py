@@ -77,48 +77,66 @@ class _MaskedInterpreter(fx.Interpreter):
         return value
 
     def _masked_norm(self, n: fx.Node) -> torch.Tensor | None:
-        """LayerNorm/GroupNorm over partly removed channels: normalise over the kept ones only."""
+        """A norm over partly removed channels (LayerNorm, RMSNorm, GroupNorm, as modules or functions):
+        normalise over the kept channels only, which is what removing the others means."""
         if n.op == "call_module":
             m = self.module.get_submodule(str(n.target))
-            if isinstance(m, nn.LayerNorm | nn.GroupNorm):
+            if isinstance(m, nn.LayerNorm | nn.RMSNorm | nn.GroupNorm):
                 x = self.env[n.args[0]]
-                dim = x.dim() - 1 if isinstance(m, nn.LayerNorm) else 1
+                dim = 1 if isinstance(m, nn.GroupNorm) else x.dim() - 1
                 mask = (self.masks.get(n.args[0].name) or {}).get(dim)
                 if mask is not None:
                     return _norm_kept(x, dim, mask, m)
-        if n.op == "call_function" and n.target is F.layer_norm:
-            x = self.env[n.args[0]]
-            mask = (self.masks.get(n.args[0].name) or {}).get(x.dim() - 1)
-            if mask is not None:
-                args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
-                kw = {k: self.env[v] if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
-                w = args[2] if len(args) > 2 else kw.get("weight")
-                b = args[3] if len(args) > 3 else kw.get("bias")
-                eps = args[4] if len(args) > 4 else kw.get("eps", 1e-5)
-                return _layer_norm_kept(x, mask, w, b, eps)
+        if n.op == "call_function" and n.target in _NORM_FUNCTIONS:
+            names = _NORM_FUNCTIONS[n.target]
+            bound = dict(zip(names, (self._value(a) for a in n.args), strict=False))
+            bound.update({k: self._value(v) for k, v in n.kwargs.items()})
+            x = bound["input"]
+            dim = 1 if "num_groups" in names else x.dim() - 1
+            mask = (self.masks.get(n.args[0].name) or {}).get(dim)
+            if mask is not None and (dim == 1 or len(bound["normalized_shape"]) == 1):
+                return _kept(x, dim, mask, n.target, bound)
         return None
+
+    def _value(self, arg: Any) -> Any:
+        return self.env[arg] if isinstance(arg, fx.Node) else arg
+
+
+_NORM_FUNCTIONS: dict[Any, tuple[str, ...]] = {
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    torch.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+    F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+    torch.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+    torch.group_norm: ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
+}
+
+
+def _kept(x: torch.Tensor, dim: int, mask: torch.Tensor, fn: Any, bound: dict[str, Any]) -> torch.Tensor:
+    """``fn`` applied to the kept channels of ``x`` along ``dim`` (removed positions stay zero)."""
+    idx = torch.nonzero(mask).flatten()
+    sub = x.index_select(dim, idx)
+    w, b = (bound.get(k) for k in ("weight", "bias"))
+    w = w.index_select(0, idx) if w is not None else None
+    b = b.index_select(0, idx) if b is not None else None
+    if "num_groups" in bound:
+        normed = F.group_norm(sub, bound["num_groups"], w, b, bound.get("eps", 1e-5))
+    elif fn in (F.rms_norm, torch.rms_norm):
+        normed = F.rms_norm(sub, (len(idx),), w, bound.get("eps"))
+    else:
+        normed = F.layer_norm(sub, (len(idx),), w, b, bound.get("eps", 1e-5))
+    out = torch.zeros_like(x)
+    out.index_copy_(dim, idx, normed)
+    return out
 
 
 def _norm_kept(x: torch.Tensor, dim: int, mask: torch.Tensor, m: nn.Module) -> torch.Tensor:
-    if isinstance(m, nn.LayerNorm):
-        return _layer_norm_kept(x, mask, m.weight, m.bias, m.eps)
-    idx = torch.nonzero(mask).flatten()
-    sub = x.index_select(1, idx)
-    w = m.weight.index_select(0, idx) if m.weight is not None else None
-    b = m.bias.index_select(0, idx) if m.bias is not None else None
-    out = torch.zeros_like(x)
-    out.index_copy_(1, idx, F.group_norm(sub, m.num_groups, w, b, m.eps))
-    return out
-
-
-def _layer_norm_kept(x: torch.Tensor, mask: torch.Tensor, w: Any, b: Any, eps: float) -> torch.Tensor:
-    idx = torch.nonzero(mask).flatten()
-    sub = x.index_select(-1, idx)
-    w = w.index_select(0, idx) if w is not None else None
-    b = b.index_select(0, idx) if b is not None else None
-    out = torch.zeros_like(x)
-    out.index_copy_(x.dim() - 1, idx, F.layer_norm(sub, (len(idx),), w, b, eps))
-    return out
+    if isinstance(m, nn.GroupNorm):
+        bound = {"num_groups": m.num_groups, "weight": m.weight, "bias": m.bias, "eps": m.eps}
+        return _kept(x, dim, mask, F.group_norm, bound)
+    if isinstance(m, nn.RMSNorm):
+        return _kept(x, dim, mask, F.rms_norm, {"weight": m.weight, "eps": m.eps})
+    return _kept(x, dim, mask, F.layer_norm, {"weight": m.weight, "bias": m.bias, "eps": m.eps})
 
 
 def _node_masks(cg: ChannelGraph, plan: WidthPlan, value: Any) -> Any:

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmorph._flops import flop_counter
 from fxmorph.errors import InputError, TraceError
+from fxmorph.trace_layers import through_forward, through_root, traced_through
 from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, run_failure_hint
 from fxmorph.validate_model import check_hooks, check_reshapable, check_unwrapped
 
@@ -67,7 +68,8 @@ def _check_model(model: Any) -> None:
 
 
 class _Tracer(fx.Tracer):
-    """Leaf policy: torch.nn modules, their subclasses that keep the inherited forward, user leaves."""
+    """Leaf policy: torch.nn modules, their subclasses that keep the inherited forward, user leaves; but
+    the torch.nn transformer layers are entered along their plain path (:mod:`fxmorph.trace_layers`)."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
         super().__init__()
@@ -75,11 +77,24 @@ class _Tracer(fx.Tracer):
         self._leaf_names = leaf_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+        if self._user_leaf(m, module_qualified_name):
             return True
+        if traced_through(m):
+            return False
         if super().is_leaf_module(m, module_qualified_name):
             return True
         return _inherits_torch_forward(type(m))
+
+    def _user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if traced_through(m) and not self._user_leaf(m, self.path_of_module(m)):
+            plain = through_forward(m, args, kwargs)
+            if plain is None:  # this call must stay whole: a leaf, whose channels the analysis pins
+                return self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
+            forward = plain
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _inherits_torch_forward(cls: type) -> bool:
@@ -120,7 +135,8 @@ def _symbolic_trace(
     leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
     tracer = _Tracer(leaf_types, leaf_names)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        root = model if isinstance(model, leaf_types) else through_root(model)
+        graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:
         raise TraceError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}\n"

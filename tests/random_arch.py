@@ -10,7 +10,10 @@ multiplied or partly dropped, depthwise convolutions with and without a channel 
 convolutions, SE gates (convolution and linear versions), channel shuffle (view/transpose/view and
 ``nn.ChannelShuffle``), a ShuffleNetV2 unit, a module called twice, pooling, attention on tokens
 (Linear qkv, reshape into heads, matmul-softmax-matmul or SDPA, projection, residual), intermediate
-outputs (tuple or dict) and heads (1x1 conv, flatten into a Linear, global pool into a Linear, raw).
+outputs (tuple or dict) and heads (1x1 conv, flatten into a Linear, global pool into a Linear, raw);
+parameters used directly through ``matmul`` and ``F.linear``, functional norms (``F.batch_norm``,
+``F.group_norm``, ``F.layer_norm``), a ``BatchNorm2d`` subclass with a forward of its own (timm's
+norm-activation layers), and ``nn.TransformerEncoderLayer``.
 
 Used by ``test_random_architectures.py`` (plans applied directly) and ``test_fuzz_budgets.py`` (the
 public entry points with random budgets).
@@ -26,7 +29,7 @@ from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from torch import nn
 
-__all__ = ["SETTINGS", "Spec", "architectures", "build"]
+__all__ = ["NEW_KINDS", "SETTINGS", "Spec", "architectures", "build"]
 
 Spec = tuple[str, dict[str, Any]]
 MAX_DEPTH = 2  # nesting of residual / concat / split bodies
@@ -203,6 +206,81 @@ class Attention(nn.Module):
         return t.transpose(1, 2).reshape(n, d, h, w)
 
 
+class ParamProduct(nn.Module):
+    """A parameter used directly on the channels: ``x @ w`` (``w`` is ``[c, cout]``), ``F.linear(x, w, b)``
+    (``[cout, c]``) on channels-last pixels, or ``w @ x`` on ``[n, c, h*w]`` (the parameter's first dim
+    is the new channel dim)."""
+
+    def __init__(self, c: int, cout: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        shape = (c, cout) if mode == "matmul" else (cout, c)
+        self.w = nn.Parameter(torch.randn(shape) / c**0.5)
+        self.b = nn.Parameter(torch.randn(cout) * 0.1) if mode == "linear" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.mode == "matmul":
+            return F.relu(x.permute(0, 2, 3, 1) @ self.w).permute(0, 3, 1, 2)
+        if self.mode == "linear":
+            return F.relu(F.linear(x.permute(0, 2, 3, 1), self.w, self.b)).permute(0, 3, 1, 2)
+        return F.relu(self.w @ x.flatten(2)).reshape(n, -1, h, w)
+
+
+class FunctionalNorm(nn.Module):
+    """A norm called through ``torch.nn.functional`` with parameters of its own (``batch_norm`` with
+    running statistics, ``group_norm``, or ``layer_norm`` over channels-last pixels)."""
+
+    def __init__(self, c: int, kind: str, groups: int) -> None:
+        super().__init__()
+        self.kind, self.groups = kind, groups
+        self.weight = nn.Parameter(torch.empty(c).uniform_(0.5, 1.5))
+        self.bias = nn.Parameter(torch.randn(c) * 0.5)
+        if kind == "batch_norm":
+            self.register_buffer("running_mean", torch.randn(c) * 0.5)
+            self.register_buffer("running_var", torch.empty(c).uniform_(0.5, 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "batch_norm":
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5)
+        if self.kind == "group_norm":
+            return F.group_norm(x, self.groups, self.weight, self.bias)
+        c = x.shape[1]
+        return F.layer_norm(x.permute(0, 2, 3, 1), (c,), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A norm-activation layer in timm's style: a ``BatchNorm2d`` subclass with a forward of its own that
+    calls ``F.batch_norm`` and an activation (so the tracer enters it instead of keeping it a leaf)."""
+
+    def __init__(self, c: int, act: str) -> None:
+        super().__init__(c)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.silu(x) if self.act == "silu" else F.relu(x)
+
+
+class Encoder(nn.Module):
+    """Image to tokens, ``nn.TransformerEncoderLayer`` (sequence- or batch-first, pre- or post-norm), back."""
+
+    def __init__(self, cin: int, heads: int, head_dim: int, ffn: int, norm_first: bool, batch_first: bool,
+                 activation: str) -> None:  # fmt: skip
+        super().__init__()
+        d = heads * head_dim
+        self.batch_first = batch_first
+        self.embed = nn.Linear(cin, d)
+        self.layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, activation=activation,
+                                                batch_first=batch_first, norm_first=norm_first)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        t = self.embed(x.flatten(2).transpose(1, 2))  # [n, hw, d]
+        t = self.layer(t) if self.batch_first else self.layer(t.transpose(0, 1)).transpose(0, 1)
+        return t.transpose(1, 2).reshape(n, -1, h, w)
+
+
 class GapLinear(nn.Module):
     def __init__(self, c: int, out: int) -> None:
         super().__init__()
@@ -275,6 +353,15 @@ def _build_block(spec: Spec, c: int) -> tuple[nn.Module, int]:
         return Reused(c, p["residual"]), c
     if kind == "attention":
         return Attention(c, p["heads"], p["head_dim"], p["ln"], p["sdpa"]), p["heads"] * p["head_dim"]
+    if kind == "param_product":
+        return ParamProduct(c, p["cout"], p["mode"]), p["cout"]
+    if kind == "functional_norm":
+        return FunctionalNorm(c, p["kind"], p["groups"]), c
+    if kind == "norm_act":
+        return Seq([nn.Conv2d(c, p["cout"], 3, padding=1, bias=False), BatchNormAct(p["cout"], p["act"])]), p["cout"]
+    if kind == "encoder":
+        keys = ("heads", "head_dim", "ffn", "norm_first", "batch_first", "activation")
+        return Encoder(c, *(p[k] for k in keys)), p["heads"] * p["head_dim"]
     if kind == "pool":
         return (nn.MaxPool2d(2) if p["max"] else nn.AvgPool2d(2)), c
     if kind == "residual":
@@ -363,7 +450,7 @@ def _seq(draw: Any, c: int, depth: int, min_len: int = 1, max_len: int = 2) -> t
 @st.composite
 def _block(draw: Any, c: int, depth: int) -> Drawn:
     # repeated kinds are drawn more often: the ones with the most intricate channel maps
-    kinds = ["conv", "depthwise", "se", "attention", "reuse"]
+    kinds = ["conv", "depthwise", "se", "attention", "reuse", *NEW_KINDS]
     if c >= 2:
         kinds += ["grouped", "split", "split"]
     if [d for d in _divisors(c) if d < c]:
@@ -375,6 +462,8 @@ def _block(draw: Any, c: int, depth: int) -> Drawn:
     if c > 24:  # keep models small: only a reducing convolution
         kinds = ["conv"]
     kind = draw(st.sampled_from(kinds))
+    if kind in NEW_KINDS:
+        return draw(_new_block(c, kind))
     bn = st.booleans()
     if kind == "conv":
         cout = draw(st.integers(2, 16))
@@ -418,6 +507,31 @@ def _block(draw: Any, c: int, depth: int) -> Drawn:
     return draw(_split(c, depth))
 
 
+NEW_KINDS = ("param_product", "functional_norm", "norm_act", "encoder")
+"""Blocks added after timm and ``nn.TransformerEncoderLayer`` models came out pinned or crashed (issue 18):
+parameters used directly through ``matmul``/``F.linear``, functional norms, norm-activation subclasses
+with a forward of their own, and ``nn.TransformerEncoderLayer``."""
+
+
+@st.composite
+def _new_block(draw: Any, c: int, kind: str | None = None) -> Drawn:
+    kind = kind or draw(st.sampled_from(NEW_KINDS))
+    if kind == "param_product":
+        cout = draw(st.integers(2, 12))
+        return ("param_product", {"cout": cout, "mode": draw(st.sampled_from(["matmul", "linear", "rmatmul"]))}), cout
+    if kind == "functional_norm":
+        norm = draw(st.sampled_from(["batch_norm", "group_norm", "layer_norm"]))
+        groups = draw(st.sampled_from([1, *_divisors(c)])) if norm == "group_norm" else 1
+        return ("functional_norm", {"kind": norm, "groups": groups}), c
+    if kind == "norm_act":
+        cout = draw(st.integers(2, 12))
+        return ("norm_act", {"cout": cout, "act": draw(st.sampled_from(["relu", "silu"]))}), cout
+    heads, head_dim = draw(st.sampled_from([1, 2])), draw(st.integers(2, 4))
+    p = {"heads": heads, "head_dim": head_dim, "ffn": draw(st.integers(4, 12)), "norm_first": draw(st.booleans()),
+         "batch_first": draw(st.booleans()), "activation": draw(st.sampled_from(["relu", "gelu"]))}  # fmt: skip
+    return ("encoder", p), heads * head_dim
+
+
 @st.composite
 def _split(draw: Any, c: int, depth: int) -> Drawn:
     mode = draw(st.sampled_from(["sizes", "chunk", "int"]))
@@ -452,10 +566,12 @@ def _split(draw: Any, c: int, depth: int) -> Drawn:
 
 
 @st.composite
-def architectures(draw: Any) -> dict[str, Any]:
-    """A printable description of a random small image model for a 2x3x8x8 input."""
+def architectures(draw: Any, new_blocks: int = 0) -> dict[str, Any]:
+    """A printable description of a random small image model for a 2x3x8x8 input; with ``new_blocks``,
+    that many of the blocks of :data:`NEW_KINDS` are placed among the others at drawn positions."""
     c, s = 3, 8
     blocks: list[Spec] = []
+    extra = sorted(draw(st.lists(st.integers(0, 5), min_size=new_blocks, max_size=new_blocks)))
     heads = st.sampled_from(["conv", "gap_linear", "flatten_linear", "identity"])
     for i in range(draw(st.integers(2, 6))):
         step = draw(st.sampled_from(["block", "block", "block", "tap", "pool"])) if i else "block"
@@ -467,6 +583,13 @@ def architectures(draw: Any) -> dict[str, Any]:
         else:
             spec, c = draw(_block(c, 0))
             blocks.append(spec)
+        while extra and extra[0] <= i:
+            extra.pop(0)
+            spec, c = draw(_new_block(c))
+            blocks.append(spec)
+    for _ in extra:  # positions past the last block go at the end
+        spec, c = draw(_new_block(c))
+        blocks.append(spec)
     return {
         "blocks": blocks,
         "head": (draw(heads), {"out": draw(st.integers(1, 5))}),

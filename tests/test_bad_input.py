@@ -345,7 +345,7 @@ MORPH = {
         lambda m: _morph(m, optimizer=lambda params: 0.01), InputError, ("returned float", "torch.optim.sgd(params")
     ),
     "infinite learning rate": Case(lambda m: _morph(m, lr=float("inf")), InputError, ("lr must be a positive finite",)),
-    "round_to zero": Case(lambda m: _morph(m, round_to=0), InputError, ("round_to must be a positive int",)),
+    "round_to zero": Case(lambda m: _morph(m, round_to=0), InputError, ("round_to must be 'auto' or a positive int",)),
     "budget beyond what the width step reaches": Case(
         lambda m: _morph(m, budget=1e20), BudgetError, ("above what morph's width step can reach", "lower the")
     ),

@@ -411,14 +411,17 @@ def test_width_strategy_above_budget_grows_and_keeps_function(
 
 def _kill_channels(model: nn.Module, seed: int) -> None:
     """Zero, in about 70% of the layers, one output row (and its bias), one input column, or one BN
-    scale."""
+    scale (and, half the time, set its shift to 0 or below: the channel is then 0 after a ReLU)."""
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for m in model.modules():
             if not isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d) or rng.random() < 0.3:
                 continue
             if isinstance(m, nn.BatchNorm2d):
-                m.weight[int(rng.integers(m.num_features))] = 0.0
+                c = int(rng.integers(m.num_features))
+                m.weight[c] = 0.0
+                if rng.random() < 0.5:  # a constant channel of value 0 or below (0 after a ReLU): no fold needed
+                    m.bias[c] = -float(rng.integers(2)) * abs(float(m.bias[c]))
             elif rng.random() < 0.5:
                 c = int(rng.integers(m.weight.shape[0]))
                 m.weight[c] = 0.0
@@ -450,3 +453,49 @@ def test_shrink_at_full_budget_removes_dead_channels_exactly(
                        allow_zero=True)  # fmt: skip
     if onnx:
         _export(small, x)
+
+
+# -- the defaults: round_to="auto", max_prune="auto" -------------------------------------------------------
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(arch=architectures(new_blocks=1), budget=budgets(), seed=st.integers(0, 2**16))
+def test_default_rounding_reaches_every_budget_any_width_reaches(
+    arch: dict[str, Any], budget: tuple[str, bool, float], seed: int
+) -> None:
+    """``shrink`` with its defaults (``round_to="auto"``, ``max_prune="auto"``), on architectures with
+    the blocks added for issue 18 (parameters through ``matmul``/``F.linear``, functional norms,
+    norm-activation subclasses, ``nn.TransformerEncoderLayer``): it refuses only budgets below what any
+    width reaches (``round_to=1``, only ``min_width`` binding), naming that smallest FLOPs; it meets the
+    budget, keeps the output shapes and obeys the mask oracle; and where multiples of 16 reach the budget
+    the result is exactly ``round_to=16, max_prune=0.9``'s (the fast grid is not given up needlessly)."""
+    model, x = build(arch)
+    before = _snapshot(model)
+    cg = fxmorph.analyze(model, (x,))
+    cost = CostModel(cg)
+    free = free_group_ids(cg, ())
+    assume(free)
+    finest = cost.flops(smallest_widths(cost, free, 1, 1, 1.0))
+    fast = cost.flops(smallest_widths(cost, free, 16, 1, 0.9))
+    value, expected, slack = _budget(budget, cost.flops(), (finest, cost.flops()))
+    try:
+        small, report = fxmorph.shrink(model, value, (x,), return_report=True, seed=seed)
+    except fxmorph.BudgetError as exc:
+        _assert_untouched(model, before)
+        assert expected < finest + slack and f"{finest:,}" in str(exc), f"unexpected BudgetError: {exc}"
+        event("outcome: BudgetError (below what any width reaches)")
+        return
+    _assert_untouched(model, before)
+    assert report.flops_after <= report.budget_flops
+    fxmorph.check(small, (x,))
+    _assert_same_structure(small, model, x)
+    if report.budget_flops >= fast:
+        event("grid: multiples of 16")
+        assert report.settings["rounding"].startswith("multiples of 16 ("), report.settings["rounding"]
+        _assert_same_weights(fxmorph.shrink(model, value, (x,), round_to=16, max_prune=0.9, seed=seed), small)
+    else:
+        event(f"grid: {report.settings['rounding'].split(';')[0]}")
+    records = {r["pass"]: r for r in report.passes}
+    cut = records.pop("prune")
+    plan = WidthPlan({g: GroupPlan(tuple(keep)) for g, keep in cut["kept"].items()})
+    assert_close_trees(run_double(small, x), masked_reference(cg, plan, x), what="mask oracle", allow_zero=True)

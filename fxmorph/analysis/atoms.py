@@ -201,7 +201,9 @@ class AtomTable:
                 qb[i:] = self.expand(tuple(qb[i:]))
                 continue
             if ia != ib:
-                return False
+                if not self._match_inner(qa, qb, i):
+                    return False
+                continue
             sa, sb = self._size[a], self._size[b]
             if sa > sb:
                 left, right = self.split(a, sb)
@@ -212,6 +214,33 @@ class AtomTable:
             self.union(qa[i][0], qb[i][0])
             i += 1
         return len(qa) == len(qb)
+
+    def _match_inner(self, qa: list[Piece], qb: list[Piece], i: int) -> bool:
+        """Make pieces ``qa[i]`` and ``qb[i]`` repeat their channels equally, in place, before a union.
+
+        Where one side repeats each channel ``k`` times as often as the other (a depthwise convolution
+        with a channel multiplier added to a plain convolution's output, or followed by a norm whose
+        parameters are used directly), the finer side's class is coarsened into blocks of ``k`` channels
+        over the positions both cover. False if the repetitions or the boundaries do not line up.
+        """
+        big, small = (qa, qb) if qa[i][1] > qb[i][1] else (qb, qa)
+        (x, ix), (y, iy) = big[i], small[i]
+        if ix % iy or self.find(x) == self.find(y):
+            return False
+        px, py = self._size[x] * ix, self._size[y] * iy
+        if px > py:
+            if py % ix:
+                return False
+            left, right = self.split(x, py // ix)
+            big[i : i + 1] = [(left, ix), (right, ix)]
+        elif py > px:
+            left, right = self.split(y, px // iy)
+            small[i : i + 1] = [(left, iy), (right, iy)]
+        y, iy = small[i]
+        if not self.is_leaf(y) or not self.is_leaf(big[i][0]):
+            return True  # a split reached the other side's class: the caller re-expands and retries
+        small[i] = (self.coarsen(y, ix // iy), ix)
+        return True
 
     def unchunk(self, layout: Layout, block: int) -> Layout | None:
         """View ``layout`` as blocks of ``block`` consecutive positions that move together.

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxmorph.analysis import rules_compute as rc
+from fxmorph.analysis import rules_functional as rf
 from fxmorph.analysis import rules_modules as rm
 from fxmorph.analysis import rules_shape as rs
 from fxmorph.analysis.context import RuleContext
+from fxmorph.analysis.rules_einsum import einsum
 from fxmorph.analysis.rules_torchvision import TORCHVISION_RULES
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "Rule", "lookup"]
@@ -29,7 +31,7 @@ _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
     nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU,
 )  # fmt: skip
 
 MODULE_RULES: dict[type[nn.Module], Rule] = {
@@ -40,7 +42,7 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.BatchNorm1d: rm.batch_norm, nn.BatchNorm2d: rm.batch_norm, nn.BatchNorm3d: rm.batch_norm,
     nn.SyncBatchNorm: rm.batch_norm,
     nn.InstanceNorm1d: rm.batch_norm, nn.InstanceNorm2d: rm.batch_norm, nn.InstanceNorm3d: rm.batch_norm,
-    nn.LayerNorm: rm.layer_norm, nn.GroupNorm: rm.group_norm,
+    nn.LayerNorm: rm.layer_norm, nn.RMSNorm: rm.layer_norm, nn.GroupNorm: rm.group_norm,
     nn.PReLU: rm.prelu, nn.Embedding: rm.embedding,
     nn.MultiheadAttention: rm.multihead_attention,
     nn.PixelShuffle: rm.pixel_shuffle, nn.PixelUnshuffle: rm.pixel_unshuffle,
@@ -54,7 +56,8 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
     nn.Upsample: rc.spatial(None), nn.UpsamplingNearest2d: rc.spatial(2),
     nn.UpsamplingBilinear2d: rc.spatial(2),
     nn.ZeroPad2d: rc.spatial(2), nn.ReflectionPad2d: rc.spatial(2), nn.ReplicationPad2d: rc.spatial(2),
-    nn.Softmax: rc.softmax,
+    nn.Softmax: rf.module_softmax, nn.Softmin: rf.module_softmax, nn.LogSoftmax: rf.module_softmax,
+    nn.Softmax2d: rf.module_softmax,
     **dict.fromkeys(_ACTIVATIONS, rc.passthrough),
 }  # fmt: skip
 
@@ -66,6 +69,12 @@ _ELEMENTWISE = (
     torch.sigmoid, torch.tanh, torch.relu, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh,
     F.leaky_relu, F.elu, F.mish, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.selu, F.celu, F.softsign, F.logsigmoid, F.hardshrink, F.softshrink, F.tanhshrink, F.threshold, F.rrelu,
+    F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_, F.threshold_, F.rrelu_, F.alpha_dropout,
+    F.feature_alpha_dropout, torch.selu, torch.celu, torch.rrelu, torch.threshold, torch.dropout,
+    torch.alpha_dropout, torch.feature_alpha_dropout, torch.relu_, torch.sigmoid_, torch.tanh_, torch.selu_,
+    torch.celu_, torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.erf, torch.square,
+    torch.log, torch.reciprocal, torch.pow, operator.itruediv, operator.isub, torch.addcmul,
 )  # fmt: skip
 
 FUNCTION_RULES: dict[Any, Rule] = {
@@ -78,9 +87,12 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.unsqueeze: rs.unsqueeze, torch.squeeze: rs.squeeze,
     torch.cat: rs.cat, torch.concat: rs.cat, torch.concatenate: rs.cat,
     torch.split: rs.split, torch.chunk: rs.chunk, torch.unbind: rs.unbind,
+    torch.tensor_split: rs.tensor_split, torch.repeat_interleave: rs.repeat_interleave,
     operator.matmul: rc.matmul, torch.matmul: rc.matmul, torch.bmm: rc.matmul,
     F.scaled_dot_product_attention: rc.sdpa,
-    torch.softmax: rc.softmax, F.softmax: rc.softmax,
+    torch.einsum: einsum,
+    torch.softmax: rc.softmax, F.softmax: rc.softmax, torch.log_softmax: rc.softmax, F.log_softmax: rc.softmax,
+    F.softmin: rc.softmax,
     torch.mean: rc.reduce, torch.sum: rc.reduce, torch.amax: rc.reduce,
     F.adaptive_avg_pool1d: rc.spatial(1), F.adaptive_avg_pool2d: rc.spatial(2),
     F.adaptive_avg_pool3d: rc.spatial(3), F.avg_pool2d: rc.spatial(2), F.max_pool2d: rc.spatial(2),
@@ -88,25 +100,30 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.max_pool3d: rc.spatial(3), F.interpolate: rc.spatial(None), F.pad: rc.spatial(None),
     F.linear: rc.functional_linear,
     F.conv1d: rc.functional_conv, F.conv2d: rc.functional_conv, F.conv3d: rc.functional_conv,
-    F.layer_norm: rc.functional_layer_norm,
 }  # fmt: skip
 
 METHOD_RULES: dict[str, Rule] = {
     **dict.fromkeys(
-        ["add", "sub", "mul", "div", "add_", "mul_", "sigmoid", "tanh", "relu", "exp", "abs", "neg"],
+        ["add", "sub", "mul", "div", "add_", "mul_", "sigmoid", "tanh", "relu", "exp", "abs", "neg",
+         "sub_", "div_", "neg_", "sigmoid_", "tanh_", "relu_", "exp_", "abs_", "clamp", "clamp_", "clamp_min",
+         "clamp_max", "clip", "pow", "sqrt", "rsqrt", "log", "square", "erf", "reciprocal", "hardshrink"],
         rc.elementwise,
     ),
+    "prelu": rf.prelu, "log_softmax": rc.softmax, "reshape_as": rf.reshape_as, "view_as": rf.reshape_as,
+    "addcmul": rc.elementwise, "addcmul_": rc.elementwise,
     **dict.fromkeys(["contiguous", "clone", "detach", "float", "double", "half", "to", "type_as"], rc.passthrough),
     "index_select": rs.index_select, "view": rs.reshape, "reshape": rs.reshape, "flatten": rs.reshape,
     "permute": rs.permute, "transpose": rs.transpose, "swapaxes": rs.transpose,
     "unsqueeze": rs.unsqueeze, "squeeze": rs.squeeze, "expand": rs.expand,
     "split": rs.split, "chunk": rs.chunk, "unbind": rs.unbind,
+    "tensor_split": rs.tensor_split, "repeat_interleave": rs.repeat_interleave,
     "size": rs.size, "dim": lambda ctx, node: None,
     "matmul": rc.matmul, "bmm": rc.matmul, "softmax": rc.softmax,
     "mean": rc.reduce, "sum": rc.reduce, "amax": rc.reduce,
 }  # fmt: skip
 
 
+FUNCTION_RULES.update(rf.FUNCTIONAL_RULES)
 FUNCTION_RULES.update(TORCHVISION_RULES)
 
 _SPECIAL: dict[str, Rule] = {"placeholder": rc.placeholder, "output": rc.output, "get_attr": rc.attribute}

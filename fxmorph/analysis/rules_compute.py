@@ -18,7 +18,6 @@ __all__ = [
     "attribute",
     "elementwise",
     "functional_conv",
-    "functional_layer_norm",
     "functional_linear",
     "matmul",
     "no_rule",
@@ -133,8 +132,11 @@ def _no_grow_all(ctx: RuleContext, values: list[fx.Node], op: str) -> None:
         ctx.no_grow(layout, f"new channels could make '{op}' produce non-finite values")
 
 
-_DIVISIONS = {operator.truediv, torch.div, "div"}
-_GROWTH_UNSAFE = _DIVISIONS | {operator.pow, torch.sqrt, torch.rsqrt, torch.log, "sqrt", "rsqrt", "log", "pow"}
+_DIVISIONS = {operator.truediv, operator.itruediv, operator.floordiv, torch.div, "div", "div_"}
+_GROWTH_UNSAFE = _DIVISIONS | {
+    operator.pow, torch.pow, torch.sqrt, torch.rsqrt, torch.log, torch.reciprocal,
+    "sqrt", "rsqrt", "log", "pow", "reciprocal",
+}  # fmt: skip
 
 
 def _operand_layouts(
@@ -210,11 +212,24 @@ def _batch_dims(ctx: RuleContext, node: fx.Node, operands: list[fx.Node], tail: 
     result: Spaces = {}
     for d in range(n):
         layouts: list[Layout] = []
+        fixed = False
         for a in operands:
             shape = ctx.shape(a) or ()
             k = d - (n - (len(shape) - tail))
-            if k >= 0 and k in ctx.spaces(a) and shape[k] == out_shape[d]:
-                layouts.append(ctx.spaces(a)[k])
+            if k < 0:
+                continue
+            layout = ctx.spaces(a).get(k)
+            if shape[k] != out_shape[d]:  # broadcast from one: its channel (if any) cannot change
+                if layout is not None:
+                    ctx.pin(layout, "a one-channel operand is broadcast in a batched matmul")
+            elif layout is None:
+                fixed = True
+            else:
+                layouts.append(layout)
+        if fixed and layouts:  # e.g. per-head weights mixed by a Linear, batched with fixed heads
+            for layout in layouts:
+                ctx.pin(layout, "batched matmul of channels with a fixed-width dim")
+            continue
         merged = ctx.unify(layouts, "batched matmul over channels that do not line up")
         if merged is not None:
             result[d] = merged
@@ -317,6 +332,9 @@ def functional_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if sx is None or so is None or sw is None or groups != 1 or len(sx) != len(sw):
         return no_rule(ctx, node)
     ws = _param_spaces(ctx, w)
+    for d in range(2, len(sw)):  # kernel positions are not channels (a parameter's every dim gets a space)
+        if d in ws:
+            ctx.pin(ws[d], "kernel dim of a convolution weight used directly")
     k = _contract(ctx, (x, 1), (w, 1), "convolution") if ws.get(1) else _fixed_in(ctx, x, (sx[0], sx[1]))
     lout = ws.get(0)
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -326,31 +344,4 @@ def functional_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if lout is not None:
         out[1] = lout
     ctx.cost(2 * math.prod(so[2:]) * math.prod(sw[2:]), out.get(0, so[0]), k, lout or so[1])
-    return out
-
-
-def functional_layer_norm(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``F.layer_norm(x, shape, w, b)``: the normalised dims are unified with the parameters."""
-    x, shape = node.args[0], node.args[1]
-    sx = ctx.shape(x)
-    if sx is None or not isinstance(shape, list | tuple) or len(shape) != 1:
-        return no_rule(ctx, node)
-    w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-    b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
-    out = dict(ctx.spaces(x))
-    d = len(sx) - 1
-    layouts = [lay for lay in (out.get(d), *(_param_spaces(ctx, p).get(0) for p in (w, b))) if lay]
-    if layouts and out.get(d) is None:
-        for layout in layouts:
-            ctx.pin(layout, "layer norm over a fixed-width dim")
-        return out
-    if out.get(d) is not None:
-        ctx.no_grow(out[d], "new channels would change a LayerNorm's statistics")
-    if layouts:
-        merged = ctx.unify(layouts, "layer norm parameters do not line up")
-        if merged is None:
-            out.pop(d)
-            return out
-        out[d] = merged
-        ctx.rewrite((1, 0), lambda measure: measure(merged))
     return out

@@ -202,9 +202,9 @@ def _spatial(m: nn.Module) -> int:
 
 
 def layer_norm(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``nn.LayerNorm``: normalises the last dims; its parameters follow their channels."""
+    """``nn.LayerNorm``/``nn.RMSNorm``: normalise the last dims; their parameters follow their channels."""
     m = ctx.module()
-    assert isinstance(m, nn.LayerNorm)
+    assert isinstance(m, nn.LayerNorm | nn.RMSNorm)
     shape = ctx.shape(node.args[0])
     if shape is None:
         return no_rule(ctx, node)
@@ -261,15 +261,24 @@ def embedding(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     return {len(out_shape) - 1: lout}
 
 
+def _factor(ctx: RuleContext, node: fx.Node, name: str) -> int | None:
+    """The module attribute ``name``, or for the functional form (``F.pixel_shuffle(x, r)``) its second
+    argument; ``None`` if it is not a constant."""
+    value = getattr(ctx.module(), name) if node.op == "call_module" else (node.args[1:2] or [node.kwargs.get(name)])[0]
+    return value if isinstance(value, int) else None
+
+
 def pixel_shuffle(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``nn.PixelShuffle(r)``: each output channel is a block of ``r*r`` input channels."""
-    m = ctx.module()
+    """``nn.PixelShuffle(r)``/``F.pixel_shuffle``: each output channel is a block of ``r*r`` input channels."""
+    r = _factor(ctx, node, "upscale_factor")
+    if r is None:
+        return no_rule(ctx, node)
     sp = ctx.spaces(node.args[0])
     shape = ctx.shape(node.args[0]) or ()
     cd = len(shape) - 3
     out = {d: lay for d, lay in sp.items() if d < cd}
     if cd in sp:
-        block = ctx.atoms.unchunk(sp[cd], m.upscale_factor**2)
+        block = ctx.atoms.unchunk(sp[cd], r**2)
         if block is None:
             ctx.pin(sp[cd], "pixel shuffle blocks straddle channel groups")
         else:
@@ -278,28 +287,34 @@ def pixel_shuffle(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def pixel_unshuffle(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``nn.PixelUnshuffle(r)``: each input channel becomes ``r*r`` consecutive output channels."""
-    m = ctx.module()
+    """``nn.PixelUnshuffle(r)``/``F.pixel_unshuffle``: each input channel becomes ``r*r`` consecutive output
+    channels."""
+    r = _factor(ctx, node, "downscale_factor")
+    if r is None:
+        return no_rule(ctx, node)
     sp = ctx.spaces(node.args[0])
     shape = ctx.shape(node.args[0]) or ()
     cd = len(shape) - 3
     out = {d: lay for d, lay in sp.items() if d < cd}
     if cd in sp:
-        out[cd] = _scale_inner(ctx, sp[cd], m.downscale_factor**2)
+        out[cd] = _scale_inner(ctx, sp[cd], r**2)
     return out
 
 
 def channel_shuffle(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``nn.ChannelShuffle(g)``: the ``g`` groups must keep the same channels; output interleaves them."""
-    m = ctx.module()
+    """``nn.ChannelShuffle(g)``/``F.channel_shuffle``: the ``g`` groups must keep the same channels; output
+    interleaves them."""
+    groups = _factor(ctx, node, "groups")
+    if groups is None:
+        return no_rule(ctx, node)
     sp = dict(ctx.spaces(node.args[0]))
     if 1 in sp:
-        parts = ctx.atoms.chunks(sp[1], m.groups)
+        parts = ctx.atoms.chunks(sp[1], groups)
         merged = ctx.unify(parts, "channel shuffle groups do not line up") if parts else None
         if merged is None:
             ctx.pin(sp.pop(1), "channel shuffle groups do not line up")
         else:
-            sp[1] = _scale_inner(ctx, merged, m.groups)
+            sp[1] = _scale_inner(ctx, merged, groups)
     return sp
 
 

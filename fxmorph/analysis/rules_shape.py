@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import fx
 
-from fxmorph.analysis._util import norm_dim
+from fxmorph.analysis._util import norm_dim, pin_unknown
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import RuleContext, Spaces, Taint
 from fxmorph.analysis.rules_reshape import flatten_module, reshape
@@ -29,10 +29,12 @@ __all__ = [
     "getitem",
     "number_op",
     "permute",
+    "repeat_interleave",
     "reshape",
     "size",
     "split",
     "squeeze",
+    "tensor_split",
     "transpose",
     "unbind",
     "unsqueeze",
@@ -105,12 +107,35 @@ def expand(ctx: RuleContext, node: fx.Node) -> Spaces:
     return out
 
 
+def repeat_interleave(ctx: RuleContext, node: fx.Node) -> Spaces | None:
+    """``repeat_interleave(x, repeats, dim)`` with one repeat count: every entry along ``dim`` is repeated
+    in place, so channels there stay, each ``repeats`` times over (as after a flatten); other dims pass.
+    A count computed from a channel width, a tensor of counts or no ``dim`` pins what it touches."""
+    x = node.args[0]
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    ins, outs = ctx.shape(x), ctx.shape(node)
+    value = ctx.env.get(repeats) if isinstance(repeats, fx.Node) else None
+    if isinstance(value, Taint):
+        ctx.pin_all(repeats, "a channel count used as a repeat count")
+    tensor_count = isinstance(repeats, fx.Node) and ctx.shape(repeats) is not None
+    if ins is None or outs is None or not isinstance(dim, int) or len(ins) != len(outs) or tensor_count:
+        pin_unknown(ctx, node, "repeat_interleave of this form")
+        return None
+    d = norm_dim(dim, len(ins))
+    out = dict(ctx.spaces(x))
+    if d in out and ins[d] > 0:
+        count = outs[d] // ins[d]
+        out[d] = tuple((a, inner * count) for a, inner in ctx.atoms.expand(out[d]))
+    return out
+
+
 # -- indexing --------------------------------------------------------------------------------------
 def getitem(ctx: RuleContext, node: fx.Node) -> Any:
     """``x[i]`` on a tuple value selects; on a tensor maps slices of channel dims (or pins)."""
     src, index = node.args[0], node.args[1]
     value = ctx.env.get(src) if isinstance(src, fx.Node) else None
-    if isinstance(value, tuple) and isinstance(index, int):
+    if isinstance(value, tuple) and isinstance(index, int | slice):
         return value[index]
     if ctx.shape(src) is None:
         ctx.pin_all(node.args, "indexing of a value with channel sizes")
@@ -275,6 +300,37 @@ def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     if d in ctx.spaces(node.args[0]) and all(d in o for o in outs):
         layouts = [o[d] for o in outs]
         ctx.rewrite((1, None), lambda measure: [measure(x) for x in layouts])
+    return outs
+
+
+def tensor_split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
+    """``tensor_split(x, indices, dim)``: slices along a dim. Along a channel dim only explicit split
+    points are understood (recomputed by surgery as running widths); a section count pins."""
+    ndim = len(ctx.shape(node.args[0]) or ())
+    d = norm_dim(_dim_arg(node, 2), ndim)
+    sizes = _out_sizes(node, d)
+    if sizes is None:
+        ctx.pin_all(node.args, "tensor_split of unknown sizes")
+        return None
+    if d in ctx.spaces(node.args[0]) and sum(sizes) != (ctx.shape(node.args[0]) or ())[d]:
+        ctx.pin(ctx.spaces(node.args[0])[d], "tensor_split into overlapping or unordered pieces")
+        return tuple({k: v for k, v in ctx.spaces(node.args[0]).items() if k != d} for _ in sizes)
+    outs = _split_outputs(ctx, node, d, sizes)
+    if d not in ctx.spaces(node.args[0]) or not all(d in o for o in outs):
+        return outs
+    key = next((k for k in ("indices", "tensor_indices_or_sections", "sections") if k in node.kwargs), None)
+    points = node.args[1] if len(node.args) > 1 else node.kwargs.get(key) if key else None
+    if not isinstance(points, list | tuple) or not all(isinstance(p, int) for p in points):
+        for o in outs:
+            ctx.pin(o[d], "tensor_split into sections of a channel dim")
+        return outs
+    layouts = [o[d] for o in outs]
+
+    def split_points(measure: Any) -> tuple[int, ...]:
+        ends = [sum(measure(x) for x in layouts[: k + 1]) for k in range(len(layouts) - 1)]
+        return tuple(ends)
+
+    ctx.rewrite((1, None) if len(node.args) > 1 else (str(key), None), split_points)
     return outs
 
 

@@ -7,16 +7,40 @@ from typing import Any
 
 from torch import fx
 
+from fxmorph.analysis._static import static_value
 from fxmorph.analysis.context import RuleContext, Spaces
 from fxmorph.analysis.rules_compute import no_rule, passthrough
 from fxmorph.analysis.rules_modules import rescale_query
+from fxmorph.analysis.rules_mvit import MVIT_RULES
 
-__all__ = ["TORCHVISION_RULES", "patch_merging_pad", "shifted_window_attention"]
+__all__ = [
+    "TORCHVISION_RULES",
+    "patch_merging_pad",
+    "relative_position_bias",
+    "shifted_window_attention",
+    "shifted_window_attention_3d",
+]
 
 _SWIN_ARGS = (
     "input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
     "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training",
 )  # fmt: skip
+_SWIN_3D_ARGS = (
+    "input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
+    "attention_dropout", "dropout", "qkv_bias", "proj_bias", "training",
+)  # fmt: skip
+
+
+def _window_helpers() -> frozenset[Any]:
+    """Pure functions whose results size the windows (recomputed by :func:`static_value`)."""
+    try:
+        from torchvision.models.video import swin_transformer as video_swin
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return frozenset()
+    return frozenset({video_swin._get_window_and_shift_size})
+
+
+_PURE = _window_helpers()
 
 
 def _bound(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
@@ -26,16 +50,36 @@ def _bound(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def shifted_window_attention(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """Swin's windowed attention: the channels are heads x head dim, as in ``nn.MultiheadAttention``.
+    """Swin's windowed attention (2-D): the channels are heads x head dim, as in ``nn.MultiheadAttention``.
 
     Query, key and value projections and the output projection are parameters passed in directly,
     so they are unified with the stream; Swin V1 scales queries by the head dim, so surgery rescales
     the query rows to keep the original softmax temperature (V2's cosine attention needs nothing).
     """
-    a = _bound(node, _SWIN_ARGS)
-    x, heads, window = a["input"], a["num_heads"], a["window_size"]
+    return _window_attention(ctx, node, _bound(node, _SWIN_ARGS))
+
+
+def shifted_window_attention_3d(ctx: RuleContext, node: fx.Node) -> Spaces | None:
+    """Video Swin's windowed attention (3-D windows over time, height and width): as the 2-D rule.
+
+    Its window size is the value of ``_get_window_and_shift_size`` (the window shrinks to inputs
+    smaller than it), recomputed here from the propagated shapes for the FLOPs count.
+    """
+    return _window_attention(ctx, node, _bound(node, _SWIN_3D_ARGS))
+
+
+def _window_attention(ctx: RuleContext, node: fx.Node, a: dict[str, Any]) -> Spaces | None:
+    x, heads = a["input"], a["num_heads"]
+    window = static_value(ctx, a["window_size"], _PURE)
     shape = ctx.shape(x)
-    if shape is None or not isinstance(heads, int) or not all(isinstance(w, int) for w in window):
+    if (
+        shape is None
+        or not isinstance(heads, int)
+        or not isinstance(window, list | tuple)
+        or len(window) != len(shape) - 2
+        or not all(isinstance(w, int) and w > 0 for w in window)
+        or shape[-1] % heads
+    ):
         return no_rule(ctx, node)
     # The head count of the position bias and the logit scale stays; so do their channels.
     ctx.pin_all([a.get("relative_position_bias"), a.get("logit_scale")], "per-head tensor of windowed attention")
@@ -54,21 +98,30 @@ def shifted_window_attention(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if ctx.unify([embed * 3, *[t for t in triple if t]], "windowed attention q/k/v do not line up") is None:
         return None
     if a.get("logit_scale") is None:
+        # The function scales queries by (C // heads) ** -0.5 of the width it is given.
         paths = [str(a[k].target) for k in ("qkv_weight", "qkv_bias") if isinstance(a.get(k), fx.Node)]
         old = shape[-1] // heads
         ctx.rewrite(("!rescale_query", None), lambda measure: rescale_query(paths, measure(head), old))
-    _swin_cost(ctx, shape, window, heads, embed, head)
+    _swin_cost(ctx, shape, list(window), heads, embed, head)
     return {len(shape) - 1: embed}
 
 
 def _swin_cost(ctx: RuleContext, shape: tuple[int, ...], window: list[int], heads: int, embed: Any, head: Any) -> None:
-    b, h, w = shape[0], shape[1], shape[2]
-    ph, pw = math.ceil(h / window[0]) * window[0], math.ceil(w / window[1]) * window[1]
-    tokens, n = b * ph * pw, window[0] * window[1]
+    # Inputs are padded up to whole windows in every spatial dim before the projections run.
+    padded = [math.ceil(s / w) * w for s, w in zip(shape[1:-1], window, strict=True)]
+    tokens, n = shape[0] * math.prod(padded), math.prod(window)
     windows = tokens // n
     ctx.cost(6 * tokens, embed, embed)  # packed q, k, v projection
     ctx.cost(4 * windows * heads * n * n, head)  # q k^T and attn v
     ctx.cost(2 * tokens, embed, embed)  # output projection
+
+
+def relative_position_bias(ctx: RuleContext, node: fx.Node) -> Spaces:
+    """Swin's ``_get_relative_position_bias`` (2-D and 3-D): gathers a ``[positions, heads]`` table into
+    a ``[1, heads, N, N]`` bias. It holds one entry per head and position, none per channel, and the
+    head count stays, so what it reads keeps its width and its output carries no channels."""
+    ctx.pin_all((node.args, node.kwargs), "relative position bias: one entry per head and position")
+    return {}
 
 
 def patch_merging_pad(ctx: RuleContext, node: fx.Node) -> Spaces | None:
@@ -88,6 +141,7 @@ def patch_merging_pad(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 def _torchvision_rules() -> dict[Any, Any]:
     try:
         from torchvision.models import swin_transformer
+        from torchvision.models.video import swin_transformer as video_swin
         from torchvision.ops import stochastic_depth
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return {}
@@ -95,6 +149,10 @@ def _torchvision_rules() -> dict[Any, Any]:
         stochastic_depth: passthrough,
         swin_transformer.shifted_window_attention: shifted_window_attention,
         swin_transformer._patch_merging_pad: patch_merging_pad,
+        swin_transformer._get_relative_position_bias: relative_position_bias,
+        video_swin.shifted_window_attention_3d: shifted_window_attention_3d,
+        video_swin._get_relative_position_bias: relative_position_bias,
+        **MVIT_RULES,
     }
 
 

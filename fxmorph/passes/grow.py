@@ -30,6 +30,7 @@ from fxmorph.passes.grow_stats import batch_inputs, calibrate_norms, dual_signs
 from fxmorph.passes.grow_values import group_slots, stage_plan
 from fxmorph.passes.importance import importance
 from fxmorph.passes.prune import check_protect, is_protected
+from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
 from fxmorph.plan import WidthPlan
 from fxmorph.surgery.apply import apply_plan
@@ -158,7 +159,7 @@ class GrowPass(Pass):
     budget_flops: int | None = None
     channels: tuple[tuple[int, int], ...] = ()
     init: str = "auto"
-    round_to: int = DEFAULT_ROUND_TO
+    round_to: RoundTo | Grid = DEFAULT_ROUND_TO
     max_factor: float = 4.0
     rank: int = 8
     batches: int = 4

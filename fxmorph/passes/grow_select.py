@@ -1,6 +1,7 @@
 """Choosing widths above the current ones under a FLOPs budget, with the cost model only.
 
-A group of ``size`` channels may grow to any multiple of ``round_to`` above its size, up to
+A group of ``size`` channels may grow to any multiple of its step on the rounding grid (``round_to``,
+see :mod:`fxmorph.passes.rounding`) above its size, up to
 ``max_factor * size`` (at least one step is always allowed). Two policies:
 
 - :func:`uniform_grow_widths`: one multiplier ``w >= 1`` for every group, ``width_g`` the allowed width
@@ -25,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fxmorph.cost import CostModel
+from fxmorph.passes.rounding import Grid, RoundTo, as_grid
 from fxmorph.passes.select import largest_multiplier
 
 __all__ = [
@@ -37,18 +39,21 @@ __all__ = [
 ]
 
 
-def growth_options(size: int, round_to: int, max_factor: float) -> np.ndarray:
+def growth_options(size: int, round_to: RoundTo | Grid, max_factor: float) -> np.ndarray:
     """Sorted widths a group of ``size`` channels may take when growing (``size`` first)."""
-    first = (size // round_to + 1) * round_to
+    step = as_grid(round_to).step(size)
+    first = (size // step + 1) * step
     cap = max(int(np.floor(max_factor * size)), first)
-    return np.concatenate([[size], np.arange(first, cap + 1, round_to)]).astype(np.int64)
+    return np.concatenate([[size], np.arange(first, cap + 1, step)]).astype(np.int64)
 
 
-def _options(cost: CostModel, groups: Sequence[int], round_to: int, max_factor: float) -> dict[int, np.ndarray]:
+def _options(
+    cost: CostModel, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float
+) -> dict[int, np.ndarray]:
     return {g: growth_options(int(cost.sizes[g]), round_to, max_factor) for g in groups}
 
 
-def max_grow_flops(cost: CostModel, groups: Sequence[int], round_to: int, max_factor: float) -> int:
+def max_grow_flops(cost: CostModel, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float) -> int:
     """FLOPs with every listed group at its widest allowed width."""
     w = cost.widths()
     for g, opts in _options(cost, groups, round_to, max_factor).items():
@@ -124,7 +129,7 @@ def greedy_grow_widths(
     cost: CostModel,
     groups: Sequence[int],
     budget: int,
-    round_to: int,
+    round_to: RoundTo | Grid,
     max_factor: float,
     gains: Mapping[int, np.ndarray] | None = None,
 ) -> np.ndarray:
@@ -136,7 +141,7 @@ def greedy_grow_widths(
 
 
 def uniform_grow_widths(
-    cost: CostModel, groups: Sequence[int], budget: int, round_to: int, max_factor: float
+    cost: CostModel, groups: Sequence[int], budget: int, round_to: RoundTo | Grid, max_factor: float
 ) -> np.ndarray:
     """Widths of the largest uniform multiplier ``w >= 1`` under ``budget``, topped up (see module doc)."""
     options = _options(cost, groups, round_to, max_factor)

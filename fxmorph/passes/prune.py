@@ -21,7 +21,8 @@ from fxmorph.errors import InputError
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.importance import importance
 from fxmorph.passes.plans import keep_best
-from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
+from fxmorph.passes.rounding import Grid, RoundTo
+from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["BudgetPass", "PrunePass", "check_protect", "free_group_ids", "is_protected"]
@@ -62,7 +63,7 @@ class BudgetPass(Pass):
 
     budget_flops: int
     criterion: str = "l1"
-    round_to: int = DEFAULT_ROUND_TO
+    round_to: RoundTo | Grid = DEFAULT_ROUND_TO
     min_width: int = 1
     protect: tuple[str, ...] = ()
 
@@ -91,8 +92,8 @@ class PrunePass(BudgetPass):
     Importance comes from ``criterion`` (see :mod:`fxmorph.passes.importance`), aggregated over every
     member of a group and weighed against the FLOPs a channel saves, from the cost model and re-ranked
     as widths change (see :func:`~fxmorph.passes.select.greedy_widths`); once under the budget,
-    channels are added back greedily while it still holds. Widths are
-    multiples of ``round_to`` (groups smaller than that keep their size), at least ``min_width``, and
+    channels are added back greedily while it still holds. Widths are on the rounding grid
+    ``round_to`` (see :mod:`fxmorph.passes.rounding`), at least ``min_width``, and
     no group loses more than ``max_prune`` of its channels; ``balance`` weighs a group's remaining
     channels more the fewer they are, which keeps widths even where scores say little; ``param_cost``
     counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first).
@@ -105,7 +106,7 @@ class PrunePass(BudgetPass):
 
     name: ClassVar[str] = "prune"
     preserves_function: ClassVar[bool] = False
-    max_prune: float = 0.9
+    max_prune: float = DEFAULT_MAX_PRUNE
     balance: float = 1.0
     param_cost: float = DEFAULT_PARAM_COST
 

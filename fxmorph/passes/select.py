@@ -1,8 +1,8 @@
 """Choosing widths under a FLOPs budget with the cost model (no tracing, no forward passes).
 
-Allowed widths of a group are multiples of ``round_to`` between its floor (``min_width``, and the
-share ``max_prune`` may remove) and its size, plus its size itself; a group smaller than
-``round_to`` keeps its size unless ``round_to == 1``.
+Allowed widths of a group are multiples of its step on the rounding grid (``round_to``, see
+:mod:`fxmorph.passes.rounding`) between its floor (``min_width``, and the share ``max_prune`` may
+remove) and its size, plus its size itself; a group smaller than its step keeps its size.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from fxmorph.cost import CostModel
+from fxmorph.passes.rounding import AUTO, Grid, RoundTo, as_grid
 
 __all__ = [
-    "DEFAULT_PARAM_COST", "DEFAULT_ROUND_TO", "allowed_widths", "greedy_widths", "largest_multiplier",
-    "smallest_widths", "uniform_widths",
+    "DEFAULT_MAX_PRUNE", "DEFAULT_PARAM_COST", "DEFAULT_ROUND_TO", "allowed_widths", "greedy_widths",
+    "largest_multiplier", "smallest_widths", "uniform_widths",
 ]  # fmt: skip
 
 DEFAULT_PARAM_COST = 50.0
@@ -27,31 +28,34 @@ convolutions of resnet50 and its pruned and narrowed variants gave about 2.2 us 
 vgg11_bn's 120 M-parameter classifier no more than its convolutions, and the model stays
 weight-bound. The budget itself stays in FLOPs; this only orders the cuts."""
 
-DEFAULT_ROUND_TO = 16
-"""Default width multiple. onnxruntime's CPU convolutions work on blocks of 16 channels on AVX-512
-machines (8 on AVX2), so widths off that grid pay for padding and layout changes: on the project's
-AVX-512 machine, rounding to 8 instead of 16 left regnet_x_400mf at 0.98 of its latency at half the
-FLOPs (0.69 with 16) and mobilenet_v2 at 0.90 (0.66). ``benchmarks/RESULTS.md`` holds the figures."""
+DEFAULT_ROUND_TO: RoundTo = AUTO
+"""Default rounding: multiples of onnxruntime's CPU channel block (16) where the budget allows, finer
+steps for narrow groups only when the budget needs them (see :mod:`fxmorph.passes.rounding`)."""
+
+DEFAULT_MAX_PRUNE = 0.9
+"""The share of its channels a group may lose by default, unless the budget needs more (see
+``fxmorph.shrink``'s ``max_prune="auto"``)."""
 
 Cumulative = Mapping[int, np.ndarray]
 
 
-def allowed_widths(size: int, round_to: int, min_width: int) -> np.ndarray:
+def allowed_widths(size: int, round_to: RoundTo | Grid, min_width: int) -> np.ndarray:
     """Sorted allowed widths of a group of ``size`` channels."""
     floor = max(min_width, 1)
-    steps = np.arange(round_to, size + 1, round_to)
+    step = as_grid(round_to).step(size)
+    steps = np.arange(step, size + 1, step)
     steps = steps[steps >= floor]
     return np.unique(np.append(steps, size))
 
 
-def _bounded(cost: CostModel, g: int, round_to: int, min_width: int, max_prune: float) -> np.ndarray:
+def _bounded(cost: CostModel, g: int, round_to: RoundTo | Grid, min_width: int, max_prune: float) -> np.ndarray:
     size = int(cost.sizes[g])
     floor = max(min_width, int(np.ceil(size * (1.0 - max_prune))))
     return allowed_widths(size, round_to, floor)
 
 
 def smallest_widths(
-    cost: CostModel, groups: list[int], round_to: int, min_width: int, max_prune: float = 1.0
+    cost: CostModel, groups: list[int], round_to: RoundTo | Grid, min_width: int, max_prune: float = 1.0
 ) -> np.ndarray:
     """Width vector with every listed group at its smallest allowed width."""
     w = cost.widths()
@@ -128,10 +132,10 @@ def greedy_widths(
     cost: CostModel,
     scores: Mapping[int, np.ndarray],
     budget: int,
-    round_to: int = 1,
+    round_to: RoundTo | Grid = 1,
     min_width: int = 1,
     *,
-    max_prune: float = 0.9,
+    max_prune: float = DEFAULT_MAX_PRUNE,
     step: float = 0.25,
     balance: float = 1.0,
     param_cost: float = DEFAULT_PARAM_COST,
@@ -305,7 +309,7 @@ def largest_multiplier(fits: Callable[[float], bool], lo: float, hi: float, step
 
 
 def uniform_widths(
-    cost: CostModel, groups: list[int], budget: int, round_to: int = 1, min_width: int = 1
+    cost: CostModel, groups: list[int], budget: int, round_to: RoundTo | Grid = 1, min_width: int = 1
 ) -> np.ndarray:
     """The largest uniform multiplier (by bisection) whose rounded widths fit ``budget``, topped up."""
     sizes = cost.sizes

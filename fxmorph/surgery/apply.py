@@ -38,7 +38,11 @@ def _affected(cg: ChannelGraph, plan: WidthPlan) -> dict[str, list[Binding]]:
         if any(gid in changing for gid, _ in cg.layout_groups(binding.layout)):
             out[binding.target].append(binding)
     for owner in plan.bias_deltas:
-        out.setdefault(f"{owner}.bias", [])
+        bias = f"{owner}.bias"
+        if bias not in out:
+            # A bias the fold creates (the layer had none) follows the layer's output channels, as the
+            # weight's output axis does: sliced with them when that group changes in the same plan.
+            out[bias] = [Binding(bias, 0, b.layout, "out") for b in out.get(f"{owner}.weight", []) if b.role == "out"]
     return out
 
 
@@ -100,11 +104,20 @@ def _rebuilt(root: nn.Module, path: str) -> nn.Module:
     return new
 
 
+def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of the same kind (Parameter or plain) that a deep copy puts in ``tensor``'s place."""
+    empty = torch.empty(0, dtype=tensor.dtype)
+    return nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+
+
 def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
+    # One name is either a parameter or a buffer, never both (a stale twin would shadow it in state_dict).
     if like is None or isinstance(like, nn.Parameter):  # a bias created by a fold is a parameter
         grad = like.requires_grad if like is not None else True
+        module._buffers.pop(leaf, None)
         module._parameters[leaf] = nn.Parameter(value, requires_grad=grad)
     else:
+        module._parameters.pop(leaf, None)
         module._buffers[leaf] = value
 
 
@@ -158,7 +171,11 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
     try:
         new_tensors = {path: _new_tensor(cg, plan, path, bs, seed) for path, bs in affected.items()}
         originals = {path: _lookup_tensor(gm, path) for path in affected}
-        memo = {id(t): torch.empty(0, dtype=t.dtype) for t in originals.values() if t is not None}
+        # Stand-ins keep the deep copy from duplicating tensors about to be replaced. A parameter's
+        # stand-in must be a Parameter: GraphModule's deepcopy re-installs every get_attr target and
+        # registers a plain tensor as a *buffer*, which would leave a stale empty buffer beside the
+        # new parameter of the same name (in named_buffers and state_dict).
+        memo = {id(t): _stand_in(t) for t in originals.values() if t is not None}
         out = copy.deepcopy(gm, memo)
         for path, value in new_tensors.items():
             owner, leaf = _split_path(path)

@@ -1,0 +1,404 @@
+"""Channel values that hold for every input: the constant propagation behind ``remove-dead``.
+
+For one channel group, :func:`channel_values` gives, at every graph node that carries the group, the
+value each channel has at every position and for every input, where that can be shown from the
+weights alone, and NaN where it cannot. A BatchNorm with ``gamma = 0`` outputs ``beta`` whatever it
+reads; a layer whose weight rows are zero outputs its bias; a depthwise convolution of a zero channel
+outputs its bias (zero padding adds zeros to zeros); elementwise ops and activations map constants to
+constants (computed by calling them, in eval mode); ``x * 0`` is 0; data movement (reshape, cat,
+indexing) keeps values; pooling and padding keep zeros, and some of them constants.
+
+Which ops are elementwise, data movement or pooling is asked of the rule table
+(:func:`fxmorph.analysis.rules.lookup`), so an op the table learns is handled here too. Anything else
+gives NaN: the pass then keeps the channel. Inputs are assumed finite (``0 * x = 0``).
+
+:func:`reader_sites` lists where the group is read through the input columns of a layer's weight:
+the only places, in a growable group, where a channel's value reaches the output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxmorph.analysis import ChannelGraph, Group
+from fxmorph.analysis import rules_compute as rc
+from fxmorph.analysis import rules_modules as rm
+from fxmorph.analysis import rules_shape as rs
+from fxmorph.analysis.rules import lookup
+from fxmorph.passes.importance import channel_positions
+from fxmorph.trace import frozen_mode
+
+__all__ = ["GroupIndex", "Site", "as_numpy", "channel_values", "reader_sites", "zero_padded"]
+
+logger = logging.getLogger(__name__)
+
+_LAYER_RULES = frozenset({rm.conv, rm.linear, rm.conv_transpose})  # weight columns read the node's input
+_NORM = nn.modules.batchnorm._BatchNorm
+_MOVES = frozenset(getattr(rs, name) for name in (
+    "permute", "transpose", "unsqueeze", "squeeze", "expand", "getitem", "index_select", "cat", "split", "chunk",
+    "unbind", "reshape", "flatten_module", "tensor_split", "repeat_interleave") if hasattr(rs, name))  # fmt: skip
+_SPATIAL = getattr(rc.spatial(None), "__code__", None)  # every spatial(...) rule shares this code object
+# Pooling that maps a constant channel to the same constant at any input size (the others keep zeros only).
+_KEEP_CONSTANT = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                  nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+                  nn.ReflectionPad2d, nn.ReplicationPad2d)  # fmt: skip
+_KEEP_CONSTANT_FN = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                               "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                               "adaptive_max_pool3d", "mean", "amax", "amin"})  # fmt: skip
+_MUL = frozenset({operator.mul, operator.imul, torch.mul, "mul", "mul_"})
+_DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
+# Functions that are random when their training flag is set: (names, position of the flag).
+_RANDOM = {**dict.fromkeys(_DROPOUT, 2), "rrelu": 3, "rrelu_": 3}
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's values as a numpy array (bfloat16, which numpy lacks, as float32)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+class GroupIndex:
+    """Per node, the groups its value carries and on which dims (built once per channel graph)."""
+
+    def __init__(self, cg: ChannelGraph) -> None:
+        self.cg = cg
+        self.dims: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for name, dim, layout in cg.tensor_layouts():
+            node = name.split("[", 1)[0]  # an element of a tuple-valued node counts for the node
+            for gid in dict.fromkeys(g for g, _ in cg.layout_groups(layout)):
+                self.dims[node][gid].append(dim if node == name else -1)
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)  # module path -> the nodes calling it
+        for n in cg.gm.graph.nodes:
+            if n.op == "call_module":
+                self.calls[str(n.target)].append(n)
+        self._rows: dict[tuple[str, int, str], np.ndarray] = {}
+
+    def rows(self, path: str, dim: int, what: str) -> np.ndarray:
+        """Per index of ``dim`` of the tensor at ``path``: whether its slice is all zero (``"zero"``) or
+        the slice's sum (``"sum"``, float64); computed once per pass (a weight is read by many groups)."""
+        key = (path, dim, what)
+        if key not in self._rows:
+            # numpy: torch's small reductions are slow when other processes hold the cores
+            tensor = as_numpy(_fetch(self.cg.gm, path))
+            flat = np.moveaxis(tensor, dim, 0).reshape(tensor.shape[dim], -1)
+            self._rows[key] = ~flat.any(axis=1) if what == "zero" else flat.sum(axis=1, dtype=np.float64)
+        return self._rows[key]
+
+    def dim(self, name: str, gid: int) -> int | None:
+        """The one tensor dim of node ``name`` that carries group ``gid`` (None: none, several, a tuple)."""
+        dims = self.dims.get(name, {}).get(gid, [])
+        return dims[0] if len(dims) == 1 and dims[0] >= 0 else None
+
+    def carries(self, name: str, gid: int) -> bool:
+        """Whether node ``name`` (or an element of it) carries group ``gid``."""
+        return gid in self.dims.get(name, {})
+
+
+@dataclass(frozen=True)
+class Site:
+    """A layer reading the group through its weight's input columns: ``module`` reads node ``node``."""
+
+    module: str
+    node: str
+    dim: int
+
+
+def reader_sites(index: GroupIndex, group: Group) -> list[Site] | None:
+    """Every place the group is read through a weight (``"in"`` slices), as the layer and the node it
+    reads; None where one cannot be named (a reader that is not a Linear or convolution called on the
+    group, such as attention's internal projections): values then cannot prove a channel dead."""
+    sites: list[Site] = []
+    for member in group.consumers:
+        owner, _, leaf = member.name.rpartition(".")
+        if leaf != "weight" or not index.calls.get(owner):
+            return None
+        for node in index.calls[owner]:
+            if lookup(node, index.cg.gm) not in _LAYER_RULES:
+                return None
+            x = node.args[0] if node.args else None
+            dim = index.dim(x.name, group.id) if isinstance(x, fx.Node) else None
+            if dim is None:
+                return None
+            sites.append(Site(owner, x.name, dim))
+    return list(dict.fromkeys(sites)) or None
+
+
+def channel_values(index: GroupIndex, group: Group) -> dict[str, np.ndarray]:
+    """Per node carrying the group, each channel's value for every input (NaN: not shown constant)."""
+    values: dict[str, np.ndarray] = {}
+    for node in index.cg.gm.graph.nodes:
+        if not index.carries(node.name, group.id):
+            continue
+        try:
+            value = _value(index, node, group, values)
+        except Exception as exc:  # an op that cannot run on constants proves nothing: keep the channels
+            logger.debug("remove-dead: no constant through %s: %s", node.name, exc)
+            value = _unknown(group)
+        values[node.name] = value
+        _mutated(node, values, index)
+    return values
+
+
+def _unknown(group: Group) -> np.ndarray:
+    return np.full(group.size, np.nan)
+
+
+def _uniform(per_position: np.ndarray) -> np.ndarray:
+    """``(size, k)`` values per position to one value per channel (NaN where they differ)."""
+    if per_position.shape[1] == 0:
+        return np.full(per_position.shape[0], np.nan)
+    first = per_position[:, 0]
+    same = (per_position == first[:, None]).all(axis=1)
+    return np.where(same, first, np.nan)
+
+
+def _inplace(node: fx.Node, index: GroupIndex) -> bool:
+    """Whether the op writes into its first argument (``relu(inplace=True)``, ``x.add_(y)``, ``x += y``)."""
+    if node.op == "call_module":
+        return getattr(index.cg.gm.get_submodule(str(node.target)), "inplace", False) is True
+    name = getattr(node.target, "__name__", str(node.target))
+    if (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv"):
+        return True
+    if node.op != "call_function":
+        return False
+    try:
+        return inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):  # a builtin without a signature: only a keyword says so
+        return node.kwargs.get("inplace") is True
+
+
+def _mutated(node: fx.Node, values: dict[str, np.ndarray], index: GroupIndex) -> None:
+    """An in-place op changes its input too: where the values differ, the input's value is unknown."""
+    source = node.args[0] if node.args else None
+    if isinstance(source, fx.Node) and source.name in values and _inplace(node, index):
+        before, after = values[source.name], values[node.name]
+        values[source.name] = np.where(before == after, before, np.nan)
+
+
+def _value(index: GroupIndex, node: fx.Node, group: Group, values: dict[str, np.ndarray]) -> np.ndarray:
+    """The node's channel values, by the rule the table gives its op."""
+    if node.op == "get_attr":
+        return _attribute(index, node, group)
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return _unknown(group)
+    rule = lookup(node, index.cg.gm)
+    module = index.cg.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    if rule is rm.batch_norm and isinstance(module, _NORM):  # (InstanceNorm shares the rule, not the maths)
+        return _batch_norm(index, node, module, group, values)
+    if rule in _LAYER_RULES:
+        assert module is not None
+        return _layer(index, node, module, group, values)
+    if rule is rm.prelu:
+        assert isinstance(module, nn.PReLU)
+        return _prelu(index, node, module, group, values)
+    if rule is rc.passthrough or rule is rc.elementwise:
+        return _pointwise(index, node, group, values, module)
+    if rule in _MOVES:
+        return _moved(node, group, values)
+    if getattr(rule, "__code__", None) is _SPATIAL or rule is rc.reduce:
+        return _pooled(index, node, group, values, module)
+    return _unknown(group)
+
+
+def _attribute(index: GroupIndex, node: fx.Node, group: Group) -> np.ndarray:
+    """A parameter or buffer used directly: a channel is constant where all its entries are equal."""
+    tensor = _fetch(index.cg.gm, str(node.target))
+    dim = index.dim(node.name, group.id)
+    if dim is None or not isinstance(tensor, torch.Tensor):
+        return _unknown(group)
+    layout = index.cg.spaces[node.name][dim]
+    rows = tensor.detach().double().movedim(dim, 0).reshape(tensor.shape[dim], -1).numpy()
+    positions = channel_positions(index.cg, layout, group.id)
+    return _uniform(rows[positions].reshape(group.size, -1))
+
+
+def _bound(cg: ChannelGraph, path: str, gid: int, role: str = "out") -> tuple[int, np.ndarray] | None:
+    """``(dim, positions)`` of the ``role`` binding of tensor ``path`` that carries group ``gid``."""
+    for dim in range(3):
+        binding = cg.bindings.get((path, dim))
+        if binding is not None and binding.role == role and any(g == gid for g, _ in cg.layout_groups(binding.layout)):
+            return dim, channel_positions(cg, binding.layout, gid)
+    return None
+
+
+def _input(node: fx.Node, group: Group, values: dict[str, np.ndarray]) -> np.ndarray:
+    """The channel values of the node's first argument (NaN where it does not carry the group)."""
+    x = node.args[0] if node.args else None
+    return values.get(x.name, _unknown(group)) if isinstance(x, fx.Node) else _unknown(group)
+
+
+def _layer(index: GroupIndex, node: fx.Node, module: nn.Module, group: Group,
+           values: dict[str, np.ndarray]) -> np.ndarray:  # fmt: skip
+    """A layer making the group: a channel whose weight rows are zero is its bias. A depthwise
+    convolution of a zero channel is its bias too (its zero padding adds zeros), and of a constant
+    channel ``k`` is ``k * sum(w) + b`` where no zero padding reaches it."""
+    found = _bound(index.cg, f"{node.target}.weight", group.id)
+    out_dim = index.dim(node.name, group.id)
+    if found is None or out_dim is None:
+        return _unknown(group)
+    dim, rows = found
+    if getattr(module, "transposed", False) and module.groups != 1:
+        return _unknown(group)  # depthwise transposed: the weight's rows are input channels, not outputs
+    path = f"{node.target}.weight"
+    zero_row = index.rows(path, dim, "zero")[rows]
+    bias = np.zeros(module.weight.shape[dim]) if module.bias is None else module.bias.detach().double().numpy()
+    out = np.where(zero_row, bias[rows], np.nan)
+    x = node.args[0]
+    if _depthwise(module) and isinstance(x, fx.Node) and index.dim(x.name, group.id) == out_dim:
+        k = _input(node, group, values)[:, None]
+        out = np.where(k == 0, bias[rows], out)
+        if not zero_padded(module):
+            out = np.where(np.isfinite(k) & np.isnan(out), k * index.rows(path, dim, "sum")[rows] + bias[rows], out)
+    return _uniform(out)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups > 1
+            and module.in_channels == module.groups)  # fmt: skip
+
+
+def zero_padded(module: nn.Module) -> bool:
+    """Whether zero padding reaches the output (it would replace a constant by 0 at the borders)."""
+    if module.padding_mode != "zeros":
+        return False  # reflect, replicate and circular padding repeat the constant
+    return module.padding == "same" or any(p != 0 for p in np.atleast_1d(module.padding))
+
+
+def _batch_norm(index: GroupIndex, node: fx.Node, bn: nn.modules.batchnorm._BatchNorm, group: Group,
+                values: dict[str, np.ndarray]) -> np.ndarray:  # fmt: skip
+    """Eval-mode BatchNorm: ``gamma = 0`` gives ``beta`` whatever it reads; a constant input gives
+    the affine map of the running statistics (without them, batch statistics: only ``gamma = 0``)."""
+    found = next((f for n in ("weight", "bias", "running_mean", "running_var")
+                  if (f := _bound(index.cg, f"{node.target}.{n}", group.id)) is not None), None)  # fmt: skip
+    if found is None:
+        return _unknown(group)
+    idx = found[1]
+    width = bn.num_features
+    gamma = np.ones(width) if bn.weight is None else bn.weight.detach().double().numpy()
+    beta = np.zeros(width) if bn.bias is None else bn.bias.detach().double().numpy()
+    k = _input(node, group, values)[:, None]
+    if bn.running_mean is not None and bn.running_var is not None:
+        mean, var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+        affine = gamma[idx] * (k - mean[idx]) / np.sqrt(var[idx] + bn.eps) + beta[idx]
+    else:
+        affine = np.full(idx.shape, np.nan)
+    return _uniform(np.where(gamma[idx] == 0, beta[idx], affine))
+
+
+def _prelu(index: GroupIndex, node: fx.Node, module: nn.PReLU, group: Group,
+           values: dict[str, np.ndarray]) -> np.ndarray:  # fmt: skip
+    """``prelu(k)``: ``k`` where ``k >= 0``, else the channel's slope times ``k``."""
+    k = _input(node, group, values)[:, None]
+    slopes = module.weight.detach().double().numpy()
+    if module.num_parameters == 1:
+        slope = np.full((group.size, 1), slopes[0])
+    elif (found := _bound(index.cg, f"{node.target}.weight", group.id)) is not None:
+        slope = slopes[found[1]]
+    else:
+        return _unknown(group)
+    return _uniform(np.where(k >= 0, k, slope * k))
+
+
+def _operands(index: GroupIndex, node: fx.Node, gid: int,
+              values: dict[str, np.ndarray]) -> tuple[Any, Any, list[np.ndarray], bool]:  # fmt: skip
+    """The node's arguments with every group tensor as its values (a float64 vector), the values
+    found, and whether a tensor outside the group is among them (then the result is not a function of
+    the constants; a one-element parameter or buffer is used as it is)."""
+    found: list[np.ndarray] = []
+    foreign = False
+
+    def swap(a: Any) -> Any:
+        nonlocal foreign
+        if not isinstance(a, fx.Node):
+            return a
+        v = values.get(a.name)
+        if v is not None and index.dim(a.name, gid) is not None:
+            found.append(v)
+            return torch.as_tensor(np.nan_to_num(v, nan=0.0))
+        if a.op == "get_attr" and isinstance(t := _fetch(index.cg.gm, str(a.target)), torch.Tensor) and t.numel() == 1:
+            return t.detach().double().reshape(())
+        foreign = True
+        return a
+
+    args = fx.node.map_aggregate(node.args, swap)
+    kwargs = fx.node.map_aggregate(dict(node.kwargs), swap)
+    return args, kwargs, found, foreign
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _pointwise(index: GroupIndex, node: fx.Node, group: Group, values: dict[str, np.ndarray],
+               module: nn.Module | None) -> np.ndarray:  # fmt: skip
+    """Elementwise ops and activations (the table's elementwise and passthrough rules), computed by
+    calling the op (a module in eval mode) on the constants; ``x * 0 = 0`` whatever ``x`` is."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_function" and name in _RANDOM:
+        at = _RANDOM[name]
+        training = node.args[at] if len(node.args) > at else node.kwargs.get("training", node.kwargs.get("train"))
+        if training is not False:  # random as traced (an absent flag is taken as set): nothing is constant
+            return _unknown(group)
+        if name in _DROPOUT:
+            return _input(node, group, values)
+    args, kwargs, found, foreign = _operands(index, node, group.id, values)
+    out = _unknown(group)
+    if found and not foreign:
+        with torch.no_grad():
+            if module is not None:
+                with frozen_mode(module):  # eval behaviour (dropout off), the module's flags restored
+                    result = module(*args, **kwargs)
+            elif node.op == "call_method":
+                result = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                result = node.target(*args, **kwargs)
+        result = torch.as_tensor(result).double()
+        if result.shape == (group.size,):  # broadcasting met nothing but the group's vectors and scalars
+            unknown = np.any([np.isnan(v) for v in found], axis=0)
+            out = np.where(unknown, np.nan, result.numpy())
+    if node.target in _MUL:
+        for v in found:
+            out = np.where(v == 0, 0.0, out)
+    return out
+
+
+def _moved(node: fx.Node, group: Group, values: dict[str, np.ndarray]) -> np.ndarray:
+    """Data movement keeps values: the group's channels come from the inputs that carry it, which agree."""
+    sources: list[np.ndarray] = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: sources.append(values[a.name])
+                          if isinstance(a, fx.Node) and a.name in values else None)  # fmt: skip
+    if not sources:
+        return _unknown(group)
+    first = sources[0]
+    agree = np.all([s == first for s in sources], axis=0)
+    return np.where(agree, first, np.nan)
+
+
+def _pooled(index: GroupIndex, node: fx.Node, group: Group, values: dict[str, np.ndarray],
+            module: nn.Module | None) -> np.ndarray:  # fmt: skip
+    """Pooling, padding, interpolation and reductions over other dims keep a zero channel zero; those
+    that average or pick (at any size) keep a constant; ``F.pad`` with a nonzero fill keeps nothing."""
+    k = _input(node, group, values)
+    name = getattr(node.target, "__name__", str(node.target))
+    if name == "pad":
+        fill = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode == "constant" and fill not in (None, 0, 0.0):
+            return _unknown(group)
+    if module is not None:
+        keeps = isinstance(module, _KEEP_CONSTANT) or (isinstance(module, nn.Upsample) and module.mode == "nearest")
+    else:
+        keeps = name in _KEEP_CONSTANT_FN
+    return k.copy() if keeps else np.where(k == 0, 0.0, np.nan)
