@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmorph
-from fxmorph.data import load_mnist
+from fxmorph.io.data import load_mnist
 
 logger = logging.getLogger("growth_vs_random")
 

@@ -40,7 +40,7 @@ from torch import nn
 
 import fxmorph
 from benchmarks.mnist_methods import METHODS, Schedule, Setup, accuracy, dense, lenet5
-from fxmorph.data import load_mnist
+from fxmorph.io.data import load_mnist
 
 logger = logging.getLogger("benchmarks.lenet5_ceiling")
 HERE = Path(__file__).parent

@@ -31,7 +31,7 @@ import torch
 
 import fxmorph
 from benchmarks.mnist_methods import METHODS, NETS, Setup, accuracy, dense
-from fxmorph.data import load_mnist
+from fxmorph.io.data import load_mnist
 
 logger = logging.getLogger("benchmarks.mnist")
 HERE = Path(__file__).parent

@@ -33,7 +33,7 @@ import fxmorph
 from benchmarks import tp_adapter
 from benchmarks.common import build, median_time, peak_memory
 from benchmarks.zoo_report import write_markdown, write_plot
-from fxmorph.trace import INTERFACE_KEY
+from fxmorph.meta import INTERFACE_KEY
 
 logger = logging.getLogger("benchmarks.zoo")
 HERE = Path(__file__).parent

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import fxmorph
-from fxmorph.data import load_mnist
+from fxmorph.io.data import load_mnist
 
 logger = logging.getLogger("grow_and_prune_mnist")
 

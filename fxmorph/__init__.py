@@ -1,10 +1,17 @@
 """fxmorph: make trained PyTorch models physically smaller (or wider) to a budget you name."""
 
 from fxmorph.analysis import ChannelGraph, Group, Pin
-from fxmorph.api import analyze, resize
+from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
+from fxmorph.api.analyze import analyze, resize
+from fxmorph.api.grow import GrowReport, grow
+from fxmorph.api.morph import MorphReport, morph
+from fxmorph.api.regularizer import FlopsRegularizer
+from fxmorph.api.report import ShrinkReport
+from fxmorph.api.shrink import shrink
+from fxmorph.capture.counting import count_flops, count_macs, count_params
+from fxmorph.capture.trace import trace
 from fxmorph.check import check
-from fxmorph.cost import CostModel
-from fxmorph.counting import count_flops, count_macs, count_params
 from fxmorph.errors import (
     AnalysisError,
     BudgetError,
@@ -16,17 +23,10 @@ from fxmorph.errors import (
     SurgeryError,
     TraceError,
 )
-from fxmorph.export import ExportError, ExportResult, export_onnx
-from fxmorph.grow import GrowReport, grow
-from fxmorph.latency import LatencyReport, compare_latency, measure_latency
-from fxmorph.morph import MorphReport, morph
-from fxmorph.plan import GroupPlan, WidthPlan
-from fxmorph.regularizer import FlopsRegularizer
-from fxmorph.report import ShrinkReport
-from fxmorph.serialize import SerializationError, load, save
-from fxmorph.shrink import shrink
+from fxmorph.io.export import ExportError, ExportResult, export_onnx
+from fxmorph.io.latency import LatencyReport, compare_latency, measure_latency
+from fxmorph.io.serialize import SerializationError, load, save
 from fxmorph.surgery.apply import apply_plan
-from fxmorph.trace import trace
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from fxmorph.cli import main
+from fxmorph.cli.main import main
 
 sys.exit(main())

@@ -13,8 +13,10 @@ from typing import Any
 
 from torch import fx, nn
 
+from fxmorph.capture.trace import as_inputs, interface, propagate_shapes, trace
 from fxmorph.errors import ConsistencyError, FxmorphError
-from fxmorph.trace import INTERFACE_KEY, as_inputs, frozen_mode, interface, propagate_shapes, trace
+from fxmorph.meta import INTERFACE_KEY
+from fxmorph.validate import frozen_mode
 
 __all__ = ["check", "module_problems"]
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Layout
-from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
+from fxmorph.capture.trace import mutable_args
 from fxmorph.surgery.indices import axis_map
-from fxmorph.trace import mutable_args
 
 __all__ = ["masked_reference", "random_plan", "run_double"]
 

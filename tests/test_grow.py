@@ -20,7 +20,7 @@ from fxmorph.passes.grow import GrowPass
 from fxmorph.passes.grow_probe import bridges
 from fxmorph.passes.grow_select import extend_spectrum, greedy_grow_widths, growth_options, uniform_grow_widths
 from fxmorph.passes.width import WidthPass
-from fxmorph.trace import frozen_mode
+from fxmorph.validate import frozen_mode
 from tests.zoo import build, example_input
 
 INITS = ["auto", "gradmax", "dual", "net2net", "zero"]

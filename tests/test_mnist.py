@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmorph
-from fxmorph.data import load_mnist
+from fxmorph.io.data import load_mnist
 from tests.conftest import require_mnist
 
 require_mnist(module=True)

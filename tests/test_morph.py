@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def mnist() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
-    from fxmorph.data import load_mnist
+    from fxmorph.io.data import load_mnist
 
     x, y = load_mnist("train", TRAIN)
     return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, TRAIN, BATCH)], load_mnist("test", TEST)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxmorph
-from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.testing import random_plan
 from tests.conftest import assert_close_trees, check_grow, check_prune
 from tests.random_arch import SETTINGS, architectures, build

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmorph
+from fxmorph.api.regularizer import FlopsRegularizer
 from fxmorph.passes import PassContext, Pipeline, RemoveDeadPass
 from fxmorph.passes.importance import channel_positions
-from fxmorph.regularizer import FlopsRegularizer
 from tests.conftest import require_mnist
 
 
@@ -216,7 +216,7 @@ def test_mnist_dead_channels_are_removed() -> None:
     (0.9695 against 0.9805 on a fresh checkout), so it is measured in ``benchmarks/RESULTS.md`` (morph rows
     of the MNIST table) instead."""
     require_mnist()
-    from fxmorph.data import load_mnist
+    from fxmorph.io.data import load_mnist
 
     train, test = load_mnist("train", (STEPS + FINE_TUNE) * 64), load_mnist("test", 256)
     x = test[0][:1]

@@ -97,6 +97,6 @@ def test_fine_grid_steps(size: int, step: int) -> None:
 
 
 def test_cli_accepts_auto_and_integers() -> None:
-    from fxmorph.cli import _round_to
+    from fxmorph.cli.main import _round_to
 
     assert _round_to("auto") == "auto" and _round_to("AUTO") == "auto" and _round_to("8") == 8

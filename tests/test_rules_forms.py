@@ -16,7 +16,7 @@ from torch import nn
 
 import fxmorph
 from fxmorph.analysis import ChannelGraph, Group
-from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.testing import masked_reference, random_plan
 from tests.conftest import assert_close_trees, check_grow, check_prune
 

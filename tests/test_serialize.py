@@ -1,4 +1,4 @@
-"""fxmorph.serialize: save a shrunk model as plain containers and tensors, load it back with weights_only=True."""
+"""fxmorph.io.serialize: save a shrunk model as plain containers and tensors, load it back with weights_only=True."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 import fxmorph
-from fxmorph.plan import WidthPlan
-from fxmorph.serialize import FORMAT_VERSION, SerializationError, _checksum, load, save
+from fxmorph.analysis.plan import WidthPlan
+from fxmorph.io.serialize import FORMAT_VERSION, SerializationError, _checksum, load, save
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 PACKAGE = Path(fxmorph.__file__).resolve().parent

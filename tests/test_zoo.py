@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxmorph
-from fxmorph.plan import GroupPlan, WidthPlan
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.testing import random_plan
 from tests.conftest import check_grow, check_prune
 from tests.zoo import CLASSIFICATION, HUGE, SEGMENTATION, VIDEO, build, example_input

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import fx, nn
 
-from fxmorph._meta import tensor_shape
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
+from fxmorph.meta import tensor_shape
 
 __all__ = ["Binding", "CostTerm", "Measure", "Rewrite", "RuleContext", "Spaces", "Taint"]
 

@@ -12,7 +12,7 @@ from torch import fx
 
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
 from fxmorph.analysis.context import Binding, CostTerm, Rewrite, RuleContext
-from fxmorph.analysis.rules import lookup
+from fxmorph.analysis.ops import lookup
 from fxmorph.errors import AnalysisError
 
 __all__ = ["ChannelGraph", "Group", "Member", "build_channel_graph"]

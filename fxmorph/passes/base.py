@@ -19,10 +19,12 @@ from typing import Any, ClassVar
 from torch import fx
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
+from fxmorph.analysis.plan import WidthPlan
+from fxmorph.capture.trace import propagate_shapes
 from fxmorph.check import check
 from fxmorph.errors import FxmorphError, PassError
-from fxmorph.plan import WidthPlan
-from fxmorph.trace import INTERFACE_KEY, frozen_mode, propagate_shapes
+from fxmorph.meta import INTERFACE_KEY
+from fxmorph.validate import frozen_mode
 
 __all__ = ["Pass", "PassContext", "PassResult", "Pipeline", "PipelineResult"]
 

@@ -9,7 +9,7 @@ constants (computed by calling them, in eval mode); ``x * 0`` is 0; data movemen
 indexing) keeps values; pooling and padding keep zeros, and some of them constants.
 
 Which ops are elementwise, data movement or pooling is asked of the rule table
-(:func:`fxmorph.analysis.rules.lookup`), so an op the table learns is handled here too. Anything else
+(:func:`fxmorph.analysis.ops.lookup`), so an op the table learns is handled here too. Anything else
 gives NaN: the pass then keeps the channel. Inputs are assumed finite (``0 * x = 0``).
 
 :func:`reader_sites` lists where the group is read through the input columns of a layer's weight:
@@ -30,12 +30,12 @@ import torch
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Group
-from fxmorph.analysis import rules_compute as rc
-from fxmorph.analysis import rules_modules as rm
-from fxmorph.analysis import rules_shape as rs
-from fxmorph.analysis.rules import lookup
+from fxmorph.analysis.ops import lookup
+from fxmorph.analysis.rules import compute as rc
+from fxmorph.analysis.rules import modules as rm
+from fxmorph.analysis.rules import shape as rs
 from fxmorph.passes.importance import channel_positions
-from fxmorph.trace import frozen_mode
+from fxmorph.validate import frozen_mode
 
 __all__ = ["GroupIndex", "Site", "as_numpy", "channel_values", "reader_sites", "zero_padded"]
 

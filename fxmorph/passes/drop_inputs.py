@@ -26,15 +26,16 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
+from fxmorph.capture.trace import propagate_shapes
 from fxmorph.errors import InputError
+from fxmorph.meta import DROP_KEY
 from fxmorph.passes.base import Pass, PassContext, PassResult
-from fxmorph.trace import frozen_mode, propagate_shapes
+from fxmorph.validate import frozen_mode
 
 __all__ = ["DROP_KEY", "DropInputsPass"]
 
 logger = logging.getLogger(__name__)
 
-DROP_KEY = "fxmorph.dropped_inputs"
 """``gm.meta`` key: ``{"linear", "features", "kept", "constant", "unimportant"}`` (feature indices)."""
 
 _RESHAPE_METHODS = frozenset({"flatten", "view", "reshape", "contiguous"})

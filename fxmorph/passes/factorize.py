@@ -29,15 +29,16 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
+from fxmorph.capture.trace import propagate_shapes
 from fxmorph.errors import InputError
+from fxmorph.meta import FACTORS_KEY
 from fxmorph.passes.base import Pass, PassContext, PassResult
-from fxmorph.trace import frozen_mode, propagate_shapes
+from fxmorph.validate import frozen_mode
 
 __all__ = ["CONVS", "FACTORS_KEY", "FactorizePass", "factorizable", "full_rank"]
 
 logger = logging.getLogger(__name__)
 
-FACTORS_KEY = "fxmorph.factors"
 """``gm.meta`` key: ``{path: {"rank": r, "full_rank": R}}`` for every layer split into ``path.0``, ``path.1``."""
 
 _ALREADY = "already factorized"

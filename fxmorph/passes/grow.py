@@ -20,8 +20,10 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from fxmorph.analysis import ChannelGraph
-from fxmorph.cost import CostModel
+from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.plan import WidthPlan
 from fxmorph.errors import InputError, PassError
+from fxmorph.meta import GROW_KEY
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.grow_init import DATA_INITS, INITS, Choice, choose, specs_for, structure_for
 from fxmorph.passes.grow_probe import Bridge, bridges, take_batches
@@ -32,15 +34,13 @@ from fxmorph.passes.importance import importance
 from fxmorph.passes.prune import check_protect, is_protected
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
-from fxmorph.plan import WidthPlan
 from fxmorph.surgery.apply import apply_plan
-from fxmorph.trace import frozen_mode
+from fxmorph.validate import frozen_mode
 
 __all__ = ["GROW_KEY", "GrowPass", "grow_candidates", "grow_to_widths"]
 
 logger = logging.getLogger(__name__)
 
-GROW_KEY = "fxmorph.grow"
 """``meta`` key of a grown model: per group the init used and why, skipped groups, the check's figure."""
 
 

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Group
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.grow_probe import ACTIVATION_FUNCTIONS, Bridge, base_specs, split_rows, vector_spec
 from fxmorph.passes.grow_values import Slot, Spec, dense_reader, group_slots, original_rows, tensor_at
 from fxmorph.passes.importance import channel_positions
-from fxmorph.plan import GroupPlan, WidthPlan
 
 __all__ = [
     "DATA_INITS",

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.errors import InputError
 from fxmorph.passes.grow_values import Slot, Spec, axes, embed, group_slots, read_new, stage_plan
-from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = [

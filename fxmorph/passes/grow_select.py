@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fxmorph.cost import CostModel
+from fxmorph.analysis.cost import CostModel
 from fxmorph.passes.rounding import Grid, RoundTo, as_grid
 from fxmorph.passes.select import largest_multiplier
 

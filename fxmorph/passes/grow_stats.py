@@ -10,12 +10,12 @@ import torch
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.grow_init import dual_rows, vector_specs, zero_specs
 from fxmorph.passes.grow_probe import Bridge, base_specs, forward_backward
 from fxmorph.passes.grow_values import axes, group_slots, new_positions, read_new, stage_plan
-from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.surgery.apply import apply_plan
-from fxmorph.trace import frozen_mode
+from fxmorph.validate import frozen_mode
 
 __all__ = ["batch_inputs", "calibrate_norms", "dual_signs"]
 

@@ -23,8 +23,8 @@ from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Group, Layout
 from fxmorph.analysis.context import Binding
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.importance import channel_positions
-from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.surgery.indices import AxisMap, axis_map
 
 __all__ = [

@@ -17,9 +17,11 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
+from fxmorph.capture.trace import propagate_shapes
+from fxmorph.meta import FACTORS_KEY
 from fxmorph.passes.base import Pass, PassContext, PassResult
-from fxmorph.passes.factorize import CONVS, FACTORS_KEY
-from fxmorph.trace import frozen_mode, propagate_shapes
+from fxmorph.passes.factorize import CONVS
+from fxmorph.validate import frozen_mode
 
 __all__ = ["MergeFactorsPass", "merged_layer"]
 

@@ -16,11 +16,11 @@ import numpy as np
 from torch import fx
 
 from fxmorph.analysis import ChannelGraph, Group
-from fxmorph.cost import CostModel
+from fxmorph.analysis.cost import CostModel
 from fxmorph.errors import InputError
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.importance import importance
-from fxmorph.passes.plans import keep_best
+from fxmorph.passes.keep import keep_best
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.surgery.apply import apply_plan

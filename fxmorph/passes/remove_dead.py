@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Group
+from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.dead_values import (
     GroupIndex,
@@ -44,9 +45,8 @@ from fxmorph.passes.dead_values import (
     zero_padded,
 )
 from fxmorph.passes.importance import channel_positions
-from fxmorph.plan import GroupPlan, WidthPlan
 from fxmorph.surgery.apply import apply_plan
-from fxmorph.trace import frozen_mode
+from fxmorph.validate import frozen_mode
 
 __all__ = ["RemoveDeadPass"]
 

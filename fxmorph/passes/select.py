@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from fxmorph.cost import CostModel
+from fxmorph.analysis.cost import CostModel
 from fxmorph.passes.rounding import AUTO, Grid, RoundTo, as_grid
 
 __all__ = [

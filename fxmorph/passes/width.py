@@ -9,14 +9,14 @@ from typing import ClassVar
 import numpy as np
 from torch import fx
 
-from fxmorph.cost import CostModel
+from fxmorph.analysis.cost import CostModel
+from fxmorph.meta import FLOPS_KEY
 from fxmorph.passes.base import PassContext, PassResult
 from fxmorph.passes.grow import grow_candidates, grow_to_widths
 from fxmorph.passes.grow_probe import take_batches
 from fxmorph.passes.grow_select import uniform_grow_widths
 from fxmorph.passes.prune import BudgetPass
 from fxmorph.passes.select import uniform_widths
-from fxmorph.trace import FLOPS_KEY
 
 __all__ = ["WidthPass"]
 

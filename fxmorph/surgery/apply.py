@@ -16,8 +16,8 @@ from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.context import Binding, Rewrite
+from fxmorph.analysis.plan import WidthPlan
 from fxmorph.errors import PlanError, SurgeryError
-from fxmorph.plan import WidthPlan
 from fxmorph.surgery.defaults import new_channel_values
 from fxmorph.surgery.indices import axis_map
 

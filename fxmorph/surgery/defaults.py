@@ -27,7 +27,7 @@ def new_channel_values(
 ) -> torch.Tensor:
     """A tensor shaped like the rebuilt one whose new positions along ``dim`` hold their values.
 
-    Explicit values from a :class:`~fxmorph.plan.GroupPlan` ``init`` win. Otherwise: ``"in"`` slices
+    Explicit values from a :class:`~fxmorph.analysis.plan.GroupPlan` ``init`` win. Otherwise: ``"in"`` slices
     (fan-out of the new channels) are zero; norm scales and running variances are one; weight rows
     are drawn uniformly in ``+-1/sqrt(fan_in)`` as PyTorch initialises Linear and Conv layers; every
     other parameter (biases, shifts, embeddings used directly) is zero.

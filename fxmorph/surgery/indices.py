@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fxmorph.analysis import ChannelGraph, Layout
-from fxmorph.plan import WidthPlan
+from fxmorph.analysis.plan import WidthPlan
 
 __all__ = ["AxisMap", "axis_map"]
 

@@ -1,0 +1,139 @@
+"""The cost model: FLOPs and parameters as a function of group widths, evaluated in microseconds.
+
+Built once from the channel graph. Each counted op contributes ``coef * prod(width(factor))`` where a
+factor's width is a linear form in the group widths; ops whose cost cannot change (every channel they
+touch is pinned) are folded into a constant, taken from the FLOPs counted at trace time. After surgery
+the counted FLOPs equal :meth:`CostModel.flops` of the plan exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fxmorph.analysis import ChannelGraph, Layout
+from fxmorph.meta import FLOPS_KEY
+
+__all__ = ["CostModel"]
+
+
+class _Polynomial:
+    """``const + sum_t coef_t * prod_k (A[idx[t, k]] @ w)`` with exact int64 arithmetic."""
+
+    def __init__(self, n_groups: int) -> None:
+        self._n = n_groups
+        self._rows: list[np.ndarray] = []
+        self._terms: list[tuple[int, list[int]]] = []
+        self.const = 0
+
+    def form(self, cg: ChannelGraph, layout: Layout) -> int:
+        row = np.zeros(self._n, dtype=np.int64)
+        for gid, inner in cg.layout_groups(layout):
+            row[gid] += inner
+        self._rows.append(row)
+        return len(self._rows) - 1
+
+    def term(self, coef: int, forms: list[int]) -> None:
+        self._terms.append((coef, forms))
+
+    def freeze(self) -> None:
+        width = max((len(f) for _, f in self._terms), default=0)
+        self._a = (
+            np.vstack([*self._rows, np.zeros(self._n, dtype=np.int64)])
+            if self._rows
+            else np.zeros((1, self._n), dtype=np.int64)
+        )
+        one = len(self._rows)
+        self._coef = np.array([c for c, _ in self._terms], dtype=np.int64)
+        self._idx = np.full((len(self._terms), max(width, 1)), one, dtype=np.int64)
+        for t, (_, forms) in enumerate(self._terms):
+            self._idx[t, : len(forms)] = forms
+
+    def __call__(self, widths: np.ndarray) -> int:
+        values = self._a @ widths
+        values[-1] = 1
+        return int(self.const + int((self._coef * values[self._idx].prod(axis=1)).sum()))
+
+    def steps(self, widths: np.ndarray, groups: np.ndarray, new_widths: np.ndarray) -> np.ndarray:
+        """Values after each single-group change ``widths[groups[j]] = new_widths[j]``, one per ``j``.
+
+        Only the forms' columns of the changed groups are read: ``O(forms x steps)``, no matrix product."""
+        values = self._a @ widths
+        values[-1] = 1
+        delta = new_widths - widths[groups]
+        changed = values[:, None] + self._a[:, groups] * delta[None, :]
+        changed[-1, :] = 1
+        return self.const + self._coef @ changed[self._idx].prod(axis=1)
+
+
+class CostModel:
+    """Predict FLOPs (2 x MACs, as ``torch.utils.flop_counter``) and parameters for any widths."""
+
+    def __init__(self, cg: ChannelGraph, counted_flops: int | None = None) -> None:
+        self.cg = cg
+        self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
+        self._flops = _Polynomial(len(cg.groups))
+        self._free_terms = _Polynomial(len(cg.groups))
+        for term in cg.costs:
+            self._flops.term(term.coef, [self._flops.form(cg, f) for f in term.factors])
+            if any(not cg.groups[g].pins for f in term.factors for g, _ in cg.layout_groups(f)):
+                self._free_terms.term(term.coef, [self._free_terms.form(cg, f) for f in term.factors])
+        self._flops.freeze()
+        self._free_terms.freeze()
+        counted = cg.gm.meta.get(FLOPS_KEY) if counted_flops is None else counted_flops
+        self.counted = int(counted) if counted is not None else None
+        if counted is not None:
+            self._flops.const = int(counted) - self._flops(self.sizes.copy())
+        self._params = self._param_polynomial(cg)
+
+    def _param_polynomial(self, cg: ChannelGraph) -> _Polynomial:
+        poly = _Polynomial(len(cg.groups))
+        bound: dict[str, dict[int, Layout]] = {}
+        for (target, dim), binding in cg.bindings.items():
+            bound.setdefault(target, {})[dim] = binding.layout
+        for name, p in cg.gm.named_parameters():
+            dims = bound.get(name, {})
+            coef = int(np.prod([n for d, n in enumerate(p.shape) if d not in dims], dtype=np.int64))
+            poly.term(coef, [poly.form(cg, layout) for layout in dims.values()])
+        poly.freeze()
+        return poly
+
+    def flops_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
+        """FLOPs after each step ``(group, new width)`` of ``steps`` taken alone from ``widths``."""
+        return self._flops.steps(*_step_arrays(widths, steps))
+
+    def params_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Parameter counts after each step ``(group, new width)`` taken alone from ``widths``."""
+        return self._params.steps(*_step_arrays(widths, steps))
+
+    def prunable_share(self) -> float:
+        """Share of the model's FLOPs in ops that touch at least one free group (0 to 1)."""
+        total = self.flops()
+        return self._free_terms(self.sizes.copy()) / total if total else 0.0
+
+    def widths(self, overrides: Mapping[int, int] | None = None) -> np.ndarray:
+        """Vector of group widths: the original sizes with ``overrides`` applied."""
+        w = self.sizes.copy()
+        for gid, width in (overrides or {}).items():
+            w[gid] = width
+        return w
+
+    def flops(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None = None) -> int:
+        """FLOPs for a width vector (or a ``{group: width}`` mapping over the original sizes)."""
+        return self._flops(self._vector(widths))
+
+    def params(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None = None) -> int:
+        """Parameter count for a width vector (or mapping)."""
+        return self._params(self._vector(widths))
+
+    def _vector(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None) -> np.ndarray:
+        if widths is None or isinstance(widths, Mapping):
+            return self.widths(widths)  # type: ignore[arg-type]
+        return np.asarray(widths, dtype=np.int64).copy()
+
+
+def _step_arrays(widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    groups = np.array([g for g, _ in steps], dtype=np.int64)
+    new = np.array([n for _, n in steps], dtype=np.int64)
+    return np.asarray(widths, dtype=np.int64), groups, new

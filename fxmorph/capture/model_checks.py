@@ -1,0 +1,101 @@
+"""Checks of a model's structure that fxmorph cannot keep through tracing and surgery: wrappers
+(DataParallel, DDP, ``torch.compile``), derived or tied weights, and hooks torch.fx would drop. Every
+entry point that traces runs them (:func:`fxmorph.capture.trace.trace`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from fxmorph.errors import InputError
+
+__all__ = ["check_hooks", "check_reshapable", "check_unwrapped"]
+
+
+def check_unwrapped(model: nn.Module) -> None:
+    """``model`` is not a DataParallel, DistributedDataParallel or ``torch.compile`` wrapper (fx cannot trace those)."""
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        raise InputError(
+            f"the model is wrapped in {type(model).__name__}, which torch.fx cannot trace: pass the wrapped model "
+            "itself (`model.module`), and wrap the result again if you need to."
+        )
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise InputError(
+            "the model is a torch.compile wrapper, which torch.fx cannot trace: pass the original model "
+            "(`model._orig_mod`), and compile the result again if you need to."
+        )
+
+
+def check_reshapable(model: nn.Module, *, tied: bool = True) -> None:
+    """No layer of ``model`` derives its weights (parametrize, weight_norm, spectral_norm) or, with ``tied``,
+    shares a Parameter with another module: fxmorph reshapes stored tensors and could not keep either."""
+    from torch.nn.utils import parametrize
+
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            tensor = next(iter(module.parametrizations.keys()))
+            raise InputError(
+                f"layer '{name or type(model).__name__}' has a parametrization of '{tensor}' (weight_norm, "
+                "spectral_norm or torch.nn.utils.parametrize), and fxmorph reshapes stored weights only: remove it "
+                f"first with `torch.nn.utils.parametrize.remove_parametrizations(layer, {tensor!r})`."
+            )
+        for hook in module._forward_pre_hooks.values():
+            _refuse_norm_hook(name or type(model).__name__, hook)
+    if tied:
+        _refuse_tied(model)
+
+
+def _refuse_norm_hook(name: str, hook: Any) -> None:
+    """Refuse the hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` of layer ``name``."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for kind, remove in ((WeightNorm, "remove_weight_norm"), (SpectralNorm, "remove_spectral_norm")):
+        if isinstance(hook, kind):
+            raise InputError(
+                f"layer '{name}' uses torch.nn.utils.{remove.removeprefix('remove_')} (it recomputes "
+                f"'{hook.name}' before every call), and fxmorph reshapes stored weights only: remove it first with "
+                f"`torch.nn.utils.{remove}(layer)`."
+            )
+
+
+def _refuse_tied(model: nn.Module) -> None:
+    """Refuse a Parameter held by two modules (tied weights): reshaping would untie or break them."""
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            path = f"{name}.{pname}" if name else pname
+            if p is not None and owners.setdefault(id(p), path) != path:
+                raise InputError(
+                    f"'{owners[id(p)]}' and '{path}' are one shared Parameter (tied weights), which fxmorph cannot "
+                    "keep tied while it reshapes them: untie them first (for example `layer.weight = "
+                    "nn.Parameter(layer.weight.detach().clone())` on one of the two layers)."
+                )
+
+
+def check_hooks(model: nn.Module, leaves: Iterable[str]) -> None:
+    """No module that torch.fx inlined (the root, or any module not called as a graph leaf) carries forward or
+    backward hooks: the traced graph would silently drop them."""
+    leaves = tuple(leaves)
+    for name, module in model.named_modules():
+        if name and any(name == leaf or name.startswith(leaf + ".") for leaf in leaves):
+            continue  # a leaf is called as a module, so its hooks (and those of its children) still run
+        kinds = [k for k, d in _HOOK_DICTS if getattr(module, d, None)]
+        if kinds:
+            where = f"submodule '{name}'" if name else f"the model itself ({type(model).__name__})"
+            raise InputError(
+                f"{where} has {' and '.join(kinds)} hooks, which torch.fx cannot keep as hooks when it inlines the "
+                f"module's forward (it drops them or bakes one trace of them in): {_hook_fix(name)}."
+            )
+
+
+def _hook_fix(name: str) -> str:
+    if not name:
+        return "remove them (`handle.remove()`) and register them on the result instead"
+    return f"remove them, or name the submodule in `leaf_modules=[{name!r}]` so it stays one call and keeps its hooks"
+
+
+_HOOK_DICTS = (("forward", "_forward_hooks"), ("forward-pre", "_forward_pre_hooks"),
+               ("backward", "_backward_hooks"), ("backward-pre", "_backward_pre_hooks"))  # fmt: skip

@@ -1,0 +1,312 @@
+"""Trace a model to a torch.fx GraphModule and annotate every node with shapes and dtypes.
+
+This layer knows nothing about channels. It owns the leaf-module policy, shape propagation (on real
+tensors for ordinary models, on fake tensors for huge ones so no compute or memory is spent), and the
+list of submodules the trace never reached (for example GoogLeNet's aux heads, which run only in train
+mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxmorph.capture.flops import flop_counter
+from fxmorph.capture.layers import through_forward, through_root, traced_through
+from fxmorph.capture.model_checks import check_hooks, check_reshapable, check_unwrapped
+from fxmorph.errors import InputError, TraceError
+from fxmorph.meta import FLOPS_KEY, INTERFACE_KEY, UNREACHED_KEY
+from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, frozen_mode, run_failure_hint
+
+__all__ = [
+    "as_inputs",
+    "check_input_count",
+    "interface",
+    "mutable_args",
+    "propagate_shapes",
+    "trace",
+    "unreached_modules",
+]
+
+logger = logging.getLogger(__name__)
+
+FAKE_THRESHOLD_BYTES = 1 << 30  # models with more weight bytes than this propagate on fake tensors
+
+
+def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """Normalise ``example_inputs`` to a tuple, with a clear error for obviously wrong values."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list | tuple):
+        if not example_inputs:
+            raise InputError("example_inputs is empty: pass a tuple with one example tensor per input.")
+        return tuple(example_inputs)
+    raise InputError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}: "
+        "pass for example `example_inputs=(torch.randn(1, 3, 224, 224),)`."
+    )
+
+
+def _check_model(model: Any) -> None:
+    """A module with data (not on the meta device) of a supported dtype; see :func:`fxmorph.validate.check_model`."""
+    check_model(model)
+
+
+class _Tracer(fx.Tracer):
+    """Leaf policy: torch.nn modules, their subclasses that keep the inherited forward, user leaves; but
+    the torch.nn transformer layers are entered along their plain path (:mod:`fxmorph.capture.layers`)."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+        super().__init__()
+        self._leaf_types = leaf_types
+        self._leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._user_leaf(m, module_qualified_name):
+            return True
+        if traced_through(m):
+            return False
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        return _inherits_torch_forward(type(m))
+
+    def _user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if traced_through(m) and not self._user_leaf(m, self.path_of_module(m)):
+            plain = through_forward(m, args, kwargs)
+            if plain is None:  # this call must stay whole: a leaf, whose channels the analysis pins
+                return self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
+            forward = plain
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _inherits_torch_forward(cls: type) -> bool:
+    """True for a subclass of a torch.nn layer that does not override ``forward``."""
+    for base in cls.__mro__[1:]:
+        if "forward" in vars(base):
+            owner = base.__module__
+            defined_here = any("forward" in vars(c) for c in cls.__mro__[: cls.__mro__.index(base)])
+            container = issubclass(base, nn.Sequential | nn.ModuleList | nn.ModuleDict) or base is nn.Module
+            return owner.startswith("torch.nn") and not defined_here and not container
+    return False
+
+
+def _user_frame(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "/fxmorph/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`"
+    return "unknown location"
+
+
+def _symbolic_trace(
+    model: nn.Module, leaf_modules: Iterable[type | str], concrete_args: dict[str, Any] | None
+) -> fx.GraphModule:
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
+    tracer = _Tracer(leaf_types, leaf_names)
+    try:
+        root = model if isinstance(model, leaf_types) else through_root(model)
+        graph = tracer.trace(root, concrete_args=concrete_args)
+    except Exception as exc:
+        raise TraceError(
+            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}\n"
+            f"  offending line: {_user_frame(exc)}\n"
+            "  fix: name the submodule that holds this code as a leaf (`leaf_modules=[TheModuleClass]` or its "
+            "qualified name) so it stays one call, or rewrite the branch without Python control flow on tensor "
+            "values (for example with `torch.where`)."
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def mutable_args(value: Any) -> Any:
+    """fx's immutable argument containers as fresh lists and dicts, as generated code passes them.
+
+    Some library functions mutate list arguments (torchvision's 3-D Swin does); generated code
+    passes them fresh literals, and so must any Interpreter.
+    """
+    if isinstance(value, list):
+        return [mutable_args(v) for v in value]
+    if type(value) is tuple:  # not namedtuples nor torch.return_types (``max(dim).values``): they keep their type
+        return tuple(mutable_args(v) for v in value)
+    if isinstance(value, dict):
+        return {k: mutable_args(v) for k, v in value.items()}
+    return value
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that hands functions mutable argument containers."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return super().call_function(target, mutable_args(args), mutable_args(kwargs))
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], *, fake: bool = False) -> None:
+    """Store ``meta['tensor_meta']`` (shape, dtype) on every tensor-valued node of ``gm``.
+
+    The FLOPs of the run (``torch.utils.flop_counter``) are stored in ``gm.meta['fxmorph.flops']``
+    and the input and output shapes and dtypes in ``gm.meta['fxmorph.interface']``.
+    """
+    try:
+        # NOTE: ShapeProp prints a traceback to stderr before re-raising; fxmorph reports the cause itself.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            if fake:
+                from torch._subclasses.fake_tensor import FakeTensorMode
+
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+                with flop_counter() as counter:
+                    _ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
+            else:
+                with flop_counter() as counter:
+                    _ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        fix = (
+            run_failure_hint(gm, inputs, exc)
+            or "pass example_inputs with the shapes, dtypes and device the model expects"
+        )
+        raise TraceError(
+            f"the example inputs do not run through the traced model{_failing_node(exc)}: {_root_cause(exc)}\n"
+            f"  fix: {fix} (got {_describe(inputs)})."
+        ) from exc
+    gm.meta[FLOPS_KEY] = int(counter.get_total_flops())
+    gm.meta[INTERFACE_KEY] = interface(gm)
+
+
+def _failing_node(exc: BaseException) -> str:
+    match = re.match(r"ShapeProp error for: node=%(\S+)", str(exc))
+    return f" at node '{match.group(1)}'" if match else ""
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (ShapeProp wraps the real error in its own)."""
+    while exc.__cause__ is not None and str(exc).startswith("ShapeProp error"):
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def interface(gm: fx.GraphModule) -> tuple[tuple[Any, ...], Any]:
+    """Shapes and dtypes of the placeholders and of the output structure, from node metadata."""
+    ins = tuple(_sig(n.meta.get("tensor_meta")) for n in gm.graph.nodes if n.op == "placeholder")
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outs = fx.node.map_arg(out_node.args[0], lambda n: _sig(n.meta.get("tensor_meta")))
+    return ins, outs
+
+
+def _sig(meta: Any) -> Any:
+    if meta is None:
+        return None
+    if isinstance(meta, list | tuple) and not hasattr(meta, "shape"):
+        return tuple(_sig(m) for m in meta)
+    return (tuple(meta.shape), meta.dtype)
+
+
+def _describe(inputs: Sequence[Any]) -> str:
+    parts = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            parts.append(f"Tensor{list(x.shape)} {x.dtype} on {x.device}")
+        else:
+            parts.append(type(x).__name__)
+    return ", ".join(parts)
+
+
+def unreached_modules(model: nn.Module, gm: fx.GraphModule) -> tuple[str, ...]:
+    """Top-most submodules of ``model`` that hold parameters but never appear in the traced graph."""
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            used.add(str(node.target))
+    out: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in out):
+            continue
+        if not any(True for _ in module.parameters()):
+            continue
+        reached = any(u == name or u.startswith(name + ".") or name.startswith(u + ".") for u in used)
+        if not reached:
+            out.append(name)
+    return tuple(out)
+
+
+def check_input_count(gm: fx.GraphModule, inputs: Sequence[Any], name: str) -> None:
+    """No more example inputs than the traced forward takes (extra ones would be silently ignored)."""
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) <= len(targets) or any(t.startswith("*") for t in targets):
+        return
+    params = ", ".join(targets)
+    example = f"({params},)" if len(targets) == 1 else f"({params})"
+    raise InputError(
+        f"got {len(inputs)} example inputs, but {name}.forward takes {len(targets)} ({params or 'none'}): pass "
+        f"one example tensor per forward parameter, for example `example_inputs={example}`."
+    )
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    fake: bool | None = None,
+    allow_tied_weights: bool = False,
+) -> fx.GraphModule:
+    """Trace ``model`` to a GraphModule whose tensor nodes carry ``meta['tensor_meta']``.
+
+    The model is traced and propagated in eval mode (so data-dependent train-only branches, such as
+    GoogLeNet's aux heads, are left out and recorded in ``gm.meta['fxmorph.unreached']``); every
+    module's training flag is restored afterwards and no parameter or buffer is written. The returned
+    GraphModule shares its parameters with ``model``: fxmorph's own passes never write to them, and
+    :func:`fxmorph.shrink` and friends work on a copy.
+
+    Args:
+        model: the module to trace.
+        example_inputs: a tensor or a tuple of tensors, one per positional input.
+        leaf_modules: extra module classes or qualified names to keep as single graph nodes.
+        concrete_args: forwarded to ``torch.fx.Tracer.trace`` for arguments that drive control flow. The
+            result is for inspection: fxmorph's entry points do not accept it (they trace again).
+        fake: propagate shapes on fake tensors (no compute). ``None`` chooses fake tensors for models
+            with more than 1 GiB of weights.
+        allow_tied_weights: trace a model whose modules share a Parameter, for inspection only: the entry
+            points (analyze, shrink, grow, morph, FlopsRegularizer) refuse such a model.
+
+    Raises:
+        InputError: ``model`` is not a module, a DataParallel / DDP / ``torch.compile`` wrapper, has
+            parametrized, weight-normed or tied weights, hooks torch.fx would drop, or more example inputs
+            than its forward takes; the inputs are malformed, or the dtype is unsupported.
+        TraceError: the model cannot be traced, or the example inputs do not run through it.
+    """
+    _check_model(model)
+    check_unwrapped(model)
+    check_reshapable(model, tied=not allow_tied_weights)
+    inputs = as_inputs(example_inputs)
+    check_tensor_inputs(inputs)
+    leaf_modules = check_leaf_modules(model, leaf_modules)
+    with frozen_mode(model):
+        gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        check_hooks(model, {str(n.target) for n in gm.graph.nodes if n.op == "call_module"})
+        check_input_count(gm, inputs, type(model).__name__)
+        use_fake = _weight_bytes(model) > FAKE_THRESHOLD_BYTES if fake is None else fake
+        propagate_shapes(gm, inputs, fake=use_fake)
+    gm.meta[UNREACHED_KEY] = unreached_modules(model, gm)
+    if gm.meta[UNREACHED_KEY]:
+        logger.info("modules never reached by the trace: %s", ", ".join(gm.meta[UNREACHED_KEY]))
+    gm.training = model.training  # root flag only: the submodules are shared with ``model``
+    return gm
