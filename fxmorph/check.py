@@ -22,7 +22,9 @@ __all__ = ["check", "module_problems"]
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> list[str]:
+    """The mismatches between a convolution's attributes and its weight and bias."""
     w = m.weight
+    # A convolution's weight is [out, in / groups, *kernel]; a transposed one's is [in, out / groups, *kernel].
     out, per_group = (w.shape[1] * m.groups, w.shape[0]) if m.transposed else (w.shape[0], w.shape[1])
     problems = []
     if m.in_channels % m.groups or m.out_channels % m.groups:
@@ -49,6 +51,7 @@ def _linear(m: nn.Linear) -> list[str]:
 def _norm(m: nn.Module) -> list[str]:
     n = m.num_features if hasattr(m, "num_features") else getattr(m, "num_channels", None)
     if isinstance(m, nn.LayerNorm):
+        # Over several dims the affine tensors are not vectors: not checked here.
         n = m.normalized_shape[-1] if len(m.normalized_shape) == 1 else None
     problems = []
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -92,8 +95,10 @@ def module_problems(model: nn.Module) -> list[tuple[str, str]]:
     found = []
     for path, m in model.named_modules():
         # a name held as both a parameter and a buffer: forward reads one, state_dict keeps the other
-        found.extend((path or "<root>", f"'{name}' is both a parameter and a buffer")
-                     for name in m._parameters.keys() & m._buffers.keys())  # fmt: skip
+        found.extend(
+            (path or "<root>", f"'{name}' is both a parameter and a buffer")
+            for name in m._parameters.keys() & m._buffers.keys()
+        )
         for kind, fn in _MODULE_CHECKS:
             if isinstance(m, kind):
                 found.extend((path or "<root>", p) for p in fn(m))
@@ -129,8 +134,10 @@ def check(model: nn.Module, example_inputs: Any, *, expected_interface: Any = No
 
 
 def _replay(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
+    """Shapes of ``model`` on the example inputs: a GraphModule is propagated in place, any other module traced."""
     try:
         if isinstance(model, fx.GraphModule):
+            # Eval mode: the replay must not move BatchNorm running statistics.
             with frozen_mode(model):
                 propagate_shapes(model, as_inputs(example_inputs))
             return model
@@ -141,6 +148,8 @@ def _replay(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
 
 
 def _failing_node(exc: BaseException) -> str:
+    """The ``While executing %node`` line that torch.fx adds to the cause of a failed run, as `` at ...`` (""
+    without one)."""
     text = str(exc.__cause__ or "")
     for line in text.splitlines():
         if "While executing" in line:
@@ -149,6 +158,7 @@ def _failing_node(exc: BaseException) -> str:
 
 
 def _compare_interface(expected: Any, actual: Any) -> None:
+    """Raise :class:`ConsistencyError` where the ``(inputs, outputs)`` shapes and dtypes differ."""
     (exp_in, exp_out), (act_in, act_out) = expected, actual
     if exp_in != act_in:
         raise ConsistencyError(f"model inputs changed: expected {exp_in}, found {act_in}")

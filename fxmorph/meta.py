@@ -24,13 +24,22 @@ __all__ = [
 
 # Keys of ``GraphModule.meta``: every one fxmorph writes is here, so layers never spell one by hand.
 UNREACHED_KEY = "fxmorph.unreached"
+"""Top-most submodules with parameters that the traced graph never reaches (written by tracing)."""
 FLOPS_KEY = "fxmorph.flops"
+"""FLOPs of one run on the example inputs (written by shape propagation)."""
 INTERFACE_KEY = "fxmorph.interface"
+"""``(inputs, outputs)`` shapes and dtypes on the example inputs (written by shape propagation)."""
 FACTORS_KEY = "fxmorph.factors"
+"""``{path: {"rank": r, "full_rank": R}}`` for every layer split into ``path.0``, ``path.1`` (factorize)."""
 GROW_KEY = "fxmorph.grow"
+"""Growth's record: ``{"groups", "skipped", "max_difference"}`` from the grow pass, replaced by a
+:class:`~fxmorph.api.report.GrowReport` in the result of :func:`fxmorph.grow`."""
 DROP_KEY = "fxmorph.dropped_inputs"
+"""``{"linear", "features", "kept", "constant", "unimportant"}`` (feature indices) of drop-inputs."""
 REPORT_KEY = "fxmorph.report"
+"""The :class:`~fxmorph.api.report.ShrinkReport` of the shrink that made the model."""
 MORPH_KEY = "fxmorph.morph"
+"""The :class:`~fxmorph.api.report.MorphReport` of the morph that made the model."""
 
 TensorInfo = Any  # torch.fx.passes.shape_prop.TensorMetadata, or a tuple/list of them
 

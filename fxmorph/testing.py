@@ -37,6 +37,8 @@ def random_plan(cg: ChannelGraph, seed: int = 0, low: float = 0.3, high: float =
 
 
 def _mask(cg: ChannelGraph, plan: WidthPlan, layout: Layout) -> torch.Tensor | None:
+    """``[width]`` float64: 1 at the original positions of ``layout`` the plan keeps, 0 at removed ones; None
+    when the axis does not change."""
     amap = axis_map(cg, plan, layout)
     if amap.identity:
         return None
@@ -47,12 +49,15 @@ def _mask(cg: ChannelGraph, plan: WidthPlan, layout: Layout) -> torch.Tensor | N
 
 
 def _apply_mask(t: torch.Tensor, dim: int, mask: torch.Tensor) -> torch.Tensor:
+    """``t`` times ``mask`` broadcast along ``dim``."""
     shape = [1] * t.dim()
     shape[dim] = -1
     return t * mask.view(shape).to(t.dtype)
 
 
 class _MaskedInterpreter(fx.Interpreter):
+    """Runs the graph with every node's value zeroed at the removed channels, and norms over kept channels."""
+
     def __init__(self, gm: fx.GraphModule, masks: dict[str, Any]) -> None:
         super().__init__(gm)
         self.masks = masks
@@ -60,9 +65,12 @@ class _MaskedInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         masked_norm = self._masked_norm(n)
         result = masked_norm if masked_norm is not None else super().run_node(n)
+        # Masked after every node, not only at the parameters: a bias, a BatchNorm shift or an add of an unmasked
+        # tensor would otherwise bring a removed channel back to life.
         return self._mask_value(result, self.masks.get(n.name))
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # Some library functions mutate their list arguments.
         return super().call_function(target, mutable_args(args), mutable_args(kwargs))
 
     def _mask_value(self, value: Any, masks: Any) -> Any:
@@ -83,6 +91,7 @@ class _MaskedInterpreter(fx.Interpreter):
             m = self.module.get_submodule(str(n.target))
             if isinstance(m, nn.LayerNorm | nn.RMSNorm | nn.GroupNorm):
                 x = self.env[n.args[0]]
+                # GroupNorm normalises over the channel dim; LayerNorm and RMSNorm (over one dim) over the last.
                 dim = 1 if isinstance(m, nn.GroupNorm) else x.dim() - 1
                 mask = (self.masks.get(n.args[0].name) or {}).get(dim)
                 if mask is not None:
@@ -99,6 +108,7 @@ class _MaskedInterpreter(fx.Interpreter):
         return None
 
     def _value(self, arg: Any) -> Any:
+        """The value of a node argument in the interpreter's environment (a constant as it is)."""
         return self.env[arg] if isinstance(arg, fx.Node) else arg
 
 
@@ -131,6 +141,7 @@ def _kept(x: torch.Tensor, dim: int, mask: torch.Tensor, fn: Any, bound: dict[st
 
 
 def _norm_kept(x: torch.Tensor, dim: int, mask: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """A norm module applied to the kept channels of ``x`` along ``dim``, through :func:`_kept`."""
     if isinstance(m, nn.GroupNorm):
         bound = {"num_groups": m.num_groups, "weight": m.weight, "bias": m.bias, "eps": m.eps}
         return _kept(x, dim, mask, F.group_norm, bound)
@@ -140,6 +151,7 @@ def _norm_kept(x: torch.Tensor, dim: int, mask: torch.Tensor, m: nn.Module) -> t
 
 
 def _node_masks(cg: ChannelGraph, plan: WidthPlan, value: Any) -> Any:
+    """The masks of a node's value: per dim for a tensor, nested for a tuple; None where nothing is masked."""
     if isinstance(value, dict):
         masks = {d: m for d, lay in value.items() if (m := _mask(cg, plan, lay)) is not None}
         return masks or None
@@ -150,6 +162,8 @@ def _node_masks(cg: ChannelGraph, plan: WidthPlan, value: Any) -> Any:
 
 def masked_reference(cg: ChannelGraph, plan: WidthPlan, *inputs: Any) -> Any:
     """Outputs of the original graph in float64 with the plan's removed channels zeroed everywhere."""
+    # float64, so rounding cannot hide a wrong channel nor fake one; eval mode, so dropout and BatchNorm statistics
+    # are fixed.
     ref = copy.deepcopy(cg.gm).double().eval()
     with torch.no_grad():
         for binding in cg.bindings.values():
@@ -159,6 +173,7 @@ def masked_reference(cg: ChannelGraph, plan: WidthPlan, *inputs: Any) -> Any:
             owner, _, leaf = binding.target.rpartition(".")
             module = ref.get_submodule(owner) if owner else ref
             tensor = getattr(module, leaf)
+            # In place on the copy: the masked weights are what the graph reads.
             tensor.copy_(_apply_mask(tensor, binding.dim, mask))
         masks = {name: _node_masks(cg, plan, value) for name, value in cg.spaces.items()}
         masks = {k: v for k, v in masks.items() if v is not None}
@@ -171,12 +186,13 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):  # a namedtuple (torch.return_types) keeps its type
         return tuple(_plain(v) for v in value)
     return value
 
 
 def _double(inputs: Any) -> Any:
+    """The inputs with every floating tensor in float64."""
     return tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
 
 

@@ -48,13 +48,18 @@ __all__ = [
     "split_batch",
 ]
 
+# Parameter dtypes fxmorph takes; integer buffers (``num_batches_tracked``) are fine whatever their dtype.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Dtypes too coarse for grow's SVDs and function checks or morph's training: grow works on a float32 copy, morph
+# refuses.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
 def frozen_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode for the duration, then restore every module's training flag."""
+    # Every module's own flag, not just the root's: a model in training may hold a frozen BatchNorm in eval mode on
+    # purpose, and ``model.train()`` afterwards would flip it.
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -106,6 +111,7 @@ def low_precision_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
+    """The one device of every parameter and buffer of ``model``, else None (none, or several)."""
     devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
     return devices.pop() if len(devices) == 1 else None
 
@@ -122,8 +128,10 @@ def check_trainable(model: nn.Module, who: str, needs: str = "trains the model")
 def check_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[type | str, ...]:
     """``leaf_modules`` as a tuple of module classes and qualified names that exist in ``model``."""
     if isinstance(leaf_modules, str | type):
-        raise InputError(f"leaf_modules must be a list of module classes or names, got {leaf_modules!r} alone: pass "
-                         f"leaf_modules=[{getattr(leaf_modules, '__name__', repr(leaf_modules))}].")  # fmt: skip
+        raise InputError(
+            f"leaf_modules must be a list of module classes or names, got {leaf_modules!r} alone: pass "
+            f"leaf_modules=[{getattr(leaf_modules, '__name__', repr(leaf_modules))}]."
+        )
     if not isinstance(leaf_modules, Iterable):
         raise InputError(f"leaf_modules must be a list of module classes or names, got {type(leaf_modules).__name__}.")
     out = tuple(leaf_modules)
@@ -137,6 +145,8 @@ def check_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple[t
                 "example `leaf_modules=[MyBlock]` or `leaf_modules=['encoder.block']`."
             )
         names = names if names is not None else [n for n, _ in model.named_modules() if n]
+        # A GraphModule keeps only the modules its graph calls, so a name of the model it came from may be missing
+        # here legitimately.
         if entry not in names and not isinstance(model, torch.fx.GraphModule):
             close = difflib.get_close_matches(entry, names, n=3)
             hint = f" Did you mean: {', '.join(close)}?" if close else " See `dict(model.named_modules())`."
@@ -158,6 +168,7 @@ def check_tensor_inputs(inputs: Sequence[Any], *, what: str = "example input") -
 def run_failure_hint(model: nn.Module, inputs: Sequence[Any], exc: BaseException) -> str | None:
     """A specific fix when ``model(*inputs)`` failed with ``exc`` for a reason fxmorph can name, else None."""
     text = " ".join(str(e) for e in _chain(exc)).lower()
+    # A hard-coded ``.cuda()`` is the usual cause.
     if not torch.cuda.is_available() and ("cuda" in text or "nvidia driver" in text):
         return "the model moves tensors to CUDA, which this machine lacks: use the input's device (`x.device`) instead"
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
@@ -174,15 +185,17 @@ def run_failure_hint(model: nn.Module, inputs: Sequence[Any], exc: BaseException
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, its cause or context, theirs, and so on."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    while current is not None and id(current) not in seen:  # exceptions can reference each other in a cycle
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -202,14 +215,16 @@ def check_data(data: Any, who: str, *, reads: int = 1) -> tuple[Iterable[Any], A
             f"{who}: data is a one-shot iterator, but it is read {reads} times here: pass a list of batches "
             "or a DataLoader."
         )
+    # A fresh iterator over a re-iterable: the data loses no batch.
     first = next(data if isinstance(data, Iterator) else iter(data), None)
     if first is None:
         raise InputError(f"{who}: data yielded no batch: pass a non-empty list or DataLoader of batches.")
     return (itertools.chain([first], data) if isinstance(data, Iterator) else data), first
 
 
-def split_batch(batch: Any, who: str, fix: str = "yield such pairs (a DataLoader over a TensorDataset(x, y) does)"
-                ) -> tuple[tuple[Any, ...], Any]:  # fmt: skip
+def split_batch(
+    batch: Any, who: str, fix: str = "yield such pairs (a DataLoader over a TensorDataset(x, y) does)"
+) -> tuple[tuple[Any, ...], Any]:
     """``(inputs tuple, targets)`` of a batch ``(inputs, targets)``; ``fix`` ends the error message."""
     if not isinstance(batch, list | tuple) or len(batch) < 2:
         raise InputError(
@@ -219,8 +234,15 @@ def split_batch(batch: Any, who: str, fix: str = "yield such pairs (a DataLoader
     return (tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)), batch[1]
 
 
-def check_first_batch(model: nn.Module, batch: Any, who: str, *, pair: bool = True,
-                      loss_fn: Callable[..., Any] | None = None, needs: str = "") -> None:  # fmt: skip
+def check_first_batch(
+    model: nn.Module,
+    batch: Any,
+    who: str,
+    *,
+    pair: bool = True,
+    loss_fn: Callable[..., Any] | None = None,
+    needs: str = "",
+) -> None:
     """The first ``batch`` of the data runs through ``model`` (eval mode; nothing is written). With ``loss_fn``,
     that same forward runs with gradients on and ``loss_fn(outputs, targets)`` must be a finite scalar that
     depends on the parameters (no ``backward``); ``needs`` says what ``who`` uses the gradients for, for the
@@ -232,6 +254,8 @@ def check_first_batch(model: nn.Module, batch: Any, who: str, *, pair: bool = Tr
         raw = batch[0] if isinstance(batch, list | tuple) else batch
         inputs, targets = (tuple(raw) if isinstance(raw, list | tuple) else (raw,)), None
     check_tensor_inputs(inputs, what="the first batch's input")
+    # Gradients on only when the loss is checked: check_loss needs the graph to see that the loss depends on the
+    # parameters.
     with frozen_mode(model), torch.enable_grad() if loss_fn is not None else torch.no_grad():
         try:
             outputs = model(*inputs)
@@ -239,14 +263,16 @@ def check_first_batch(model: nn.Module, batch: Any, who: str, *, pair: bool = Tr
             hint = run_failure_hint(model, inputs, exc) or (
                 "every batch must be (inputs, targets) whose inputs the model accepts, like example_inputs"
             )
-            raise InputError(f"{who}: the first batch of data does not run through the model ({first_line(exc)}): "
-                             f"{hint}.") from exc  # fmt: skip
+            raise InputError(
+                f"{who}: the first batch of data does not run through the model ({first_line(exc)}): {hint}."
+            ) from exc
         if loss_fn is not None:
             check_trainable(model, who, needs)
             check_loss(_first_loss(loss_fn, outputs, targets, who), f"{who}: loss_fn", batch=1)
 
 
 def _first_loss(loss_fn: Callable[..., Any], outputs: Any, targets: Any, who: str) -> Any:
+    """``loss_fn(outputs, targets)``, any failure turned into an :class:`InputError` that says how it is called."""
     try:
         return loss_fn(outputs, targets)
     except Exception as exc:  # the user's loss may raise anything
@@ -263,8 +289,10 @@ def check_loss(loss: Any, where: str, *, batch: int | None = None) -> torch.Tens
     what returned it (``"shrink: loss_fn"``)."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise InputError(f"{where} must return a scalar tensor, got {got}: reduce the loss (for example with "
-                         ".mean(), or the loss's default reduction).")  # fmt: skip
+        raise InputError(
+            f"{where} must return a scalar tensor, got {got}: reduce the loss (for example with "
+            ".mean(), or the loss's default reduction)."
+        )
     if not loss.requires_grad:
         raise InputError(
             f"{where} returned a loss that does not depend on the model's parameters (no grad): compute it from "
@@ -283,8 +311,10 @@ def check_loss(loss: Any, where: str, *, batch: int | None = None) -> torch.Tens
 def check_callable(name: str, value: Any) -> None:
     """``value`` is None or callable."""
     if value is not None and not callable(value):
-        raise InputError(f"{name} must be callable, got {type(value).__name__}: pass a function such as "
-                         "torch.nn.functional.cross_entropy.")  # fmt: skip
+        raise InputError(
+            f"{name} must be callable, got {type(value).__name__}: pass a function such as "
+            "torch.nn.functional.cross_entropy."
+        )
 
 
 def check_number(
@@ -321,8 +351,9 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
 def check_prefixes(name: str, value: Any) -> tuple[str, ...]:
     """A sequence of module path prefixes (a lone string is refused: it would be read letter by letter)."""
     if isinstance(value, str):
-        raise InputError(f"{name} must be a list of module path prefixes, got the string {value!r}: pass "
-                         f"{name}=[{value!r}].")  # fmt: skip
+        raise InputError(
+            f"{name} must be a list of module path prefixes, got the string {value!r}: pass {name}=[{value!r}]."
+        )
     prefixes = tuple(value) if isinstance(value, Iterable) else None
     if prefixes is None or not all(isinstance(v, str) for v in prefixes):
         raise InputError(f"{name} must be a list of module path prefixes (strings), got {value!r}.")
@@ -352,11 +383,14 @@ def check_tolerances(model: nn.Module, rtol: float | None, atol: float | None) -
             "most operators, and numpy has no bfloat16. Export a float32 copy (`model.float()` with float32 "
             "inputs), or a float16 one."
         )
+    # The float16 eps is 2**-10 (~1e-3): its default is ten of those steps.
     rtol = (1e-2 if half else 1e-4) if rtol is None else check_number("rtol", rtol, low=0.0)
     atol = (1e-3 if half else 1e-5) if atol is None else check_number("atol", atol, low=0.0)
     if rtol == 0 and atol == 0:
-        raise InputError("rtol and atol are both 0: onnxruntime and torch round differently, so no file would "
-                         "match; pass for example rtol=1e-4, atol=1e-5 (the float32 defaults).")  # fmt: skip
+        raise InputError(
+            "rtol and atol are both 0: onnxruntime and torch round differently, so no file would "
+            "match; pass for example rtol=1e-4, atol=1e-5 (the float32 defaults)."
+        )
     return rtol, atol
 
 

@@ -21,15 +21,17 @@ public entry points with random budgets).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-__all__ = ["NEW_KINDS", "SETTINGS", "Spec", "architectures", "build"]
+__all__ = ["NEW_KINDS", "SETTINGS", "Spec", "architectures", "build", "thorough"]
 
 Spec = tuple[str, dict[str, Any]]
 MAX_DEPTH = 2  # nesting of residual / concat / split bodies
@@ -38,6 +40,20 @@ SETTINGS = {
     "derandomize": True,
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
 }
+
+
+def thorough(test: Any, examples: int, **strategies: st.SearchStrategy) -> Callable[[], None]:
+    """The ``-m slow`` twin of the hypothesis test ``test``: the same property on the same strategies with
+    ``examples`` derandomized examples (the default run draws fewer; each property's seed comes from its
+    code, so both runs are reproducible)."""
+    run = settings(max_examples=examples, **SETTINGS)(given(**strategies)(test.hypothesis.inner_test))
+
+    @pytest.mark.slow
+    def twin() -> None:
+        run()
+
+    twin.__doc__ = f"{examples} examples of the property of ``{test.__name__}`` (``-m slow``)."
+    return twin
 
 
 # -- blocks -----------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ goes through the public API and is held to what it promises:
 - ``fxmorph.shrink`` at 100% on models with dead channels (zeroed weight rows, columns, BN scales):
   only ``remove-dead`` acts, and it promises the same function.
 
-About one case in ten also exports the result with ``fxmorph.export_onnx``, whose own parity check in
-onnxruntime raises on a mismatch; about one shrink or grow in five is repeated with the same seed and
-must give the same weights. Regressions found here are named after their bug in
-``test_random_architectures.py``.
+Each property draws a derandomized sample in the default run, and the larger sample it was written
+with under ``-m slow`` (the ``*_thorough`` twins at the end). About one case in ten also exports the
+result with ``fxmorph.export_onnx``, whose own parity check in onnxruntime raises on a mismatch; about
+one shrink or grow in five is repeated with the same seed and must give the same weights. Regressions
+found here are named after their bug in ``test_random_architectures.py``.
 """
 
 from __future__ import annotations
@@ -49,15 +50,14 @@ import fxmorph
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
-from fxmorph.passes.grow import grow_candidates
 from fxmorph.passes.grow_init import DATA_INITS, INITS
 from fxmorph.passes.grow_select import growth_options, max_grow_flops
 from fxmorph.passes.importance import CRITERIA
-from fxmorph.passes.prune import free_group_ids
+from fxmorph.passes.protect import free_group_ids, grow_candidates
 from fxmorph.passes.select import smallest_widths
 from fxmorph.testing import masked_reference, run_double
 from tests.conftest import assert_close_trees
-from tests.random_arch import SETTINGS, architectures, build
+from tests.random_arch import SETTINGS, architectures, build, thorough
 
 ROUND_TO = (1, 1, 1, 2, 2, 4, 8, 16)  # the generator's groups have at most 16 channels: 8 and 16 rarely cut
 MAX_FACTOR = 4.0  # grow's and the width pass's default
@@ -198,21 +198,24 @@ def _growth_case(
     return cg, cost, most, _budget(budget, cost.flops(), (cost.flops() + 1, max(most, cost.flops() + 1)))
 
 
-@settings(max_examples=400, **SETTINGS)
-@given(
-    arch=architectures(),
-    budget=budgets(),
-    strategy=st.sampled_from(["prune", "width"]),
-    criterion=st.sampled_from(CRITERIA),
-    round_to=st.sampled_from(ROUND_TO),
-    min_width=st.sampled_from([1, 1, 2]),
-    max_prune=st.sampled_from([0.9, 0.9, 0.5, 1.0]),
-    seed=st.integers(0, 2**16),
-    pick=st.integers(0, 2**16),
-    train=one_in_five,
-    again=one_in_five,
-    onnx=onnx_sample,
-)
+SHRINK = {
+    "arch": architectures(),
+    "budget": budgets(),
+    "strategy": st.sampled_from(["prune", "width"]),
+    "criterion": st.sampled_from(CRITERIA),
+    "round_to": st.sampled_from(ROUND_TO),
+    "min_width": st.sampled_from([1, 1, 2]),
+    "max_prune": st.sampled_from([0.9, 0.9, 0.5, 1.0]),
+    "seed": st.integers(0, 2**16),
+    "pick": st.integers(0, 2**16),
+    "train": one_in_five,
+    "again": one_in_five,
+    "onnx": onnx_sample,
+}
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(**SHRINK)
 def test_shrink_meets_random_budgets(
     arch: dict[str, Any], budget: tuple[str, bool, float], strategy: str, criterion: str, round_to: int,
     min_width: int, max_prune: float, seed: int, pick: int, train: bool, again: bool, onnx: bool,
@@ -320,18 +323,21 @@ def _assert_growth_budget(cost: CostModel, cg: ChannelGraph, w: np.ndarray, budg
     _assert_no_step_fits(cost, w, steps, budget)
 
 
-@settings(max_examples=200, **SETTINGS)
-@given(
-    arch=architectures(),
-    budget=budgets(grow=True),
-    init=st.sampled_from(INITS),
-    with_data=st.booleans(),
-    round_to=st.sampled_from(ROUND_TO),
-    seed=st.integers(0, 2**16),
-    train=one_in_five,
-    again=one_in_five,
-    onnx=onnx_sample,
-)
+GROW = {
+    "arch": architectures(),
+    "budget": budgets(grow=True),
+    "init": st.sampled_from(INITS),
+    "with_data": st.booleans(),
+    "round_to": st.sampled_from(ROUND_TO),
+    "seed": st.integers(0, 2**16),
+    "train": one_in_five,
+    "again": one_in_five,
+    "onnx": onnx_sample,
+}
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(**GROW)
 def test_grow_meets_random_budgets_and_keeps_function(
     arch: dict[str, Any], budget: tuple[str, bool, float], init: str, with_data: bool, round_to: int, seed: int,
     train: bool, again: bool, onnx: bool,
@@ -367,15 +373,18 @@ def test_grow_meets_random_budgets_and_keeps_function(
         _export(big, x)
 
 
-@settings(max_examples=100, **SETTINGS)
-@given(
-    arch=architectures(),
-    budget=budgets(grow=True),
-    with_data=st.booleans(),
-    round_to=st.sampled_from(ROUND_TO),
-    seed=st.integers(0, 2**16),
-    onnx=onnx_sample,
-)
+WIDEN = {
+    "arch": architectures(),
+    "budget": budgets(grow=True),
+    "with_data": st.booleans(),
+    "round_to": st.sampled_from(ROUND_TO),
+    "seed": st.integers(0, 2**16),
+    "onnx": onnx_sample,
+}
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(**WIDEN)
 def test_width_strategy_above_budget_grows_and_keeps_function(
     arch: dict[str, Any], budget: tuple[str, bool, float], with_data: bool, round_to: int, seed: int, onnx: bool
 ) -> None:
@@ -431,8 +440,16 @@ def _kill_channels(model: nn.Module, seed: int) -> None:
                 m.weight[:, int(rng.integers(m.weight.shape[1]))] = 0.0
 
 
-@settings(max_examples=100, **SETTINGS)
-@given(arch=architectures(), seed=st.integers(0, 2**16), round_to=st.sampled_from(ROUND_TO), onnx=onnx_sample)
+DEAD = {
+    "arch": architectures(),
+    "seed": st.integers(0, 2**16),
+    "round_to": st.sampled_from(ROUND_TO),
+    "onnx": onnx_sample,
+}
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(**DEAD)
 def test_shrink_at_full_budget_removes_dead_channels_exactly(
     arch: dict[str, Any], seed: int, round_to: int, onnx: bool
 ) -> None:
@@ -458,8 +475,11 @@ def test_shrink_at_full_budget_removes_dead_channels_exactly(
 # -- the defaults: round_to="auto", max_prune="auto" -------------------------------------------------------
 
 
-@settings(max_examples=150, **SETTINGS)
-@given(arch=architectures(new_blocks=1), budget=budgets(), seed=st.integers(0, 2**16))
+DEFAULTS = {"arch": architectures(new_blocks=1), "budget": budgets(), "seed": st.integers(0, 2**16)}
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(**DEFAULTS)
 def test_default_rounding_reaches_every_budget_any_width_reaches(
     arch: dict[str, Any], budget: tuple[str, bool, float], seed: int
 ) -> None:
@@ -499,3 +519,15 @@ def test_default_rounding_reaches_every_budget_any_width_reaches(
     cut = records.pop("prune")
     plan = WidthPlan({g: GroupPlan(tuple(keep)) for g, keep in cut["kept"].items()})
     assert_close_trees(run_double(small, x), masked_reference(cg, plan, x), what="mask oracle", allow_zero=True)
+
+
+# -- the thorough samples (``-m slow``) ------------------------------------------------------------------
+# The default run draws enough examples of each property to meet every block kind, budget form and
+# option many times over; these twins draw the counts the properties were written with.
+test_shrink_meets_random_budgets_thorough = thorough(test_shrink_meets_random_budgets, 400, **SHRINK)
+test_grow_meets_random_budgets_thorough = thorough(test_grow_meets_random_budgets_and_keeps_function, 200, **GROW)
+test_width_strategy_above_budget_thorough = thorough(
+    test_width_strategy_above_budget_grows_and_keeps_function, 100, **WIDEN
+)
+test_shrink_at_full_budget_thorough = thorough(test_shrink_at_full_budget_removes_dead_channels_exactly, 100, **DEAD)
+test_default_rounding_thorough = thorough(test_default_rounding_reaches_every_budget_any_width_reaches, 150, **DEFAULTS)

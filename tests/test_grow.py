@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -113,21 +114,41 @@ def _spread(cg: fxmorph.ChannelGraph) -> dict[int, int]:
 # -- the zoo: function kept for every init, results consistent and trainable ------------------------
 
 
+@pytest.fixture(scope="module")
+def zoo_cases() -> Iterator[Callable[[str], tuple[nn.Module, torch.Tensor, fxmorph.ChannelGraph]]]:
+    """Each zoo model built, given realistic statistics and analysed once for the module (five inits share
+    it); the tests grow deep copies, and the channel graph is only read (groups and the cost model, which
+    do not depend on the dtype the net2net cases convert to)."""
+    cases: dict[str, tuple[nn.Module, torch.Tensor, fxmorph.ChannelGraph]] = {}
+
+    def case(name: str) -> tuple[nn.Module, torch.Tensor, fxmorph.ChannelGraph]:
+        if name not in cases:
+            cases.clear()  # the tests run model by model: keep one (ViT-B/16 alone holds 350 MB)
+            x = example_input(name, 2)
+            model = _realistic(build(name), x)
+            cases[name] = model, x, fxmorph.analyze(model, (x,))
+        model, x, cg = cases[name]
+        return copy.deepcopy(model), x, cg
+
+    yield case
+    cases.clear()
+
+
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("name", ZOO)
-def test_zoo_growth_preserves_function(name: str, init: str) -> None:
+def test_zoo_growth_preserves_function(
+    name: str, init: str, zoo_cases: Callable[[str], tuple[nn.Module, torch.Tensor, fxmorph.ChannelGraph]]
+) -> None:
     """Six groups (residual, depthwise, concat segments, MLP hidden dims among them) grow by 3 channels:
     output change at most 1e-5 (float32, eval; outputs of order one; Net2Net on the CNNs in float64, at
     most 1e-10),
     ``check`` passes, the counted FLOPs equal the cost model's, the user's model is untouched, and the
     result trains."""
-    x = example_input(name, 2)
-    model = _realistic(build(name), x)
+    model, x, cg = zoo_cases(name)
     bound = 1e-5
     if init == "net2net" and name != "vit_b_16":  # exact, but float32 rounds the split sums differently:
         model, x, bound = model.double(), x.double(), 1e-10  # up to 1.1e-5 on mobilenet_v2 (ViT: 1.8e-6)
     before = _fingerprint(model)
-    cg = fxmorph.analyze(model, (x,))
     channels = _spread(cg)
     data = _data(x, 1000) if init in ("auto", "gradmax", "dual") else None
     big, report = fxmorph.grow(model, (x,), channels=channels, data=data, loss_fn=F.cross_entropy, init=init,

@@ -4,9 +4,10 @@ growth keeps the function, and the analysis is deterministic.
 Each property draws an architecture (see :mod:`tests.random_arch` for the blocks) and applies plans to
 its channel graph directly: a random removal plan must match the mask oracle in float64 (and the cost
 model's FLOPs), a random growth plan must keep the outputs, and analysing the same model three times
-(also a deep copy) must give the same groups, pins and explanation. The public entry points with
-random budgets are fuzzed in ``test_fuzz_budgets.py``. Regressions found by either file follow, each
-named after its bug.
+(also a deep copy) must give the same groups, pins and explanation. Each property draws a derandomized
+sample in the default run and the larger one it was written with under ``-m slow`` (``*_thorough``).
+The public entry points with random budgets are fuzzed in ``test_fuzz_budgets.py``. Regressions found
+by either file follow, each named after its bug.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import fxmorph
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.testing import random_plan
 from tests.conftest import assert_close_trees, check_grow, check_prune
-from tests.random_arch import SETTINGS, architectures, build
+from tests.random_arch import SETTINGS, architectures, build, thorough
 
 
 def _analyse(arch: dict[str, Any]) -> tuple[nn.Module, torch.Tensor, Any]:
@@ -45,26 +46,32 @@ def _check_random_growth(arch: dict[str, Any], data: st.DataObject) -> None:
 # -- properties -------------------------------------------------------------------------------------
 
 
-@settings(max_examples=200, **SETTINGS)
-@given(
-    arch=architectures(),
-    plan_seed=st.integers(0, 2**16),
-    bounds=st.sampled_from([(0.3, 0.7), (0.0, 0.2), (0.5, 1.0), (0.1, 0.9), (1.0, 1.0)]),
-)
+REMOVAL = {
+    "arch": architectures(),
+    "plan_seed": st.integers(0, 2**16),
+    "bounds": st.sampled_from([(0.3, 0.7), (0.0, 0.2), (0.5, 1.0), (0.1, 0.9), (1.0, 1.0)]),
+}
+GROWTH = {"arch": architectures(), "data": st.data()}
+NEW_REMOVAL = {"arch": architectures(new_blocks=2), "plan_seed": st.integers(0, 2**16)}
+NEW_GROWTH = {"arch": architectures(new_blocks=2), "data": st.data()}
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(**REMOVAL)
 def test_random_removal_obeys_mask_oracle(arch: dict[str, Any], plan_seed: int, bounds: tuple[float, float]) -> None:
     _, x, cg = _analyse(arch)
     plan = random_plan(cg, seed=plan_seed, low=bounds[0], high=bounds[1])
     check_prune(cg, plan, x, allow_zero=True)  # a drawn model's masked outputs may all die (ReLU, identity head)
 
 
-@settings(max_examples=120, **SETTINGS)
-@given(arch=architectures(), data=st.data())
+@settings(max_examples=60, **SETTINGS)
+@given(**GROWTH)
 def test_random_growth_keeps_function(arch: dict[str, Any], data: st.DataObject) -> None:
     _check_random_growth(arch, data)
 
 
-@settings(max_examples=250, **SETTINGS)
-@given(arch=architectures(new_blocks=2), plan_seed=st.integers(0, 2**16))
+@settings(max_examples=100, **SETTINGS)
+@given(**NEW_REMOVAL)
 def test_new_blocks_removal_obeys_mask_oracle(arch: dict[str, Any], plan_seed: int) -> None:
     """The blocks added for issue 18 (parameters used through ``matmul``/``F.linear``, functional norms,
     norm-activation subclasses, ``nn.TransformerEncoderLayer``), two per architecture among the others."""
@@ -72,8 +79,8 @@ def test_new_blocks_removal_obeys_mask_oracle(arch: dict[str, Any], plan_seed: i
     check_prune(cg, random_plan(cg, seed=plan_seed), x, allow_zero=True)
 
 
-@settings(max_examples=100, **SETTINGS)
-@given(arch=architectures(new_blocks=2), data=st.data())
+@settings(max_examples=50, **SETTINGS)
+@given(**NEW_GROWTH)
 def test_new_blocks_growth_keeps_function(arch: dict[str, Any], data: st.DataObject) -> None:
     _check_random_growth(arch, data)
 
@@ -133,7 +140,7 @@ def _summary(cg: Any) -> list[tuple[Any, ...]]:
     ]
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(arch=architectures())
 def test_analysis_is_deterministic(arch: dict[str, Any]) -> None:
     model, x, first = _analyse(arch)
@@ -141,6 +148,15 @@ def test_analysis_is_deterministic(arch: dict[str, Any]) -> None:
     third = fxmorph.analyze(copy.deepcopy(model), (x.clone(),))
     assert _summary(first) == _summary(second) == _summary(third)
     assert first.explain(all_groups=True) == second.explain(all_groups=True) == third.explain(all_groups=True)
+
+
+# The samples the properties were written with, under ``-m slow``: the default run draws enough to meet
+# every block kind many times over.
+test_random_removal_thorough = thorough(test_random_removal_obeys_mask_oracle, 200, **REMOVAL)
+test_random_growth_thorough = thorough(test_random_growth_keeps_function, 120, **GROWTH)
+test_new_blocks_removal_thorough = thorough(test_new_blocks_removal_obeys_mask_oracle, 250, **NEW_REMOVAL)
+test_new_blocks_growth_thorough = thorough(test_new_blocks_growth_keeps_function, 100, **NEW_GROWTH)
+test_analysis_is_deterministic_thorough = thorough(test_analysis_is_deterministic, 60, arch=architectures())
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 import fxmorph
-from fxmorph.analysis import ChannelGraph
+from fxmorph.analysis import ChannelGraph, Role
 from fxmorph.passes.base import PassContext
 from fxmorph.passes.importance import channel_positions
 from fxmorph.passes.remove_dead import RemoveDeadPass
@@ -63,7 +63,7 @@ def _width(cg: ChannelGraph, gid: int, model: nn.Module) -> int:
     """The width of group ``gid`` of ``cg`` in ``model``, read from a parameter the group alone indexes."""
     for m in cg.groups[gid].params:
         pieces = cg.layout_groups(cg.bindings[(m.name, m.dim)].layout)
-        if all(g == gid for g, _ in pieces) and m.role == "out":
+        if all(g == gid for g, _ in pieces) and m.role == Role.OUT:
             return model.get_parameter(m.name).shape[m.dim] // sum(inner for _, inner in pieces)
     raise AssertionError(f"group {gid} has no parameter of its own")
 

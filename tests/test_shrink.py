@@ -22,7 +22,7 @@ from fxmorph.passes.select import greedy_widths, smallest_widths
 from fxmorph.passes.width import WidthPass
 from fxmorph.testing import run_double
 from tests.conftest import assert_close_trees, check_prune
-from tests.zoo import CLASSIFICATION, HUGE, build, example_input
+from tests.zoo import CLASSIFICATION, build, example_input, zoo_params
 
 SAMPLE = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5", "vit_b_16", "convnext_tiny",
           "regnet_x_400mf", "efficientnet_b0", "googlenet", "squeezenet1_0"]  # fmt: skip
@@ -42,9 +42,10 @@ def _fingerprint(model: nn.Module) -> tuple:
     return tuple((k, float(v.double().sum())) for k, v in model.state_dict().items()), model.training
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HUGE else n for n in CLASSIFICATION])
+@pytest.mark.parametrize("name", zoo_params(CLASSIFICATION))
 def test_zoo_budgets_met(name: str) -> None:
     """Budgets of 25, 50 and 75% land within 1% (``round_to=1``); one full shrink per model checks it.
+    One model per architecture family by default, the whole classification zoo under ``-m slow``.
 
     The widths the prune pass picks are evaluated with the cost model for the three budgets (the zoo
     test proves the cost model equals the counted FLOPs after surgery); one whole ``shrink`` per

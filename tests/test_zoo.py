@@ -5,7 +5,8 @@ a small input. For each: at least 95% of the FLOPs are in ops that touch a free 
 listed with their reasons); fxmorph's FLOPs equal PyTorch's counter; a random keep-set of 30 to 70% of
 every free group passes ``check`` (shape replay, unchanged inputs and outputs), matches the mask
 oracle in float64, and the cost model predicts the counted FLOPs exactly; random growth of growable
-groups keeps the function; the user's model is untouched. The largest models run under ``slow``.
+groups keeps the function; the user's model is untouched. The default run takes one model per
+architecture family (``tests.zoo.REPRESENTATIVE``); the rest of the zoo runs under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import fxmorph
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.testing import random_plan
 from tests.conftest import check_grow, check_prune
-from tests.zoo import CLASSIFICATION, HUGE, SEGMENTATION, VIDEO, build, example_input
+from tests.zoo import CLASSIFICATION, SEGMENTATION, VIDEO, build, example_input, zoo_params
 
 ALL = CLASSIFICATION + VIDEO + SEGMENTATION
 # Share of the FLOPs in ops that touch at least one free group (fxmorph.CostModel.prunable_share) that
@@ -31,16 +32,12 @@ COVERAGE_EXCEPTIONS: dict[str, str] = {}
 ATTENTION = {n for n in ALL if n.startswith(("vit_", "swin", "maxvit", "mvit"))}
 
 
-def _params(names: list[str]) -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if n in HUGE else n for n in names]
-
-
 def _fingerprint(model: torch.nn.Module) -> tuple:
     state = model.state_dict()
     return tuple((k, tuple(v.shape), float(v.double().sum())) for k, v in state.items()), model.training
 
 
-@pytest.mark.parametrize("name", _params(ALL))
+@pytest.mark.parametrize("name", zoo_params(ALL))
 def test_zoo(name: str) -> None:
     model = build(name)
     x = example_input(name)

@@ -44,6 +44,9 @@ class AtomTable:
     """Union-find of channel atoms with lazy splitting and coarsening."""
 
     def __init__(self) -> None:
+        """An empty table. Atoms are integer ids; a split or coarsened atom keeps its id and gains
+        ``_children`` (the pieces ``(atom, inner)`` it now stands for); ``_members`` and ``_pins`` are kept
+        for class roots only."""
         self._size: list[int] = []
         self._parent: list[int] = []
         self._children: dict[int, tuple[Piece, ...]] = {}
@@ -63,7 +66,7 @@ class AtomTable:
         """Root of the class of ``atom``."""
         parent = self._parent
         while parent[atom] != atom:
-            parent[atom] = parent[parent[atom]]
+            parent[atom] = parent[parent[atom]]  # path halving: each visited atom skips to its grandparent
             atom = parent[atom]
         return atom
 
@@ -80,8 +83,9 @@ class AtomTable:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
-        if self._size[ra] != self._size[rb]:
+        if self._size[ra] != self._size[rb]:  # unify splits first: unequal sizes are a bug
             raise AssertionError(f"union of atoms of sizes {self._size[ra]} and {self._size[rb]}")
+        # union by size: the smaller member list joins the larger, so each atom moves O(log n) times in all
         if len(self._members[ra]) < len(self._members[rb]):
             ra, rb = rb, ra
         self._parent[rb] = ra
@@ -95,6 +99,8 @@ class AtomTable:
         root = self.find(atom)
         members = self._members.pop(root)
         pins = self._pins.pop(root, [])
+        # Every member of a class holds the same channels, so all are cut the same way, and the k-th pieces
+        # of all members form one new class. A pinned class stays pinned in every piece.
         new_classes: list[list[int]] = [[] for _ in parts]
         for member in members:
             kids = []
@@ -120,6 +126,7 @@ class AtomTable:
 
     def coarsen(self, atom: int, block: int) -> int:
         """Regroup the class of leaf ``atom`` into blocks of ``block`` channels; return the new atom."""
+        # callers check that ``block`` divides the size; the new atom has one channel per block
         self._replace_class(atom, [(self._size[atom] // block, block)])
         return self._children[atom][0][0]
 
@@ -127,13 +134,14 @@ class AtomTable:
     def expand(self, layout: Layout) -> Layout:
         """Resolve every piece of ``layout`` to current leaf atoms."""
         out: list[Piece] = []
-        stack = list(reversed(layout))
+        stack = list(reversed(layout))  # reversed, so popping yields the pieces in order
         while stack:
             atom, inner = stack.pop()
             kids = self._children.get(atom)
             if kids is None:
                 out.append((atom, inner))
             else:
+                # a block of k channels, each repeated ``inner`` times, spans ``inner * k`` positions
                 stack.extend((kid, inner * k) for kid, k in reversed(kids))
         return tuple(out)
 
@@ -154,7 +162,7 @@ class AtomTable:
             pos += span
             if lo >= hi:
                 continue
-            if lo % inner or hi % inner:
+            if lo % inner or hi % inner:  # the cut would separate copies of one channel
                 return None
             out.append((self._cut(atom, lo // inner, hi // inner), inner))
         return tuple(out)
@@ -164,6 +172,8 @@ class AtomTable:
         stack = list(reversed(self.expand(layout)))
         while stack:
             atom, inner = stack.pop()
+            # the same atom can appear again further on (one per attention head), and a _cut made for an
+            # earlier piece splits its whole class: look its children up at the moment it is reached
             kids = self._children.get(atom)
             if kids is None:
                 yield atom, inner
@@ -193,9 +203,14 @@ class AtomTable:
         if self.width(x) != self.width(y):
             return False
         qa, qb = list(self.expand(x)), list(self.expand(y))
+        # Walk both piece lists in step, cutting the larger of two facing atoms so they match, then union
+        # them. Equal widths make the lists end together. Unions already made are not undone on failure:
+        # callers pin every layout involved (RuleContext.unify).
         i = 0
         while i < len(qa):
             (a, ia), (b, ib) = qa[i], qb[i]
+            # a split made earlier in this walk cuts whole classes, so atoms further along either list may
+            # have been split meanwhile: re-expand the remainder
             if not self.is_leaf(a) or not self.is_leaf(b):
                 qa[i:] = self.expand(tuple(qa[i:]))
                 qb[i:] = self.expand(tuple(qb[i:]))
@@ -225,11 +240,13 @@ class AtomTable:
         """
         big, small = (qa, qb) if qa[i][1] > qb[i][1] else (qb, qa)
         (x, ix), (y, iy) = big[i], small[i]
+        # one class cannot repeat its channels at two rates, and repetition counts must divide
         if ix % iy or self.find(x) == self.find(y):
             return False
+        # cut the longer piece where the shorter ends, as unify does, so both cover the same positions
         px, py = self._size[x] * ix, self._size[y] * iy
         if px > py:
-            if py % ix:
+            if py % ix:  # the cut would fall inside one repeated channel of the coarse side
                 return False
             left, right = self.split(x, py // ix)
             big[i : i + 1] = [(left, ix), (right, ix)]
@@ -250,9 +267,10 @@ class AtomTable:
         """
         out: list[Piece] = []
         for atom, inner in self._leaf_pieces(layout):
-            if inner % block == 0:
+            if inner % block == 0:  # each channel already fills whole blocks
                 out.append((atom, inner // block))
                 continue
+            # otherwise a block must be a whole number of this atom's channels, and the atom whole blocks
             if block % inner or (self._size[atom] * inner) % block:
                 return None
             out.append((self.coarsen(atom, block // inner), 1))
@@ -264,7 +282,7 @@ class AtomTable:
         for atom, _ in self.expand(layout):
             root = self.find(atom)
             pins = self._pins.setdefault(root, [])
-            if pin not in pins:
+            if pin not in pins:  # a layout may list one class many times (heads); record each reason once
                 pins.append(pin)
 
     def pins(self, atom: int) -> list[Pin]:

@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, TypeAlias
 
 from torch import fx, nn
 
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
 from fxmorph.meta import tensor_shape
 
-__all__ = ["Binding", "CostTerm", "Measure", "Rewrite", "RuleContext", "Spaces", "Taint"]
+__all__ = [
+    "ArgSlot",
+    "Binding",
+    "CostTerm",
+    "Location",
+    "Measure",
+    "ModuleAttr",
+    "Rewrite",
+    "Role",
+    "RuleContext",
+    "ScaleRows",
+    "Spaces",
+    "Taint",
+]
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10 has no StrEnum: a str mixin that formats as its value behaves the same here
+
+    class StrEnum(str, Enum):
+        """``enum.StrEnum`` for Python 3.10: members are strings and print as their value."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
 
 Spaces = dict[int, Layout]
 """Channel layouts of one tensor value, by (non-negative) dimension. Missing dims are fixed."""
@@ -32,33 +58,74 @@ class Taint:
     divisor: int | None = 1
 
 
+class Role(StrEnum):
+    """How a parameter or buffer axis relates to the channels that index it.
+
+    ``OUT`` where the tensor defines the channels (weight rows, biases, norm affine parameters and
+    statistics, parameters used directly); ``IN`` where it reads them (weight columns of a consumer).
+    New channels get zero values in ``IN`` slices so the function is kept. A ``StrEnum``: a role
+    compares equal to ``"out"`` and ``"in"``.
+    """
+
+    IN = "in"
+    OUT = "out"
+
+
 @dataclass(frozen=True)
 class Binding:
-    """One dimension of one parameter or buffer indexed by a channel layout.
-
-    ``role`` is ``"out"`` where the tensor defines the channels (weight rows, biases, norm affine
-    parameters and statistics, parameters used directly) and ``"in"`` where it reads them (weight
-    columns of a consumer). New channels get zero values in ``"in"`` slices so the function is kept.
-    """
+    """One dimension of one parameter or buffer indexed by a channel layout, in a :class:`Role`."""
 
     target: str
     dim: int
     layout: Layout
-    role: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class ArgSlot:
+    """A node argument: its position (``int``) or keyword (``str``), and with ``item`` one entry of it
+    when the argument is a list or tuple (``view(x, [n, c, -1])`` has its channel size at ``ArgSlot(1, 1)``)."""
+
+    arg: int | str
+    item: int | None = None
+
+
+@dataclass(frozen=True)
+class ModuleAttr:
+    """An attribute of the module the node calls, as a dotted path below it (``"out_proj.in_features"``)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class ScaleRows:
+    """A fix-up of rebuilt tensors: multiply block ``chunk`` of ``chunks`` equal blocks of rows (dim 0)
+    of each tensor at ``paths`` (from the root module; a path holding no tensor is skipped) by a factor.
+
+    Packed q/k/v projections record ``ScaleRows(paths)`` (the query block, the first third) so the
+    softmax keeps the temperature of the original head dim when the head dim changes.
+    """
+
+    paths: tuple[str, ...]
+    chunks: int = 3
+    chunk: int = 0
+
+
+Location: TypeAlias = ArgSlot | ModuleAttr | ScaleRows
+"""Where a :class:`Rewrite` applies; surgery dispatches on the type."""
 
 
 @dataclass(frozen=True)
 class Rewrite:
-    """A constant baked into the graph that depends on channel widths.
+    """A constant baked into the graph (or a fix-up of rebuilt tensors) that depends on channel widths.
 
-    ``location`` is ``(arg_index_or_kwarg_name, sub_index_or_None)`` for a node argument,
-    ``("@attr.path", None)`` for an attribute of the called module, or ``("!name", None)`` for a
-    fix-up of rebuilt tensors; ``value`` computes the new constant (for a fix-up: a function of the
-    new root module) from a :data:`Measure`.
+    ``value`` computes, from a :data:`Measure` of the new widths, what goes at ``location``: the new
+    argument (:class:`ArgSlot`), the new attribute value (:class:`ModuleAttr`), or the factor
+    (:class:`ScaleRows`). Analysis only records it; :mod:`fxmorph.surgery.apply` performs it.
     """
 
     node: str
-    location: tuple[int | str, int | None]
+    location: Location
     value: Callable[[Measure], Any]
 
 
@@ -88,6 +155,7 @@ class RuleContext:
     def spaces(self, arg: Any) -> Spaces:
         """Channel layouts of a tensor argument (empty for constants or unknown values)."""
         value = self.env.get(arg) if isinstance(arg, fx.Node) else None
+        # env also holds Taints (numbers) and tuples (tuple-valued nodes): neither is a tensor's spaces
         return value if isinstance(value, dict) else {}
 
     def shape(self, arg: Any) -> tuple[int, ...] | None:
@@ -115,6 +183,7 @@ class RuleContext:
                 yield from self.layouts_in(v)
 
     def _layouts_of(self, value: Any) -> Iterator[Layout]:
+        """Layouts of one env value: a tensor's spaces, a Taint's sources, or those of a tuple's items."""
         if isinstance(value, dict):
             yield from value.values()
         elif isinstance(value, Taint):
@@ -148,12 +217,13 @@ class RuleContext:
         first = layouts[0]
         for other in layouts[1:]:
             if not self.atoms.unify(first, other):
+                # unions made before the failure stay; pinning every layout keeps them from mattering
                 for layout in layouts:
                     self.pin(layout, reason)
                 return None
         return first
 
-    def bind(self, target: str, dim: int, layout: Layout | None, role: str) -> None:
+    def bind(self, target: str, dim: int, layout: Layout | None, role: Role) -> None:
         """Record that ``target`` (a parameter or buffer path) is indexed by ``layout`` on ``dim``.
 
         ``layout=None`` says that at this use the dim has a fixed width (a module called once on a
@@ -161,6 +231,7 @@ class RuleContext:
         """
         key = (target, dim)
         reason = f"'{target}' is also used where this dim has a fixed width"
+        # ``fixed`` remembers fixed uses, so the pin holds whichever call site the walk meets first
         if layout is None:
             self.fixed.add(key)
             if key in self.bindings:
@@ -170,21 +241,24 @@ class RuleContext:
             self.pin(layout, reason)
         previous = self.bindings.get(key)
         if previous is None:
-            self.bindings[key] = Binding(target, dim, layout, role)
+            self.bindings[key] = Binding(target, dim, layout, Role(role))  # Role(): a rule may pass "in"/"out"
+        # a module called twice indexes its weight with both call sites' channels: they must be one set
         elif not self.atoms.unify(previous.layout, layout):
             reason = f"'{target}' is shared by call sites whose channels do not line up"
             self.pin(previous.layout, reason)
             self.pin(layout, reason)
 
-    def rewrite(self, location: tuple[int | str, int | None], value: Callable[[Measure], Any]) -> None:
-        """Record a graph constant of the current node to recompute after surgery."""
+    def rewrite(self, location: Location, value: Callable[[Measure], Any]) -> None:
+        """Record a graph constant of the current node (or a fix-up) for surgery to recompute."""
+        if not isinstance(location, ArgSlot | ModuleAttr | ScaleRows):
+            raise TypeError(f"a rewrite location is an ArgSlot, ModuleAttr or ScaleRows, got {location!r}")
         self.rewrites.append(Rewrite(self.here(), location, value))
 
     def cost(self, coef: int, *factors: Layout | int) -> None:
         """Record FLOPs of the current node as ``coef`` times the widths of ``factors``."""
         layouts: list[Layout] = []
         for f in factors:
-            if isinstance(f, int):
+            if isinstance(f, int):  # a fixed width folds into the coefficient: the cost model sees fewer forms
                 coef *= f
             else:
                 layouts.append(f)

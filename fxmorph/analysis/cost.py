@@ -19,7 +19,11 @@ __all__ = ["CostModel"]
 
 
 class _Polynomial:
-    """``const + sum_t coef_t * prod_k (A[idx[t, k]] @ w)`` with exact int64 arithmetic."""
+    """``const + sum_t coef_t * prod_k (A[idx[t, k]] @ w)`` with exact int64 arithmetic.
+
+    Each row of ``A`` is a linear form: the width of one layout as a function of the group widths ``w``.
+    Build with :meth:`form` and :meth:`term`, then :meth:`freeze` once before evaluating.
+    """
 
     def __init__(self, n_groups: int) -> None:
         self._n = n_groups
@@ -28,16 +32,20 @@ class _Polynomial:
         self.const = 0
 
     def form(self, cg: ChannelGraph, layout: Layout) -> int:
+        """Add the linear form of ``layout``'s width; return its row index."""
         row = np.zeros(self._n, dtype=np.int64)
         for gid, inner in cg.layout_groups(layout):
-            row[gid] += inner
+            row[gid] += inner  # += : one group may appear several times in a layout (attention heads)
         self._rows.append(row)
         return len(self._rows) - 1
 
     def term(self, coef: int, forms: list[int]) -> None:
+        """Add ``coef`` times the product of the forms at row indices ``forms``."""
         self._terms.append((coef, forms))
 
     def freeze(self) -> None:
+        """Pack the terms into arrays. A last row of zeros is the constant 1 (its value is set to 1 on every
+        evaluation); it pads terms with fewer factors, so one product over a rectangular index works."""
         width = max((len(f) for _, f in self._terms), default=0)
         self._a = (
             np.vstack([*self._rows, np.zeros(self._n, dtype=np.int64)])
@@ -51,6 +59,7 @@ class _Polynomial:
             self._idx[t, : len(forms)] = forms
 
     def __call__(self, widths: np.ndarray) -> int:
+        """The value at group widths ``widths``."""
         values = self._a @ widths
         values[-1] = 1
         return int(self.const + int((self._coef * values[self._idx].prod(axis=1)).sum()))
@@ -62,6 +71,7 @@ class _Polynomial:
         values = self._a @ widths
         values[-1] = 1
         delta = new_widths - widths[groups]
+        # the forms are linear: changing group g by delta moves every form by its column A[:, g] * delta
         changed = values[:, None] + self._a[:, groups] * delta[None, :]
         changed[-1, :] = 1
         return self.const + self._coef @ changed[self._idx].prod(axis=1)
@@ -71,12 +81,16 @@ class CostModel:
     """Predict FLOPs (2 x MACs, as ``torch.utils.flop_counter``) and parameters for any widths."""
 
     def __init__(self, cg: ChannelGraph, counted_flops: int | None = None) -> None:
+        """Build the polynomials of ``cg``; ``counted_flops`` overrides the FLOPs counted at trace time
+        (``cg.gm.meta``), which calibrate the constant. Without either, :meth:`flops` counts only the
+        ops the rules recorded."""
         self.cg = cg
         self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
         self._flops = _Polynomial(len(cg.groups))
         self._free_terms = _Polynomial(len(cg.groups))
         for term in cg.costs:
             self._flops.term(term.coef, [self._flops.form(cg, f) for f in term.factors])
+            # the terms touching a free group: the FLOPs a plan can change (prunable_share)
             if any(not cg.groups[g].pins for f in term.factors for g, _ in cg.layout_groups(f)):
                 self._free_terms.term(term.coef, [self._free_terms.form(cg, f) for f in term.factors])
         self._flops.freeze()
@@ -84,10 +98,14 @@ class CostModel:
         counted = cg.gm.meta.get(FLOPS_KEY) if counted_flops is None else counted_flops
         self.counted = int(counted) if counted is not None else None
         if counted is not None:
+            # What torch counted and no rule recorded (ops of fixed cost) becomes the constant, so that
+            # flops() at the original widths equals the trace-time count exactly.
             self._flops.const = int(counted) - self._flops(self.sizes.copy())
         self._params = self._param_polynomial(cg)
 
     def _param_polynomial(self, cg: ChannelGraph) -> _Polynomial:
+        """One term per parameter: the product of its fixed dims times the width of each bound dim. A
+        parameter no rule bound is a constant term; named_parameters() lists a shared one once."""
         poly = _Polynomial(len(cg.groups))
         bound: dict[str, dict[int, Layout]] = {}
         for (target, dim), binding in cg.bindings.items():
@@ -128,12 +146,14 @@ class CostModel:
         return self._params(self._vector(widths))
 
     def _vector(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None) -> np.ndarray:
+        """``widths`` as a new int64 vector of every group's width (a mapping overrides the sizes)."""
         if widths is None or isinstance(widths, Mapping):
             return self.widths(widths)  # type: ignore[arg-type]
         return np.asarray(widths, dtype=np.int64).copy()
 
 
 def _step_arrays(widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``steps`` as the arrays :meth:`_Polynomial.steps` takes: widths, changed groups, their new widths."""
     groups = np.array([g for g, _ in steps], dtype=np.int64)
     new = np.array([n for _, n in steps], dtype=np.int64)
     return np.asarray(widths, dtype=np.int64), groups, new

@@ -11,6 +11,8 @@ __all__ = ["explain_table"]
 
 
 def _members(group: Group, limit: int = 4) -> str:
+    """The layers that make the group's channels (``layer1.conv`` for ``layer1.conv.weight``), in order and
+    without repeats; for a group no layer makes, the graph nodes that carry it."""
     names = list(dict.fromkeys(p.name.rsplit(".", 1)[0] for p in group.producers))
     if not names:
         names = list(dict.fromkeys(t.name for t in group.tensors))
@@ -23,13 +25,14 @@ def explain_table(cg: ChannelGraph, *, all_groups: bool = False) -> str:
     rows = [("group", "size", "state", "made by", "pinned because")]
     hidden = 0
     for g in cg.groups:
+        # pinned and without parameters: no layer to resize, so the row would say nothing a user can act on
         if not all_groups and g.pins and not g.params:
             hidden += 1
             continue
         state = "pinned" if g.pins else "free"
         reason = g.pinned or ""
         rows.append((str(g.id), str(g.size), state, _members(g), reason[:100]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]  # the last column (reasons) is left ragged
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     free = len(cg.free_groups)

@@ -11,7 +11,7 @@ import networkx as nx
 from torch import fx
 
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
-from fxmorph.analysis.context import Binding, CostTerm, Rewrite, RuleContext
+from fxmorph.analysis.context import Binding, CostTerm, Rewrite, Role, RuleContext
 from fxmorph.analysis.ops import lookup
 from fxmorph.errors import AnalysisError
 
@@ -22,12 +22,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Member:
-    """One place a group appears: a tensor axis (``kind='tensor'``) or a parameter axis."""
+    """One place a group appears: a tensor axis (``kind='tensor'``, no role) or a parameter axis
+    (``kind='param'``, with the :class:`~fxmorph.analysis.context.Role` of its binding)."""
 
     kind: str
     name: str
     dim: int
-    role: str = ""
+    role: Role | None = None
 
 
 @dataclass
@@ -63,12 +64,12 @@ class Group:
     @property
     def producers(self) -> list[Member]:
         """Parameter axes that define the channels (weight rows, biases, norm parameters)."""
-        return [p for p in self.params if p.role == "out"]
+        return [p for p in self.params if p.role == Role.OUT]
 
     @property
     def consumers(self) -> list[Member]:
         """Parameter axes that read the channels (weight columns of the next layers)."""
-        return [p for p in self.params if p.role == "in"]
+        return [p for p in self.params if p.role == Role.IN]
 
 
 @dataclass
@@ -113,6 +114,7 @@ class ChannelGraph:
 
 
 def _walk_spaces(name: str, value: Any) -> Iterator[tuple[str, int, Layout]]:
+    """``(name, dim, layout)`` of a node's spaces; a tuple-valued node's items are named ``name[k]``."""
     if isinstance(value, dict):
         for dim, layout in value.items():
             yield name, dim, layout
@@ -124,8 +126,9 @@ def _walk_spaces(name: str, value: Any) -> Iterator[tuple[str, int, Layout]]:
 def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
     """Walk ``gm`` once, apply every node's rule, and collect the groups."""
     ctx = RuleContext(gm)
+    # fx keeps nodes in topological order, so every input's spaces are in ctx.env before its users run
     for node in gm.graph.nodes:
-        ctx.node = node
+        ctx.node = node  # pins and rewrites recorded by the rule name this node
         rule = lookup(node, gm)
         try:
             ctx.env[node] = rule(ctx, node)
@@ -139,12 +142,14 @@ def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
 
 
 def _collect(ctx: RuleContext) -> ChannelGraph:
+    """Number the classes of leaf atoms as groups, in first-seen order, and record where each appears."""
     atoms = ctx.atoms
     spaces = {node.name: value for node, value in ctx.env.items() if value is not None}
     group_of: dict[int, int] = {}
     groups: list[Group] = []
 
     def group_for(atom: int) -> Group:
+        """The group of ``atom``'s class, created with its pins sorted by kind on first sight."""
         root = atoms.find(atom)
         if root not in group_of:
             group_of[root] = len(groups)
@@ -161,6 +166,7 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
     for binding in ctx.bindings.values():
         member = Member("param", binding.target, binding.dim, binding.role)
         _add_members(atoms, binding.layout, group_for, member, graph)
+    # the cost model indexes every factor by group, so a class only a cost term names needs an id too
     for term in ctx.costs:
         for layout in term.factors:
             for atom, _ in atoms.expand(layout):
@@ -171,6 +177,7 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
 
 
 def _add_members(atoms: AtomTable, layout: Layout, group_for: Any, member: Member, graph: nx.Graph) -> None:
+    """Add ``member`` to every group in ``layout``, once per group (a layout repeats a group per head)."""
     seen: set[int] = set()
     for atom, _ in atoms.expand(layout):
         group = group_for(atom)

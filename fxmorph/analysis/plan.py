@@ -34,9 +34,10 @@ class GroupPlan:
         keep = self.keep.tolist() if isinstance(self.keep, torch.Tensor | np.ndarray) else self.keep
         try:
             items = tuple(keep)
-        except TypeError:
+        except TypeError:  # not iterable: kept as given, so validate() names the problem instead of a TypeError
             return
         integral = all(_integral(i) for i in items)
+        # the dataclass is frozen: normalising a field goes through object.__setattr__
         object.__setattr__(self, "keep", tuple(int(i) for i in items) if integral else items)
 
     @property
@@ -51,6 +52,7 @@ class WidthPlan(Mapping[int, GroupPlan]):
     def __init__(
         self, groups: Mapping[int, GroupPlan] | None = None, bias_deltas: Mapping[str, torch.Tensor] | None = None
     ) -> None:
+        """A plan of ``groups`` (group id -> :class:`GroupPlan`), copied, and optional ``bias_deltas``."""
         self._groups: dict[int, GroupPlan] = dict(groups or {})
         self.bias_deltas: dict[str, torch.Tensor] = dict(bias_deltas or {})
         """Per module path, a tensor to add to its bias before any width changes (a bias is created
@@ -89,14 +91,18 @@ class WidthPlan(Mapping[int, GroupPlan]):
     def validate(self, cg: ChannelGraph) -> None:
         """Raise :class:`PlanError` if the plan does not fit ``cg``."""
         for gid, plan in self._groups.items():
+            # bool is a subclass of int: True would otherwise pass as group 1
             if isinstance(gid, bool) or not isinstance(gid, int | np.integer):
                 raise PlanError(f"group ids are integers (ChannelGraph.groups[i].id), got {gid!r}")
             if not 0 <= gid < len(cg.groups):
                 raise PlanError(f"group {gid} does not exist: the graph has {len(cg.groups)} groups")
             if not isinstance(plan, GroupPlan):
-                raise PlanError(f"group {gid}: expected a GroupPlan, got {type(plan).__name__}: "
-                                "write GroupPlan(keep=(0, 1, ...), new=0)")  # fmt: skip
+                raise PlanError(
+                    f"group {gid}: expected a GroupPlan, got {type(plan).__name__}: "
+                    "write GroupPlan(keep=(0, 1, ...), new=0)"
+                )
             _check_group(cg, gid, plan)
+        # init is checked once every group is known to be sound, so structural errors are reported first
         names = dict.fromkeys([*dict(cg.gm.named_parameters()), *dict(cg.gm.named_buffers())])  # in model order
         for gid, plan in self._groups.items():
             _check_init(names, gid, plan)
@@ -114,6 +120,7 @@ def _integral(values: object) -> bool:
 
 
 def _check_group(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
+    """Raise :class:`PlanError` unless ``plan`` is a valid fate for group ``gid`` of ``cg``."""
     group = cg.groups[gid]
     if not isinstance(plan.keep, tuple | list):
         raise PlanError(f"group {gid}: keep is a sequence of channel indices, got {type(plan.keep).__name__}")
@@ -130,6 +137,7 @@ def _check_group(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
         raise PlanError(f"group {gid}: cannot add a negative number of channels")
     if plan.width < 1:
         raise PlanError(f"group {gid} would have no channels left: keep at least one")
+    # a pinned group may still be named, as long as its plan is the identity (a plan listing every group)
     if group.pins and (plan.new or tuple(keep.tolist()) != tuple(range(group.size))):
         raise PlanError(f"group {gid} is pinned ({group.pinned}) and cannot change")
     if plan.new and group.grow_pins:
@@ -144,9 +152,12 @@ def _check_init(names: Mapping[str, None], gid: int, plan: GroupPlan) -> None:
         raise PlanError(f"group {gid}: init gives values for new channels, but new is 0")
     for path, values in plan.init.items():
         if path not in names:
+            # suggest the tensors of the same kind (same last name part, such as ``weight``), briefly
             close = ", ".join(n for n in names if n.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1])[:200]
-            raise PlanError(f"group {gid}: init names '{path}', which is not a parameter or buffer of the model"
-                            + (f" (those of that kind: {close})" if close else ""))  # fmt: skip
+            raise PlanError(
+                f"group {gid}: init names '{path}', which is not a parameter or buffer of the model"
+                + (f" (those of that kind: {close})" if close else "")
+            )
         if not isinstance(values, torch.Tensor):
             raise PlanError(f"group {gid}: init['{path}'] must be a tensor, got {type(values).__name__}")
 
@@ -155,10 +166,12 @@ class MeasureFn:
     """Width of a layout under a plan (callable)."""
 
     def __init__(self, cg: ChannelGraph, plan: WidthPlan) -> None:
+        """Measure layouts of ``cg`` under ``plan``."""
         self._cg = cg
         self._plan = plan
 
     def __call__(self, layout: Layout) -> int:
+        """The new width of ``layout``: each piece's group width times its repetition ``inner``."""
         total = 0
         for gid, inner in self._cg.layout_groups(layout):
             total += self._plan.width_of(gid, self._cg.groups[gid].size) * inner

@@ -58,11 +58,15 @@ def resize(cg: ChannelGraph, plan: WidthPlan | Mapping[int, GroupPlan], *, seed:
     :class:`~fxmorph.InputError` for arguments of the wrong kind and :class:`~fxmorph.PlanError` for a
     plan that does not fit ``cg`` (``docs/bad_input.md`` lists each case)."""
     if not isinstance(cg, ChannelGraph):
-        raise InputError(f"resize takes the ChannelGraph of fxmorph.analyze(model, example_inputs), got "
-                         f"{type(cg).__name__}: call `cg = fxmorph.analyze(model, (x,))` first")  # fmt: skip
+        raise InputError(
+            f"resize takes the ChannelGraph of fxmorph.analyze(model, example_inputs), got "
+            f"{type(cg).__name__}: call `cg = fxmorph.analyze(model, (x,))` first"
+        )
     if isinstance(plan, Mapping) and not isinstance(plan, WidthPlan):
         plan = WidthPlan(plan)
     if not isinstance(plan, WidthPlan):
-        raise InputError(f"resize takes a WidthPlan (or a dict of group id -> GroupPlan), got {type(plan).__name__}: "
-                         "for example `WidthPlan({0: GroupPlan(keep=(0, 1, 2))})`")  # fmt: skip
+        raise InputError(
+            f"resize takes a WidthPlan (or a dict of group id -> GroupPlan), got {type(plan).__name__}: "
+            "for example `WidthPlan({0: GroupPlan(keep=(0, 1, 2))})`"
+        )
     return apply_plan(cg.gm, cg, plan, seed=seed)

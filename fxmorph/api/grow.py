@@ -1,4 +1,11 @@
-"""``fxmorph.grow``: a physically wider copy of a model that computes the same function."""
+"""``fxmorph.grow``: a physically wider copy of a model that computes the same function.
+
+The keyword API builds a :class:`~fxmorph.api.options.GrowOptions` (validated once) and :func:`run_grow`
+does the work: trace, check the data, resolve ``channels`` to group ids or parse the budget, and run the
+checked pipeline of one :class:`~fxmorph.passes.grow.GrowPass` (whose ``requires`` refuses a budget it
+cannot reach, and whose function the Pipeline checks). A float16 or bfloat16 model grows as a float32
+copy.
+"""
 
 from __future__ import annotations
 
@@ -6,73 +13,30 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
-from fxmorph.analysis import ChannelGraph, build_channel_graph
-from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis import ChannelGraph, Role, build_channel_graph
 from fxmorph.api.budget import parse_any_budget
+from fxmorph.api.options import GrowOptions
+from fxmorph.api.report import GrowReport
+from fxmorph.api.shrink import run_pipeline
 from fxmorph.capture.counting import count_params
 from fxmorph.capture.trace import as_inputs, propagate_shapes, trace
-from fxmorph.errors import BudgetError, InputError, PassError
+from fxmorph.errors import InputError
 from fxmorph.meta import FLOPS_KEY, GROW_KEY
-from fxmorph.passes.base import PassContext, Pipeline
-from fxmorph.passes.grow import GrowPass, grow_candidates
-from fxmorph.passes.grow_init import DATA_INITS, INITS
-from fxmorph.passes.grow_select import max_grow_flops
-from fxmorph.passes.rounding import RoundTo, check_round_to
+from fxmorph.passes.base import PassContext
+from fxmorph.passes.protect import grow_candidates
+from fxmorph.passes.rounding import RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
-from fxmorph.validate import (
-    check_callable,
-    check_data,
-    check_first_batch,
-    check_model,
-    check_number,
-    check_prefixes,
-    check_seed,
-    frozen_mode,
-    low_precision_dtype,
-)
+from fxmorph.validate import check_data, check_first_batch, check_model, frozen_mode, low_precision_dtype
 
-__all__ = ["GrowReport", "grow"]
+__all__ = ["GrowReport", "grow", "run_grow"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GrowReport:
-    """What :func:`fxmorph.grow` did: totals, per grown group ``(id, made_by, before, after, init,
-    note)``, skipped groups with the reason, and the largest output change it measured (relative)."""
-
-    budget_flops: int | None
-    flops_before: int
-    flops_after: int
-    params_before: int
-    params_after: int
-    seconds: float
-    groups: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[int, str] = field(default_factory=dict)
-    max_difference: float = 0.0
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return asdict(self)
-
-    def table(self) -> str:
-        """A readable summary: totals, then one line per grown group."""
-        lines = [f"FLOPs {self.flops_before:,} -> {self.flops_after:,}, params {self.params_before:,} -> "
-                 f"{self.params_after:,}, {len(self.groups)} groups grown, {len(self.skipped)} skipped, "
-                 f"max output change {self.max_difference:.1e} ({self.seconds:.1f} s)"]  # fmt: skip
-        for row in self.groups:
-            note = f"  ({row['note']})" if row["note"] else ""
-            lines.append(f"  group {row['id']:4d} {row['made_by'][:50]:50s} {row['before']:6d} -> {row['after']:6d}"
-                         f"  {row['init']}{note}")  # fmt: skip
-        return "\n".join(lines)
 
 
 def _resolve_channels(
@@ -91,8 +55,10 @@ def _resolve_channels(
     for gid in out:
         if gid not in candidates:
             why = skipped.get(gid) or cg.groups[gid].pinned or "it is not a free group"
-            raise InputError(f"channels asks group {gid} to grow, but it cannot: {why}. Drop it from channels "
-                             "(fxmorph.analyze(model, inputs).explain() shows which groups may grow).")  # fmt: skip
+            raise InputError(
+                f"channels asks group {gid} to grow, but it cannot: {why}. Drop it from channels "
+                "(fxmorph.analyze(model, inputs).explain() shows which groups may grow)."
+            )
     return out
 
 
@@ -113,32 +79,12 @@ def _by_group(cg: ChannelGraph, channels: Mapping[int | str, int]) -> dict[int, 
 def _group_of_module(cg: ChannelGraph, key: Any) -> int:
     if isinstance(key, str):
         for g in cg.groups:
-            if any(p.name == f"{key}.weight" and p.role == "out" for p in g.params):
+            if any(p.name == f"{key}.weight" and p.role == Role.OUT for p in g.params):
                 return g.id
     raise InputError(
         f"channels key {key!r} is neither a group id nor a module whose output channels form a group: "
         "see fxmorph.analyze(model, inputs).explain() for the groups."
     )
-
-
-def _check_options(init: str, data: Any, loss_fn: Any, round_to: RoundTo, max_factor: float, rank: int,
-                   batches: int, scale: float, noise: float) -> None:  # fmt: skip
-    if init not in INITS:
-        raise InputError(f"unknown init {init!r}: choose one of {', '.join(INITS)}.")
-    if init in DATA_INITS and data is None:
-        raise InputError(f"init='{init}' needs data and loss_fn (gradients choose its values): pass both, "
-                         "or use init='net2net' or 'zero'.")  # fmt: skip
-    if data is not None and loss_fn is None:
-        raise InputError("data needs loss_fn: pass a loss such as torch.nn.functional.cross_entropy.")
-    check_callable("loss_fn", loss_fn)
-    if not check_round_to(round_to):
-        raise InputError(f"round_to must be 'auto' or a positive int, got {round_to!r}.")
-    for name, value in (("rank", rank), ("batches", batches)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{name} must be a positive int, got {value!r}.")
-    check_number("max_factor", max_factor, low=1.0, open_low=True)
-    check_number("scale", scale, low=0.0)
-    check_number("noise", noise, low=0.0)
 
 
 def _to_float32(value: Any) -> Any:
@@ -153,22 +99,6 @@ class _Float32Batches:
 
     def __iter__(self) -> Iterator[Any]:
         return map(_to_float32, self.data)
-
-
-def _check_budget(cost: CostModel, budget: int, candidates: list[int], round_to: RoundTo, max_factor: float) -> None:
-    flops = cost.flops()
-    if budget <= flops:
-        raise BudgetError(
-            f"grow needs a budget above the model's current {flops:,} FLOPs, got {budget:,}: pass absolute "
-            "FLOPs or a percentage above 100% ('150%'); fxmorph.shrink goes below."
-        )
-    most = max_grow_flops(cost, candidates, round_to, max_factor)
-    if budget > most:
-        raise BudgetError(
-            f"budget {budget:,} FLOPs is above what growth can reach: {most:,} FLOPs with each of the "
-            f"{len(candidates)} growable group(s) at {max_factor}x its width (round_to={round_to}). "
-            "Raise max_factor, or lower the budget."
-        )
 
 
 def grow(
@@ -224,59 +154,89 @@ def grow(
     A float16 or bfloat16 model is grown as a float32 copy (the function check and the SVDs need that
     precision) and the result converted back to the model's dtype.
 
+    The options are validated once, as a :class:`~fxmorph.api.options.GrowOptions`; the budget's reach
+    is the grow pass's precondition (:meth:`~fxmorph.passes.grow.GrowPass.requires`).
+
     Raises:
         InputError: unknown init, an init that needs data without data, data without a loss, data that is
             empty or whose batches the model cannot run, a loss that is not a scalar, malformed ``channels``,
             out-of-range options, or bad model or inputs (see ``docs/bad_input.md``).
         BudgetError: the budget cannot be parsed, is not above the model's FLOPs, or cannot be reached.
     """
-    start = time.perf_counter()
-    _check_options(init, data, loss_fn, round_to, max_factor, rank, batches, scale, noise)
-    if (budget_flops is None) == (channels is None):
-        raise InputError("pass exactly one of budget_flops and channels.")
-    protect, seed = check_prefixes("protect", protect), check_seed(seed)
+    options = GrowOptions(
+        budget_flops=budget_flops,
+        channels=channels,
+        data=data,
+        loss_fn=loss_fn,
+        init=init,
+        round_to=round_to,
+        max_factor=max_factor,
+        rank=rank,
+        batches=batches,
+        scale=scale,
+        noise=noise,
+        protect=protect,
+        seed=seed,
+        leaf_modules=leaf_modules,
+    )
+    big, report = run_grow(model, example_inputs, options)
+    return (big, report) if return_report else big
+
+
+def run_grow(model: nn.Module, example_inputs: Any, options: GrowOptions) -> tuple[fx.GraphModule, GrowReport]:
+    """:func:`grow` with its options validated: the wider model and its report."""
     inputs = as_inputs(example_inputs)
     check_model(model)
     low = low_precision_dtype(model)
-    if low is not None:  # grow a float32 copy: the function check (1e-4) and the SVDs need its precision
-        if data is not None:
-            data = check_data(data, "grow")[0]
-            data = map(_to_float32, data) if isinstance(data, Iterator) else _Float32Batches(data)
-        options = {"budget_flops": budget_flops, "channels": channels, "data": data, "loss_fn": loss_fn, "init": init,
-                   "round_to": round_to, "max_factor": max_factor, "rank": rank, "batches": batches, "scale": scale,
-                   "noise": noise, "protect": protect, "seed": seed, "leaf_modules": leaf_modules}  # fmt: skip
-        wide, report = grow(copy.deepcopy(model).float(), _to_float32(inputs), **options, return_report=True)
-        wide = wide.to(low)
-        with frozen_mode(wide):
-            propagate_shapes(wide, inputs)
-        report.settings["dtype"] = str(low).removeprefix("torch.")
-        logger.info("grow: grew a float32 copy of the %s model and converted the result back", low)
-        return (wide, report) if return_report else wide
-    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    if low is not None:
+        return _grow_in_float32(model, inputs, options, low)
+    return _grow(model, inputs, options, options.data)
+
+
+def _grow_in_float32(
+    model: nn.Module, inputs: tuple[Any, ...], options: GrowOptions, low: torch.dtype
+) -> tuple[fx.GraphModule, GrowReport]:
+    """Grow a float32 copy of a ``low`` precision model (GrowPass's function check at 1e-4 and the SVDs
+    need that precision) and convert the result back."""
+    data = options.data
+    if data is not None:
+        data = check_data(data, "grow")[0]
+        data = map(_to_float32, data) if isinstance(data, Iterator) else _Float32Batches(data)
+    wide, report = _grow(copy.deepcopy(model).float(), _to_float32(inputs), options, data)
+    wide = wide.to(low)
+    with frozen_mode(wide):
+        propagate_shapes(wide, inputs)  # the metadata in the model's own dtype
+    report.settings["dtype"] = str(low).removeprefix("torch.")
+    logger.info("grow: grew a float32 copy of the %s model and converted the result back", low)
+    return wide, report
+
+
+def _grow(
+    model: nn.Module, inputs: tuple[Any, ...], options: GrowOptions, data: Iterable[Any] | None
+) -> tuple[fx.GraphModule, GrowReport]:
+    start = time.perf_counter()
+    gm = trace(model, inputs, leaf_modules=options.leaf_modules)
     if data is not None:
         data, first = check_data(data, "grow")
-        check_first_batch(model, first, "grow", loss_fn=loss_fn, needs="chooses where to grow from the gradients "
-                          "of its parameters (data and loss_fn given); pass no data to grow without them")  # fmt: skip
+        check_first_batch(
+            model,
+            first,
+            "grow",
+            loss_fn=options.loss_fn,
+            needs="chooses where to grow from the "
+            "gradients of its parameters (data and loss_fn given); pass no data to grow without them",
+        )
     cg = build_channel_graph(gm)
-    candidates, skipped = grow_candidates(cg, tuple(protect))
+    candidates, skipped = grow_candidates(cg, options.protect)
     budget = None
     requested: dict[int, int] = {}
-    if budget_flops is not None:
-        budget = parse_any_budget(budget_flops, gm.meta[FLOPS_KEY])
-        _check_budget(CostModel(cg), budget, candidates, round_to, max_factor)
+    if options.budget_flops is not None:
+        budget = parse_any_budget(options.budget_flops, gm.meta[FLOPS_KEY])
     else:
-        assert channels is not None
-        requested = _resolve_channels(cg, channels, candidates, skipped)
-    grow_pass = GrowPass(budget, tuple(sorted(requested.items())), init, round_to, max_factor, rank, batches, scale,
-                         noise, tuple(protect))  # fmt: skip
-    ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
-    try:
-        result = Pipeline([grow_pass])(gm, ctx)
-    except PassError as exc:
-        if isinstance(exc.__cause__, InputError | BudgetError):
-            raise exc.__cause__ from None
-        raise
-    big = result.gm
+        assert options.channels is not None  # GrowOptions holds exactly one of the two
+        requested = _resolve_channels(cg, options.channels, candidates, skipped)
+    ctx = PassContext(inputs, data=data, loss_fn=options.loss_fn, seed=options.seed)
+    big = run_pipeline([options.grow_pass(budget, requested)], gm, ctx, copy_model=True).gm
     big.train(model.training)
     record = big.meta.get(GROW_KEY, {"groups": {}, "skipped": skipped, "max_difference": 0.0})
     report = GrowReport(
@@ -289,12 +249,11 @@ def grow(
         groups=[{"id": g, "made_by": _made_by(cg, g), **row} for g, row in sorted(record["groups"].items())],
         skipped=dict(record["skipped"]),
         max_difference=float(record["max_difference"]),
-        settings={"init": init, "round_to": round_to, "max_factor": max_factor, "rank": rank, "batches": batches,
-                  "scale": scale, "noise": noise, "protect": list(protect), "seed": seed, "data": data is not None},
-    )  # fmt: skip
+        settings=options.settings(),
+    )
     big.meta[GROW_KEY] = report
     logger.info("grow: %s", report.table().splitlines()[0])
-    return (big, report) if return_report else big
+    return big, report
 
 
 def _made_by(cg: ChannelGraph, gid: int) -> str:

@@ -20,10 +20,8 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -32,20 +30,21 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.api.analyze import analyze
 from fxmorph.api.budget import parse_any_budget
+from fxmorph.api.options import MorphOptions
 from fxmorph.api.regularizer import FlopsRegularizer
-from fxmorph.api.shrink import shrink, width_reach
-from fxmorph.api.training import EpochLog, OptimizerFactory, StepFn, adam, default_step, fit
+from fxmorph.api.report import MorphReport, MorphStage
+from fxmorph.api.shrink import run_pipeline, run_shrink
+from fxmorph.api.training import OptimizerFactory, StepFn, adam, default_step, fit
 from fxmorph.capture.counting import count_flops, count_params
 from fxmorph.capture.trace import as_inputs, trace
 from fxmorph.errors import BudgetError, InputError
 from fxmorph.meta import FLOPS_KEY, MORPH_KEY
-from fxmorph.passes.base import PassContext, Pipeline
-from fxmorph.passes.importance import CRITERIA
+from fxmorph.passes.base import PassContext
 from fxmorph.passes.remove_dead import RemoveDeadPass
-from fxmorph.passes.rounding import RoundTo, check_round_to
+from fxmorph.passes.rounding import RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
-from fxmorph.passes.width import WidthPass
-from fxmorph.validate import check_leaf_modules, check_model, check_seed, check_trainable, low_precision_dtype
+from fxmorph.passes.width import MAX_FACTOR, width_reach
+from fxmorph.validate import check_leaf_modules, check_model, check_trainable, low_precision_dtype
 
 __all__ = ["MORPH_KEY", "MorphReport", "MorphStage", "morph", "recalibrate_norms"]
 
@@ -53,104 +52,8 @@ logger = logging.getLogger(__name__)
 
 _BN = nn.modules.batchnorm._BatchNorm
 
-"""``meta`` key of a morphed model: its :class:`MorphReport`."""
 
-
-@dataclass(frozen=True)
-class MorphStage:
-    """The model after one stage: FLOPs, parameters, the metric from ``evaluate`` (None without it),
-    and the width of every free channel group, keyed by the modules that make it."""
-
-    name: str
-    flops: int
-    params: int
-    metric: float | None
-    widths: dict[str, int]
-
-
-@dataclass
-class MorphReport:
-    """What :func:`morph` did: the budget, one :class:`MorphStage` per stage (``original``, ``trained``,
-    ``dead removed``, ``resized``, ``fine-tuned``), dead channels removed, per-epoch losses, settings."""
-
-    budget_flops: int
-    stages: list[MorphStage] = field(default_factory=list)
-    dead_channels: int = 0
-    history: list[EpochLog] = field(default_factory=list)
-    seconds: float = 0.0
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def stage(self, name: str) -> MorphStage:
-        """The stage called ``name``."""
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(f"no stage '{name}': {[s.name for s in self.stages]}")
-
-    @property
-    def flops_before(self) -> int:
-        """FLOPs of the user's model."""
-        return self.stages[0].flops
-
-    @property
-    def flops_after(self) -> int:
-        """FLOPs of the returned model."""
-        return self.stages[-1].flops
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return asdict(self)
-
-    def table(self) -> str:
-        """A readable summary: one line per stage (FLOPs, share of the original, params, metric)."""
-        lines = [f"morph to {self.budget_flops:,} FLOPs ({self.budget_flops / self.flops_before:.1%} of the model): "
-                 f"{self.dead_channels} dead channels removed, {self.seconds:.1f} s"]  # fmt: skip
-        for s in self.stages:
-            metric = "" if s.metric is None else f"  metric {s.metric:.4f}"
-            lines.append(f"  {s.name:13s} FLOPs {s.flops:>14,} ({s.flops / self.flops_before:6.1%})  "
-                         f"params {s.params:>12,}{metric}")  # fmt: skip
-        return "\n".join(lines)
-
-
-# -- checking the arguments --------------------------------------------------------------------------------
-def _check_data(data: Any) -> None:
-    if data is None:
-        raise InputError("morph needs data: an iterable of batches (a list or a DataLoader) to train on.")
-    if isinstance(data, Iterator):
-        raise InputError(
-            "data is a one-shot iterator; morph reads it several times (training, growth or importance, "
-            "fine-tuning): pass a list of batches or a DataLoader."
-        )
-    if not isinstance(data, Iterable):
-        raise InputError(f"data must be an iterable of batches, got {type(data).__name__}.")
-    if next(iter(data), None) is None:
-        raise InputError("data yielded no batch: pass a non-empty list or DataLoader of batches.")
-
-
-def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"{name} must be a non-negative int, got {value!r}.")
-
-
-def _check_callables(loss_fn: Any, step_fn: Any, optimizer: Any, evaluate: Any) -> None:
-    if loss_fn is None and step_fn is None:
-        raise InputError("pass loss_fn (used as loss_fn(model(inputs), targets)) or step_fn(model, batch) -> loss.")
-    if isinstance(optimizer, torch.optim.Optimizer):
-        raise InputError(
-            "optimizer must be a factory, not an optimizer: morph trains two different architectures, so pass "
-            "for example `optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)`."
-        )
-    for name, value in (("loss_fn", loss_fn), ("step_fn", step_fn), ("optimizer", optimizer), ("evaluate", evaluate)):
-        if value is not None and not callable(value):
-            raise InputError(f"{name} must be callable, got {type(value).__name__}.")
-
-
-def _check_rates(lr: float, finetune_lr: float) -> None:
-    for name, value in (("lr", lr), ("finetune_lr", finetune_lr)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-            raise InputError(f"{name} must be a positive finite number, got {value!r}.")
-
-
+# -- checking what needs the model ------------------------------------------------------------------------
 def _check_model(model: Any) -> None:
     check_model(model)
     low = low_precision_dtype(model)
@@ -164,29 +67,31 @@ def _check_model(model: Any) -> None:
     check_trainable(model, "morph")
 
 
-def _budget(model: nn.Module, budget_flops: Any, inputs: tuple[Any, ...], leaf: tuple[Any, ...],
-            round_to: RoundTo) -> int:  # fmt: skip
+def _budget(model: nn.Module, inputs: tuple[Any, ...], leaf: tuple[Any, ...], options: MorphOptions) -> int:
     """The budget in FLOPs, refused before training when no width multiplier can reach it."""
     gm = trace(model, inputs, leaf_modules=leaf)
-    budget = parse_any_budget(budget_flops, gm.meta[FLOPS_KEY])
-    if budget > gm.meta[FLOPS_KEY] and budget > (most := width_reach(build_channel_graph(gm), round_to, ())):
+    budget = parse_any_budget(options.budget_flops, gm.meta[FLOPS_KEY])
+    flops, round_to = gm.meta[FLOPS_KEY], options.round_to
+    if budget > flops and budget > (most := width_reach(build_channel_graph(gm), round_to, options.protect)):
         raise BudgetError(
             f"budget {budget:,} FLOPs is above what morph's width step can reach: {most:,} FLOPs with every "
-            f"growable group of the model at {WidthPass.max_factor:g}x its width (round_to={round_to}). Lower the "
+            f"growable group of the model at {MAX_FACTOR:g}x its width (round_to={round_to}). Lower the "
             "budget (a percentage such as '150%', or absolute FLOPs)."
         )
     return budget
 
 
-def _reachable(lean: fx.GraphModule, budget: int, inputs: tuple[Any, ...], leaf: tuple[Any, ...],
-               round_to: RoundTo) -> int:  # fmt: skip
+def _reachable(
+    lean: fx.GraphModule, budget: int, inputs: tuple[Any, ...], leaf: tuple[Any, ...], options: MorphOptions
+) -> int:
     """``budget``, or the most the lean model can grow to when that is less (dead channels were removed)."""
     if budget <= lean.meta.get(FLOPS_KEY, budget):
         return budget
-    most = width_reach(analyze(lean, inputs, leaf_modules=leaf), round_to, ())
+    most = width_reach(analyze(lean, inputs, leaf_modules=leaf), options.round_to, options.protect)
     if budget > most:
-        logger.warning("morph: the lean model grows to at most %s FLOPs (budget %s): resizing to that",
-                       f"{most:,}", f"{budget:,}")  # fmt: skip
+        logger.warning(
+            "morph: the lean model grows to at most %s FLOPs (budget %s): resizing to that", f"{most:,}", f"{budget:,}"
+        )
         return most
     return budget
 
@@ -218,8 +123,9 @@ def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], float] | None) -
 
 
 def _stage(name: str, model: nn.Module, inputs: tuple[Any, ...], evaluate: Any, leaf: tuple[Any, ...]) -> MorphStage:
-    stage = MorphStage(name, count_flops(model, inputs), count_params(model), _evaluate(model, evaluate),
-                       _widths(model, inputs, leaf))  # fmt: skip
+    stage = MorphStage(
+        name, count_flops(model, inputs), count_params(model), _evaluate(model, evaluate), _widths(model, inputs, leaf)
+    )
     metric = "" if stage.metric is None else f", metric {stage.metric:.4f}"
     logger.info("morph %s: %s FLOPs, %s params%s", name, f"{stage.flops:,}", f"{stage.params:,}", metric)
     return stage
@@ -256,7 +162,7 @@ def recalibrate_norms(model: nn.Module, data: Iterable[Any], step: StepFn, batch
 
 def _remove_dead(model: nn.Module, inputs: tuple[Any, ...], leaf: tuple[Any, ...]) -> fx.GraphModule:
     gm = trace(model, inputs, leaf_modules=leaf)
-    return Pipeline([RemoveDeadPass()])(gm, PassContext(inputs), copy_model=True).gm
+    return run_pipeline([RemoveDeadPass()], gm, PassContext(inputs), copy_model=True).gm
 
 
 def morph(
@@ -332,6 +238,8 @@ def morph(
         The fine-tuned model (a GraphModule, in ``model``'s train/eval mode) and its :class:`MorphReport`
         (also at ``result.meta["fxmorph.morph"]``).
 
+    The options are validated once, as a :class:`~fxmorph.api.options.MorphOptions`.
+
     Raises:
         InputError: no or empty data, a one-shot iterator, batches the model cannot run, neither ``loss_fn`` nor
             ``step_fn``, a loss that is not a scalar, an optimizer instance instead of a factory (or a factory
@@ -341,55 +249,79 @@ def morph(
             training), or is below what the lean model can reach. See ``docs/bad_input.md``.
     """
     start = time.perf_counter()
-    for name, value in (("epochs", epochs), ("finetune_epochs", finetune_epochs), ("recalibrate", recalibrate)):
-        _check_count(name, value)
-    _check_callables(loss_fn, step_fn, optimizer, evaluate)
-    _check_rates(lr, finetune_lr)
-    if not check_round_to(round_to):
-        raise InputError(f"round_to must be 'auto' or a positive int, got {round_to!r}.")
-    seed = check_seed(seed)
+    options = MorphOptions(
+        budget_flops=budget_flops,
+        data=data,
+        loss_fn=loss_fn,
+        strength=strength,
+        threshold=threshold,
+        epochs=epochs,
+        finetune_epochs=finetune_epochs,
+        optimizer=optimizer,
+        lr=lr,
+        finetune_lr=finetune_lr,
+        step_fn=step_fn,
+        evaluate=evaluate,
+        criterion=criterion,
+        round_to=round_to,
+        recalibrate=recalibrate,
+        progress=progress,
+        seed=seed,
+        leaf_modules=leaf_modules,
+    )
     _check_model(model)
-    criterion = criterion or ("taylor" if loss_fn is not None else "l1")
-    if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion '{criterion}': choose one of {', '.join(CRITERIA)}.")
-    if criterion == "taylor" and loss_fn is None:
-        raise InputError("criterion='taylor' needs loss_fn; with step_fn alone use 'l1', 'l2' or 'bn_scale'.")
-    _check_data(data)
-    inputs, leaf = as_inputs(example_inputs), tuple(leaf_modules)
-    leaf = check_leaf_modules(model, leaf)
-    budget = _budget(model, budget_flops, inputs, leaf, round_to)
-    step = step_fn or default_step(loss_fn)  # type: ignore[arg-type]
-    where = "step_fn" if step_fn is not None else "loss_fn"
-    settings = {"strength": strength, "threshold": threshold, "epochs": epochs, "finetune_epochs": finetune_epochs,
-                "optimizer": "custom" if optimizer else "adam", "lr": lr, "finetune_lr": finetune_lr,
-                "criterion": criterion, "round_to": round_to, "recalibrate": recalibrate, "seed": seed,
-                "step_fn": step_fn is not None}  # fmt: skip
-    report = MorphReport(budget, settings=settings)
+    inputs = as_inputs(example_inputs)
+    leaf = check_leaf_modules(model, options.leaf_modules)
+    report = MorphReport(_budget(model, inputs, leaf, options), settings=options.settings())
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        work = copy.deepcopy(model)
-        report.stages.append(_stage("original", work, inputs, evaluate, leaf))
-        reg = FlopsRegularizer(work, inputs, strength=strength, threshold=threshold, leaf_modules=leaf)
-        report.settings["strength"] = reg.strength
-        train_opt = optimizer or adam(lr)
-        report.history += fit(work, data, step, train_opt, epochs, penalty=reg, progress=progress,
-                              phase="morph: train", where=where)  # fmt: skip
-        recalibrate_norms(work, data, step, recalibrate)
-        report.stages.append(_stage("trained", work, inputs, evaluate, leaf))
-        report.dead_channels = sum(len(v) for v in reg.zero_dead().values())
-        lean = _remove_dead(work, inputs, leaf)
-        report.stages.append(_stage("dead removed", lean, inputs, evaluate, leaf))
-        with_data = {"data": data, "loss_fn": loss_fn} if loss_fn is not None else {}
-        target = _reachable(lean, budget, inputs, leaf, round_to)
-        result = shrink(lean, target, inputs, strategy="width", criterion=criterion, round_to=round_to, seed=seed,
-                        leaf_modules=leaf, **with_data)  # fmt: skip
-        assert isinstance(result, fx.GraphModule)
-        report.stages.append(_stage("resized", result, inputs, evaluate, leaf))
-        report.history += fit(result, data, step, optimizer or adam(finetune_lr), finetune_epochs,
-                              progress=progress, phase="morph: fine-tune", where=where)  # fmt: skip
-        report.stages.append(_stage("fine-tuned", result, inputs, evaluate, leaf))
+        torch.manual_seed(options.seed)
+        result = _cycle(copy.deepcopy(model), inputs, leaf, options, report)
     result.train(model.training)
     report.seconds = time.perf_counter() - start
     result.meta[MORPH_KEY] = report
     logger.info("%s", report.table())
     return result, report
+
+
+def _cycle(
+    work: nn.Module, inputs: tuple[Any, ...], leaf: tuple[Any, ...], options: MorphOptions, report: MorphReport
+) -> fx.GraphModule:
+    """Train ``work`` (the user's model's copy) with the regularizer, remove its dead channels, resize it to
+    the budget and fine-tune it, recording every stage in ``report``."""
+    data, evaluate = options.data, options.evaluate
+    step = options.step_fn or default_step(options.loss_fn)  # type: ignore[arg-type]
+    where = "step_fn" if options.step_fn is not None else "loss_fn"
+    report.stages.append(_stage("original", work, inputs, evaluate, leaf))
+    reg = FlopsRegularizer(work, inputs, strength=options.strength, threshold=options.threshold, leaf_modules=leaf)
+    report.settings["strength"] = reg.strength
+    report.history += fit(
+        work,
+        data,
+        step,
+        options.optimizer or adam(options.lr),
+        options.epochs,
+        penalty=reg,
+        progress=options.progress,
+        phase="morph: train",
+        where=where,
+    )
+    recalibrate_norms(work, data, step, options.recalibrate)
+    report.stages.append(_stage("trained", work, inputs, evaluate, leaf))
+    report.dead_channels = sum(len(v) for v in reg.zero_dead().values())
+    lean = _remove_dead(work, inputs, leaf)
+    report.stages.append(_stage("dead removed", lean, inputs, evaluate, leaf))
+    target = _reachable(lean, report.budget_flops, inputs, leaf, options)
+    result, _ = run_shrink(lean, inputs, options.width_step(target, leaf))
+    report.stages.append(_stage("resized", result, inputs, evaluate, leaf))
+    report.history += fit(
+        result,
+        data,
+        step,
+        options.optimizer or adam(options.finetune_lr),
+        options.finetune_epochs,
+        progress=options.progress,
+        phase="morph: fine-tune",
+        where=where,
+    )
+    report.stages.append(_stage("fine-tuned", result, inputs, evaluate, leaf))
+    return result

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxmorph.analysis import ChannelGraph, Group
+from fxmorph.analysis import ChannelGraph, Group, Role
 from fxmorph.analysis.cost import CostModel
 from fxmorph.api.analyze import analyze
 from fxmorph.errors import InputError
@@ -57,7 +57,7 @@ class _Slice:
 
     name: str
     dim: int
-    role: str
+    role: Role
     positions: torch.Tensor  # [group size, k] int64
 
 
@@ -128,7 +128,7 @@ def _slices(cg: ChannelGraph, group: Group, params: set[str]) -> list[_Slice]:
 
 def _is_gamma(cg: ChannelGraph, s: _Slice) -> bool:
     owner, _, leaf = s.name.rpartition(".")
-    return leaf == "weight" and s.role == "out" and bool(owner) and isinstance(cg.gm.get_submodule(owner), _BN)
+    return leaf == "weight" and s.role == Role.OUT and bool(owner) and isinstance(cg.gm.get_submodule(owner), _BN)
 
 
 def _gate_of(cg: ChannelGraph, group: Group, params: set[str]) -> _Gate | None:
@@ -136,7 +136,7 @@ def _gate_of(cg: ChannelGraph, group: Group, params: set[str]) -> _Gate | None:
     if not slices:
         return None
     gammas = tuple(s for s in slices if _is_gamma(cg, s))
-    fan_out = tuple(s for s in slices if s.role == "in")
+    fan_out = tuple(s for s in slices if s.role == Role.IN)
     if gammas:
         return _Gate(group.id, group.size, "bn", gammas, fan_out)
     return _Gate(group.id, group.size, "lasso", tuple(slices), fan_out)
@@ -229,8 +229,9 @@ class FlopsRegularizer:
                 "whose width may change (conv/linear layers with BatchNorm or plain weights); `fxmorph.analyze("
                 "model, inputs).explain()` lists each group and why it is pinned."
             )
-        self._shapes = {s.name: tuple(self._model.get_parameter(s.name).shape)
-                        for g in self._gates for s in (*g.gates, *g.fan_out)}  # fmt: skip
+        self._shapes = {
+            s.name: tuple(self._model.get_parameter(s.name).shape) for g in self._gates for s in (*g.gates, *g.fan_out)
+        }
         self._marginals = _Marginals(cg)
         self.initial_flops = self.cost.flops()
         self.strength = 1.0 / max(self.initial_flops, 1) if strength is None else _check_strength(strength)
@@ -353,6 +354,9 @@ class FlopsRegularizer:
                     p = self._param(s.name)
                     positions = s.positions[torch.as_tensor(index)].reshape(-1).to(p.device)
                     p.movedim(s.dim, 0)[positions] = 0
-        logger.info("zero_dead: %d channels in %d groups", sum(len(v) for v in dead.values()),
-                    sum(bool(len(v)) for v in dead.values()))  # fmt: skip
+        logger.info(
+            "zero_dead: %d channels in %d groups",
+            sum(len(v) for v in dead.values()),
+            sum(bool(len(v)) for v in dead.values()),
+        )
         return dead

@@ -1,11 +1,14 @@
-"""The report of a shrink: what changed, what could not, and what it cost."""
+"""The reports of shrink, grow and morph: what changed, what could not, and what it cost."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["GroupRow", "ShrinkReport"]
+from fxmorph.api.training import EpochLog
+from fxmorph.passes.base import PassRecord
+
+__all__ = ["GroupRow", "GrowReport", "MorphReport", "MorphStage", "ShrinkReport"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ShrinkReport:
     params_after: int
     seconds: float
     groups: list[GroupRow] = field(default_factory=list)
-    passes: list[dict[str, Any]] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
     dropped_modules: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -52,6 +55,7 @@ class ShrinkReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
         out = asdict(self)
+        out["passes"] = [p.to_dict() for p in self.passes]  # each under its "pass" name, as always
         out.update(macs_before=self.macs_before, macs_after=self.macs_after, flops_ratio=self.flops_ratio)
         return out
 
@@ -62,7 +66,7 @@ class ShrinkReport:
             f"({100 * self.flops_ratio:.1f}%, budget {self.budget_flops / 1e9:.3f} G)",
             f"MACs    {self.macs_before / 1e9:9.3f} G -> {self.macs_after / 1e9:9.3f} G",
             f"params  {self.params_before / 1e6:9.3f} M -> {self.params_after / 1e6:9.3f} M",
-            f"time    {self.seconds:.2f} s ({', '.join(p['pass'] for p in self.passes)})",
+            f"time    {self.seconds:.2f} s ({', '.join(p.name for p in self.passes)})",
         ]
         if "rounding" in self.settings:
             lines.append(f"widths  {self.settings['rounding']}")
@@ -78,4 +82,100 @@ class ShrinkReport:
         pinned = sum(1 for r in self.groups if r.pinned)
         changed = sum(1 for r in self.groups if r.before != r.after)
         lines.append(f"{len(self.groups)} groups: {changed} changed, {pinned} pinned")
+        return "\n".join(lines)
+
+
+@dataclass
+class GrowReport:
+    """What :func:`fxmorph.grow` did: totals, per grown group ``(id, made_by, before, after, init,
+    note)``, skipped groups with the reason, and the largest output change it measured (relative)."""
+
+    budget_flops: int | None
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    seconds: float
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)
+    max_difference: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable summary: totals, then one line per grown group."""
+        lines = [
+            f"FLOPs {self.flops_before:,} -> {self.flops_after:,}, params {self.params_before:,} -> "
+            f"{self.params_after:,}, {len(self.groups)} groups grown, {len(self.skipped)} skipped, "
+            f"max output change {self.max_difference:.1e} ({self.seconds:.1f} s)"
+        ]
+        for row in self.groups:
+            note = f"  ({row['note']})" if row["note"] else ""
+            lines.append(
+                f"  group {row['id']:4d} {row['made_by'][:50]:50s} {row['before']:6d} -> {row['after']:6d}"
+                f"  {row['init']}{note}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class MorphStage:
+    """The model after one stage: FLOPs, parameters, the metric from ``evaluate`` (None without it),
+    and the width of every free channel group, keyed by the modules that make it."""
+
+    name: str
+    flops: int
+    params: int
+    metric: float | None
+    widths: dict[str, int]
+
+
+@dataclass
+class MorphReport:
+    """What :func:`fxmorph.morph` did: the budget, one :class:`MorphStage` per stage (``original``, ``trained``,
+    ``dead removed``, ``resized``, ``fine-tuned``), dead channels removed, per-epoch losses, settings."""
+
+    budget_flops: int
+    stages: list[MorphStage] = field(default_factory=list)
+    dead_channels: int = 0
+    history: list[EpochLog] = field(default_factory=list)
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def stage(self, name: str) -> MorphStage:
+        """The stage called ``name``."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage '{name}': {[s.name for s in self.stages]}")
+
+    @property
+    def flops_before(self) -> int:
+        """FLOPs of the user's model."""
+        return self.stages[0].flops
+
+    @property
+    def flops_after(self) -> int:
+        """FLOPs of the returned model."""
+        return self.stages[-1].flops
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable summary: one line per stage (FLOPs, share of the original, params, metric)."""
+        lines = [
+            f"morph to {self.budget_flops:,} FLOPs ({self.budget_flops / self.flops_before:.1%} of the model): "
+            f"{self.dead_channels} dead channels removed, {self.seconds:.1f} s"
+        ]
+        for s in self.stages:
+            metric = "" if s.metric is None else f"  metric {s.metric:.4f}"
+            lines.append(
+                f"  {s.name:13s} FLOPs {s.flops:>14,} ({s.flops / self.flops_before:6.1%})  "
+                f"params {s.params:>12,}{metric}"
+            )
         return "\n".join(lines)

@@ -1,4 +1,10 @@
-"""``fxmorph.shrink``: a physically smaller model that meets a FLOPs budget."""
+"""``fxmorph.shrink``: a physically smaller model that meets a FLOPs budget.
+
+The keyword API builds a :class:`~fxmorph.api.options.ShrinkOptions` (validated once) and
+:func:`run_shrink` does the work: trace, check the data, parse the budget, choose the rounding grid and
+the share a group may lose (:func:`_limits`), run the checked pipeline ``remove-dead -> prune | width``
+(with ``factorize``: a split first and ``merge-factors`` last, in rounds), and report.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.api.budget import parse_any_budget, parse_budget
+from fxmorph.api.options import ShrinkOptions
 from fxmorph.api.report import GroupRow, ShrinkReport
 from fxmorph.capture.counting import count_params
 from fxmorph.capture.trace import as_inputs, trace
@@ -22,29 +29,16 @@ from fxmorph.errors import BudgetError, InputError, PassError
 from fxmorph.meta import FACTORS_KEY, FLOPS_KEY, REPORT_KEY, UNREACHED_KEY
 from fxmorph.passes.base import Pass, PassContext, Pipeline, PipelineResult
 from fxmorph.passes.factorize import FactorizePass
-from fxmorph.passes.grow import grow_candidates
-from fxmorph.passes.grow_select import max_grow_flops
-from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.merge_factors import MergeFactorsPass
-from fxmorph.passes.prune import PrunePass, free_group_ids
+from fxmorph.passes.protect import free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
-from fxmorph.passes.rounding import AUTO, AUTO_GRIDS, Grid, RoundTo, as_grid, check_round_to
+from fxmorph.passes.rounding import AUTO, AUTO_GRIDS, Grid, RoundTo, as_grid
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
-from fxmorph.passes.width import WidthPass
-from fxmorph.validate import (
-    check_callable,
-    check_data,
-    check_first_batch,
-    check_number,
-    check_prefixes,
-    check_seed,
-)
+from fxmorph.validate import check_data, check_first_batch
 
-__all__ = ["REPORT_KEY", "STRATEGIES", "shrink", "width_reach"]
+__all__ = ["REPORT_KEY", "run_pipeline", "run_shrink", "shrink"]
 
 logger = logging.getLogger(__name__)
-
-STRATEGIES = ("prune", "width")
 
 
 @dataclass(frozen=True)
@@ -61,37 +55,22 @@ class Limits:
         return f"{self.grid.describe()}; a group keeps at least {100 * (1 - self.max_prune):.0f}% of its channels"
 
 
-def _passes(strategy: str, budget: int, criterion: str, limits: Limits, min_width: int, protect: tuple[str, ...],
-            calibrate: bool, param_cost: float) -> list[Pass]:  # fmt: skip
-    options = {"criterion": criterion, "round_to": limits.grid, "min_width": min_width, "protect": protect}
-    cut = (PrunePass(budget, max_prune=limits.max_prune, param_cost=param_cost, **options) if strategy == "prune"
-           else WidthPass(budget, **options))  # fmt: skip
-    return [RemoveDeadPass(calibrate=calibrate), cut]
-
-
-def width_reach(cg: ChannelGraph, round_to: RoundTo | Grid, protect: tuple[str, ...]) -> int:
-    """The most FLOPs ``strategy="width"`` can grow the model of ``cg`` to (every growable group at
-    ``max_factor`` times its width)."""
-    groups, _ = grow_candidates(cg, protect)
-    return max_grow_flops(CostModel(cg), groups, round_to, WidthPass.max_factor)
-
-
-def _limits(cg: ChannelGraph, budget: int, strategy: str, round_to: RoundTo, min_width: int,
-            max_prune: float | str, protect: tuple[str, ...]) -> Limits:  # fmt: skip
+def _limits(cg: ChannelGraph, budget: int, options: ShrinkOptions) -> Limits:
     """The grid and ``max_prune`` to cut with: the first, in order of speed, under which the budget can be
     reached. ``round_to="auto"`` tries the grids of :data:`AUTO_GRIDS`; ``max_prune="auto"`` tries
     :data:`DEFAULT_MAX_PRUNE`, then any share (only ``min_width`` binds) once no grid reaches the budget.
-    Explicit values are hard limits. Raises BudgetError when nothing allowed reaches the budget."""
+    Explicit values are hard limits. Raises BudgetError when nothing allowed reaches the budget (a budget
+    above the model's FLOPs is the width pass's to check, in its ``requires``)."""
+    round_to, max_prune, min_width = options.round_to, options.max_prune, options.min_width
     grids = AUTO_GRIDS if round_to == AUTO else (as_grid(round_to),)
-    if strategy == "width":  # one multiplier for every group: max_prune does not apply
+    if options.strategy == "width":  # one multiplier for every group: max_prune does not apply
         prunes: tuple[float, ...] = (1.0,)
     else:
         prunes = (DEFAULT_MAX_PRUNE, 1.0) if max_prune == AUTO else (float(max_prune),)
     cost = CostModel(cg)
     if budget >= cost.flops():
-        _check_growth_reach(cg, budget, strategy, grids[0], protect)
         return Limits(grids[0], prunes[0])
-    groups = free_group_ids(cg, protect)
+    groups = free_group_ids(cg, options.protect)
     smallest = 0
     for share in prunes:
         for grid in grids:
@@ -108,44 +87,19 @@ def _limits(cg: ChannelGraph, budget: int, strategy: str, round_to: RoundTo, min
     )
 
 
-def _check_growth_reach(cg: ChannelGraph, budget: int, strategy: str, grid: Grid, protect: tuple[str, ...]) -> None:
-    """``strategy="width"`` above the model's FLOPs grows every group by one multiplier, up to a limit."""
-    flops = CostModel(cg).flops()
-    if strategy == "width" and budget > flops and budget > (most := width_reach(cg, grid, protect)):
-        raise BudgetError(
-            f"budget {budget:,} FLOPs is above what strategy='width' can reach: {most:,} FLOPs "
-            f"({100 * most / flops:.0f}% of the model's {flops:,}) with every growable group at "
-            f"{WidthPass.max_factor:g}x its width ({grid.describe()}). Lower the budget, or use "
-            "fxmorph.grow(..., max_factor=...) to grow further."
-        )
-
-
-def _check_options(criterion: Any, strategy: Any, round_to: Any, min_width: Any, max_prune: Any,
-                   loss_fn: Any) -> None:  # fmt: skip
-    if criterion not in CRITERIA:
-        raise InputError(f"unknown criterion {criterion!r}: choose one of {', '.join(CRITERIA)}.")
-    if strategy not in STRATEGIES:
-        raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}.")
-    if not check_round_to(round_to):
-        raise InputError(f"round_to must be 'auto' or a positive integer, got round_to={round_to!r}.")
-    if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 1:
-        raise InputError(f"min_width must be a positive integer, got min_width={min_width!r}.")
-    if not (isinstance(max_prune, str) and max_prune == AUTO):
-        check_number("max_prune", max_prune, low=0.0, high=1.0, open_low=True)
-    check_callable("loss_fn", loss_fn)
-
-
-def _check_data(model: nn.Module, data: Any, loss_fn: Any, criterion: str, strategy: str, calibrate: bool,
-                rounds: int) -> Any:  # fmt: skip
+def _check_data(model: nn.Module, options: ShrinkOptions, rounds: int) -> Any:
     """The data to use (checked: iterable, not empty, its first batch runs through the model); pruning
     may run ``rounds`` times (``factorize``), each reading the data."""
-    cut = data is not None and (criterion == "taylor" or (strategy == "width" and loss_fn is not None))
-    if not (cut or calibrate):
-        return data
-    data, first = check_data(data, "shrink", reads=(int(cut) + int(calibrate)) * rounds)
-    needs = ("reads the gradients of the model's parameters (criterion='taylor'); use criterion='l1' without "
-             "them" if criterion == "taylor" else "grows with gradients (data and loss_fn given)")  # fmt: skip
-    check_first_batch(model, first, "shrink", pair=cut, loss_fn=loss_fn if cut else None, needs=needs)
+    cut = options.cuts_with_data
+    if not (cut or options.calibrate):
+        return options.data
+    data, first = check_data(options.data, "shrink", reads=(int(cut) + int(options.calibrate)) * rounds)
+    needs = (
+        "reads the gradients of the model's parameters (criterion='taylor'); use criterion='l1' without them"
+        if options.criterion == "taylor"
+        else "grows with gradients (data and loss_fn given)"
+    )
+    check_first_batch(model, first, "shrink", pair=cut, loss_fn=options.loss_fn if cut else None, needs=needs)
     return data
 
 
@@ -206,7 +160,7 @@ def _factorize(gm: fx.GraphModule, inputs: tuple[Any, ...], factorize: bool | tu
     if factorize is False or factorize == ():
         return PipelineResult(gm, [])
     targets = () if factorize is True else factorize
-    return _run([FactorizePass(targets)], gm, PassContext(inputs))
+    return run_pipeline([FactorizePass(targets)], gm, PassContext(inputs))
 
 
 _FACTOR_ROUNDS = 3
@@ -217,30 +171,78 @@ def _factor_paths(gm: fx.GraphModule) -> list[str]:
     return list(gm.meta.get(FACTORS_KEY, {}))
 
 
-def _cut(gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, loss_fn: Any, seed: int, options: tuple[Any, ...],
-         merge: bool) -> tuple[ChannelGraph, PipelineResult, Limits]:  # fmt: skip
-    """The channel graph of ``gm``, the checked pipeline that cuts it to the budget and the limits it cut
-    under (``options``: strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate,
-    param_cost)."""
-    strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost = options
-    cg = build_channel_graph(gm)
-    limits = _limits(cg, budget, strategy, round_to, min_width, max_prune, protect)
-    ctx = PassContext(inputs, data=data, loss_fn=loss_fn, seed=seed)
-    passes = _passes(strategy, budget, criterion, limits, min_width, protect, calibrate, param_cost)
-    passes += [MergeFactorsPass()] if merge else []
-    return cg, _run(passes, gm, ctx), limits
+@dataclass(frozen=True)
+class _Cut:
+    """One round of shrink: the channel graph of the model it cut, the factorizing pipeline before the
+    cut, the cutting pipeline and the limits it cut under."""
+
+    cg: ChannelGraph
+    split: PipelineResult
+    result: PipelineResult
+    limits: Limits
 
 
-def _run(passes: list[Pass], gm: fx.GraphModule, ctx: PassContext) -> PipelineResult:
+def _cut(split: PipelineResult, inputs: tuple[Any, ...], data: Any, options: ShrinkOptions, budget: int) -> _Cut:
+    """The checked pipeline that cuts ``split.gm`` to ``budget`` (merging factor pairs back when it was
+    factorized), with the limits it cut under."""
+    cg = build_channel_graph(split.gm)
+    limits = _limits(cg, budget, options)
+    ctx = PassContext(inputs, data=data, loss_fn=options.loss_fn, seed=options.seed)
+    passes: list[Pass] = [
+        RemoveDeadPass(calibrate=options.calibrate),
+        options.cut_pass(budget, limits.grid, limits.max_prune),
+    ]
+    passes += [MergeFactorsPass()] if split.records else []
+    return _Cut(cg, split, run_pipeline(passes, split.gm, ctx), limits)
+
+
+def _best_cut(gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, options: ShrinkOptions, budget: int) -> _Cut:
+    """The cut of ``gm`` to ``budget``; with ``factorize``, the last of up to :data:`_FACTOR_ROUNDS` rounds,
+    each without the pairs the previous round left dearer than one layer."""
+    rounds = 1 if options.factorize in (False, ()) else _FACTOR_ROUNDS
+    targets = options.factorize
+    best: _Cut | None = None
+    for _ in range(rounds):
+        split = _factorize(gm, inputs, targets)
+        try:
+            cut = _cut(split, inputs, data, options, budget)
+        except BudgetError:
+            if best is not None:
+                break  # fewer layers split cannot reach the budget: keep the last round's result
+            if not split.records or targets == ():
+                raise  # the model itself cannot reach the budget
+            # the split layers' rank groups cannot thin enough (round_to, min_width): try those layers whole
+            logger.info("shrink: the factorized model cannot reach the budget; pruning the layers whole")
+            targets = ()
+            continue
+        best = cut
+        still_split = _factor_paths(cut.result.gm)
+        if still_split == _factor_paths(split.gm):
+            break
+        # Pairs that pruning left dearer than their product were merged, so the model is under the
+        # budget: prune again with those layers whole, so that the budget goes to channels that pay.
+        targets = tuple(still_split)
+        logger.info(
+            "shrink: %d factorized pair(s) cost more than one layer; pruning again without them",
+            len(_factor_paths(split.gm)) - len(still_split),
+        )
+    assert best is not None  # the first round either returned a cut or raised
+    return best
+
+
+def run_pipeline(
+    passes: list[Pass], gm: fx.GraphModule, ctx: PassContext, *, copy_model: bool = False
+) -> PipelineResult:
     """The checked pipeline of ``passes`` on ``gm``; a failure caused by the user's input (a loss that is
-    not a scalar, a factorize target that names no layer) is raised as that InputError or BudgetError.
+    not a scalar, a factorize target that names no layer, a pass's precondition on what the user passed)
+    is raised as that InputError or BudgetError.
 
-    No defensive copy up front: factorize copies before it rewrites, and remove-dead, prune and width
-    build new tensors through surgery and never write to the model they receive, so only a result that
-    still shares storage with the user's model (nothing changed) is copied. That keeps huge models at
-    the original plus the smaller copy."""
+    No defensive copy up front by default: factorize copies before it rewrites, and remove-dead, prune
+    and width build new tensors through surgery and never write to the model they receive, so only a
+    result that still shares storage with the user's model (nothing changed) is copied. That keeps huge
+    models at the original plus the smaller copy."""
     try:
-        return Pipeline(passes)(gm, ctx, copy_model=False)
+        return Pipeline(passes)(gm, ctx, copy_model=copy_model)
     except PassError as exc:
         if isinstance(exc.__cause__, InputError | BudgetError):
             raise exc.__cause__ from None
@@ -315,6 +317,8 @@ def shrink(
         return_report: also return the :class:`~fxmorph.api.report.ShrinkReport` (always available as
             ``result.meta["fxmorph.report"]``).
 
+    The options are validated once, as a :class:`~fxmorph.api.options.ShrinkOptions`.
+
     Raises:
         BudgetError: the budget cannot be parsed, is out of range, is below the smallest reachable, or (with
             ``strategy="width"``) above the largest reachable.
@@ -324,55 +328,40 @@ def shrink(
         PassError: a pass failed (a bug: please report it with the model).
         See ``docs/bad_input.md`` for every bad input and its error.
     """
+    options = ShrinkOptions(
+        budget_flops=budget_flops,
+        data=data,
+        loss_fn=loss_fn,
+        criterion=criterion,
+        strategy=strategy,
+        round_to=round_to,
+        min_width=min_width,
+        max_prune=max_prune,
+        param_cost=param_cost,
+        protect=protect,
+        calibrate=calibrate,
+        factorize=factorize,
+        seed=seed,
+        leaf_modules=leaf_modules,
+    )
+    small, report = run_shrink(model, example_inputs, options)
+    return (small, report) if return_report else small
+
+
+def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) -> tuple[fx.GraphModule, ShrinkReport]:
+    """:func:`shrink` with its options validated: the smaller model and its report."""
     start = time.perf_counter()
-    _check_options(criterion, strategy, round_to, min_width, max_prune, loss_fn)
-    check_number("param_cost", param_cost, low=0.0)
-    if criterion == "taylor" and (data is None or loss_fn is None):
-        raise InputError("criterion='taylor' needs data and loss_fn: pass both, or use 'l1', 'l2' or 'bn_scale'.")
-    if calibrate and data is None:
-        raise InputError("calibrate=True needs data: pass batches of (inputs, targets).")
-    protect, seed = check_prefixes("protect", protect), check_seed(seed)
-    factorize = factorize if isinstance(factorize, bool) else check_prefixes("factorize", factorize)
     inputs = as_inputs(example_inputs)
-    gm = trace(model, inputs, leaf_modules=leaf_modules)
-    rounds = 1 if factorize in (False, ()) else _FACTOR_ROUNDS
-    data = _check_data(model, data, loss_fn, criterion, strategy, calibrate, rounds)
+    gm = trace(model, inputs, leaf_modules=options.leaf_modules)
+    rounds = 1 if options.factorize in (False, ()) else _FACTOR_ROUNDS
+    data = _check_data(model, options, rounds)
     flops_before = gm.meta[FLOPS_KEY]
-    budget = (parse_any_budget if strategy == "width" else parse_budget)(budget_flops, flops_before)
-    options = (strategy, budget, criterion, round_to, min_width, max_prune, protect, calibrate, param_cost)
-    targets: bool | tuple[str, ...] = factorize
-    best: tuple[ChannelGraph, PipelineResult, PipelineResult, Limits] | None = None
-    for _ in range(rounds):
-        split = _factorize(gm, inputs, targets)
-        try:
-            cg, result, limits = _cut(split.gm, inputs, data, loss_fn, seed, options, merge=bool(split.records))
-        except BudgetError:
-            if best is not None:
-                break  # fewer layers split cannot reach the budget: keep the last round's result
-            if not split.records or targets == ():
-                raise  # the model itself cannot reach the budget
-            # the split layers' rank groups cannot thin enough (round_to, min_width): try those layers whole
-            logger.info("shrink: the factorized model cannot reach the budget; pruning the layers whole")
-            targets = ()
-            continue
-        best = (cg, split, result, limits)
-        still_split = _factor_paths(result.gm)
-        if still_split == _factor_paths(split.gm):
-            break
-        # Pairs that pruning left dearer than their product were merged, so the model is under the
-        # budget: prune again with those layers whole, so that the budget goes to channels that pay.
-        targets = tuple(still_split)
-        logger.info("shrink: %d factorized pair(s) cost more than one layer; pruning again without them",
-                    len(_factor_paths(split.gm)) - len(still_split))  # fmt: skip
-    assert best is not None
-    cg, split, result, limits = best
-    small = result.gm if not _shares_storage(result.gm, model) else copy.deepcopy(result.gm)
+    budget = (parse_any_budget if options.strategy == "width" else parse_budget)(options.budget_flops, flops_before)
+    cut = _best_cut(gm, inputs, data, options, budget)
+    small = cut.result.gm if not _shares_storage(cut.result.gm, model) else copy.deepcopy(cut.result.gm)
     _check_result(small.meta[FLOPS_KEY], budget)
     small.train(model.training)
-    settings = {"criterion": criterion, "strategy": strategy, "round_to": round_to, "min_width": min_width,
-                "max_prune": max_prune, "rounding": limits.describe(), "param_cost": param_cost,
-                "protect": list(protect), "calibrate": calibrate,
-                "factorize": factorize if isinstance(factorize, bool) else list(factorize), "seed": seed}  # fmt: skip
+    records = cut.split.records + cut.result.records
     report = ShrinkReport(
         budget_flops=budget,
         flops_before=flops_before,
@@ -380,11 +369,11 @@ def shrink(
         params_before=count_params(model),
         params_after=count_params(small),
         seconds=time.perf_counter() - start,
-        groups=_group_rows(cg, small, [r["pass"] for r in split.records + result.records]),
-        passes=split.records + result.records,
+        groups=_group_rows(cut.cg, small, [r.name for r in records]),
+        passes=records,
         dropped_modules=gm.meta.get(UNREACHED_KEY, ()),
-        settings=settings,
+        settings=options.settings(cut.limits.describe()),
     )
     small.meta[REPORT_KEY] = report
     logger.info("shrink: %s", report.table().splitlines()[0])
-    return (small, report) if return_report else small
+    return small, report

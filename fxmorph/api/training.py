@@ -59,8 +59,11 @@ def adam(lr: float) -> OptimizerFactory:
 
 
 def _split(batch: Any) -> tuple[tuple[Any, ...], Any]:
-    return split_batch(batch, "the default training step",
-                       "pass such batches, or pass step_fn(model, batch) -> loss to read your own batch format")
+    return split_batch(
+        batch,
+        "the default training step",
+        "pass such batches, or pass step_fn(model, batch) -> loss to read your own batch format",
+    )
 
 
 def default_step(loss_fn: Callable[..., Any]) -> StepFn:
@@ -140,8 +143,10 @@ def fit(
             opt.step()
             value, steps = float(loss.detach()), steps + 1
             if not math.isfinite(value):
-                raise FxmorphError(f"{phase}: the loss is {value} at epoch {epoch}, step {steps}: training diverged; "
-                                   "lower the learning rate (or the regularizer's strength).")  # fmt: skip
+                raise FxmorphError(
+                    f"{phase}: the loss is {value} at epoch {epoch}, step {steps}: training diverged; "
+                    "lower the learning rate (or the regularizer's strength)."
+                )
             total += value
             total_penalty += float(extra.detach()) if extra is not None else 0.0
             if steps % 10 == 0:
@@ -149,6 +154,13 @@ def fit(
         if steps == 0:
             raise InputError("data yielded no batch: pass a non-empty list or DataLoader of batches.")
         logs.append(EpochLog(phase, epoch, total / steps, total_penalty / steps, steps, time.perf_counter() - start))
-        logger.info("%s epoch %d/%d: loss %.4f, penalty %.4f, %d steps", phase, epoch, epochs, total / steps,
-                    total_penalty / steps, steps)  # fmt: skip
+        logger.info(
+            "%s epoch %d/%d: loss %.4f, penalty %.4f, %d steps",
+            phase,
+            epoch,
+            epochs,
+            total / steps,
+            total_penalty / steps,
+            steps,
+        )
     return logs

@@ -39,6 +39,8 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
         if big:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            # allow_non_fake_inputs: the model's real weights meet the fake inputs, and the ops still run
+            # on fake tensors (shapes only), so no compute or activation memory is spent
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
                 with flop_counter() as counter:

@@ -18,6 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ["flop_counter"]
 
+# The CPU attention kernels PyTorch's counter has no formula for; the hasattr guard skips names that a
+# given torch build does not register.
 _CPU_ATTENTION = [
     getattr(torch.ops.aten, name)
     for name in ("_scaled_dot_product_flash_attention_for_cpu",)
@@ -26,9 +28,12 @@ _CPU_ATTENTION = [
 
 
 def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """PyTorch's own SDPA formula (the products ``q k^T`` and ``attn v``) for one CPU kernel call."""
     return int(sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape)))
 
 
+# FlopCounterMode hands a formula without this flag the shapes of its tensor arguments; with it, the
+# tensors themselves, whose ``.shape`` the formula above reads.
 _cpu_attention_flops._get_raw = True  # type: ignore[attr-defined]
 
 
@@ -36,6 +41,7 @@ _cpu_attention_flops._get_raw = True  # type: ignore[attr-defined]
 def flop_counter() -> Iterator[FlopCounterMode]:
     """A FlopCounterMode (entered) that also counts CPU attention; read ``get_total_flops()``."""
     counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(_CPU_ATTENTION, _cpu_attention_flops))
+    # A process-wide switch: remember the user's setting so the finally clause puts it back.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

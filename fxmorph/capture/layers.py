@@ -53,6 +53,8 @@ def _encoder(
     src_key_padding_mask: Tensor | None = None,
     is_causal: bool | None = None,
 ) -> Tensor:
+    # The original resolves is_causal=None by comparing the mask with a causal one, a data-dependent test
+    # fx cannot trace; as a hint, None means False (the mask itself is still applied).
     output = src
     for mod in self.layers:
         output = mod(output, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
@@ -70,11 +72,19 @@ def _decoder(
     tgt_is_causal: bool | None = None,
     memory_is_causal: bool = False,
 ) -> Tensor:
+    # As _encoder: tgt_is_causal is taken as a hint, never detected from the mask's values.
     output = tgt
     for mod in self.layers:
-        output = mod(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                     tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-                     tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)  # fmt: skip
+        output = mod(
+            output,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=bool(tgt_is_causal),
+            memory_is_causal=memory_is_causal,
+        )
     return self.norm(output) if self.norm is not None else output
 
 
@@ -94,12 +104,20 @@ def _transformer(
 ) -> Tensor:
     # nn.Transformer.forward without its argument checks (they only raise on mismatched shapes).
     memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
-    return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                        tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-                        tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)  # fmt: skip
+    return self.decoder(
+        tgt,
+        memory,
+        tgt_mask=tgt_mask,
+        memory_mask=memory_mask,
+        tgt_key_padding_mask=tgt_key_padding_mask,
+        memory_key_padding_mask=memory_key_padding_mask,
+        tgt_is_causal=tgt_is_causal,
+        memory_is_causal=memory_is_causal,
+    )
 
 
-# Layer -> forward to trace instead (``None``: its own forward traces as it is).
+# Layer -> forward to trace instead (``None``: its own forward traces as it is; the decoder layer has no
+# fast path).
 _THROUGH: dict[type[nn.Module], Callable[..., Any] | None] = {
     nn.TransformerEncoderLayer: _encoder_layer,
     nn.TransformerEncoder: _encoder,
@@ -112,6 +130,7 @@ _THROUGH: dict[type[nn.Module], Callable[..., Any] | None] = {
 def _base(m: nn.Module) -> type[nn.Module] | None:
     """The table entry ``m`` is an instance of, if ``m``'s class keeps that entry's forward."""
     for base in _THROUGH:
+        # a subclass with its own forward is user code: traced like any other module, not replaced
         if isinstance(m, base) and type(m).forward is base.forward:
             return base
     return None
@@ -126,7 +145,7 @@ def _keeps_padded_zeros(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     """True for an ``nn.TransformerEncoder`` call given a key padding mask (it may use nested tensors)."""
     if not isinstance(m, nn.TransformerEncoder):
         return False
-    mask = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
+    mask = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)  # forward(src, mask, padding)
     return mask is not None
 
 
@@ -148,6 +167,7 @@ def _root_encoder(self: nn.TransformerEncoder, src: Tensor) -> Tensor:
 
 
 def _root_decoder_layer(self: nn.TransformerDecoderLayer, tgt: Tensor, memory: Tensor) -> Tensor:
+    # the twin's class overrides forward, so the layer's own forward is kept under another name
     return self._orig_forward(tgt, memory)  # type: ignore[operator]
 
 
@@ -177,6 +197,8 @@ def through_root(model: nn.Module) -> nn.Module:
     base = _base(model)
     if base is None:
         return model
+    # A shallow copy shares the submodule, parameter and buffer dicts; only the twin's class changes, to a
+    # subclass of the user's (isinstance checks and the class name still hold).
     twin = copy.copy(model)
     namespace: dict[str, Any] = {"forward": _ROOTS[base], "_orig_forward": base.forward}
     twin.__class__ = type(type(model).__name__, (type(model),), namespace)

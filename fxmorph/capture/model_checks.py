@@ -41,6 +41,7 @@ def check_reshapable(model: nn.Module, *, tied: bool = True) -> None:
                 "spectral_norm or torch.nn.utils.parametrize), and fxmorph reshapes stored weights only: remove it "
                 f"first with `torch.nn.utils.parametrize.remove_parametrizations(layer, {tensor!r})`."
             )
+        # the legacy weight_norm and spectral_norm are forward pre-hooks, not parametrizations
         for hook in module._forward_pre_hooks.values():
             _refuse_norm_hook(name or type(model).__name__, hook)
     if tied:
@@ -64,6 +65,7 @@ def _refuse_norm_hook(name: str, hook: Any) -> None:
 def _refuse_tied(model: nn.Module) -> None:
     """Refuse a Parameter held by two modules (tied weights): reshaping would untie or break them."""
     owners: dict[int, str] = {}
+    # each module's own _parameters, not named_parameters(), which lists a shared Parameter only once
     for name, module in model.named_modules():
         for pname, p in module._parameters.items():
             path = f"{name}.{pname}" if name else pname
@@ -92,10 +94,16 @@ def check_hooks(model: nn.Module, leaves: Iterable[str]) -> None:
 
 
 def _hook_fix(name: str) -> str:
+    """The fix for hooks on submodule ``name`` (``""``: the root, which cannot be made a leaf)."""
     if not name:
         return "remove them (`handle.remove()`) and register them on the result instead"
     return f"remove them, or name the submodule in `leaf_modules=[{name!r}]` so it stays one call and keeps its hooks"
 
 
-_HOOK_DICTS = (("forward", "_forward_hooks"), ("forward-pre", "_forward_pre_hooks"),
-               ("backward", "_backward_hooks"), ("backward-pre", "_backward_pre_hooks"))  # fmt: skip
+# (kind named in the error, the nn.Module attribute holding hooks of that kind)
+_HOOK_DICTS = (
+    ("forward", "_forward_hooks"),
+    ("forward-pre", "_forward_pre_hooks"),
+    ("backward", "_backward_hooks"),
+    ("backward-pre", "_backward_pre_hooks"),
+)

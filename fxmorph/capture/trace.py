@@ -71,8 +71,10 @@ class _Tracer(fx.Tracer):
         self._leaf_names = leaf_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Whether ``m`` stays one ``call_module`` node; the order of the tests is the precedence."""
         if self._user_leaf(m, module_qualified_name):
             return True
+        # before fx's default: the transformer layers live in torch.nn, which fx would keep whole
         if traced_through(m):
             return False
         if super().is_leaf_module(m, module_qualified_name):
@@ -83,6 +85,7 @@ class _Tracer(fx.Tracer):
         return module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Enter a transformer layer along its plain path; the choice depends on this call's arguments."""
         if traced_through(m) and not self._user_leaf(m, self.path_of_module(m)):
             plain = through_forward(m, args, kwargs)
             if plain is None:  # this call must stay whole: a leaf, whose channels the analysis pins
@@ -93,16 +96,20 @@ class _Tracer(fx.Tracer):
 
 def _inherits_torch_forward(cls: type) -> bool:
     """True for a subclass of a torch.nn layer that does not override ``forward``."""
+    # The first base that defines forward decides: the forward ``cls`` would run if it defines none.
     for base in cls.__mro__[1:]:
         if "forward" in vars(base):
             owner = base.__module__
             defined_here = any("forward" in vars(c) for c in cls.__mro__[: cls.__mro__.index(base)])
+            # a container's forward only calls its children, which must be traced, and nn.Module's is the
+            # "not implemented" stub: neither makes the subclass a torch.nn layer
             container = issubclass(base, nn.Sequential | nn.ModuleList | nn.ModuleDict) or base is nn.Module
             return owner.startswith("torch.nn") and not defined_here and not container
     return False
 
 
 def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the traceback outside torch and fxmorph: the user's line that failed."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         if "/torch/" not in frame.filename and "/fxmorph/" not in frame.filename:
@@ -113,10 +120,12 @@ def _user_frame(exc: BaseException) -> str:
 def _symbolic_trace(
     model: nn.Module, leaf_modules: Iterable[type | str], concrete_args: dict[str, Any] | None
 ) -> fx.GraphModule:
+    """``torch.fx`` symbolic tracing with fxmorph's leaf policy; a failure names the user's offending line."""
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
     leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
     tracer = _Tracer(leaf_types, leaf_names)
     try:
+        # a root of a type the user keeps as a leaf keeps its own forward, as such submodules do
         root = model if isinstance(model, leaf_types) else through_root(model)
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:
@@ -127,6 +136,7 @@ def _symbolic_trace(
             "qualified name) so it stays one call, or rewrite the branch without Python control flow on tensor "
             "values (for example with `torch.where`)."
         ) from exc
+    # tracer.root is through_root's twin where it made one: it shares every submodule and tensor with model
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -150,6 +160,7 @@ class _ShapeProp(ShapeProp):
     """ShapeProp that hands functions mutable argument containers."""
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        """Call ``target`` on fresh copies of the argument containers (see :func:`mutable_args`)."""
         return super().call_function(target, mutable_args(args), mutable_args(kwargs))
 
 
@@ -165,6 +176,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], *, fake: bool = 
             if fake:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
+                # ShapeProp copies the module's weights to this mode; allow_non_fake_inputs lets a real tensor
+                # that still reaches an op (a constant the forward holds) run fake instead of raising
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
                 fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
                 with flop_counter() as counter:
@@ -186,6 +199,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any], *, fake: bool = 
 
 
 def _failing_node(exc: BaseException) -> str:
+    """`` at node 'name'`` read from ShapeProp's wrapping message, or nothing when it has another form."""
     match = re.match(r"ShapeProp error for: node=%(\S+)", str(exc))
     return f" at node '{match.group(1)}'" if match else ""
 
@@ -207,14 +221,17 @@ def interface(gm: fx.GraphModule) -> tuple[tuple[Any, ...], Any]:
 
 
 def _sig(meta: Any) -> Any:
+    """``(shape, dtype)`` of a ``tensor_meta``, nested like the value; ``None`` for a non-tensor."""
     if meta is None:
         return None
+    # TensorMetadata is itself a NamedTuple: the shape attribute tells it from a tuple of them
     if isinstance(meta, list | tuple) and not hasattr(meta, "shape"):
         return tuple(_sig(m) for m in meta)
     return (tuple(meta.shape), meta.dtype)
 
 
 def _describe(inputs: Sequence[Any]) -> str:
+    """The example inputs as an error message shows them: shape, dtype and device of each tensor."""
     parts = []
     for x in inputs:
         if isinstance(x, torch.Tensor):
@@ -231,11 +248,13 @@ def unreached_modules(model: nn.Module, gm: fx.GraphModule) -> tuple[str, ...]:
         if node.op in ("call_module", "get_attr"):
             used.add(str(node.target))
     out: list[str] = []
+    # named_modules lists a parent before its children, so a reported module hides its whole subtree
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in out):
             continue
         if not any(True for _ in module.parameters()):
             continue
+        # reached: called itself, a submodule or attribute of it used, or it sits inside a called leaf
         reached = any(u == name or u.startswith(name + ".") or name.startswith(u + ".") for u in used)
         if not reached:
             out.append(name)
@@ -245,6 +264,7 @@ def unreached_modules(model: nn.Module, gm: fx.GraphModule) -> tuple[str, ...]:
 def check_input_count(gm: fx.GraphModule, inputs: Sequence[Any], name: str) -> None:
     """No more example inputs than the traced forward takes (extra ones would be silently ignored)."""
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    # fx names the placeholder of ``*args`` "*args": such a forward takes any number of inputs
     if len(inputs) <= len(targets) or any(t.startswith("*") for t in targets):
         return
     params = ", ".join(targets)
@@ -256,6 +276,7 @@ def check_input_count(gm: fx.GraphModule, inputs: Sequence[Any], name: str) -> N
 
 
 def _weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the parameters of ``model`` (buffers not counted)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -293,6 +314,7 @@ def trace(
             than its forward takes; the inputs are malformed, or the dtype is unsupported.
         TraceError: the model cannot be traced, or the example inputs do not run through it.
     """
+    # Checks that need only the model and the inputs run first, before any tracing time is spent.
     _check_model(model)
     check_unwrapped(model)
     check_reshapable(model, tied=not allow_tied_weights)
@@ -301,6 +323,7 @@ def trace(
     leaf_modules = check_leaf_modules(model, leaf_modules)
     with frozen_mode(model):
         gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        # after the trace: which modules stayed leaves (and so keep their hooks) is known only now
         check_hooks(model, {str(n.target) for n in gm.graph.nodes if n.op == "call_module"})
         check_input_count(gm, inputs, type(model).__name__)
         use_fake = _weight_bytes(model) > FAKE_THRESHOLD_BYTES if fake is None else fake

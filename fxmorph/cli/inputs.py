@@ -21,9 +21,17 @@ from torch import nn
 from fxmorph.errors import BudgetError, FxmorphError, InputError
 
 __all__ = [
-    "PROG", "RESULT_FILES", "UsageError", "check_budget", "check_out", "first_forward", "first_line", "load_checkpoint",
-    "load_model", "parse_shape",
-]  # fmt: skip
+    "PROG",
+    "RESULT_FILES",
+    "UsageError",
+    "check_budget",
+    "check_out",
+    "first_forward",
+    "first_line",
+    "load_checkpoint",
+    "load_model",
+    "parse_shape",
+]
 
 PROG = "fxmorph-export"
 RESULT_FILES = (
@@ -53,11 +61,12 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
     try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))  # "1x3x224x224" too
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
         raise UsageError(f"--input-shape '{text}' is not a list of positive integers such as 1,3,224,224")
+    # An example input this large would exhaust memory before any useful error; refuse it now.
     if len(shape) > 8 or torch.Size(shape).numel() > 2**31:
         raise UsageError(f"--input-shape '{text}' is too large for an example input")
     return shape
@@ -68,6 +77,8 @@ def check_budget(text: str) -> None:
     from fxmorph.api.budget import parse_budget
 
     try:
+        # The model's FLOPs are not known yet: any large total lets the syntax and range of a relative budget be
+        # checked.
         parse_budget(text, 10**18)
     except BudgetError as exc:
         raise UsageError(f"--budget-flops: {first_line(exc)}") from exc
@@ -77,6 +88,7 @@ def check_out(out: Path, force: bool) -> None:
     """``--out`` is (or can become) a writable directory that holds no earlier results unless ``force``."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory: pass a directory")
+    # The nearest folder that exists: run creates the rest under it.
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out} cannot be written: {existing} is not a writable directory")
@@ -123,6 +135,7 @@ def load_model(spec: str) -> nn.Module:
 
 
 def _tensor_dict(value: Any) -> dict[str, torch.Tensor] | None:
+    """``value`` as a state dict (a module's, or a non-empty mapping of tensors), else None."""
     if isinstance(value, nn.Module):
         return value.state_dict()
     if isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
@@ -162,6 +175,7 @@ def load_checkpoint(model: nn.Module, path: str, trust: bool, name: str | None =
         # Full unpickling happens only when the user vouched for the file with --trust-checkpoint.
         obj = torch.load(file, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
+        # What weights_only loading says when the file holds a class or function.
         if not trust and "Unsupported global" in str(exc):
             raise UsageError(
                 f"--checkpoint {path} holds pickled Python objects (such as a whole model), which fxmorph does "
@@ -179,6 +193,7 @@ def load_checkpoint(model: nn.Module, path: str, trust: bool, name: str | None =
             "pass the original model's state dict (rebuild the shrunk one in Python with fxmorph.load)"
         )
     state = _state_dict_of(obj, path)
+    # Compared here for a one-line message that names the tensors; strict loading would give a long one.
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -229,5 +244,6 @@ def first_forward(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -
         hint = run_failure_hint(model, (x,), exc)
         raise UsageError(
             f"the example inputs do not run through {args.model} (--input-shape {args.input_shape}): "
+            # Shorter when a hint follows, so the line stays readable.
             f"{type(exc).__name__}: {first_line(exc, 100 if hint else 200)}{f'; fix: {hint}' if hint else ''}"
         ) from exc

@@ -56,6 +56,7 @@ def _round_to(text: str) -> RoundTo:
 
 
 def _positive_int(text: str) -> int:
+    """An argparse type: ``text`` as an int of at least 1."""
     try:
         value = int(text)
     except ValueError:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--budget-flops",
         metavar="BUDGET",
+        # Help strings go through %-formatting: "%%" prints "%".
         help='FLOPs to shrink to: a percentage ("50%%"), a fraction (0.5) or absolute FLOPs (1.2G, 3.5e8)',
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (created; nothing is written outside it)")
@@ -142,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = " and ".join(o for o, v in (("--budget-flops", args.budget_flops), ("--out", args.out)) if v is None)
         verb = "are" if " and " in missing else "is"
         parser.error(f"{missing} {verb} required (or pass --explain to only print the channel groups)")
+    # With --explain, both may be absent; one without the other is still a mistake.
     if (args.budget_flops is None) != (args.out is None):
         parser.error("--budget-flops and --out go together")
     from fxmorph.cli.run import run

@@ -29,14 +29,17 @@ def _si(value: float, unit: str = "") -> str:
 
 
 def _pct(ratio: float | None) -> str:
+    """``0.5`` -> ``"50.0%"`` (``"-"`` for None)."""
     return "-" if ratio is None else f"{100 * ratio:.1f}%"
 
 
 def _diff(value: float | None) -> str:
+    """A parity difference for the tables (``"unchecked"`` when the file was not checked)."""
     return "unchecked" if value is None else f"{value:.2e}"
 
 
 def _latency_settings(lat: dict[str, Any]) -> str:
+    """One line with every setting the latency was measured under."""
     s = lat["settings"]
     return (
         f"onnxruntime {s['ort_version']} {s['provider']}, {s['threads']} intra-op thread(s), "
@@ -50,8 +53,10 @@ def _latency_settings(lat: dict[str, Any]) -> str:
 
 
 def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend."""
     import matplotlib
 
+    # Files only, with or without a display; force: even where a backend was chosen already.
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -66,14 +71,20 @@ def plot_widths(data: dict[str, Any], path: Path, *, per_row: int = 40) -> Path:
     rows = data["groups"]["rows"]
     chunks = [rows[i : i + per_row] for i in range(0, len(rows), per_row)] or [[]]
     width = max(6.0, 0.26 * min(len(rows), per_row) + 2)
-    fig, axes = plt.subplots(len(chunks), 1, figsize=(width, 2.9 * len(chunks) + 0.9), layout="constrained",
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(chunks), 1, figsize=(width, 2.9 * len(chunks) + 0.9), layout="constrained", squeeze=False
+    )
+    # A log scale once widths span more than 50x: on a linear one, the narrow groups' bars would not show.
     log = bool(rows) and max(r["before"] for r in rows) / max(min(r["before"] for r in rows), 1) > 50
     for ax, chunk in zip(axes[:, 0], chunks, strict=True):
         xs = list(range(len(chunk)))
         ax.bar([x - 0.2 for x in xs], [r["before"] for r in chunk], width=0.4, color=_BEFORE)
-        ax.bar([x + 0.2 for x in xs], [r["after"] for r in chunk], width=0.4,
-               color=[_PINNED if r["pinned"] else _AFTER for r in chunk])  # fmt: skip
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [r["after"] for r in chunk],
+            width=0.4,
+            color=[_PINNED if r["pinned"] else _AFTER for r in chunk],
+        )
         ax.set_xticks(xs)
         ax.set_xticklabels([str(r["id"]) for r in chunk], rotation=90 if len(chunk) > 20 else 0, fontsize=8)
         ax.set_xlim(-0.7, (per_row if len(chunks) > 1 else max(len(chunk), 1)) - 0.3)  # equal bar widths
@@ -104,8 +115,14 @@ def plot_latency(data: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     bars = ax.bar(names, medians, color=[_BEFORE, _AFTER], yerr=[lower, upper], capsize=6)
     for bar, value in zip(bars, medians, strict=True):
-        ax.annotate(f"{value:.2f} ms", (bar.get_x() + bar.get_width() / 2, value / 2), ha="center", va="center",
-                    color="black" if bar.get_facecolor()[0] > 0.5 else "white", fontsize=11)  # fmt: skip
+        ax.annotate(
+            f"{value:.2f} ms",
+            (bar.get_x() + bar.get_width() / 2, value / 2),
+            ha="center",
+            va="center",
+            color="black" if bar.get_facecolor()[0] > 0.5 else "white",  # dark text on the light bar, light on the dark
+            fontsize=11,
+        )
     s = lat["settings"]
     speed = f"{lat['speedup']:.2f}x faster" if lat.get("speedup") else ""
     ax.set_title(f"{data['model']}: onnxruntime latency, median ({speed})")
@@ -145,6 +162,12 @@ def plot_flops(data: dict[str, Any], path: Path) -> Path:
 
 def render_markdown(data: dict[str, Any]) -> str:
     """The report as markdown (``report.md``), linking the plots next to it."""
+    sections = (_md_summary, _md_latency, _md_onnx, _md_widths, _md_pins, _md_passes_and_versions)
+    return "\n".join(line for section in sections for line in section(data))
+
+
+def _md_summary(data: dict[str, Any]) -> list[str]:
+    """Title, command, settings and the before/after table."""
     shape = "x".join(str(d) for d in data["input_shape"])
     lat = data["latency"]
     lines = [
@@ -177,8 +200,14 @@ def render_markdown(data: dict[str, Any]) -> str:
     else:
         lines.append(f"| Latency | not measured ({lat['reason']}) | | |")
     lines += ["", "![FLOPs and parameters](flops.png)", ""]
+    return lines
 
-    lines += ["## Latency", ""]
+
+def _md_latency(data: dict[str, Any]) -> list[str]:
+    """The onnxruntime timings, per model."""
+    shape = "x".join(str(d) for d in data["input_shape"])
+    lat = data["latency"]
+    lines = ["## Latency", ""]
     if lat["measured"]:
         s = lat["settings"]
         lines += [
@@ -200,8 +229,12 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["", "![Latency](latency.png)", ""]
     else:
         lines += [f"Not measured ({lat['reason']}).", ""]
+    return lines
 
-    lines += [
+
+def _md_onnx(data: dict[str, Any]) -> list[str]:
+    """The exported files and their parity with torch."""
+    lines = [
         "## ONNX files",
         "",
         "Each file was run in onnxruntime (CPU) on the example input and, with its dynamic batch axis, on "
@@ -216,9 +249,13 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"{_diff(info['max_abs_diff'])} | {_diff(info['max_rel_diff'])} | {info['export_seconds']:.1f} |"
         )
     lines.append("")
+    return lines
 
+
+def _md_widths(data: dict[str, Any]) -> list[str]:
+    """Every channel group's width before and after."""
     groups = data["groups"]
-    lines += [
+    lines = [
         "## Channel widths",
         "",
         f"{groups['total']} channel groups: {groups['free']} free, {groups['pinned']} pinned, "
@@ -232,7 +269,12 @@ def render_markdown(data: dict[str, Any]) -> str:
     for r in groups["rows"]:
         kept = _pct(r["after"] / r["before"]) if r["before"] else "-"
         lines.append(f"| {r['id']} | `{r['made_by']}` | {r['before']} | {r['after']} | {kept} | {r['pinned'] or ''} |")
-    lines += ["", "## Pinned groups", ""]
+    return lines
+
+
+def _md_pins(data: dict[str, Any]) -> list[str]:
+    """Why each pinned group kept its width, and the modules eval mode never runs."""
+    lines = ["", "## Pinned groups", ""]
     if data["pins"]:
         lines += [
             f"- group {p['group']} (`{p['made_by']}`, {p['width']} channels): {p['reason']}" for p in data["pins"]
@@ -245,13 +287,18 @@ def render_markdown(data: dict[str, Any]) -> str:
             "Never run in eval mode, so not in the shrunk model: "
             + ", ".join(f"`{m}`" for m in data["dropped_modules"]),
         ]
-    lines += ["", "## Passes", "", "| pass | modified | seconds | note |", "|---|---|---:|---|"]
+    return lines
+
+
+def _md_passes_and_versions(data: dict[str, Any]) -> list[str]:
+    """The passes that ran, the library versions, the date."""
+    lines = ["", "## Passes", "", "| pass | modified | seconds | note |", "|---|---|---:|---|"]
     for p in data.get("passes", []):
         lines.append(f"| {p['pass']} | {p['modified']} | {float(p['seconds']):.2f} | {p.get('note', '')} |")
     lines += ["", "## Versions", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in data["versions"].items()]
     lines += ["", f"Created {data['created']}.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def terminal_table(data: dict[str, Any], out: Path | str) -> str:

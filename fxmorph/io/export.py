@@ -100,24 +100,30 @@ class ExportResult:
 
 
 def _names(prefix: str, count: int) -> tuple[str, ...]:
+    """``("input",)`` for one tensor, else ``("input_0", "input_1", ...)``: the ONNX names of the inputs or outputs."""
     return (prefix,) if count == 1 else tuple(f"{prefix}_{i}" for i in range(count))
 
 
 def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) model output in pytree order; the check pairs them with the file's outputs by
+    position."""
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
 def _run_torch(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """The model's outputs on ``inputs`` as numpy arrays, flattened as :func:`_flat_tensors` does."""
     with torch.no_grad():
         return [t.detach().cpu().numpy() for t in _flat_tensors(model(*inputs))]
 
 
 def _other_batch(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The example inputs with one more row (a copy of the first) on the batch axis."""
+    # A batch size the export never saw: a file whose batch axis was silently fixed fails to run on it.
     return tuple(torch.cat([t, t[:1]]) for t in inputs)
 
 
 def _params_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model``."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
@@ -128,6 +134,7 @@ def _quiet_warnings(exporter: str) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
+    # Each distinct first line once: the same warning often comes once per op.
     for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught if str(w.message)):
         logger.debug("%s exporter warned: %s", exporter, message)
 
@@ -142,6 +149,7 @@ def _export_once(
     dynamic_batch: bool,
     opset: int | None,
 ) -> None:
+    """Write ``path`` with one exporter, from a fresh copy of ``model``; any failure propagates."""
     model = copy.deepcopy(model)  # a fresh copy per attempt: a failed attempt may leave hooks behind
     with _quiet_warnings(exporter):
         if exporter == "torchscript":
@@ -197,6 +205,7 @@ def _compare(
         a64, e64 = a.astype(np.float64), e.astype(np.float64)
         diff = np.abs(a64 - e64)
         both_nan = np.isnan(a64) & np.isnan(e64)
+        # NaN in both agrees; NaN in one only is the worst mismatch.
         diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
         flat = int(np.argmax(diff))
         largest = float(diff.flat[flat])
@@ -228,8 +237,10 @@ def _check_file(
     rtol: float,
     atol: float,
 ) -> tuple[float, float]:
+    """Run the file in onnxruntime (CPU) against ``expected``, and at another batch size when it is dynamic; the
+    worst ``(abs, rel)`` difference."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 3  # errors only: onnxruntime's warnings are noise here
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed_names = [i.name for i in session.get_inputs()]
 
@@ -252,11 +263,15 @@ def _check_file(
 
 
 def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of ``exc`` (at most 300 characters of it)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _hint(exc: BaseException) -> str:
+    """A fix for an exporter's failure, guessed from its message."""
+    # Matched on the message text (the exporters raise few specific types), with several spellings since torch
+    # rewords them between releases.
     text = f"{type(exc).__name__} {exc}".lower()
     if "adaptive" in text and "factor" in text:
         return (
@@ -290,7 +305,8 @@ def _opset_range() -> tuple[int, int]:
 
 
 def _opset_of(path: Path) -> int:
-    proto = onnx.load(str(path), load_external_data=False)
+    """The default-domain opset the file at ``path`` declares (-1 when it declares none)."""
+    proto = onnx.load(str(path), load_external_data=False)  # the header only: the weights may be gigabytes
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
@@ -335,15 +351,17 @@ def export_onnx(
         raise InputError("a dynamic batch needs inputs with a batch axis (dim 0): pass `dynamic_batch=False`.")
     low, high = _opset_range()
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high):
-        raise InputError(f"opset must be None (the exporter's default) or an int from {low} to {high} (what this "
-                         f"torch exports), such as 18; got {opset!r}.")  # fmt: skip
+        raise InputError(
+            f"opset must be None (the exporter's default) or an int from {low} to {high} (what this "
+            f"torch exports), such as 18; got {opset!r}."
+        )
     rtol, atol = check_tolerances(model, rtol, atol)
     path = check_out_path(path, "path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"path {path}: its directory cannot be created ({exc.strerror or exc}).") from exc
-    inputs = tuple(t.detach().cpu() for t in inputs)
+    inputs = tuple(t.detach().cpu() for t in inputs)  # exported and checked on the CPU, where onnxruntime runs the file
     try:
         work = copy.deepcopy(model).cpu().eval()
         expected = _run_torch(work, inputs)
@@ -352,22 +370,40 @@ def export_onnx(
         raise ExportError(
             f"{type(model).__name__} does not run on the example inputs in eval mode ({_first_line(exc)}): {fix}."
         ) from exc
+    # The scratch folder sits beside ``path``, on the same file system, so os.replace below moves the checked file
+    # atomically.
     with tempfile.TemporaryDirectory(prefix=".fxmorph-export-", dir=path.parent) as scratch:
-        result = _export_checked(model, work, inputs, expected, Path(scratch) / path.name, dynamic_batch, opset, check,
-                                 rtol, atol, exporter)  # fmt: skip
+        result = _export_checked(
+            model, work, inputs, expected, Path(scratch) / path.name, dynamic_batch, opset, check, rtol, atol, exporter
+        )
         for name in (path.name + ".data", path.name):  # the weights first: the model file refers to them
             if (Path(scratch) / name).exists():
                 os.replace(Path(scratch) / name, path.with_name(name))
     result = dataclasses.replace(result, path=path)
-    logger.info("exported %s to %s with the %s exporter in %.1f s (max abs diff %s)", type(model).__name__, path,
-                result.exporter, result.export_seconds,
-                "unchecked" if result.max_abs_diff is None else f"{result.max_abs_diff:.3g}")  # fmt: skip
+    logger.info(
+        "exported %s to %s with the %s exporter in %.1f s (max abs diff %s)",
+        type(model).__name__,
+        path,
+        result.exporter,
+        result.export_seconds,
+        "unchecked" if result.max_abs_diff is None else f"{result.max_abs_diff:.3g}",
+    )
     return result
 
 
-def _export_checked(model: nn.Module, work: nn.Module, inputs: tuple[torch.Tensor, ...], expected: list[np.ndarray],
-                    path: Path, dynamic_batch: bool, opset: int | None, check: bool, rtol: float, atol: float,
-                    exporter: str) -> ExportResult:  # fmt: skip
+def _export_checked(
+    model: nn.Module,
+    work: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    expected: list[np.ndarray],
+    path: Path,
+    dynamic_batch: bool,
+    opset: int | None,
+    check: bool,
+    rtol: float,
+    atol: float,
+    exporter: str,
+) -> ExportResult:
     """Export to ``path`` with each exporter in turn until one gives a file that passes the check."""
     input_names, output_names = _names("input", len(inputs)), _names("output", len(expected))
     order = EXPORTERS if exporter == "auto" else (exporter,)
@@ -376,7 +412,7 @@ def _export_checked(model: nn.Module, work: nn.Module, inputs: tuple[torch.Tenso
         start = time.perf_counter()
         try:
             _export_once(name, work, inputs, path, input_names, output_names, dynamic_batch, opset)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start  # the export alone, not the check
             diffs = (
                 _check_file(work, path, inputs, expected, output_names, dynamic_batch, rtol, atol)
                 if check
@@ -410,6 +446,8 @@ def _export_checked(model: nn.Module, work: nn.Module, inputs: tuple[torch.Tenso
 
 
 def _failure(model_name: str, failures: list[tuple[str, str, BaseException]]) -> ExportError:
+    """The :class:`ExportError` for every exporter failing: a mismatch first (a file was made, and the difference
+    tells most), then the others with a fix each."""
     mismatches = [(n, exc) for n, kind, exc in failures if kind == "mismatch"]
     head = mismatches[0][0] if mismatches else None
     if mismatches:

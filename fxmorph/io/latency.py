@@ -106,6 +106,8 @@ class LatencyReport:
 
 
 def _level(level: ort.GraphOptimizationLevel | str) -> ort.GraphOptimizationLevel:
+    """An onnxruntime optimisation level from itself or a name (``"all"``, ``"basic"``, ``"disable_all"``,
+    ``"ORT_ENABLE_ALL"``)."""
     if isinstance(level, ort.GraphOptimizationLevel):
         return level
     key = str(level).upper()
@@ -119,6 +121,8 @@ def _level(level: ort.GraphOptimizationLevel | str) -> ort.GraphOptimizationLeve
 
 
 def _session(name: str, source: ModelSource, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A CPU session for ``source`` (a path, bytes or an :class:`ExportResult`); :class:`InputError` where it
+    cannot load."""
     if isinstance(source, ExportResult):
         source = source.path
     if not isinstance(source, str | os.PathLike | bytes):
@@ -139,6 +143,7 @@ def _session(name: str, source: ModelSource, options: ort.SessionOptions) -> ort
 
 
 def _array(value: Any) -> np.ndarray:
+    """One input value as a numpy array (a tensor moved to the CPU)."""
     if isinstance(value, torch.Tensor):
         check_tensor_inputs((value,), what="input")
         return value.detach().cpu().numpy()
@@ -148,6 +153,7 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _feed(name: str, session: ort.InferenceSession, inputs: Any) -> dict[str, np.ndarray]:
+    """The input feed of ``session``: ``inputs`` by name, or in order, as numpy arrays."""
     wanted = [i.name for i in session.get_inputs()]
     if isinstance(inputs, Mapping):
         missing = [n for n in wanted if n not in inputs]
@@ -155,8 +161,10 @@ def _feed(name: str, session: ort.InferenceSession, inputs: Any) -> dict[str, np
             raise InputError(f"model {name!r} needs inputs {wanted}; the inputs mapping lacks {missing}.")
         return {n: _array(inputs[n]) for n in wanted}
     if not isinstance(inputs, torch.Tensor | np.ndarray | Sequence):
-        raise InputError(f"inputs must be a tensor, an array, a sequence of them or a mapping from input name to "
-                         f"array, got {type(inputs).__name__}.")  # fmt: skip
+        raise InputError(
+            f"inputs must be a tensor, an array, a sequence of them or a mapping from input name to "
+            f"array, got {type(inputs).__name__}."
+        )
     values = [inputs] if isinstance(inputs, torch.Tensor | np.ndarray) else list(inputs)
     if len(values) != len(wanted):
         raise InputError(
@@ -188,70 +196,19 @@ def measure_latency(
     docstring for why it is off by default). Raises :class:`fxmorph.errors.InputError` for a file
     onnxruntime cannot load or inputs a model cannot run on.
     """
-    if not isinstance(models, Mapping):
-        raise InputError(
-            f"models must be a mapping from a name to a model, got {type(models).__name__}: pass for example "
-            "{'original': 'original.onnx', 'shrunk': 'shrunk.onnx'}."
-        )
-    if not models:
-        raise InputError("measure_latency needs at least one model: pass {'name': 'model.onnx', ...}.")
+    _check_models(models)
     check_count("warmup", warmup, 0)
     check_count("rounds", rounds, 1)
     check_count("repeats_per_round", repeats_per_round, 1)
     threads = check_count("threads", threads, 1) if threads is not None else os.cpu_count() or 1
     level = _level(graph_optimization)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = level
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-
+    options = _session_options(threads, level, allow_spinning)
     names = list(models)
     sessions = {n: _session(n, models[n], options) for n in names}
     feeds = {n: _feed(n, sessions[n], inputs) for n in names}
-    for n in names:
-        try:
-            sessions[n].run(None, feeds[n])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise InputError(
-                f"model {n!r} does not run on the given inputs ({type(exc).__name__}: {str(exc).strip()[:300]}): "
-                "check their shapes and dtypes."
-            ) from exc
-    for _ in range(max(warmup - 1, 0)):
-        for n in names:
-            sessions[n].run(None, feeds[n])
-
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for n in names[shift:] + names[:shift]:
-            session, feed = sessions[n], feeds[n]
-            start = time.perf_counter_ns()
-            for _ in range(repeats_per_round):
-                session.run(None, feed)
-            samples[n].append((time.perf_counter_ns() - start) / 1e6 / repeats_per_round)
-
-    base = np.asarray(samples[names[0]])
-    base_median = float(np.median(base))
-    results = []
-    for n in names:
-        s = np.asarray(samples[n])
-        median = float(np.median(s))
-        results.append(
-            ModelLatency(
-                name=n,
-                median_ms=median,
-                p90_ms=float(np.percentile(s, 90)),
-                min_ms=float(s.min()),
-                mean_ms=float(s.mean()),
-                ratio=median / base_median,
-                paired_ratio=float(np.median(s / base)),
-                samples_ms=tuple(float(v) for v in s),
-            )
-        )
-        logger.info("%s: median %.3f ms, p90 %.3f ms, ratio %.3f", n, median, results[-1].p90_ms, results[-1].ratio)
+    _warm_up(sessions, feeds, warmup)
+    samples = _interleaved(sessions, feeds, rounds, repeats_per_round)
+    results = _summaries(samples)
     return LatencyReport(
         models=tuple(results),
         baseline=names[0],
@@ -268,6 +225,89 @@ def measure_latency(
     )
 
 
+def _check_models(models: Any) -> None:
+    """``models`` is a non-empty mapping."""
+    if not isinstance(models, Mapping):
+        raise InputError(
+            f"models must be a mapping from a name to a model, got {type(models).__name__}: pass for example "
+            "{'original': 'original.onnx', 'shrunk': 'shrunk.onnx'}."
+        )
+    if not models:
+        raise InputError("measure_latency needs at least one model: pass {'name': 'model.onnx', ...}.")
+
+
+def _session_options(threads: int, level: ort.GraphOptimizationLevel, allow_spinning: bool) -> ort.SessionOptions:
+    """The options every session shares, so that the models differ only in their graphs."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # one op at a time: the intra-op count is the only parallelism measured
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = level
+    options.log_severity_level = 3  # errors only
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    return options
+
+
+def _warm_up(sessions: dict[str, ort.InferenceSession], feeds: dict[str, Any], warmup: int) -> None:
+    """Run every model ``warmup`` times (at least once: the first run also checks the inputs)."""
+    for n, session in sessions.items():
+        try:
+            session.run(None, feeds[n])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise InputError(
+                f"model {n!r} does not run on the given inputs ({type(exc).__name__}: {str(exc).strip()[:300]}): "
+                "check their shapes and dtypes."
+            ) from exc
+    for _ in range(max(warmup - 1, 0)):
+        for n, session in sessions.items():
+            session.run(None, feeds[n])
+
+
+def _interleaved(
+    sessions: dict[str, ort.InferenceSession], feeds: dict[str, Any], rounds: int, repeats: int
+) -> dict[str, list[float]]:
+    """Milliseconds per run of each model, one sample per round; the models take turns, starting one
+    later each round, so drift in the machine's speed (heat, other load) falls on all of them alike."""
+    names = list(sessions)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for n in names[shift:] + names[:shift]:
+            session, feed = sessions[n], feeds[n]
+            # One clock read around all repeats: the timer's own cost is not in each run.
+            start = time.perf_counter_ns()
+            for _ in range(repeats):
+                session.run(None, feed)
+            samples[n].append((time.perf_counter_ns() - start) / 1e6 / repeats)
+    return samples
+
+
+def _summaries(samples: dict[str, list[float]]) -> list[ModelLatency]:
+    """Median, spread and ratios of each model; the first model is the baseline."""
+    names = list(samples)
+    base = np.asarray(samples[names[0]])
+    base_median = float(np.median(base))
+    results = []
+    for n in names:
+        s = np.asarray(samples[n])
+        median = float(np.median(s))
+        results.append(
+            ModelLatency(
+                name=n,
+                median_ms=median,
+                p90_ms=float(np.percentile(s, 90)),
+                min_ms=float(s.min()),
+                mean_ms=float(s.mean()),
+                ratio=median / base_median,
+                paired_ratio=float(np.median(s / base)),  # per round: the models ran side by side
+                samples_ms=tuple(float(v) for v in s),
+            )
+        )
+        logger.info("%s: median %.3f ms, p90 %.3f ms, ratio %.3f", n, median, results[-1].p90_ms, results[-1].ratio)
+    return results
+
+
+# Read from the signatures, so the check of compare_latency's options never lags behind a new keyword.
 _LATENCY_OPTIONS = tuple(inspect.signature(measure_latency).parameters)[2:]  # after models, inputs
 _EXPORT_OPTIONS = tuple(inspect.signature(export_onnx).parameters)[3:]  # after model, example_inputs, path
 

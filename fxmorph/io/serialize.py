@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxmorph.analysis import ChannelGraph, Role
 from fxmorph.errors import FxmorphError
 from fxmorph.validate import check_model, check_out_path, model_dtype
 
@@ -77,11 +78,15 @@ class SerializationError(FxmorphError):
 
 
 def _checksum(tensor: torch.Tensor) -> str:
+    """SHA-256 of the tensor's raw bytes."""
+    # The bytes, not the values: the hash covers every bit (-0.0, NaN payloads) whatever the dtype, and numpy lacks
+    # bfloat16 anyway.
     data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``, the form the file stores."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -98,6 +103,7 @@ def _input_spec(model: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
             meta = node.meta.get("tensor_meta") if node.op == "placeholder" else None
             if node.op == "placeholder":
                 if meta is None or not hasattr(meta, "shape"):
+                    # All or nothing: a partial list would pair shapes with the wrong inputs.
                     return []
                 spec.append({"shape": [int(s) for s in meta.shape], "dtype": _dtype_name(meta.dtype)})
     return spec
@@ -107,17 +113,20 @@ def _group_widths(cg: Any, shapes: Mapping[str, Sequence[int]]) -> dict[int, int
     """The width of every free group of ``cg`` as the tensors of ``shapes`` (name -> shape) show it.
 
     A group is measured on a parameter whose bound axis is made of that group alone, producers
-    (role ``"out"``) first: surgery keeps module paths, so the same name exists in both models.
+    (role ``OUT``) first: surgery keeps module paths, so the same name exists in both models.
     """
     widths: dict[int, int] = {}
     for g in cg.free_groups:
-        for m in sorted(g.params, key=lambda p: p.role != "out"):
+        # A stable sort on ``role != OUT``: producers (False) come first, each kind in member order.
+        for m in sorted(g.params, key=lambda p: p.role != Role.OUT):
             shape = shapes.get(m.name)
             if shape is None or m.dim >= len(shape):
                 continue
             pieces = cg.layout_groups(cg.bindings[(m.name, m.dim)].layout)
             if not all(gid == g.id for gid, _ in pieces):
                 continue
+            # The axis holds the group in one piece or several (a cat of the same group), each channel spanning
+            # ``i`` positions of a piece.
             inner = sum(i for _, i in pieces)
             if shape[m.dim] % inner:
                 raise SerializationError(
@@ -152,6 +161,8 @@ def save(
     """
     check_model(model, error=SerializationError)
     path = check_out_path(path, "save: path", error=SerializationError)
+    # A copy of each tensor: torch.save writes the whole storage behind a view, and the model may keep changing
+    # after save returns.
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     shapes = {k: [int(s) for s in v.shape] for k, v in state.items()}
     spec = _input_spec(model, example_inputs)
@@ -165,6 +176,7 @@ def save(
         if example_inputs is not None:
             inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         else:
+            # The analysis needs shapes and dtypes only: zeros of the recorded ones will do.
             inputs = tuple(torch.zeros(s["shape"], dtype=_DTYPES[s["dtype"]]) for s in spec)
         cg = _analyze(original, inputs, factors, Path(path))
         widths = _group_widths(cg, shapes)
@@ -183,7 +195,7 @@ def save(
         "shapes": shapes,
         "checksums": {k: _checksum(v) for k, v in state.items()},
         "state_dict": state,
-        "training": bool(model.training),
+        "training": bool(model.training),  # load puts the model back in this mode
     }
     if factors:
         payload["factors"] = factors
@@ -222,7 +234,7 @@ def _write(payload: dict[str, Any], path: Path) -> None:
     if not path.parent.is_dir():
         raise SerializationError(f"cannot write {path}: the directory {path.parent} does not exist; create it first.")
     handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    os.close(handle)  # torch.save opens the file by name
     try:
         torch.save(payload, scratch)
         os.replace(scratch, path)
@@ -234,17 +246,21 @@ def _write(payload: dict[str, Any], path: Path) -> None:
 
 
 def _first(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message (at most 200 characters), or its type's name."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:200] if lines else type(exc).__name__
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """The file's payload, every entry checked for type, shape, consistency and checksum;
+    :class:`SerializationError` otherwise."""
     if not path.is_file():
         raise SerializationError(f"no file at {path}: pass the path a model was saved to with fxmorph.save.")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no pickled code
     except Exception as exc:  # torch raises many types for truncated, corrupted or foreign files
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        # The line that names the cause in torch's long message.
         lines = [line for line in lines if line.startswith("WeightsUnpickler error")] or lines
         first = lines[0].split(". ")[0][:200] if lines else ""
         detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -287,7 +303,7 @@ def _read(path: Path) -> dict[str, Any]:
     for gid, width in data["widths"].items():
         if not isinstance(gid, int) or not isinstance(width, int) or width < 1:
             raise SerializationError(f"{path} is corrupted: width entry {gid!r}: {width!r} is not a positive int.")
-    factors = data.setdefault("factors", [])
+    factors = data.setdefault("factors", [])  # absent in files without factorized layers
     if not isinstance(factors, list) or not all(isinstance(f, str) for f in factors):
         raise SerializationError(f"{path} is corrupted: entry 'factors' is not a list of module paths.")
     for spec in data["example_inputs"]:
@@ -297,11 +313,13 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _inputs(data: dict[str, Any], example_inputs: Any, path: Path) -> tuple[torch.Tensor, ...]:
+    """The inputs to analyse the original model with: ``example_inputs`` checked against the file's, or tensors
+    of the stored shapes and dtypes."""
     stored = data["example_inputs"]
     if example_inputs is None:
         if not stored:
             raise SerializationError(f"{path} does not record its example inputs: pass example_inputs=(x,) to load.")
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(0)  # seeded: loading a file twice analyses the same inputs
         return tuple(
             torch.randn(s["shape"], generator=generator).to(_DTYPES[s["dtype"]])
             if _DTYPES[s["dtype"]].is_floating_point
@@ -312,6 +330,7 @@ def _inputs(data: dict[str, Any], example_inputs: Any, path: Path) -> tuple[torc
     if not all(isinstance(t, torch.Tensor) for t in values):
         raise SerializationError("example_inputs must be a tensor or a tuple of tensors.")
     if stored:
+        # The batch axis may differ: only the per-sample shapes fix the channel graph.
         given = [([int(s) for s in t.shape[1:]], _dtype_name(t.dtype)) for t in values]
         want = [(s["shape"][1:], s["dtype"]) for s in stored]
         if given != want:
@@ -356,7 +375,28 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
     cg = _analyze(original_model, inputs, data["factors"], path)
     state: dict[str, torch.Tensor] = data["state_dict"]
     derived = _group_widths(cg, data["shapes"])
+    # A file saved without the original or a report stores none: measured from the stored shapes.
     widths = dict(data["widths"]) or derived
+    _check_widths(cg, widths, derived, path)
+    bias_deltas = _bias_deltas(cg, state, path)
+    plan = WidthPlan(WidthPlan.from_widths(cg, widths), bias_deltas=bias_deltas)
+    try:
+        small = resize(cg, plan)
+    except FxmorphError as exc:
+        raise SerializationError(
+            f"the widths stored in {path} do not fit the original model ({str(exc).splitlines()[0]}): it was "
+            "saved from another architecture."
+        ) from exc
+    # Checked first for a message that names the tensor; strict loading below is the backstop.
+    _check_state(small.state_dict(), state, path)
+    small.load_state_dict(state, strict=True)
+    small.train(data["training"])
+    logger.info("loaded %s from %s (%d group widths)", type(original_model).__name__, path, len(widths))
+    return small
+
+
+def _check_widths(cg: ChannelGraph, widths: dict[int, int], derived: dict[int, int], path: Path) -> None:
+    """Every stored group exists in the original model and agrees with the widths its tensors have."""
     for gid, width in widths.items():
         if not 0 <= gid < len(cg.groups):
             raise SerializationError(
@@ -368,6 +408,11 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
                 f"{path} gives group {gid} width {width} but its tensors have width {derived[gid]}: the file is "
                 "corrupted or was saved from another architecture."
             )
+
+
+def _bias_deltas(cg: ChannelGraph, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Zero biases for the layers the file gives a bias they lack (a dead-channel fold adds one); the
+    stored values are loaded over them."""
     bias_deltas = {}
     for owner in _added_biases(cg.gm, state):  # a dead-channel fold can give a layer a bias it lacked
         try:
@@ -378,16 +423,13 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
         if not isinstance(size, int):
             kind = type(module).__name__
             raise SerializationError(f"{path} adds a bias to '{owner}' ({kind}), which cannot have one.")
+        # A zero delta makes surgery create the bias; load_state_dict fills in the stored values.
         bias_deltas[owner] = torch.zeros(size, dtype=state[f"{owner}.bias"].dtype)
-    plan = WidthPlan(WidthPlan.from_widths(cg, widths), bias_deltas=bias_deltas)
-    try:
-        small = resize(cg, plan)
-    except FxmorphError as exc:
-        raise SerializationError(
-            f"the widths stored in {path} do not fit the original model ({str(exc).splitlines()[0]}): it was "
-            "saved from another architecture."
-        ) from exc
-    expected = small.state_dict()
+    return bias_deltas
+
+
+def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """The stored tensors are exactly the rebuilt model's, by name, shape and dtype."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -409,7 +451,3 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
             f"tensor '{name}' is {got} in {path} but {want} in the rebuilt model: convert the original model to "
             f"{got} first (for example `original.to({got})`)."
         )
-    small.load_state_dict(state, strict=True)
-    small.train(data["training"])
-    logger.info("loaded %s from %s (%d group widths)", type(original_model).__name__, path, len(widths))
-    return small

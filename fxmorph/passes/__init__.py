@@ -1,7 +1,7 @@
 """Passes: policy that decides WidthPlans (remove-dead, prune, width, grow) and structural rewrites
 (drop-inputs, factorize, merge-factors), run by a checked Pipeline."""
 
-from fxmorph.passes.base import Pass, PassContext, PassResult, Pipeline, PipelineResult
+from fxmorph.passes.base import Pass, PassContext, PassRecord, PassResult, Pipeline, PipelineResult
 from fxmorph.passes.drop_inputs import DropInputsPass
 from fxmorph.passes.factorize import FactorizePass
 from fxmorph.passes.grow import GrowPass
@@ -23,6 +23,7 @@ __all__ = [
     "MergeFactorsPass",
     "Pass",
     "PassContext",
+    "PassRecord",
     "PassResult",
     "Pipeline",
     "PipelineResult",

@@ -8,9 +8,10 @@ outputs its bias (zero padding adds zeros to zeros); elementwise ops and activat
 constants (computed by calling them, in eval mode); ``x * 0`` is 0; data movement (reshape, cat,
 indexing) keeps values; pooling and padding keep zeros, and some of them constants.
 
-Which ops are elementwise, data movement or pooling is asked of the rule table
-(:func:`fxmorph.analysis.ops.lookup`), so an op the table learns is handled here too. Anything else
-gives NaN: the pass then keeps the channel. Inputs are assumed finite (``0 * x = 0``).
+Which ops are layers, elementwise, data movement or pooling, and what they do to zeros and constants,
+is asked of the op table (:func:`fxmorph.analysis.ops.node_facts`), so an op the table learns is
+handled here too. Anything else gives NaN: the pass then keeps the channel. Inputs are assumed finite
+(``0 * x = 0``).
 
 :func:`reader_sites` lists where the group is read through the input columns of a layer's weight:
 the only places, in a growable group, where a channel's value reaches the output.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import operator
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +29,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxmorph.analysis import ChannelGraph, Group
-from fxmorph.analysis.ops import lookup
-from fxmorph.analysis.rules import compute as rc
-from fxmorph.analysis.rules import modules as rm
-from fxmorph.analysis.rules import shape as rs
+from fxmorph.analysis import ChannelGraph, Group, Role
+from fxmorph.analysis.ops import OpFacts, OpKind, node_facts
 from fxmorph.passes.importance import channel_positions
 from fxmorph.validate import frozen_mode
 
@@ -41,23 +38,7 @@ __all__ = ["GroupIndex", "Site", "as_numpy", "channel_values", "reader_sites", "
 
 logger = logging.getLogger(__name__)
 
-_LAYER_RULES = frozenset({rm.conv, rm.linear, rm.conv_transpose})  # weight columns read the node's input
-_NORM = nn.modules.batchnorm._BatchNorm
-_MOVES = frozenset(getattr(rs, name) for name in (
-    "permute", "transpose", "unsqueeze", "squeeze", "expand", "getitem", "index_select", "cat", "split", "chunk",
-    "unbind", "reshape", "flatten_module", "tensor_split", "repeat_interleave") if hasattr(rs, name))  # fmt: skip
-_SPATIAL = getattr(rc.spatial(None), "__code__", None)  # every spatial(...) rule shares this code object
-# Pooling that maps a constant channel to the same constant at any input size (the others keep zeros only).
-_KEEP_CONSTANT = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                  nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-                  nn.ReflectionPad2d, nn.ReplicationPad2d)  # fmt: skip
-_KEEP_CONSTANT_FN = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                               "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-                               "adaptive_max_pool3d", "mean", "amax", "amin"})  # fmt: skip
-_MUL = frozenset({operator.mul, operator.imul, torch.mul, "mul", "mul_"})
-_DROPOUT = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
-# Functions that are random when their training flag is set: (names, position of the flag).
-_RANDOM = {**dict.fromkeys(_DROPOUT, 2), "rrelu": 3, "rrelu_": 3}
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -74,6 +55,8 @@ class GroupIndex:
         self.dims: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         for name, dim, layout in cg.tensor_layouts():
             node = name.split("[", 1)[0]  # an element of a tuple-valued node counts for the node
+            # Once per layout: a group that appears twice in it (``cat([x, x])``) is still one dim. A dim of -1
+            # marks a group carried inside a tuple element, which ``dim()`` then refuses to name.
             for gid in dict.fromkeys(g for g, _ in cg.layout_groups(layout)):
                 self.dims[node][gid].append(dim if node == name else -1)
         self.calls: dict[str, list[fx.Node]] = defaultdict(list)  # module path -> the nodes calling it
@@ -119,22 +102,25 @@ def reader_sites(index: GroupIndex, group: Group) -> list[Site] | None:
     sites: list[Site] = []
     for member in group.consumers:
         owner, _, leaf = member.name.rpartition(".")
+        # A consumer that is not the weight of a called module (a parameter the graph reads itself) cannot be named
+        # as a site.
         if leaf != "weight" or not index.calls.get(owner):
             return None
         for node in index.calls[owner]:
-            if lookup(node, index.cg.gm) not in _LAYER_RULES:
+            if node_facts(node, index.cg.gm).kind is not OpKind.LAYER:
                 return None
             x = node.args[0] if node.args else None
             dim = index.dim(x.name, group.id) if isinstance(x, fx.Node) else None
             if dim is None:
                 return None
             sites.append(Site(owner, x.name, dim))
-    return list(dict.fromkeys(sites)) or None
+    return list(dict.fromkeys(sites)) or None  # no site at all proves nothing either
 
 
 def channel_values(index: GroupIndex, group: Group) -> dict[str, np.ndarray]:
     """Per node carrying the group, each channel's value for every input (NaN: not shown constant)."""
     values: dict[str, np.ndarray] = {}
+    # Graph order is topological: the values of a node's arguments are known before the node's own.
     for node in index.cg.gm.graph.nodes:
         if not index.carries(node.name, group.id):
             continue
@@ -149,6 +135,7 @@ def channel_values(index: GroupIndex, group: Group) -> dict[str, np.ndarray]:
 
 
 def _unknown(group: Group) -> np.ndarray:
+    """Every channel of ``group`` unknown (NaN)."""
     return np.full(group.size, np.nan)
 
 
@@ -165,8 +152,11 @@ def _inplace(node: fx.Node, index: GroupIndex) -> bool:
     """Whether the op writes into its first argument (``relu(inplace=True)``, ``x.add_(y)``, ``x += y``)."""
     if node.op == "call_module":
         return getattr(index.cg.gm.get_submodule(str(node.target)), "inplace", False) is True
+    # ``__name__`` of a function, or a call_method's name. Dunders end in "_" too but are not in-place
+    # (``__add__``); the in-place ones (``operator.iadd``, ``x += y``) the table marks itself.
     name = getattr(node.target, "__name__", str(node.target))
-    if (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv"):
+    # PyTorch's naming convention covers in-place ops the table does not list
+    if node_facts(node, index.cg.gm).inplace or (name.endswith("_") and not name.endswith("__")):
         return True
     if node.op != "call_function":
         return False
@@ -185,27 +175,27 @@ def _mutated(node: fx.Node, values: dict[str, np.ndarray], index: GroupIndex) ->
 
 
 def _value(index: GroupIndex, node: fx.Node, group: Group, values: dict[str, np.ndarray]) -> np.ndarray:
-    """The node's channel values, by the rule the table gives its op."""
+    """The node's channel values, by what the op table says of its op."""
     if node.op == "get_attr":
         return _attribute(index, node, group)
     if node.op not in ("call_module", "call_function", "call_method"):
         return _unknown(group)
-    rule = lookup(node, index.cg.gm)
+    facts = node_facts(node, index.cg.gm)
     module = index.cg.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-    if rule is rm.batch_norm and isinstance(module, _NORM):  # (InstanceNorm shares the rule, not the maths)
+    if facts.kind is OpKind.BATCH_NORM and isinstance(module, _BATCH_NORM):  # (the functional form: unknown)
         return _batch_norm(index, node, module, group, values)
-    if rule in _LAYER_RULES:
-        assert module is not None
+    if facts.kind is OpKind.LAYER and module is not None:  # (F.linear and F.conv*: unknown)
         return _layer(index, node, module, group, values)
-    if rule is rm.prelu:
-        assert isinstance(module, nn.PReLU)
+    # Before the pointwise case, which calls the op on a 1-D vector: PReLU reads channels from dim 1 and would use
+    # one slope for the whole vector.
+    if facts.kind is OpKind.ACTIVATION and isinstance(module, nn.PReLU):  # one slope per channel
         return _prelu(index, node, module, group, values)
-    if rule is rc.passthrough or rule is rc.elementwise:
-        return _pointwise(index, node, group, values, module)
-    if rule in _MOVES:
+    if facts.pointwise:
+        return _pointwise(index, node, group, values, module, facts)
+    if facts.kind is OpKind.MOVE:
         return _moved(node, group, values)
-    if getattr(rule, "__code__", None) is _SPATIAL or rule is rc.reduce:
-        return _pooled(index, node, group, values, module)
+    if facts.kind is OpKind.POOL:
+        return _pooled(node, group, values, facts)
     return _unknown(group)
 
 
@@ -221,7 +211,7 @@ def _attribute(index: GroupIndex, node: fx.Node, group: Group) -> np.ndarray:
     return _uniform(rows[positions].reshape(group.size, -1))
 
 
-def _bound(cg: ChannelGraph, path: str, gid: int, role: str = "out") -> tuple[int, np.ndarray] | None:
+def _bound(cg: ChannelGraph, path: str, gid: int, role: Role = Role.OUT) -> tuple[int, np.ndarray] | None:
     """``(dim, positions)`` of the ``role`` binding of tensor ``path`` that carries group ``gid``."""
     for dim in range(3):
         binding = cg.bindings.get((path, dim))
@@ -236,8 +226,9 @@ def _input(node: fx.Node, group: Group, values: dict[str, np.ndarray]) -> np.nda
     return values.get(x.name, _unknown(group)) if isinstance(x, fx.Node) else _unknown(group)
 
 
-def _layer(index: GroupIndex, node: fx.Node, module: nn.Module, group: Group,
-           values: dict[str, np.ndarray]) -> np.ndarray:  # fmt: skip
+def _layer(
+    index: GroupIndex, node: fx.Node, module: nn.Module, group: Group, values: dict[str, np.ndarray]
+) -> np.ndarray:
     """A layer making the group: a channel whose weight rows are zero is its bias. A depthwise
     convolution of a zero channel is its bias too (its zero padding adds zeros), and of a constant
     channel ``k`` is ``k * sum(w) + b`` where no zero padding reaches it."""
@@ -251,8 +242,11 @@ def _layer(index: GroupIndex, node: fx.Node, module: nn.Module, group: Group,
     path = f"{node.target}.weight"
     zero_row = index.rows(path, dim, "zero")[rows]
     bias = np.zeros(module.weight.shape[dim]) if module.bias is None else module.bias.detach().double().numpy()
+    # ``rows`` is [channel, inner position]: every position of a channel must agree, which _uniform checks at the
+    # end.
     out = np.where(zero_row, bias[rows], np.nan)
     x = node.args[0]
+    # The input carries the same group on the same dim: depthwise, channel c reads only input channel c.
     if _depthwise(module) and isinstance(x, fx.Node) and index.dim(x.name, group.id) == out_dim:
         k = _input(node, group, values)[:, None]
         out = np.where(k == 0, bias[rows], out)
@@ -262,8 +256,13 @@ def _layer(index: GroupIndex, node: fx.Node, module: nn.Module, group: Group,
 
 
 def _depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups > 1
-            and module.in_channels == module.groups)  # fmt: skip
+    """Whether ``module`` is a depthwise convolution (one input channel per group), not transposed."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and module.groups > 1
+        and module.in_channels == module.groups
+    )
 
 
 def zero_padded(module: nn.Module) -> bool:
@@ -273,12 +272,20 @@ def zero_padded(module: nn.Module) -> bool:
     return module.padding == "same" or any(p != 0 for p in np.atleast_1d(module.padding))
 
 
-def _batch_norm(index: GroupIndex, node: fx.Node, bn: nn.modules.batchnorm._BatchNorm, group: Group,
-                values: dict[str, np.ndarray]) -> np.ndarray:  # fmt: skip
+def _batch_norm(
+    index: GroupIndex, node: fx.Node, bn: nn.modules.batchnorm._BatchNorm, group: Group, values: dict[str, np.ndarray]
+) -> np.ndarray:
     """Eval-mode BatchNorm: ``gamma = 0`` gives ``beta`` whatever it reads; a constant input gives
     the affine map of the running statistics (without them, batch statistics: only ``gamma = 0``)."""
-    found = next((f for n in ("weight", "bias", "running_mean", "running_var")
-                  if (f := _bound(index.cg, f"{node.target}.{n}", group.id)) is not None), None)  # fmt: skip
+    # BatchNorm(affine=False) has no weight: the positions come from whichever of its tensors is bound to the group.
+    found = next(
+        (
+            f
+            for n in ("weight", "bias", "running_mean", "running_var")
+            if (f := _bound(index.cg, f"{node.target}.{n}", group.id)) is not None
+        ),
+        None,
+    )
     if found is None:
         return _unknown(group)
     idx = found[1]
@@ -294,8 +301,9 @@ def _batch_norm(index: GroupIndex, node: fx.Node, bn: nn.modules.batchnorm._Batc
     return _uniform(np.where(gamma[idx] == 0, beta[idx], affine))
 
 
-def _prelu(index: GroupIndex, node: fx.Node, module: nn.PReLU, group: Group,
-           values: dict[str, np.ndarray]) -> np.ndarray:  # fmt: skip
+def _prelu(
+    index: GroupIndex, node: fx.Node, module: nn.PReLU, group: Group, values: dict[str, np.ndarray]
+) -> np.ndarray:
     """``prelu(k)``: ``k`` where ``k >= 0``, else the channel's slope times ``k``."""
     k = _input(node, group, values)[:, None]
     slopes = module.weight.detach().double().numpy()
@@ -308,8 +316,9 @@ def _prelu(index: GroupIndex, node: fx.Node, module: nn.PReLU, group: Group,
     return _uniform(np.where(k >= 0, k, slope * k))
 
 
-def _operands(index: GroupIndex, node: fx.Node, gid: int,
-              values: dict[str, np.ndarray]) -> tuple[Any, Any, list[np.ndarray], bool]:  # fmt: skip
+def _operands(
+    index: GroupIndex, node: fx.Node, gid: int, values: dict[str, np.ndarray]
+) -> tuple[Any, Any, list[np.ndarray], bool]:
     """The node's arguments with every group tensor as its values (a float64 vector), the values
     found, and whether a tensor outside the group is among them (then the result is not a function of
     the constants; a one-element parameter or buffer is used as it is)."""
@@ -323,6 +332,7 @@ def _operands(index: GroupIndex, node: fx.Node, gid: int,
         v = values.get(a.name)
         if v is not None and index.dim(a.name, gid) is not None:
             found.append(v)
+            # The op is run on 0 in place of unknown channels; their results are set back to NaN after the call.
             return torch.as_tensor(np.nan_to_num(v, nan=0.0))
         if a.op == "get_attr" and isinstance(t := _fetch(index.cg.gm, str(a.target)), torch.Tensor) and t.numel() == 1:
             return t.detach().double().reshape(())
@@ -335,23 +345,29 @@ def _operands(index: GroupIndex, node: fx.Node, gid: int,
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
+    """The attribute at the dotted ``target`` of ``root`` (None where a part is missing)."""
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part, None)
     return obj
 
 
-def _pointwise(index: GroupIndex, node: fx.Node, group: Group, values: dict[str, np.ndarray],
-               module: nn.Module | None) -> np.ndarray:  # fmt: skip
-    """Elementwise ops and activations (the table's elementwise and passthrough rules), computed by
-    calling the op (a module in eval mode) on the constants; ``x * 0 = 0`` whatever ``x`` is."""
-    name = getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_function" and name in _RANDOM:
-        at = _RANDOM[name]
+def _pointwise(
+    index: GroupIndex,
+    node: fx.Node,
+    group: Group,
+    values: dict[str, np.ndarray],
+    module: nn.Module | None,
+    facts: OpFacts,
+) -> np.ndarray:
+    """Elementwise ops and activations, computed by calling the op (a module in eval mode) on the
+    constants; ``x * 0 = 0`` whatever ``x`` is."""
+    at = facts.train_flag
+    if node.op == "call_function" and at is not None:
         training = node.args[at] if len(node.args) > at else node.kwargs.get("training", node.kwargs.get("train"))
         if training is not False:  # random as traced (an absent flag is taken as set): nothing is constant
             return _unknown(group)
-        if name in _DROPOUT:
+        if facts.identity_in_eval:
             return _input(node, group, values)
     args, kwargs, found, foreign = _operands(index, node, group.id, values)
     out = _unknown(group)
@@ -368,7 +384,8 @@ def _pointwise(index: GroupIndex, node: fx.Node, group: Group, values: dict[str,
         if result.shape == (group.size,):  # broadcasting met nothing but the group's vectors and scalars
             unknown = np.any([np.isnan(v) for v in found], axis=0)
             out = np.where(unknown, np.nan, result.numpy())
-    if node.target in _MUL:
+    if facts.zero_absorbing:
+        # ``x * 0`` is 0 even where ``x`` is unknown (inputs are assumed finite: ``inf * 0`` would be NaN).
         for v in found:
             out = np.where(v == 0, 0.0, out)
     return out
@@ -377,28 +394,23 @@ def _pointwise(index: GroupIndex, node: fx.Node, group: Group, values: dict[str,
 def _moved(node: fx.Node, group: Group, values: dict[str, np.ndarray]) -> np.ndarray:
     """Data movement keeps values: the group's channels come from the inputs that carry it, which agree."""
     sources: list[np.ndarray] = []
-    fx.node.map_aggregate((node.args, node.kwargs), lambda a: sources.append(values[a.name])
-                          if isinstance(a, fx.Node) and a.name in values else None)  # fmt: skip
+    fx.node.map_aggregate(
+        (node.args, node.kwargs),
+        lambda a: sources.append(values[a.name]) if isinstance(a, fx.Node) and a.name in values else None,
+    )
     if not sources:
         return _unknown(group)
     first = sources[0]
+    # NaN never equals NaN: an unknown source keeps the result unknown.
     agree = np.all([s == first for s in sources], axis=0)
     return np.where(agree, first, np.nan)
 
 
-def _pooled(index: GroupIndex, node: fx.Node, group: Group, values: dict[str, np.ndarray],
-            module: nn.Module | None) -> np.ndarray:  # fmt: skip
-    """Pooling, padding, interpolation and reductions over other dims keep a zero channel zero; those
-    that average or pick (at any size) keep a constant; ``F.pad`` with a nonzero fill keeps nothing."""
+def _pooled(node: fx.Node, group: Group, values: dict[str, np.ndarray], facts: OpFacts) -> np.ndarray:
+    """Pooling, padding, interpolation and reductions over other dims keep a zero channel zero (unless
+    the table says otherwise for this call: ``F.pad`` with a nonzero fill); those that average or pick
+    (at any size) keep a constant."""
     k = _input(node, group, values)
-    name = getattr(node.target, "__name__", str(node.target))
-    if name == "pad":
-        fill = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        if mode == "constant" and fill not in (None, 0, 0.0):
-            return _unknown(group)
-    if module is not None:
-        keeps = isinstance(module, _KEEP_CONSTANT) or (isinstance(module, nn.Upsample) and module.mode == "nearest")
-    else:
-        keeps = name in _KEEP_CONSTANT_FN
-    return k.copy() if keeps else np.where(k == 0, 0.0, np.nan)
+    if not facts.zero_preserving:
+        return _unknown(group)
+    return k.copy() if facts.keeps_constant else np.where(k == 0, 0.0, np.nan)

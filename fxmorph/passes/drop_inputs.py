@@ -12,11 +12,13 @@ For the channel analysis the kept features are a group of their own (the ``index
 the ``kept`` buffer's entries to the Linear's input columns): later passes resize the hidden layers
 and may also remove kept features, ranked against the hidden neurons by the same importance per
 FLOP (removing one is zeroing it for the Linear, the mask oracle holds); that group never grows.
+
+This pass decides which features go and what they fold into the bias; :mod:`fxmorph.surgery.gather`
+rewrites the graph and the Linear.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterable
@@ -30,13 +32,12 @@ from fxmorph.capture.trace import propagate_shapes
 from fxmorph.errors import InputError
 from fxmorph.meta import DROP_KEY
 from fxmorph.passes.base import Pass, PassContext, PassResult
+from fxmorph.surgery.gather import gather_inputs
 from fxmorph.validate import frozen_mode
 
 __all__ = ["DROP_KEY", "DropInputsPass"]
 
 logger = logging.getLogger(__name__)
-
-"""``gm.meta`` key: ``{"linear", "features", "kept", "constant", "unimportant"}`` (feature indices)."""
 
 _RESHAPE_METHODS = frozenset({"flatten", "view", "reshape", "contiguous"})
 _RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape)
@@ -61,6 +62,7 @@ def _passes_values(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The propagated shape of ``node``'s value, or None where it has no single tensor."""
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
@@ -74,11 +76,15 @@ def _find_linear(gm: fx.GraphModule, index: int) -> tuple[fx.Node, fx.Node] | st
     shape = _shape(node)
     if shape is None or len(shape) < 2:
         return f"input '{node.name}' is not a batched tensor"
+    # Walk the chain of single users from the input to the Linear; shape queries do not count as users, since they
+    # never see the values.
     while True:
         users = [u for u in node.users if not _is_query(u)]
         if len(users) != 1:
             return f"'{node.name}' (the input or its flattened features) is used by {len(users)} ops, not one"
         user = users[0]
+        # The values must flow through the first argument only (``x.view(x.size(0), -1)`` is fine: the size is a
+        # query).
         if user.args[:1] != (node,) or node in _nodes_in((user.args[1:], user.kwargs)):
             return f"'{node.name}' is passed to '{user.name}' other than as its first argument"
         if user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), nn.Linear):
@@ -87,9 +93,12 @@ def _find_linear(gm: fx.GraphModule, index: int) -> tuple[fx.Node, fx.Node] | st
             return f"the input reaches '{user.name}' ({user.op} {user.target}), not a Linear through flatten-like ops"
         node = user
     flat = _shape(node)
+    # Exactly [batch, all of one sample's elements]: a view that kept another dim would make the Linear run per
+    # position, and feature j would not be one input element.
     if flat is None or flat != (shape[0], math.prod(shape[1:])):
         return f"the Linear '{user.target}' reads a tensor of shape {flat}, not the flattened input {shape}"
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target]
+    # A graph that reads the Linear's weight directly would still see every column after the gather.
     reads = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(f"{user.target}.")]
     if len(calls) != 1 or reads:
         return f"the Linear '{user.target}' is used more than once"
@@ -97,12 +106,14 @@ def _find_linear(gm: fx.GraphModule, index: int) -> tuple[fx.Node, fx.Node] | st
 
 
 def _nodes_in(value: Any) -> list[fx.Node]:
+    """Every node that ``value`` (nested args and kwargs) holds."""
     found: list[fx.Node] = []
     fx.node.map_arg(value, found.append)
     return found
 
 
 def _batch_input(batch: Any, index: int) -> torch.Tensor:
+    """Input ``index`` of a data batch: ``(inputs, target)`` pairs and bare inputs alike."""
     inputs = batch[0] if isinstance(batch, list | tuple) else batch
     return inputs[index] if isinstance(inputs, list | tuple) else inputs
 
@@ -118,6 +129,7 @@ class _Stats:
 
 
 def _statistics(data: Iterable[Any], index: int, features: int, batches: int | None) -> _Stats | None:
+    """Per-feature statistics of input ``index`` over the first ``batches`` batches of ``data`` (None: no batch)."""
     low = high = total = squares = None
     count = 0
     for b, batch in enumerate(data):
@@ -135,6 +147,8 @@ def _statistics(data: Iterable[Any], index: int, features: int, batches: int | N
     if low is None or high is None or total is None or squares is None or count == 0:
         return None
     mean = total / count
+    # The clamp: E[x^2] - E[x]^2 can come out a hair below 0 by cancellation. Population std; it only ranks
+    # features.
     return _Stats(low, high, mean, (squares / count - mean * mean).clamp_min(0).sqrt())
 
 
@@ -184,9 +198,10 @@ class DropInputsPass(Pass):
         if self.keep is not None and not (isinstance(self.keep, int | float) and 0.0 < self.keep <= 1.0):
             raise InputError(f"drop-inputs: keep must lie in (0, 1], got {self.keep!r}.")
         if self.budget_features is not None and not (
-            isinstance(self.budget_features, int) and not isinstance(self.budget_features, bool)
+            isinstance(self.budget_features, int)
+            and not isinstance(self.budget_features, bool)
             and self.budget_features >= 1
-        ):  # fmt: skip
+        ):
             raise InputError(f"drop-inputs: budget_features must be a positive int, got {self.budget_features!r}.")
         if not (isinstance(self.tolerance, int | float) and self.tolerance >= 0.0 and math.isfinite(self.tolerance)):
             raise InputError(f"drop-inputs: tolerance must be a finite number >= 0, got {self.tolerance!r}.")
@@ -209,11 +224,14 @@ class DropInputsPass(Pass):
         drop = torch.zeros(features, dtype=torch.bool)
         if stats is not None:
             drop = (stats.high - stats.low) <= self.tolerance
+        # Taken before a feature is kept back below, so the record still calls it constant.
         constant = drop.clone()
         if drop.all():
             drop[0] = False  # the Linear keeps at least one feature
         if target is not None and int((~drop).sum()) > target:
             score = weight.norm(dim=0) * (stats.std if stats is not None else 1.0)
+            # Features dropped already sort last and are not counted twice; the stable sort breaks ties by feature
+            # index, so the choice is reproducible.
             score[drop] = math.inf
             order = torch.sort(score, stable=True).indices
             drop[order[: int((~drop).sum()) - target]] = True
@@ -221,62 +239,38 @@ class DropInputsPass(Pass):
             return PassResult(gm, False, note="nothing dropped: every input feature is needed")
         fill = torch.zeros(features, dtype=torch.float64)
         if stats is not None:
+            # An exact constant folds its own value; one constant within ``tolerance`` folds its mean.
             fill = torch.where(stats.high == stats.low, stats.low, stats.mean)
             if not self.fold_mean:
                 fill[~constant] = 0.0
-        out = self._rewrite(gm, flat, linear_node, drop, (weight[:, drop] @ fill[drop]))
         kept = torch.nonzero(~drop).flatten()
+        # What the dropped features contributed at their fill values moves into the bias.
+        out = gather_inputs(gm, flat.name, linear_node.name, kept, weight[:, drop] @ fill[drop])
         unimportant = drop & ~constant
         out.meta[DROP_KEY] = {
-            "linear": str(linear_node.target), "features": features, "kept": kept.tolist(),
+            "linear": str(linear_node.target),
+            "features": features,
+            "kept": kept.tolist(),
             "constant": torch.nonzero(constant & drop).flatten().tolist(),
             "unimportant": torch.nonzero(unimportant).flatten().tolist(),
-        }  # fmt: skip
+        }
         with frozen_mode(out):
             propagate_shapes(out, ctx.example_inputs)
-        note = (f"dropped {int(drop.sum())} of {features} input features of '{linear_node.target}' "
-                f"({int((constant & drop).sum())} constant, {int(unimportant.sum())} least important)")  # fmt: skip
+        note = (
+            f"dropped {int(drop.sum())} of {features} input features of '{linear_node.target}' "
+            f"({int((constant & drop).sum())} constant, {int(unimportant.sum())} least important)"
+        )
         logger.info("drop-inputs: %s", note)
         return PassResult(out, True, note=note)
 
     def _target(self, features: int) -> int | None:
+        """How many features the Linear keeps (``budget_features``, or ``keep`` of ``features``), None for no target."""
         if self.budget_features is not None:
             if self.budget_features > features:
-                raise InputError(f"drop-inputs: budget_features={self.budget_features} exceeds the {features} "
-                                 "input features of the Linear.")  # fmt: skip
+                raise InputError(
+                    f"drop-inputs: budget_features={self.budget_features} exceeds the {features} "
+                    "input features of the Linear."
+                )
             return self.budget_features
+        # At least one: a Linear with no inputs cannot be built.
         return None if self.keep is None else max(1, round(self.keep * features))
-
-    @staticmethod
-    def _rewrite(
-        gm: fx.GraphModule, flat: fx.Node, linear_node: fx.Node, drop: torch.Tensor, fold: torch.Tensor
-    ) -> fx.GraphModule:
-        """A copy of ``gm`` gathering the kept features before the Linear, which keeps only their columns."""
-        out = copy.deepcopy(gm)
-        nodes = {n.name: n for n in out.graph.nodes}
-        flat, linear_node = nodes[flat.name], nodes[linear_node.name]
-        path = str(linear_node.target)
-        old = out.get_submodule(path)
-        assert isinstance(old, nn.Linear)
-        kept = torch.nonzero(~drop).flatten()
-        new = copy.deepcopy(old)
-        columns = old.weight.detach()[:, kept.to(old.weight.device)].clone()
-        new.weight = nn.Parameter(columns, requires_grad=old.weight.requires_grad)
-        new.in_features = len(kept)
-        if old.bias is not None or bool((fold != 0).any()):
-            bias = torch.zeros(old.out_features, dtype=torch.float64) if old.bias is None else old.bias.detach()
-            requires_grad = (old.bias if old.bias is not None else old.weight).requires_grad
-            value = bias.to("cpu", torch.float64) + fold
-            new.bias = nn.Parameter(value.to(old.weight.device, old.weight.dtype), requires_grad=requires_grad)
-        owner, _, leaf = path.rpartition(".")
-        setattr(out.get_submodule(owner) if owner else out, leaf, new)
-        buffer = "fxmorph_kept_inputs"
-        while hasattr(out, buffer):
-            buffer += "_"
-        out.register_buffer(buffer, kept.to(old.weight.device))
-        with out.graph.inserting_before(linear_node):
-            index = out.graph.get_attr(buffer)
-            gathered = out.graph.call_function(torch.index_select, (flat, 1, index))
-        linear_node.replace_input_with(flat, gathered)
-        out.recompile()
-        return out

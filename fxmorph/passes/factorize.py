@@ -16,15 +16,15 @@ against 97.54% after the same fine-tuning (``benchmarks/RESULTS.md``).
 The factor modules live in an ``nn.Sequential`` at the layer's path (``fc1`` -> ``fc1.0``, ``fc1.1``)
 whose two members the graph calls one after the other; ``gm.meta[FACTORS_KEY]`` records, per factorized
 path, the rank the split kept and the full rank (later pruning is not reflected there), and so the
-paths :func:`fxmorph.save` needs to rebuild the model.
+paths :func:`fxmorph.save` needs to rebuild the model. This pass decides which layers and which rank;
+:mod:`fxmorph.surgery.factors` builds the factors and rewires the graph.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import fx, nn
@@ -33,18 +33,15 @@ from fxmorph.capture.trace import propagate_shapes
 from fxmorph.errors import InputError
 from fxmorph.meta import FACTORS_KEY
 from fxmorph.passes.base import Pass, PassContext, PassResult
+from fxmorph.surgery.factors import CONVS, Split, split_layers, weight_svd
 from fxmorph.validate import frozen_mode
 
 __all__ = ["CONVS", "FACTORS_KEY", "FactorizePass", "factorizable", "full_rank"]
 
 logger = logging.getLogger(__name__)
 
-"""``gm.meta`` key: ``{path: {"rank": r, "full_rank": R}}`` for every layer split into ``path.0``, ``path.1``."""
-
 _ALREADY = "already factorized"
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""The convolutions the pass splits (and merge-factors joins)."""
-_KINDS = (nn.Linear, *CONVS)
+_KINDS = (nn.Linear, *CONVS)  # CONVS: the convolutions the pass splits (and merge-factors joins)
 
 
 def full_rank(module: nn.Module) -> int:
@@ -63,6 +60,7 @@ def _why_not(gm: fx.GraphModule, path: str, module: nn.Module, calls: dict[str, 
         return f"called {calls.get(path, 0)} times, not once"
     if path in tied:
         return "its parameters are shared with another module or read directly by the graph"
+    # A layer recorded as factorized, or one of its factors ``path.0`` / ``path.1``, is split already.
     if path in gm.meta.get(FACTORS_KEY, {}) or path.rpartition(".")[0] in gm.meta.get(FACTORS_KEY, {}):
         return _ALREADY
     return None
@@ -71,12 +69,14 @@ def _why_not(gm: fx.GraphModule, path: str, module: nn.Module, calls: dict[str, 
 def _shared(gm: fx.GraphModule) -> set[str]:
     """Paths of modules whose parameters another module also holds, or that a get_attr node reads."""
     owners: dict[int, list[str]] = {}
+    # remove_duplicate=False: a module registered at two paths shows up at both, and so counts as shared.
     for path, module in gm.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(path)
     shared = {path for paths in owners.values() if len(paths) > 1 for path in paths}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
+            # A graph that reads a layer's weight directly would keep reading the old one after the split.
             shared.add(str(node.target).rpartition(".")[0])
     return shared
 
@@ -100,41 +100,14 @@ def _rank(singular: torch.Tensor, energy: float) -> int:
     """The smallest rank whose singular values hold ``energy`` of the squared total (all at 1.0)."""
     if energy >= 1.0:
         return len(singular)
+    # The clamp keeps an all-zero weight from dividing 0 by 0; the min() below guards a share that rounding keeps a
+    # hair under ``energy`` to the end.
     share = torch.cumsum(singular**2, 0) / (singular**2).sum().clamp_min(torch.finfo(singular.dtype).tiny)
     return min(int((share < energy).sum()) + 1, len(singular))
 
 
-def _factors(module: nn.Module, energy: float) -> tuple[nn.Module, nn.Module, int]:
-    """The two layers whose composition is ``module`` (at full rank), and the rank kept."""
-    weight = module.weight.detach()
-    out = weight.shape[0]
-    u, s, vh = torch.linalg.svd(weight.to("cpu", torch.float64).reshape(out, -1), full_matrices=False)
-    r = _rank(s, energy)
-    root = s[:r].sqrt()
-    first_w = (root[:, None] * vh[:r]).to(weight.device, weight.dtype)
-    second_w = (u[:, :r] * root).to(weight.device, weight.dtype)
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(module, nn.Linear):
-        first: nn.Module = nn.Linear(module.in_features, r, bias=False, **factory)
-        second: nn.Module = nn.Linear(r, out, bias=module.bias is not None, **factory)
-        first.weight = nn.Parameter(first_w, requires_grad=module.weight.requires_grad)
-        second.weight = nn.Parameter(second_w, requires_grad=module.weight.requires_grad)
-    else:
-        kind = type(module)
-        first = kind(module.in_channels, r, module.kernel_size, module.stride, module.padding, module.dilation,
-                     bias=False, padding_mode=module.padding_mode, **factory)  # fmt: skip
-        second = kind(r, out, 1, bias=module.bias is not None, **factory)
-        first.weight = nn.Parameter(first_w.reshape(r, *weight.shape[1:]), requires_grad=module.weight.requires_grad)
-        ones = (1,) * (weight.dim() - 2)
-        second.weight = nn.Parameter(second_w.reshape(out, r, *ones), requires_grad=module.weight.requires_grad)
-    if module.bias is not None:
-        second.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
-    first.train(module.training)
-    second.train(module.training)
-    return first, second, r
-
-
 def _matches(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``path`` is one of ``prefixes`` or lies under one (no prefixes: every path matches)."""
     return not prefixes or any(path == p or path.startswith(f"{p}.") for p in prefixes)
 
 
@@ -169,6 +142,10 @@ class FactorizePass(Pass):
         if isinstance(self.energy, bool) or not isinstance(self.energy, int | float) or not 0 < self.energy <= 1:
             raise InputError(f"factorize: energy must lie in (0, 1], got {self.energy!r}.")
 
+    def promises_function(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
+        """Exact only at full rank: with ``energy < 1`` the factors drop singular values."""
+        return self.energy >= 1.0
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         eligible = factorizable(gm)
         chosen = [p for p, why in eligible.items() if why is None and _matches(p, self.targets)]
@@ -176,13 +153,14 @@ class FactorizePass(Pass):
         self._check_targets(eligible, chosen)
         if not chosen:
             return PassResult(gm, False, note="nothing factorized: no eligible Linear or convolution")
-        out = copy.deepcopy(gm)
+        splits = [self._split(gm, path) for path in chosen]
+        out = split_layers(gm, splits)
         record = dict(out.meta.get(FACTORS_KEY, {}))
-        for path in chosen:
-            record[path] = self._split(out, path)
-        out.graph.lint()
-        out.recompile()
+        for split in splits:
+            # Read from ``gm``: in ``out`` the path holds the Sequential of factors.
+            record[split.path] = {"rank": split.rank, "full_rank": full_rank(gm.get_submodule(split.path))}
         out.meta[FACTORS_KEY] = record
+        # Shapes and FLOPs of the new graph; eval mode, so the run leaves BatchNorm statistics as they are.
         with frozen_mode(out):
             propagate_shapes(out, ctx.example_inputs)
         ranks = ", ".join(f"{p} {record[p]['rank']}/{record[p]['full_rank']}" for p in chosen[:6])
@@ -193,26 +171,19 @@ class FactorizePass(Pass):
         return PassResult(out, True, note=note)
 
     def _check_targets(self, eligible: dict[str, str | None], chosen: list[str]) -> None:
+        """Raise :class:`InputError` for a target that names no layer, or only layers that cannot be factorized."""
         for target in self.targets:
             hits = [p for p in eligible if _matches(p, (target,))]
             if not hits:
                 some = ", ".join(list(eligible)[:8]) or "none"
-                raise InputError(f"factorize: no Linear or convolution at or under '{target}'; the model's are: "
-                                 f"{some}.")  # fmt: skip
+                raise InputError(
+                    f"factorize: no Linear or convolution at or under '{target}'; the model's are: {some}."
+                )
+            # A target whose layers are all factorized already is fine: running the pass twice changes nothing.
             if not any(p in chosen or eligible[p] == _ALREADY for p in hits):
                 raise InputError(f"factorize: '{target}' cannot be factorized: {hits[0]} is {eligible[hits[0]]}.")
 
-    def _split(self, gm: fx.GraphModule, path: str) -> dict[str, Any]:
-        """Replace the one call of the layer at ``path`` by calls of its two factors."""
-        module = gm.get_submodule(path)
-        first, second, rank = _factors(module, self.energy)
-        owner, _, leaf = path.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, leaf, nn.Sequential(first, second))
-        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == path)
-        with gm.graph.inserting_after(node):
-            a = gm.graph.call_module(f"{path}.0", node.args, dict(node.kwargs))
-        with gm.graph.inserting_after(a):
-            b = gm.graph.call_module(f"{path}.1", (a,))
-        node.replace_all_uses_with(b)
-        gm.graph.erase_node(node)
-        return {"rank": rank, "full_rank": full_rank(module)}
+    def _split(self, gm: fx.GraphModule, path: str) -> Split:
+        """How to split the layer at ``path``: its weight's SVD and the rank ``energy`` keeps."""
+        svd = weight_svd(gm.get_submodule(path))
+        return Split(path, svd, _rank(svd.s, self.energy))

@@ -15,59 +15,28 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from torch import fx, nn
-from torch.utils._pytree import tree_flatten
+from torch import fx
 
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.plan import WidthPlan
-from fxmorph.errors import InputError, PassError
+from fxmorph.errors import BudgetError, InputError, PassError
 from fxmorph.meta import GROW_KEY
-from fxmorph.passes.base import Pass, PassContext, PassResult
+from fxmorph.passes.base import Pass, PassContext, PassResult, eval_outputs, precision_bound, relative_change
 from fxmorph.passes.grow_init import DATA_INITS, INITS, Choice, choose, specs_for, structure_for
 from fxmorph.passes.grow_probe import Bridge, bridges, take_batches
-from fxmorph.passes.grow_select import greedy_grow_widths, uniform_grow_widths
+from fxmorph.passes.grow_select import greedy_grow_widths, max_grow_flops, uniform_grow_widths
 from fxmorph.passes.grow_stats import batch_inputs, calibrate_norms, dual_signs
 from fxmorph.passes.grow_values import group_slots, stage_plan
 from fxmorph.passes.importance import importance
-from fxmorph.passes.prune import check_protect, is_protected
+from fxmorph.passes.protect import check_protect, grow_candidates
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
 from fxmorph.surgery.apply import apply_plan
-from fxmorph.validate import frozen_mode
 
-__all__ = ["GROW_KEY", "GrowPass", "grow_candidates", "grow_to_widths"]
+__all__ = ["GROW_KEY", "GrowPass", "grow_to_widths"]
 
 logger = logging.getLogger(__name__)
-
-"""``meta`` key of a grown model: per group the init used and why, skipped groups, the check's figure."""
-
-
-def grow_candidates(cg: ChannelGraph, protect: Sequence[str]) -> tuple[list[int], dict[int, str]]:
-    """Groups that may grow, and why each other free group may not."""
-    check_protect(cg.gm, protect)
-    ok, skipped = [], {}
-    for g in cg.free_groups:
-        if is_protected(g, protect):
-            skipped[g.id] = "protected"
-        elif g.grow_pins:
-            skipped[g.id] = "; ".join(dict.fromkeys(str(p) for p in g.grow_pins))
-        else:
-            ok.append(g.id)
-    return ok, skipped
-
-
-def _max_difference(before: nn.Module, after: nn.Module, inputs: tuple[Any, ...]) -> float:
-    with frozen_mode(before), frozen_mode(after), torch.no_grad():
-        a, _ = tree_flatten(before(*inputs))
-        b, _ = tree_flatten(after(*inputs))
-    worst = 0.0
-    for u, v in zip(a, b, strict=True):
-        if isinstance(u, torch.Tensor) and u.is_floating_point():
-            scale = max(float(u.abs().max()), 1.0) if u.numel() else 1.0
-            worst = max(worst, float((u - v).abs().max()) / scale if u.numel() else 0.0)
-    return worst
 
 
 def _choices(
@@ -113,17 +82,35 @@ def grow_to_widths(
     plain = WidthPlan(structures)
     duals = {g: k for g, k in new.items() if choices[g].init == "dual"}
     signs = dual_signs(cg, duals, found, batches, ctx.loss_fn, ctx.seed) if duals else {}
-    specs = {g: specs_for(cg, plain, g, choices[g].init, bridge=found.get(g), scores=scores.get(g), signs=signs.get(g),
-                          scale=scale, noise=noise, seed=ctx.seed) for g in new}  # fmt: skip
+    specs = {
+        g: specs_for(
+            cg,
+            plain,
+            g,
+            choices[g].init,
+            bridge=found.get(g),
+            scores=scores.get(g),
+            signs=signs.get(g),
+            scale=scale,
+            noise=noise,
+            seed=ctx.seed,
+        )
+        for g in new
+    }
     plan = stage_plan(cg, structures, specs)
     out = apply_plan(gm, cg, plan, seed=ctx.seed)
     measured = [g for g, c in choices.items() if c.init in ("dual", "zero")]
     plan = calibrate_norms(out, cg, plan, measured, batch_inputs(batches, ctx.example_inputs))
-    difference = _max_difference(gm, out, ctx.example_inputs)
-    if verify and difference > 1e-4:
-        raise PassError(f"growth changed the outputs by {difference:.2e} (relative): this is a bug in fxmorph")
-    rows = {g: {"init": c.init, "note": c.note, "before": sizes[g], "after": sizes[g] + new[g]}
-            for g, c in choices.items()}  # fmt: skip
+    difference = relative_change(eval_outputs(gm, ctx.example_inputs), eval_outputs(out, ctx.example_inputs))
+    precision, bound = precision_bound(out)  # 1e-4 in float32: rounding only, by the Pipeline's measure
+    if verify and difference > bound:
+        raise PassError(
+            f"growth changed the outputs by {difference:.2e} (relative, above the {bound:.0e} that {precision} "
+            "rounding allows): this is a bug in fxmorph"
+        )
+    rows = {
+        g: {"init": c.init, "note": c.note, "before": sizes[g], "after": sizes[g] + new[g]} for g, c in choices.items()
+    }
     out.meta[GROW_KEY] = {"groups": rows, "skipped": dict(skipped or {}), "max_difference": difference}
     changes = {g: (sizes[g], sizes[g] + k) for g, k in new.items()}
     kinds = sorted({c.init for c in choices.values()})
@@ -168,14 +155,38 @@ class GrowPass(Pass):
     protect: tuple[str, ...] = ()
     verify: bool = True
 
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """A known ``init``, a loss with data, data for the inits that read gradients, ``protect`` paths
+        the model has, and a budget above the model's FLOPs that ``max_factor`` reaches."""
         if self.init not in INITS:
             raise InputError(f"unknown init '{self.init}': choose one of {', '.join(INITS)}.")
-        batches = take_batches(ctx.data, self.batches)
-        if batches and ctx.loss_fn is None:
+        if ctx.data is not None and ctx.loss_fn is None:
             raise InputError("growing with data needs loss_fn: pass a loss, or no data.")
-        if self.init in DATA_INITS and not batches:
+        if self.init in DATA_INITS and ctx.data is None:
             raise InputError(f"init='{self.init}' needs data and loss_fn: pass both, or use 'net2net' or 'zero'.")
+        check_protect(gm, self.protect)
+        if self.budget_flops is not None and not self.channels:
+            self._check_budget(self.analyse(gm), self.budget_flops)
+
+    def _check_budget(self, cg: ChannelGraph, budget: int) -> None:
+        cost = CostModel(cg)
+        flops = cost.flops()
+        if budget <= flops:
+            raise BudgetError(
+                f"grow needs a budget above the model's current {flops:,} FLOPs, got {budget:,}: pass absolute "
+                "FLOPs or a percentage above 100% ('150%'); fxmorph.shrink goes below."
+            )
+        candidates, _ = grow_candidates(cg, self.protect)
+        most = max_grow_flops(cost, candidates, self.round_to, self.max_factor)
+        if budget > most:
+            raise BudgetError(
+                f"budget {budget:,} FLOPs is above what growth can reach: {most:,} FLOPs with each of the "
+                f"{len(candidates)} growable group(s) at {self.max_factor}x its width (round_to={self.round_to}). "
+                "Raise max_factor, or lower the budget."
+            )
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        batches = take_batches(ctx.data, self.batches)
         cg = self.analyse(gm)
         cost = CostModel(cg)
         candidates, skipped = grow_candidates(cg, self.protect)
@@ -196,8 +207,20 @@ class GrowPass(Pass):
             widths = self._budget_widths(cost, candidates, found, bool(batches))
         for g, reason in skipped.items():
             logger.info("grow: group %d skipped: %s", g, reason)
-        return grow_to_widths(gm, cg, widths, ctx, init=self.init, batches=batches, found=found, rank=self.rank,
-                              scale=self.scale, noise=self.noise, verify=self.verify, skipped=skipped)  # fmt: skip
+        return grow_to_widths(
+            gm,
+            cg,
+            widths,
+            ctx,
+            init=self.init,
+            batches=batches,
+            found=found,
+            rank=self.rank,
+            scale=self.scale,
+            noise=self.noise,
+            verify=self.verify,
+            skipped=skipped,
+        )
 
     def _budget_widths(self, cost: CostModel, groups: list[int], found: Mapping[int, Bridge], data: bool) -> np.ndarray:
         assert self.budget_flops is not None

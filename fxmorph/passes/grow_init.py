@@ -24,18 +24,17 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from fxmorph.analysis import ChannelGraph, Group
+from fxmorph.analysis.ops import OpKind, node_facts
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
-from fxmorph.passes.grow_probe import ACTIVATION_FUNCTIONS, Bridge, base_specs, split_rows, vector_spec
+from fxmorph.passes.grow_probe import Bridge, base_specs, split_rows, vector_spec
 from fxmorph.passes.grow_values import Slot, Spec, dense_reader, group_slots, original_rows, tensor_at
 from fxmorph.passes.importance import channel_positions
 
@@ -60,20 +59,6 @@ INITS = ("auto", "gradmax", "dual", "net2net", "zero")
 DATA_INITS = ("gradmax", "dual")
 """Inits that need data (the bridging operator comes from gradients)."""
 
-_SLOPED_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.CELU, nn.SELU,
-                   nn.Hardswish, nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten, nn.Unflatten,
-                   nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd,
-                   nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)  # fmt: skip
-_ZERO_SLOPE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU)
-_SLOPED_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.getitem,
-                     torch.add, torch.sub, torch.mul, torch.cat, torch.flatten, torch.reshape, torch.permute,
-                     torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, F.gelu, F.silu,
-                     torch.tanh, F.tanh, F.hardswish, F.elu, F.mish, F.dropout, F.linear, F.conv1d, F.conv2d,
-                     F.conv3d, F.avg_pool1d, F.avg_pool2d, F.max_pool1d, F.max_pool2d, F.adaptive_avg_pool1d,
-                     F.adaptive_avg_pool2d, torch.mean}  # fmt: skip
-_SLOPED_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "chunk", "split", "unsqueeze",
-                   "squeeze", "add", "mul", "expand", "mean", "size", "tanh"}  # fmt: skip
-
 
 @dataclass(frozen=True)
 class Choice:
@@ -84,27 +69,24 @@ class Choice:
 
 
 def _node_problem(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Why a zero channel through ``node`` would not stay zero with a nonzero gradient (op table facts)."""
     if node.op in ("get_attr", "placeholder", "output"):
         return None
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, _ZERO_SLOPE):
-            return f"{type(module).__name__} has zero slope at 0"
-        if isinstance(module, nn.LeakyReLU):
-            return None if module.negative_slope else "LeakyReLU with slope 0"
-        if isinstance(module, _SLOPED_MODULES):
-            return None
-        return f"'{type(module).__name__}' is not known to keep zero at zero with a nonzero slope"
-    if node.op == "call_function":
-        if node.target in _SLOPED_FUNCTIONS:
-            return None
-        what = getattr(node.target, "__name__", str(node.target))
-        if node.target in ACTIVATION_FUNCTIONS:
-            return f"{what} has zero slope at 0"
-        return f"'{what}' is not known to keep zero at zero with a nonzero slope"
-    if node.target in _SLOPED_METHODS:
+    facts = node_facts(node, gm)
+    # A layer makes the group (zero fan-in and bias: a zero channel) or reads it; a shape query reads no value.
+    if facts.kind in (OpKind.LAYER, OpKind.SHAPE):
         return None
-    return f"'.{node.target}()' is not known to keep zero at zero with a nonzero slope"
+    if node.op == "call_module":
+        what = type(gm.get_submodule(str(node.target))).__name__
+    elif node.op == "call_function":
+        what = getattr(node.target, "__name__", str(node.target))
+    else:
+        what = f".{node.target}()"
+    if facts.zero_preserving and facts.slope_at_zero == 0:
+        return f"{what} has zero slope at 0"
+    if facts.zero_preserving and facts.slope_at_zero is not None:
+        return None
+    return f"'{what}' is not known to keep zero at zero with a nonzero slope"
 
 
 def gradmax_problem(cg: ChannelGraph, group: Group, slots: Sequence[Slot]) -> str | None:
@@ -115,7 +97,7 @@ def gradmax_problem(cg: ChannelGraph, group: Group, slots: Sequence[Slot]) -> st
         return "the group has parameters of unknown kind"
     nodes = {n.name: n for n in cg.gm.graph.nodes}
     for member in group.tensors:
-        node = nodes.get(member.name.split("[", 1)[0])
+        node = nodes.get(member.name.split("[", 1)[0])  # an element of a tuple-valued node counts for the node
         problem = None if node is None else _node_problem(cg.gm, node)
         if problem is not None:
             return problem
@@ -164,10 +146,12 @@ def _norms(cg: ChannelGraph, group: Group, slots: Sequence[Slot]) -> float:
 def _directions(basis: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """``[count, dim]`` unit rows: the columns of ``basis`` first, then seeded random directions."""
     rows = [basis.T[:count]]
+    # The basis has at most rank-many columns; channels beyond them get random directions.
     if count > basis.shape[1]:
-        extra = torch.randn(count - basis.shape[1], basis.shape[0], generator=torch.Generator().manual_seed(seed),
-                            dtype=torch.float64)  # fmt: skip
-        rows.append(extra / extra.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        extra = torch.randn(
+            count - basis.shape[1], basis.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        rows.append(extra / extra.norm(dim=1, keepdim=True).clamp_min(1e-12))  # the clamp only guards a zero draw
     return torch.cat(rows)
 
 
@@ -178,8 +162,9 @@ def vector_specs(cg: ChannelGraph, plain: WidthPlan, slots: Sequence[Slot], rows
 
 def zero_specs(cg: ChannelGraph, plain: WidthPlan, slots: Sequence[Slot], new: int) -> SpecMap:
     """Specs giving the new channels zeros in ``slots``."""
-    return {(s.path, s.dim): vector_spec(cg, plain, s, torch.zeros(new, *s.row_shape, dtype=torch.float64))
-            for s in slots}  # fmt: skip
+    return {
+        (s.path, s.dim): vector_spec(cg, plain, s, torch.zeros(new, *s.row_shape, dtype=torch.float64)) for s in slots
+    }
 
 
 def _uniform(cg: ChannelGraph, plain: WidthPlan, slots: Sequence[Slot], new: int, seed: int) -> SpecMap:
@@ -193,14 +178,17 @@ def _uniform(cg: ChannelGraph, plain: WidthPlan, slots: Sequence[Slot], new: int
     return out
 
 
-def _split_specs(cg: ChannelGraph, slots: Sequence[Slot], gid: int, sources: Sequence[int], noise: float,
-                 seed: int) -> SpecMap:  # fmt: skip
+def _split_specs(
+    cg: ChannelGraph, slots: Sequence[Slot], gid: int, sources: Sequence[int], noise: float, seed: int
+) -> SpecMap:
     """Net2Net: copies of the ``sources`` in every defining slot; shares of their fan-out."""
     copies = np.asarray(sources, dtype=np.int64)
+    # Per copy, how many copies its source has: each takes 1/count of the source's fan-out.
     counts = np.bincount(copies, minlength=int(copies.max()) + 1)[copies]
     mix = torch.randn(len(copies), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     for c in np.unique(copies):
         where = torch.as_tensor(np.flatnonzero(copies == c))
+        # Centred per source: the copies' shares still sum to exactly 1, so the split keeps the function.
         mix[where] -= mix[where].mean()
     share = torch.as_tensor(1.0 / counts) * (1.0 + noise * mix)
     return {(s.path, s.dim): _copy_spec(cg, s, gid, copies, share if s.kind == "fanout" else None) for s in slots}
@@ -224,6 +212,7 @@ def _sources(size: int, new: int, scores: np.ndarray | None) -> list[int]:
     """Channels to split for ``new`` more, most important first (cycling when ``new > size``), sorted:
     each appears once per extra copy."""
     order = np.argsort(-(scores if scores is not None else np.ones(size)), kind="stable")
+    # Sorted so the copies of one channel sit together, in channel order.
     return sorted(int(order[i % size]) for i in range(new))
 
 
@@ -234,6 +223,7 @@ def structure_for(cg: ChannelGraph, gid: int, init: str, new: int, scores: np.nd
     if init != "net2net":
         return GroupPlan(tuple(range(size)), new)
     removed = set(_sources(size, new, scores))
+    # A split channel leaves keep and comes back as one more copy.
     return GroupPlan(tuple(c for c in range(size) if c not in removed), new + len(removed))
 
 
@@ -265,8 +255,11 @@ def specs_for(
     slots = group_slots(cg, group)
     new = plain[gid].new
     if init == "net2net":
+        # ``plain`` counts the split channels among the new ones (structure_for): take them off to get the channels
+        # asked for, then each source once more for the copy that replaces the original.
         sources = _sources(group.size, new - (group.size - len(plain[gid].keep)), scores)
         copies = sorted(sources + sorted(set(sources)))
+        # A prime stride keeps (seed, group) pairs from sharing a random stream.
         return _split_specs(cg, slots, gid, copies, noise, seed * 1_000_003 + gid)
     specs = base_specs(slots, new)
     fanin = [s for s in slots if s.kind == "fanin"]
@@ -283,5 +276,6 @@ def specs_for(
         specs.update(vector_specs(cg, plain, fanin, rows) | zero_specs(cg, plain, fanout, new))
     else:
         kernels = [s for s in slots if s.kind == "kernel"]
+        # A depthwise kernel is the channel's fan-in: drawn like the other fan-ins.
         specs.update(_uniform(cg, plain, fanin + kernels, new, seed + gid) | zero_specs(cg, plain, fanout, new))
     return specs

@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph
+from fxmorph.analysis.ops import OpKind, node_facts
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.errors import InputError
 from fxmorph.passes.grow_values import Slot, Spec, axes, embed, group_slots, read_new, stage_plan
 from fxmorph.surgery.apply import apply_plan
+from fxmorph.surgery.probes import insert_probe_mix, keep_activation_input
 
 __all__ = [
     "Bridge",
@@ -48,12 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.CELU,
-                      nn.SELU, nn.Hardswish, nn.Mish, nn.PReLU, nn.Softsign, nn.Tanhshrink)  # fmt: skip
-"""Elementwise activations with ``f(0) = 0``: linearised on probe channels."""
-ACTIVATION_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.tanh, F.tanh, F.hardtanh, F.hardswish,
-                        F.leaky_relu, F.elu, F.celu, F.selu, F.mish, F.prelu, F.softsign)  # fmt: skip
-ACTIVATION_METHODS = ("relu", "relu_", "tanh", "tanh_")
 OVERSAMPLE = 2
 """Probe channels per singular value asked for (randomised SVD oversampling)."""
 
@@ -82,6 +77,7 @@ def take_batches(data: Iterable[Any] | None, count: int) -> list[Any]:
 
 
 def _split(batch: Any) -> tuple[tuple[Any, ...], Any]:
+    """``(inputs as a tuple, target)`` of one ``(inputs, target)`` batch."""
     if not isinstance(batch, list | tuple) or len(batch) < 2:
         raise InputError("each batch of data must be a pair (inputs, targets).")
     inputs = batch[0]
@@ -96,7 +92,7 @@ def forward_backward(model: nn.Module, batches: Sequence[Any], loss_fn: Callable
             loss = loss_fn(model(*inputs), target)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise InputError("loss_fn must return a scalar tensor: reduce the loss (for example with .mean()).")
-            (loss / len(batches)).backward()
+            (loss / len(batches)).backward()  # gradients accumulate over the batches: their mean
 
 
 def split_rows(vector: torch.Tensor, slots: Sequence[Slot]) -> list[torch.Tensor]:
@@ -109,6 +105,8 @@ def split_rows(vector: torch.Tensor, slots: Sequence[Slot]) -> list[torch.Tensor
 
 
 def _constant(value: float, dim: int, new: int) -> Spec:
+    """A spec filling the new channels of ``dim`` with ``value``."""
+
     def spec(staged: torch.Tensor) -> torch.Tensor:
         shape = list(staged.shape)
         shape[dim] = new
@@ -118,16 +116,20 @@ def _constant(value: float, dim: int, new: int) -> Spec:
 
 
 def _identity_kernel(dim: int, new: int) -> Spec:
+    """A spec giving the new channels of a depthwise weight ``[C, 1, *kernel]`` the identity kernel."""
+
     def spec(staged: torch.Tensor) -> torch.Tensor:
         shape = list(staged.shape)
         shape[dim] = new
         out = torch.zeros(shape, dtype=staged.dtype)
-        out[(slice(None), slice(None), *(k // 2 for k in shape[2:]))] = 1.0
+        out[(slice(None), slice(None), *(k // 2 for k in shape[2:]))] = 1.0  # one at the centre tap
         return out
 
     return spec
 
 
+# A BatchNorm of new channels starts as the identity (up to its eps) and biases add nothing, so the probe sees the
+# bridge, not an offset.
 _CONSTANTS = {"norm_weight": 1.0, "norm_bias": 0.0, "mean": 0.0, "var": 1.0, "bias": 0.0}
 
 
@@ -148,51 +150,21 @@ def vector_spec(cg: ChannelGraph, structure: WidthPlan, slot: Slot, rows: torch.
     return lambda staged: embed(cg, structure, slot, rows, staged)
 
 
-class _Mix(nn.Module):
-    """``where(mask, x, y)`` along one dim: the identity on probe channels, the activation elsewhere."""
-
-    def __init__(self, mask: torch.Tensor, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        return torch.where(self.mask.view(shape), x, y)
-
-
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), ACTIVATION_MODULES)
-    if node.op == "call_function":
-        return node.target in ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and node.target in ACTIVATION_METHODS
-
-
-def _keep_input(model: fx.GraphModule, node: fx.Node) -> bool:
-    """Make ``node`` leave its input intact (an in-place activation whose input nothing else reads);
-    False if the graph relies on the mutation."""
-    module = model.get_submodule(str(node.target)) if node.op == "call_module" else None
-    inplace = bool(getattr(module, "inplace", False) or node.kwargs.get("inplace", False))
-    if node.op == "call_method" and str(node.target).endswith("_"):
-        return False
-    if inplace and isinstance(node.args[0], fx.Node) and len(node.args[0].users) > 1:
-        return False
-    if module is not None and inplace:
-        module.inplace = False  # a probe copy: every call site of the module keeps its input, harmlessly
-    if "inplace" in node.kwargs:
-        node.kwargs = {**node.kwargs, "inplace": False}
-    return True
+    """An activation the probe linearises: by the op table, a nonlinear elementwise activation with
+    ``f(0) = 0`` that does not write into its input (``relu_``: the graph relies on the mutation)."""
+    facts = node_facts(node, gm)
+    return facts.kind is OpKind.ACTIVATION and facts.zero_preserving and not facts.inplace
 
 
 def linearise(model: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, probed: set[int]) -> None:
     """Make every activation on a probed group act as the identity on the new channels (in place)."""
     count = 0
+    # The masks live where the model does (a model without parameters: the CPU)
     device = next(iter(model.parameters()), torch.empty(0)).device
     for node in list(model.graph.nodes):
         spaces = cg.spaces.get(node.name)
-        if not isinstance(spaces, dict) or not _is_activation(model, node) or not _keep_input(model, node):
+        if not isinstance(spaces, dict) or not _is_activation(model, node) or not keep_activation_input(model, node):
             continue
         for dim, layout in spaces.items():
             amap = axes(cg, plan, layout)
@@ -201,12 +173,8 @@ def linearise(model: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, probed: 
                 continue
             mask = torch.zeros(len(amap.source), dtype=torch.bool, device=device)
             mask[positions] = True
-            name = f"_fxmorph_probe_mix_{count}"
+            insert_probe_mix(model, node, mask, dim, count)
             count += 1
-            model.add_submodule(name, _Mix(mask, dim))
-            with model.graph.inserting_after(node):
-                mixed = model.graph.call_module(name, (node.args[0], node))
-            node.replace_all_uses_with(mixed, delete_user_cb=lambda user, mixed=mixed: user is not mixed)
             break
     model.recompile()
 
@@ -236,8 +204,10 @@ def _probe(
     plan = stage_plan(cg, structure, specs)
     model = apply_plan(cg.gm, cg, plan)
     linearise(model, cg, plan, set(vectors))
+    # Eval mode: BatchNorm uses its running statistics (the bridge is defined with them) and dropout is off.
     model.eval()
     for p in model.parameters():
+        # The copy's own tensors: the gradients of parameters the user froze are needed too.
         p.requires_grad_(True)
         p.grad = None
     forward_backward(model, batches, loss_fn)
@@ -245,11 +215,13 @@ def _probe(
 
 
 def _read(cg: ChannelGraph, plan: WidthPlan, model: fx.GraphModule, slots: Sequence[Slot], gid: int) -> torch.Tensor:
+    """``[new, sum of row sizes]``: the gradients of group ``gid``'s new channels in ``slots``, concatenated."""
     parts = [read_new(cg, plan, model, s, gid, grad=True).reshape(plan[gid].new, -1) for s in slots]
     return torch.cat(parts, dim=1)
 
 
 def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``[rows, cols]`` matrix with orthonormal columns, drawn from ``generator``."""
     q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
     return q
 
@@ -264,6 +236,7 @@ def bridges(
     fanout = {g: [s for s in slots[g] if s.kind == "fanout"] for g in groups}
     size_in = {g: sum(s.row_numel for s in fanin[g]) for g in groups}
     size_out = {g: sum(s.row_numel for s in fanout[g]) for g in groups}
+    # B has no more singular values than its smaller side.
     ranks = {g: min(OVERSAMPLE * rank, size_in[g], size_out[g]) for g in groups}
     live = [g for g in groups if ranks[g] > 0]
     if not live:
@@ -275,7 +248,10 @@ def bridges(
     q = {}
     for g in live:
         y = _read(cg, plain, model, fanout[g], g)  # [r, out] = (B psi0)^T
+        # An all-zero gradient (the loss does not reach the group) has no range to orthonormalise: a random basis,
+        # and the second pass shows B is zero there.
         q[g] = torch.linalg.qr(y.T)[0] if y.abs().max() > 0 else _orthonormal(size_out[g], ranks[g], generator)
+    # The first probe copy goes before the second is built: two at once could double the memory of a large model.
     del model
     model = _probe(cg, slots, structure, {g: (None, q[g].T) for g in live}, batches, loss_fn)
     out = {}

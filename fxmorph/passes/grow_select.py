@@ -100,9 +100,12 @@ def _gain(gains: Mapping[int, np.ndarray] | None, size: int, g: int, lo: int, hi
 
 
 def _top_up(
-    cost: CostModel, w: np.ndarray, options: Mapping[int, np.ndarray], budget: int,
+    cost: CostModel,
+    w: np.ndarray,
+    options: Mapping[int, np.ndarray],
+    budget: int,
     gains: Mapping[int, np.ndarray] | None,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Add steps that fit, one at a time, while any fits: the most gain per FLOP first, or without
     ``gains`` the one leaving the group at the smallest multiple of its size."""
     w = w.copy()

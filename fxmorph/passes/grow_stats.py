@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import fx
 
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
@@ -15,6 +15,7 @@ from fxmorph.passes.grow_init import dual_rows, vector_specs, zero_specs
 from fxmorph.passes.grow_probe import Bridge, base_specs, forward_backward
 from fxmorph.passes.grow_values import axes, group_slots, new_positions, read_new, stage_plan
 from fxmorph.surgery.apply import apply_plan
+from fxmorph.surgery.norm_stats import write_norm_stats
 from fxmorph.validate import frozen_mode
 
 __all__ = ["batch_inputs", "calibrate_norms", "dual_signs"]
@@ -27,58 +28,31 @@ def batch_inputs(batches: Sequence[Any], example_inputs: tuple[Any, ...]) -> lis
     return [tuple(b[0]) if isinstance(b[0], list | tuple) else (b[0],) for b in batches]
 
 
-class _Stats:
-    """Forward pre-hook: running mean and variance of some channels of a BatchNorm's input, written
-    into its statistics as they are measured (so norms further down see the new channels normalised)."""
-
-    def __init__(self, positions: list[int]) -> None:
-        self.pos = torch.as_tensor(positions, dtype=torch.long)
-        self.n = 0
-        self.total = torch.zeros(len(positions), dtype=torch.float64)
-        self.squares = torch.zeros(len(positions), dtype=torch.float64)
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().index_select(1, self.pos.to(args[0].device)).movedim(1, 0).cpu().double()
-        x = x.reshape(len(self.pos), -1)
-        self.n += x.shape[1]
-        self.total = self.total + x.sum(1)
-        self.squares = self.squares + x.square().sum(1)
-        mean = self.total / self.n
-        var = (self.squares / self.n - mean.square()).clamp_min(0) * (self.n / max(self.n - 1, 1))
-        var = torch.where(var > 1e-8, var, torch.ones_like(var))
-        with torch.no_grad():
-            pos = self.pos.to(module.running_mean.device)
-            module.running_mean[pos] = mean.to(module.running_mean)
-            module.running_var[pos] = var.to(module.running_var)
-
-
 def calibrate_norms(
     model: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, groups: Sequence[int], inputs: Sequence[tuple[Any, ...]]
 ) -> WidthPlan:
     """Set the running statistics of the new BatchNorm channels of ``groups`` from their inputs on
-    ``inputs`` (eval mode); return ``plan`` with those values in its ``init``."""
-    hooks: dict[str, list[int]] = {}
+    ``inputs`` (eval mode; :func:`~fxmorph.surgery.norm_stats.write_norm_stats` writes them into
+    ``model``); return ``plan`` with those values in its ``init``."""
+    positions: dict[str, list[int]] = {}  # norm path -> positions of the new channels to measure
     for g in groups:
         for slot in group_slots(cg, cg.groups[g]):
             if slot.kind == "mean":
                 amap = axes(cg, plan, cg.bindings[(slot.path, slot.dim)].layout)
-                hooks.setdefault(slot.path.rpartition(".")[0], []).extend(new_positions(amap, g, plan[g].new)[:, 0])
-    if not hooks:
+                new = new_positions(amap, g, plan[g].new)[:, 0]  # a norm's channel axis holds each channel once
+                positions.setdefault(slot.path.rpartition(".")[0], []).extend(new)
+    if not positions:
         return plan
-    handles = [model.get_submodule(owner).register_forward_pre_hook(_Stats(pos)) for owner, pos in hooks.items()]
-    try:
-        with frozen_mode(model), torch.no_grad():
-            for args in inputs:
-                model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+    # Measured on ``model`` (the grown model, so later norms see earlier new channels normalised), then copied into
+    # the plan's init so that applying the plan elsewhere gives the same statistics.
+    write_norm_stats(model, positions, inputs)
     out = {}
     for g, p in plan.items():
         init = dict(p.init)
         if g in groups:
             for slot in group_slots(cg, cg.groups[g]):
                 if slot.kind in ("mean", "var"):
+                    # Every mean and var slot has an init from base_specs already.
                     init[slot.path] = read_new(cg, plan, model, slot, g).to(init[slot.path].dtype)
         out[g] = GroupPlan(p.keep, p.new, init)
     return WidthPlan(out)
@@ -97,6 +71,7 @@ def dual_signs(
     The bridging operator is linear, so it cannot tell ``psi`` from ``-psi``; an activation between
     (``relu`` keeps one side) can. A copy grown by both signs of every fan-in (fan-out zero, BatchNorm
     statistics measured) is run forward and backward on the batches, with its real activations."""
+    # Both signs side by side: new channels 0..k-1 get ``+psi``, k..2k-1 get ``-psi``.
     structures = {g: GroupPlan(tuple(range(cg.groups[g].size)), 2 * k) for g, k in new.items()}
     plain = WidthPlan(structures)
     specs = {}
@@ -109,6 +84,8 @@ def dual_signs(
         specs[g] |= zero_specs(cg, plain, fanout, 2 * k)
     plan = stage_plan(cg, structures, specs)
     model = apply_plan(cg.gm, cg, plan)
+    # Measured statistics, as the grown model will have them (dual measures them too): the activations see the
+    # values they will see after growth.
     calibrate_norms(model, cg, plan, list(new), batch_inputs(batches, ()))
     with frozen_mode(model):
         for p in model.parameters():
@@ -120,5 +97,5 @@ def dual_signs(
         fanout = [s for s in group_slots(cg, cg.groups[g]) if s.kind == "fanout"]
         grads = torch.cat([read_new(cg, plan, model, s, g, grad=True).reshape(2 * k, -1) for s in fanout], dim=1)
         norms = grads.norm(dim=1).numpy()
-        out[g] = np.where(norms[:k] >= norms[k:], 1.0, -1.0)
+        out[g] = np.where(norms[:k] >= norms[k:], 1.0, -1.0)  # a tie keeps +psi
     return out

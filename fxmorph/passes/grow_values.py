@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxmorph.analysis import ChannelGraph, Group, Layout
+from fxmorph.analysis import ChannelGraph, Group, Layout, Role
 from fxmorph.analysis.context import Binding
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.importance import channel_positions
@@ -82,6 +82,7 @@ def tensor_at(root: nn.Module, path: str) -> torch.Tensor:
 
 def _memo(cg: ChannelGraph) -> dict[Any, Any]:
     """Values derived from ``cg`` (which never changes once built), kept with it."""
+    # The memo lives and dies with the channel graph, no global cache to evict.
     return cg.__dict__.setdefault("_fxmorph_grow_memo", {})
 
 
@@ -98,6 +99,7 @@ def bound_dims(cg: ChannelGraph) -> dict[str, dict[int, Binding]]:
 
 def axes(cg: ChannelGraph, plan: WidthPlan, layout: Layout) -> AxisMap:
     """:func:`~fxmorph.surgery.indices.axis_map`, remembered per plan (the plan is kept alive with it)."""
+    # id() is unique only while the object lives: the entry holds the plan, so no later plan can reuse its id.
     _, maps = _memo(cg).setdefault(("axes", id(plan)), (plan, {}))
     if layout not in maps:
         maps[layout] = axis_map(cg, plan, layout)
@@ -105,18 +107,21 @@ def axes(cg: ChannelGraph, plan: WidthPlan, layout: Layout) -> AxisMap:
 
 
 def _owner(cg: ChannelGraph, path: str) -> nn.Module | None:
+    """The module owning the tensor at ``path`` (None for a tensor of the root)."""
     owner = path.rpartition(".")[0]
     return cg.gm.get_submodule(owner) if owner else None
 
 
-def _kind(cg: ChannelGraph, path: str, role: str, tensor: torch.Tensor) -> str:
-    if role == "in":
+def _kind(cg: ChannelGraph, path: str, role: Role, tensor: torch.Tensor) -> str:
+    """The slot kind of the tensor at ``path`` bound with ``role`` (see the module docstring)."""
+    if role == Role.IN:
         return "fanout"
     owner, leaf = _owner(cg, path), path.rpartition(".")[2]
     if isinstance(owner, _BN):
         return _NORM_KINDS.get(leaf, "other")
     if leaf == "bias":
         return "bias"
+    # A depthwise weight is [channels, 1, *kernel]: each channel owns a whole kernel, not a row of a weighted sum.
     if isinstance(owner, nn.modules.conv._ConvNd) and owner.groups > 1 and tensor.shape[1] == 1 and leaf == "weight":
         return "kernel"
     if leaf.endswith("weight") and tensor.dim() >= 2:
@@ -133,6 +138,7 @@ def group_slots(cg: ChannelGraph, group: Group) -> list[Slot]:
 
 
 def _slots(cg: ChannelGraph, group: Group) -> list[Slot]:
+    """The slots of ``group`` (uncached; see :func:`group_slots`)."""
     out = []
     dims_of: dict[str, int] = defaultdict(int)
     for m in group.params:
@@ -183,6 +189,8 @@ def read_new(
         if d != slot.dim:
             amap = axes(cg, plan, binding.layout)
             if not amap.identity:
+                # Other dims back to their original entries in original order, so rows line up with the model before
+                # the plan.
                 x = x.index_select(d, torch.as_tensor(_old_positions(amap)))
     pos = new_positions(axes(cg, plan, bindings[slot.dim].layout), gid, plan[gid].new)
     moved = x.movedim(slot.dim, 0)
@@ -194,6 +202,8 @@ def embed(cg: ChannelGraph, plan: WidthPlan, slot: Slot, rows: torch.Tensor, sta
     """``rows`` (``[new, *row_shape]`` over original widths) shaped like ``staged`` along the dims that
     surgery has already resized (their new entries zero)."""
     out = rows.movedim(0, slot.dim).to(staged.dtype)
+    # Only dims below the slot's: surgery rebuilds a tensor's dims in increasing order (apply._new_tensor), so those
+    # are the ones already resized when it reaches this one.
     for d, binding in sorted(bound_dims(cg)[slot.path].items()):
         if d < slot.dim:
             amap = axes(cg, plan, binding.layout)
@@ -210,6 +220,7 @@ def original_rows(cg: ChannelGraph, slot: Slot, gid: int, channels: np.ndarray, 
 
 
 def _resized(shape: torch.Size, dim: int, size: int) -> list[int]:
+    """``shape`` as a list, with ``dim`` set to ``size``."""
     out = list(shape)
     out[dim] = size
     return out
@@ -233,6 +244,7 @@ def stage_plan(
     dims = bound_dims(cg)
     for path in sorted(paths):
         staged = tensor_at(cg.gm, path).detach().cpu()  # values are made on the CPU; surgery copies them over
+        # In increasing dim order, as surgery rebuilds the tensor: each spec sees what surgery will see at its dim.
         for d, binding in sorted(dims[path].items()):
             amap = axes(cg, plain, binding.layout)
             if amap.identity:
@@ -247,6 +259,7 @@ def stage_plan(
                 if fill is None:
                     fill = torch.zeros(_resized(staged.shape, d, len(amap.source)), dtype=staged.dtype)
                 pos = new_positions(amap, gid, structure[gid].new)
+                # Each new channel's values go to all its repeats on the axis.
                 which = torch.as_tensor(np.repeat(np.arange(pos.shape[0]), pos.shape[1]))
                 fill.index_copy_(d, torch.as_tensor(pos.reshape(-1)), values.index_select(d, which))
             staged = amap.gather(staged, d, fill)

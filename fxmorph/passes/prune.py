@@ -7,51 +7,24 @@ widths under the budget with the cost model, keep the best-scored channels, appl
 from __future__ import annotations
 
 import abc
-import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 from torch import fx
 
-from fxmorph.analysis import ChannelGraph, Group
 from fxmorph.analysis.cost import CostModel
 from fxmorph.errors import InputError
 from fxmorph.passes.base import Pass, PassContext, PassResult
-from fxmorph.passes.importance import importance
+from fxmorph.passes.importance import CRITERIA, importance
 from fxmorph.passes.keep import keep_best
+from fxmorph.passes.protect import check_protect, free_group_ids
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.surgery.apply import apply_plan
 
-__all__ = ["BudgetPass", "PrunePass", "check_protect", "free_group_ids", "is_protected"]
-
-
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(f"{prefix}.")
-
-
-def is_protected(group: Group, protect: Sequence[str]) -> bool:
-    """True if a parameter that produces ``group`` lives at or under one of the module paths ``protect``
-    (``"features.1"`` covers ``features.1.0.weight``, not ``features.10``)."""
-    return any(_under(p.name, prefix) for p in group.producers for prefix in protect)
-
-
-def check_protect(gm: fx.GraphModule, protect: Sequence[str]) -> None:
-    """Raise :class:`InputError` for a ``protect`` entry that names no module or parameter of ``gm``."""
-    names = [n for n, _ in gm.named_modules() if n] + [n for n, _ in gm.named_parameters()]
-    for prefix in protect:
-        if not any(_under(n, prefix) for n in names):
-            close = difflib.get_close_matches(prefix, names, n=3)
-            hint = f"Did you mean: {', '.join(close)}?" if close else "Pass paths as model.named_modules() names them."
-            raise InputError(f"protect names '{prefix}', but the model has no module or parameter at that path. {hint}")
-
-
-def free_group_ids(cg: ChannelGraph, protect: tuple[str, ...]) -> list[int]:
-    """Free groups, minus those whose producing parameters live under a protected module path."""
-    check_protect(cg.gm, protect)
-    return [g.id for g in cg.free_groups if not is_protected(g, protect)]
+__all__ = ["BudgetPass", "PrunePass"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +43,14 @@ class BudgetPass(Pass):
     @abc.abstractmethod
     def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
         """The width of every group, under the budget."""
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """A known criterion, the data and loss ``taylor`` reads, and ``protect`` paths the model has."""
+        if self.criterion not in CRITERIA:
+            raise InputError(f"unknown criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}.")
+        if self.criterion == "taylor" and (ctx.data is None or ctx.loss_fn is None):
+            raise InputError("criterion='taylor' needs data and loss_fn: pass both, or use 'l1', 'l2' or 'bn_scale'.")
+        check_protect(gm, self.protect)
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg = self.analyse(gm)
@@ -112,6 +93,12 @@ class PrunePass(BudgetPass):
 
     def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
         return greedy_widths(
-            cost, scores, self.budget_flops, self.round_to, self.min_width, max_prune=self.max_prune,
-            balance=self.balance, param_cost=self.param_cost,
-        )  # fmt: skip
+            cost,
+            scores,
+            self.budget_flops,
+            self.round_to,
+            self.min_width,
+            max_prune=self.max_prune,
+            balance=self.balance,
+            param_cost=self.param_cost,
+        )

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxmorph.analysis import ChannelGraph, Group
+from fxmorph.analysis import ChannelGraph, Group, Role
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.dead_values import (
@@ -54,15 +54,17 @@ logger = logging.getLogger(__name__)
 
 
 def _module(cg: ChannelGraph, path: str) -> nn.Module:
+    """The submodule of the channel graph's model at ``path``."""
     return cg.gm.get_submodule(path)
 
 
 def _zero_fan_out(index: GroupIndex, group: Group) -> np.ndarray:
-    """Channels every weight slice reading them (``"in"`` role) is exactly zero in."""
-    reads = [m for m in group.params if m.role == "in"]
-    dead = np.full(group.size, bool(reads))
+    """Channels every weight slice reading them (role ``IN``) is exactly zero in."""
+    reads = [m for m in group.params if m.role == Role.IN]
+    dead = np.full(group.size, bool(reads))  # no reader through a weight: nothing shows a zero fan-out
     for m in reads:
         positions = channel_positions(index.cg, index.cg.bindings[(m.name, m.dim)].layout, group.id)
+        # Every position of a channel (a flattened channel spans several input columns) must be zero.
         dead &= index.rows(m.name, m.dim, "zero")[positions].all(axis=1)
     return dead
 
@@ -71,8 +73,12 @@ def _foldable(module: nn.Module) -> bool:
     """Whether a constant input channel's contribution can be folded into the layer's bias exactly."""
     if isinstance(module, nn.Linear):
         return True
-    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1
-            and not zero_padded(module))  # fmt: skip
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and module.groups == 1
+        and not zero_padded(module)
+    )
 
 
 def _at_readers(values: dict[str, np.ndarray], sites: list[Site], size: int) -> dict[str, np.ndarray]:
@@ -85,8 +91,9 @@ def _at_readers(values: dict[str, np.ndarray], sites: list[Site], size: int) -> 
     return out
 
 
-def _constant_channels(cg: ChannelGraph, index: GroupIndex, group: Group,
-                       sites: list[Site] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+def _constant_channels(
+    cg: ChannelGraph, index: GroupIndex, group: Group, sites: list[Site] | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Channels whose value at every reader is a constant removal can account for (0, or ``k`` folded
     into a foldable reader's bias), and per reader the value to fold (0 where nothing is folded)."""
     if not sites:
@@ -94,17 +101,22 @@ def _constant_channels(cg: ChannelGraph, index: GroupIndex, group: Group,
     at = _at_readers(channel_values(index, group), sites, group.size)
     ok = np.ones(group.size, dtype=bool)
     for module, value in at.items():
+        # A reader that sees 0 loses nothing; one that sees k != 0 must fold it exactly; NaN (not constant, or
+        # unequal at its call sites) keeps the channel.
         ok &= (value == 0) | (np.isfinite(value) & _foldable(_module(cg, module)))
     return ok, {module: np.where(ok, value, 0.0) for module, value in at.items() if np.any(ok & (value != 0))}
 
 
-def _folds(cg: ChannelGraph, group: Group, values: dict[str, np.ndarray],
-           folded: np.ndarray) -> dict[str, torch.Tensor]:  # fmt: skip
+def _folds(
+    cg: ChannelGraph, group: Group, values: dict[str, np.ndarray], folded: np.ndarray
+) -> dict[str, torch.Tensor]:
     """Per reading layer, ``sum over folded channels c of value_c * W[:, c]`` (summed over the kernel)."""
     deltas: dict[str, torch.Tensor] = {}
     for consumer, value in values.items():
         module = _module(cg, consumer)
         positions = channel_positions(cg, cg.bindings[(f"{consumer}.weight", 1)].layout, group.id)
+        # In float64, so the fold is rounded once, when cast back to the layer's dtype. The kernel is summed: with
+        # no zero padding, every tap of a constant channel reads k.
         weight = module.weight.detach().double().movedim(1, 0)  # [in, out, ...]
         per_in = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(2)  # [in, out]
         contribution = torch.zeros(per_in.shape[1], dtype=torch.float64)
@@ -126,13 +138,15 @@ class _Recorder(fx.Interpreter):
         if n.name in self.watch and isinstance(value, torch.Tensor):
             dim = self.watch[n.name]
             others = [d for d in range(value.dim()) if d != dim]
+            # The peak |value| per position over the batch and every other dim: silent means exactly 0 everywhere.
             peak = value.detach().abs().amax(others).double()
             self.peak[n.name] = torch.maximum(self.peak[n.name], peak) if n.name in self.peak else peak
         return value
 
 
-def _silent(cg: ChannelGraph, sites: dict[int, list[Site] | None], data: Iterable[Any],
-            batches: int) -> dict[int, np.ndarray]:  # fmt: skip
+def _silent(
+    cg: ChannelGraph, sites: dict[int, list[Site] | None], data: Iterable[Any], batches: int
+) -> dict[int, np.ndarray]:
     """Per group, the channels that are exactly zero at every reader's input on every batch."""
     readers = {gid: [(s.node, s.dim) for s in r] for gid, r in sites.items() if r}
     recorder = _Recorder(cg.gm, {node: dim for r in readers.values() for node, dim in r})
@@ -147,6 +161,7 @@ def _silent(cg: ChannelGraph, sites: dict[int, list[Site] | None], data: Iterabl
         for node, dim in reader_list:
             peak = recorder.peak.get(node)
             if peak is None:
+                # No batch ran (empty data), or the value was no tensor: nothing is shown.
                 silent[:] = False
                 break
             layout = cg.spaces[node][dim]
@@ -175,7 +190,13 @@ class RemoveDeadPass(Pass):
     calibrate: bool = False
     batches: int = 8
 
+    def promises_function(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
+        """Exact on every input, except channels removed as silent on the calibration data: those only on
+        inputs that keep them silent, which the example inputs need not be."""
+        return not (self.calibrate and ctx.data is not None)
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        # Parameters with an exact zero somewhere: every kind of dead channel but silence starts from one.
         with_zeros = {name for name, p in gm.named_parameters() if not as_numpy(p).all()}
         calibrate = self.calibrate and ctx.data is not None
         if not with_zeros and not calibrate:  # a dead channel needs an exact zero somewhere
@@ -189,13 +210,14 @@ class RemoveDeadPass(Pass):
         deltas: dict[str, torch.Tensor] = {}
         for group in growable:
             dead = silent.get(group.id, np.zeros(group.size, dtype=bool))
+            # No silent channel and no zero in the group's own tensors: nothing to find here.
             if not dead.any() and not any(p.name in with_zeros for p in group.params):
                 continue
             dead = dead | _zero_fan_out(index, group)
             constant, fold_values = _constant_channels(cg, index, group, sites[group.id])
             removed = dead | constant
             if removed.all():
-                removed[0] = False  # a group keeps one channel
+                removed[0] = False  # a group keeps one channel; set before ``folded``, so that one is not folded
             folded = removed & ~dead  # only channels that go are folded: a kept one still adds itself
             if fold_values and folded.any():
                 for path, delta in _folds(cg, group, fold_values, folded).items():

@@ -16,9 +16,15 @@ from fxmorph.analysis.cost import CostModel
 from fxmorph.passes.rounding import AUTO, Grid, RoundTo, as_grid
 
 __all__ = [
-    "DEFAULT_MAX_PRUNE", "DEFAULT_PARAM_COST", "DEFAULT_ROUND_TO", "allowed_widths", "greedy_widths",
-    "largest_multiplier", "smallest_widths", "uniform_widths",
-]  # fmt: skip
+    "DEFAULT_MAX_PRUNE",
+    "DEFAULT_PARAM_COST",
+    "DEFAULT_ROUND_TO",
+    "allowed_widths",
+    "greedy_widths",
+    "largest_multiplier",
+    "smallest_widths",
+    "uniform_widths",
+]
 
 DEFAULT_PARAM_COST = 50.0
 """What one parameter weighs against one FLOP when choosing which channels to cut. At batch 1,
@@ -82,8 +88,9 @@ def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.
     return np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
 
 
-def _weighed(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray,
-             param_cost: float) -> np.ndarray:  # fmt: skip
+def _weighed(
+    cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray, param_cost: float
+) -> np.ndarray:
     """``flops`` (what each step changes) plus ``param_cost`` per parameter it changes."""
     if not param_cost or not cands:
         return flops
@@ -91,8 +98,9 @@ def _weighed(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], flops
     return flops + param_cost * params
 
 
-def _ratios(normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray,
-            weighed: np.ndarray) -> np.ndarray:  # fmt: skip
+def _ratios(
+    normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray, weighed: np.ndarray
+) -> np.ndarray:
     """Value per unit of weighed cost of each candidate step: the mean value of the channels it moves,
     times the share of FLOPs in its weighed cost (1 without a parameter cost). A step that moves no
     FLOPs is worth infinitely much (never cut, nothing gained by it)."""
@@ -104,8 +112,15 @@ def _ratios(normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], flo
     return out
 
 
-def _ranked(cost: CostModel, w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray], normed: Cumulative,
-            param_cost: float, down: bool) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:  # fmt: skip
+def _ranked(
+    cost: CostModel,
+    w: np.ndarray,
+    groups: list[int],
+    allowed: dict[int, np.ndarray],
+    normed: Cumulative,
+    param_cost: float,
+    down: bool,
+) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
     """The next step of every group (down or up), the FLOPs each changes, and its value per weighed cost."""
     cands = _candidates(w, groups, allowed, down=down)
     flops = _deltas(cost, w, cands)
@@ -162,10 +177,10 @@ def greedy_widths(
     groups = sorted(scores)
     allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
     normed = _cumulative(scores, balance)
-    remove = functools.partial(_remove, cost, allowed=allowed, normed=normed, budget=budget,
-                               step=step, param_cost=param_cost)  # fmt: skip
-    add_back = functools.partial(_add_back, cost, allowed=allowed, normed=normed, budget=budget,
-                                 param_cost=param_cost)  # fmt: skip
+    remove = functools.partial(
+        _remove, cost, allowed=allowed, normed=normed, budget=budget, step=step, param_cost=param_cost
+    )
+    add_back = functools.partial(_add_back, cost, allowed=allowed, normed=normed, budget=budget, param_cost=param_cost)
     w = remove(cost.widths(), groups)
     w = add_back(w, groups)
     return _refine(cost, w, groups, allowed, budget, remove, add_back)

@@ -15,10 +15,10 @@ import torch
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph
-from fxmorph.analysis.context import Binding, Rewrite
+from fxmorph.analysis.context import ArgSlot, Binding, ModuleAttr, Rewrite, Role, ScaleRows
 from fxmorph.analysis.plan import WidthPlan
 from fxmorph.errors import PlanError, SurgeryError
-from fxmorph.surgery.defaults import new_channel_values
+from fxmorph.surgery.defaults import new_channel_default, new_channel_values
 from fxmorph.surgery.indices import axis_map
 
 __all__ = ["apply_plan"]
@@ -27,11 +27,15 @@ logger = logging.getLogger(__name__)
 
 
 def _split_path(path: str) -> tuple[str, str]:
+    """``"a.b.c"`` -> ``("a.b", "c")``; a top-level name has the owner ``""`` (the root module)."""
     owner, _, leaf = path.rpartition(".")
     return owner, leaf
 
 
 def _affected(cg: ChannelGraph, plan: WidthPlan) -> dict[str, list[Binding]]:
+    """Per tensor path, its bindings, for every tensor a changing group indexes; the others stay as they are."""
+    # A group named in the plan with every channel kept in order changes nothing: leaving its tensors out keeps them
+    # bit for bit and spares their copies.
     changing = {g for g, p in plan.items() if p.new or p.keep != tuple(range(cg.groups[g].size))}
     out: dict[str, list[Binding]] = defaultdict(list)
     for binding in cg.bindings.values():
@@ -42,7 +46,8 @@ def _affected(cg: ChannelGraph, plan: WidthPlan) -> dict[str, list[Binding]]:
         if bias not in out:
             # A bias the fold creates (the layer had none) follows the layer's output channels, as the
             # weight's output axis does: sliced with them when that group changes in the same plan.
-            out[bias] = [Binding(bias, 0, b.layout, "out") for b in out.get(f"{owner}.weight", []) if b.role == "out"]
+            weights = out.get(f"{owner}.weight", [])
+            out[bias] = [Binding(bias, 0, b.layout, Role.OUT) for b in weights if b.role == Role.OUT]
     return out
 
 
@@ -53,32 +58,40 @@ def _source_tensor(cg: ChannelGraph, plan: WidthPlan, path: str) -> torch.Tensor
     if _is_param(cg.gm, path):
         tensor = cg.gm.get_parameter(path)
     elif delta is not None and getattr(cg.gm.get_submodule(owner), "bias", None) is None:
+        # The fold's delta becomes the new bias (a copy: the plan's tensor never enters a model)
         return delta.detach().clone()
     else:
         tensor = cg.gm.get_buffer(path)
+    # The delta has the weight's dtype, which a bias need not share.
     return tensor if delta is None else tensor.detach() + delta.to(tensor.dtype)
 
 
 def _new_tensor(cg: ChannelGraph, plan: WidthPlan, path: str, bindings: list[Binding], seed: int) -> torch.Tensor:
+    """The tensor at ``path`` rebuilt along every bound axis (kept channels gathered, new ones filled)."""
     tensor = _source_tensor(cg, plan, path)
-    owner, _ = _split_path(path)
-    owner_type = type(cg.gm.get_submodule(owner)).__name__ if owner else ""
+    default = new_channel_default(cg.gm, path)  # the op table's value for a new channel, matched through the MRO
     init = {g: dict(p.init) for g, p in plan.items() if p.init}
+    # One generator per tensor, seeded alike: the draws of one tensor do not depend on how many tensors were rebuilt
+    # before it.
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         out = tensor.detach()
+        # Axes one after the other, in dim order: the random fan-in draws come in a fixed order, and
+        # grow_values.stage_plan stages its values in this same order. Each fill is shaped like ``out`` as rebuilt
+        # so far.
         for binding in sorted(bindings, key=lambda b: b.dim):
             amap = axis_map(cg, plan, binding.layout)
             if amap.identity:
                 continue
             fill = None
             if amap.slots:
-                fill = new_channel_values(out, binding.dim, amap, binding.role, owner_type, path, init, generator)
+                fill = new_channel_values(out, binding.dim, amap, binding.role, default, path, init, generator)
             out = amap.gather(out, binding.dim, fill)
-    return out.clone()
+    return out.clone()  # never a view of the input's storage: _scale_rows later scales the new tensors in place
 
 
 def _is_param(root: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a parameter of ``root`` (a buffer, or nothing, gives False)."""
     try:
         root.get_parameter(path)
     except AttributeError:
@@ -87,6 +100,7 @@ def _is_param(root: nn.Module, path: str) -> bool:
 
 
 def _install(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``root``, in place of the module there."""
     owner, leaf = _split_path(path)
     parent = root.get_submodule(owner) if owner else root
     parent._modules[leaf] = module
@@ -111,6 +125,7 @@ def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
+    """Register ``value`` as ``module.<leaf>``: a Parameter or a buffer, as the tensor it replaces (``like``) was."""
     # One name is either a parameter or a buffer, never both (a stale twin would shadow it in state_dict).
     if like is None or isinstance(like, nn.Parameter):  # a bias created by a fold is a parameter
         grad = like.requires_grad if like is not None else True
@@ -122,27 +137,57 @@ def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor, like: torch.T
 
 
 def _apply_rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], rw: Rewrite, value: Any) -> None:
+    """Put ``value`` (computed from the new widths) where ``rw.location`` says."""
     node = nodes[rw.node]
-    where, sub = rw.location
-    if isinstance(where, str) and where.startswith("@"):
-        owner_path, _, attr = where[1:].rpartition(".")
+    location = rw.location
+    if isinstance(location, ModuleAttr):
+        owner_path, _, attr = location.path.rpartition(".")
         target = str(node.target) + (f".{owner_path}" if owner_path else "")
         setattr(gm.get_submodule(target), attr, value)
-        return
-    if isinstance(where, str) and where.startswith("!"):
-        value(gm)  # a fix-up of the rebuilt tensors, given the new root
-        return
-    if isinstance(where, int):
+    elif isinstance(location, ScaleRows):
+        _scale_rows(gm, location, value)
+    elif isinstance(location, ArgSlot):
+        _set_argument(node, location, value)
+    else:
+        raise SurgeryError(f"node '{rw.node}': unknown rewrite location {location!r} (a bug in a channel rule)")
+
+
+def _set_argument(node: fx.Node, slot: ArgSlot, value: Any) -> None:
+    """Put ``value`` in the node's positional or keyword argument (or one item of it) that ``slot`` names."""
+    if isinstance(slot.arg, int):
         args = list(node.args)
-        args[where] = _replace(args[where], sub, value)
+        args[slot.arg] = _replace(args[slot.arg], slot.item, value)
         node.args = tuple(args)
     else:
         kwargs = dict(node.kwargs)
-        kwargs[where] = _replace(kwargs.get(where), sub, value)
+        kwargs[slot.arg] = _replace(kwargs.get(slot.arg), slot.item, value)
         node.kwargs = kwargs
 
 
+def _scale_rows(root: nn.Module, fix: ScaleRows, factor: float) -> None:
+    """Multiply one block of rows of each tensor at ``fix.paths`` (in ``root``, the new model) by ``factor``."""
+    if factor == 1.0:  # the width the factor depends on is unchanged: leave the tensors bit for bit
+        return
+    with torch.no_grad():
+        for path in fix.paths:
+            tensor = _tensor_at(root, path)
+            if tensor is not None:
+                rows = tensor.shape[0] // fix.chunks
+                # In place, on the new model's own tensor: _new_tensor returned a copy, or the deep copy made one.
+                tensor[fix.chunk * rows : (fix.chunk + 1) * rows].mul_(factor)
+
+
+def _tensor_at(root: nn.Module, path: str) -> torch.Tensor | None:
+    """The tensor at a dotted path, or None where a part is missing or None (an absent bias)."""
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
 def _replace(container: Any, index: int | None, value: Any) -> Any:
+    """``container`` with item ``index`` set to ``value`` (``value`` itself when ``index`` is None), as a new
+    tuple or list."""
     if index is None:
         return value
     items = list(container)
@@ -164,10 +209,14 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
     plan.validate(cg)
     affected = _affected(cg, plan)
     for gid, group_plan in plan.items():
+        # Checked before any tensor is built: values for a tensor no changing group indexes would go unused without
+        # a word.
         unbound = sorted(set(group_plan.init) - set(affected))
         if unbound:
-            raise PlanError(f"group {gid}: init names {', '.join(unbound)}, which no changing group binds: "
-                            "give values only for tensors the group's channels live in")  # fmt: skip
+            raise PlanError(
+                f"group {gid}: init names {', '.join(unbound)}, which no changing group binds: "
+                "give values only for tensors the group's channels live in"
+            )
     try:
         new_tensors = {path: _new_tensor(cg, plan, path, bs, seed) for path, bs in affected.items()}
         originals = {path: _lookup_tensor(gm, path) for path in affected}
@@ -183,7 +232,7 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
             _set_tensor(module, leaf, value, originals[path])
         _rewrite_constants(out, cg, plan)
         out.recompile()
-    except PlanError:
+    except PlanError:  # a bad init shape names its group already: pass it on unwrapped
         raise
     except Exception as exc:
         raise SurgeryError(f"applying the width plan failed: {type(exc).__name__}: {exc}") from exc
@@ -192,6 +241,7 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
 
 
 def _lookup_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
+    """The parameter or buffer at ``path`` (None for an absent one, such as a bias a fold creates)."""
     if _is_param(gm, path):
         return gm.get_parameter(path)
     owner, leaf = _split_path(path)
@@ -200,12 +250,15 @@ def _lookup_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
 
 
 def _rewrite_constants(out: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan) -> None:
+    """Recompute every width-dependent constant (module attributes, graph arguments, scaled rows) in ``out``."""
     measure = plan.measure(cg)
     nodes = {n.name: n for n in out.graph.nodes}
     rebuilt: set[str] = set()
     changing = {g for g, p in plan.items() if p.new or p.keep != tuple(range(cg.groups[g].size))}
     if not changing:
         return
+    # Rewrites run in the order the rules recorded them. A called module is rebuilt once, before its first rewrite,
+    # so that an attribute set on it lands on a module object of its own.
     for rw in cg.rewrites:
         node = nodes[rw.node]
         if node.op == "call_module" and str(node.target) not in rebuilt:

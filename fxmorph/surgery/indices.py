@@ -36,6 +36,7 @@ class AxisMap:
         ``fill`` has the same shape as the result (only its new positions are read); it may be
         ``None`` when there are no new positions.
         """
+        # New positions (-1) read position 0 as a placeholder; ``fill`` overwrites them below.
         index = torch.as_tensor(np.where(self.source < 0, 0, self.source), dtype=torch.long)
         out = tensor.index_select(dim, index.to(tensor.device))
         if self.slots and fill is not None:
@@ -49,6 +50,9 @@ def axis_map(cg: ChannelGraph, plan: WidthPlan, layout: Layout) -> AxisMap:
     parts: list[np.ndarray] = []
     slots: list[tuple[int, int, int, int]] = []
     pos = out = 0
+    # An axis is a run of atoms, each channel of an atom spanning ``inner`` consecutive positions (a flatten of C x
+    # H x W gives inner = H * W). New channels follow their own atom's kept ones, not the end of the axis: the
+    # rebuilt axis is again a run of atoms, each at its group's new width.
     for atom, inner in cg.atoms.expand(layout):
         gid = cg.group_of[cg.atoms.find(atom)]
         size = cg.atoms.size(atom)

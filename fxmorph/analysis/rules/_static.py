@@ -41,6 +41,7 @@ def static_value(ctx: RuleContext, arg: Any, pure: frozenset[Any] = frozenset(),
 
 
 def _has_unknown(value: Any) -> bool:
+    """True if ``value`` is :data:`UNKNOWN` or a list or tuple holding it at any depth."""
     if isinstance(value, list | tuple):
         return any(_has_unknown(v) for v in value)
     return value is UNKNOWN
@@ -56,6 +57,8 @@ def _shape(ctx: RuleContext, tensor: Any) -> Any:
 
 
 def _value(ctx: RuleContext, arg: Any, pure: frozenset[Any], depth: int) -> Any:
+    """The value of ``arg``, possibly a container that holds :data:`UNKNOWN` parts (a shape with a channel
+    dim), which indexing may still pick known items from; :func:`static_value` rejects what remains."""
     if depth > 32:  # a chain this long is not a shape computation; give up rather than recurse
         return UNKNOWN
     if isinstance(arg, list | tuple):
@@ -68,11 +71,12 @@ def _value(ctx: RuleContext, arg: Any, pure: frozenset[Any], depth: int) -> Any:
         dims = [static_value(ctx, a, pure, depth + 1) for a in [*arg.args[1:], *arg.kwargs.values()]]
         if shape is UNKNOWN or any(not isinstance(d, int) for d in dims):
             return UNKNOWN
-        return shape[dims[0]] if dims else shape
+        return shape[dims[0]] if dims else shape  # ``x.size(d)``, or ``x.size()`` whole
     if arg.op != "call_function":
         return UNKNOWN
     if arg.target is getattr and arg.args[1:] == ("shape",):
         return _shape(ctx, arg.args[0])
+    # _value, not static_value: a shape with unknown channel sizes must survive to the getitem below
     args = [_value(ctx, a, pure, depth + 1) for a in arg.args]
     kwargs = {k: static_value(ctx, v, pure, depth + 1) for k, v in arg.kwargs.items()}
     if arg.target is operator.getitem and not kwargs and len(args) == 2 and not _has_unknown(args[1]):

@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from fxmorph.analysis.atoms import Layout
-from fxmorph.analysis.context import RuleContext, Spaces, Taint
+from fxmorph.analysis.context import ArgSlot, Role, RuleContext, Spaces, Taint
 from fxmorph.analysis.rules._util import norm_dim, op_name
 from fxmorph.analysis.rules.shape import number_op
 
@@ -56,13 +56,16 @@ def attribute(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         return None
     spaces: Spaces = {}
     for d, n in enumerate(value.shape):
+        # a dim of one is broadcast, not indexed; every wider dim may meet channels, and the rules that
+        # use the tensor unify or pin each of them
         if n > 1:
             spaces[d] = ctx.fresh(int(n))
-            ctx.bind(str(node.target), d, spaces[d], "out")
+            ctx.bind(str(node.target), d, spaces[d], Role.OUT)
     return spaces
 
 
 def _fetch(root: torch.nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target`` below ``root``, or ``None`` where the path breaks."""
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part, None)
@@ -72,9 +75,9 @@ def _fetch(root: torch.nn.Module, target: str) -> Any:
 def passthrough(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     """Shape-preserving ops of one tensor (activations, dropout, ``contiguous``, ``clone``)."""
     src = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-    if ctx.shape(node) is None:
+    if ctx.shape(node) is None:  # not a tensor: tainted by the channel sizes that went into it
         return number_op(ctx, node)
-    if ctx.shape(src) != ctx.shape(node):
+    if ctx.shape(src) != ctx.shape(node):  # not the one-tensor, same-shape op this rule describes
         return no_rule(ctx, node)
     return dict(ctx.spaces(src))
 
@@ -87,9 +90,10 @@ def spatial(count: int | None) -> Any:
         ins, outs = ctx.shape(src), ctx.shape(node)
         if ins is None or outs is None or len(ins) != len(outs):
             return no_rule(ctx, node)
-        lead = len(ins) - (count if count is not None else len(ins) - 2)
+        lead = len(ins) - (count if count is not None else len(ins) - 2)  # None: every dim after N and C
         out: Spaces = {}
         for d, layout in ctx.spaces(src).items():
+            # a leading dim passes only at its own size: a long F.pad list can reach the channel dim too
             if d < lead and ins[d] == outs[d]:
                 out[d] = layout
             else:
@@ -106,8 +110,10 @@ def elementwise(ctx: RuleContext, node: fx.Node) -> Spaces | Taint | None:
         return number_op(ctx, node)
     operands = [a for a in [*node.args, *node.kwargs.values()] if isinstance(a, fx.Node)]
     for a in operands:
-        if isinstance(ctx.env.get(a), Taint):
+        if isinstance(ctx.env.get(a), Taint):  # ``x * x.size(1)``: the value itself would change with a plan
             ctx.pin_all(a, "channel count used as a value in tensor arithmetic")
+    # New channels start at zero, where these ops give inf or nan (1/0, log 0, the slope of sqrt); for a
+    # division only the divisor is at risk.
     if node.target in _GROWTH_UNSAFE and operands:
         risky = operands[1:] if node.target in _DIVISIONS else operands
         _no_grow_all(ctx, risky, op_name(node.target))
@@ -117,7 +123,7 @@ def elementwise(ctx: RuleContext, node: fx.Node) -> Spaces | Taint | None:
         layouts, fixed = _operand_layouts(ctx, operands, d, out_shape)
         if not layouts:
             continue
-        if fixed:
+        if fixed:  # an operand without channels here has a width no plan changes: the others must keep it
             for layout in layouts:
                 ctx.pin(layout, f"'{op_name(node.target)}' combines channels with a fixed-width tensor")
             continue
@@ -128,10 +134,12 @@ def elementwise(ctx: RuleContext, node: fx.Node) -> Spaces | Taint | None:
 
 
 def _no_grow_all(ctx: RuleContext, values: list[fx.Node], op: str) -> None:
+    """Mark every group reachable from ``values`` as removable but not growable, naming ``op``."""
     for layout in ctx.layouts_in(values):
         ctx.no_grow(layout, f"new channels could make '{op}' produce non-finite values")
 
 
+# Functions and method names alike: elementwise serves both, and a method node's target is its name.
 _DIVISIONS = {operator.truediv, operator.itruediv, operator.floordiv, torch.div, "div", "div_"}
 _GROWTH_UNSAFE = _DIVISIONS | {
     operator.pow, torch.pow, torch.sqrt, torch.rsqrt, torch.log, torch.reciprocal,
@@ -142,6 +150,8 @@ _GROWTH_UNSAFE = _DIVISIONS | {
 def _operand_layouts(
     ctx: RuleContext, operands: list[fx.Node], d: int, out_shape: tuple[int, ...]
 ) -> tuple[list[Layout], bool]:
+    """The layouts the operands carry at output dim ``d`` (broadcasting aligns shapes at the right), and
+    whether an operand without channels has that dim at full size."""
     layouts: list[Layout] = []
     fixed = False
     for a in operands:
@@ -153,6 +163,7 @@ def _operand_layouts(
             continue
         layout = ctx.spaces(a).get(k)
         if shape[k] == 1 and out_shape[d] != 1:
+            # broadcast: a one-channel group there must stay one channel, or broadcasting would stop
             if layout is not None:
                 ctx.pin(layout, "a one-channel tensor is broadcast against a wider one")
             continue
@@ -164,6 +175,7 @@ def _operand_layouts(
 
 
 def _reduced_dims(node: fx.Node, ndim: int) -> set[int] | None:
+    """The dims a reduction's ``dim`` argument names (non-negative); ``None`` when it reduces all."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dims is None:
         return None
@@ -181,12 +193,12 @@ def reduce(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     dims = _reduced_dims(node, len(ins))
     if dims is None:
         dims = set(range(len(ins)))
-    keep = len(outs) == len(ins)
+    keep = len(outs) == len(ins)  # keepdim=True
     out: Spaces = {}
     for d, layout in ctx.spaces(src).items():
         if d in dims:
             ctx.pin(layout, f"'{op_name(node.target)}' reduces over channels")
-        else:
+        else:  # without keepdim, each reduced dim before d shifts it down by one
             out[d if keep else d - sum(1 for r in dims if r < d)] = layout
     return out
 
@@ -215,7 +227,7 @@ def _batch_dims(ctx: RuleContext, node: fx.Node, operands: list[fx.Node], tail: 
         fixed = False
         for a in operands:
             shape = ctx.shape(a) or ()
-            k = d - (n - (len(shape) - tail))
+            k = d - (n - (len(shape) - tail))  # the operand's own dim at batch dim d (shapes align at the right)
             if k < 0:
                 continue
             layout = ctx.spaces(a).get(k)
@@ -242,12 +254,13 @@ def _contract(ctx: RuleContext, a: tuple[fx.Node, int], b: tuple[fx.Node, int], 
     if la is not None and lb is not None:
         merged = ctx.unify([la, lb], f"{what} contracts channels that do not line up")
         if merged is not None:
+            # the product itself consumes these channels, with no weight whose new columns could be zero
             ctx.no_grow(merged, f"new channels contracted by {what} of two activations would change it")
             return merged
     for layout in (la, lb):
         if layout is not None:
             ctx.pin(layout, f"{what} contracts channels with a fixed-width dim")
-    return int((ctx.shape(a[0]) or ())[a[1]])
+    return int((ctx.shape(a[0]) or ())[a[1]])  # a fixed K: the cost term takes the number
 
 
 def matmul(ctx: RuleContext, node: fx.Node) -> Spaces | None:
@@ -264,7 +277,7 @@ def matmul(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if n is not None:
         out[len(so) - 1] = n
     batch = [out.get(d, so[d]) for d in range(len(so) - 2)]
-    ctx.cost(2, *batch, m or so[-2], k, n or so[-1])
+    ctx.cost(2, *batch, m or so[-2], k, n or so[-1])  # 2 x batch x M x K x N, as FlopCounterMode counts
     return out
 
 
@@ -272,9 +285,11 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     """``scaled_dot_product_attention``: q/k share E, v brings Ev; the softmax scale is kept."""
     q, k, v = node.args[:3]
     sq, sk, sv, so = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
+    # a mask, or any argument passed by position (attn_mask, dropout_p, is_causal ...), is not read here
     if None in (sq, sk, sv, so) or node.kwargs.get("attn_mask") is not None or len(node.args) > 3:
         return no_rule(ctx, node)
     assert sq is not None and sk is not None and sv is not None and so is not None
+    # the sequence dims (-2) are what attention mixes: no channels may live there
     for t, dims in ((q, (len(sq) - 2,)), (k, (len(sk) - 2,)), (v, (len(sv) - 2,))):
         for d in dims:
             if d in ctx.spaces(t):
@@ -285,8 +300,9 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if ev is not None:
         out[len(so) - 1] = ev
     if not isinstance(e, int) and node.kwargs.get("scale") is None:
+        # the default scale is 1/sqrt(E) of the E it is given: once E changes, pass the original explicitly
         original = 1.0 / math.sqrt(sq[-1])
-        ctx.rewrite(("scale", None), lambda measure: original)
+        ctx.rewrite(ArgSlot("scale"), lambda measure: original)
     batch = [out.get(d, so[d]) for d in range(len(so) - 2)]
     ctx.cost(2, *batch, sq[-2], sk[-2], e)
     ctx.cost(2, *batch, sq[-2], sk[-2], ev or sv[-1])
@@ -318,6 +334,7 @@ def functional_linear(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def _fixed_in(ctx: RuleContext, x: fx.Node, sx: tuple[int, ...]) -> int:
+    """The input width a weight without channel spaces fixes: the last dim of shape ``sx``, pinned."""
     layout = ctx.spaces(x).get(len(sx) - 1)
     if layout is not None:
         ctx.pin(layout, "read by a layer whose weight has a fixed width")
@@ -335,6 +352,7 @@ def functional_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     for d in range(2, len(sw)):  # kernel positions are not channels (a parameter's every dim gets a space)
         if d in ws:
             ctx.pin(ws[d], "kernel dim of a convolution weight used directly")
+    # the (N, C) prefix of the shape makes the channel dim _fixed_in's last dim
     k = _contract(ctx, (x, 1), (w, 1), "convolution") if ws.get(1) else _fixed_in(ctx, x, (sx[0], sx[1]))
     lout = ws.get(0)
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -343,5 +361,6 @@ def functional_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     out = {d: lay for d, lay in ctx.spaces(x).items() if d == 0}
     if lout is not None:
         out[1] = lout
+    # 2 x output positions x kernel size x batch x C_in x C_out
     ctx.cost(2 * math.prod(so[2:]) * math.prod(sw[2:]), out.get(0, so[0]), k, lout or so[1])
     return out

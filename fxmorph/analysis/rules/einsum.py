@@ -27,7 +27,7 @@ def parse_einsum(equation: str, count: int) -> tuple[list[str], str] | None:
     the output is every letter that appears exactly once, in alphabetical order (NumPy's implicit mode).
     """
     eq = equation.replace(" ", "")
-    if "." in eq:
+    if "." in eq:  # an ellipsis: its dims have no letter to follow
         return None
     lhs, arrow, out = eq.partition("->")
     terms = lhs.split(",")
@@ -36,12 +36,14 @@ def parse_einsum(equation: str, count: int) -> tuple[list[str], str] | None:
     if not arrow:
         letters = "".join(terms)
         out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    # a repeated letter in one operand takes a diagonal; an output letter no operand has is invalid
     if any(len(set(t)) != len(t) for t in [*terms, out]) or not set(out) <= set("".join(terms)):
         return None
     return terms, out
 
 
 def _operands(node: fx.Node) -> tuple[Any, list[Any]]:
+    """The equation and the operands, passed either as ``einsum(eq, a, b)`` or ``einsum(eq, [a, b])``."""
     equation, rest = node.args[0], list(node.args[1:])
     if len(rest) == 1 and isinstance(rest[0], list | tuple):
         rest = list(rest[0])
@@ -68,7 +70,7 @@ def einsum(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     sizes: dict[str, int] = {}
     for term, shape in zip(terms, shapes, strict=True):
         for letter, n in zip(term, shape or (), strict=True):
-            sizes[letter] = max(sizes.get(letter, 1), n)
+            sizes[letter] = max(sizes.get(letter, 1), n)  # an operand of size one there is broadcast
     factors: dict[str, Layout] = {}
     result: Spaces = {}
     for letter, size in sizes.items():
@@ -78,6 +80,7 @@ def einsum(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         factors[letter] = merged
         if letter in out:
             result[out.index(letter)] = merged
+    # letters in both operands and not in the output; with one operand, nothing is a contraction
     contracted = [c for c in sizes if c not in out and all(c in t for t in terms)]
     if len(ops) == 2 and contracted:
         kept = [c for c in sizes if c in out or c in contracted]
@@ -120,7 +123,7 @@ def _letter(
     if merged is None:
         return None
     if letter not in out:
-        if len(layouts) < 2:
+        if len(layouts) < 2:  # summed inside one operand: a reduction over channels
             ctx.pin(merged, "einsum sums over channels")
             return None
         ctx.no_grow(merged, "new channels contracted by einsum of two activations would change it")

@@ -16,17 +16,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from fxmorph.analysis.atoms import Layout
-from fxmorph.analysis.context import RuleContext, Spaces
-from fxmorph.analysis.rules import modules as rm
+from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces
 from fxmorph.analysis.rules._util import norm_dim
-from fxmorph.analysis.rules.compute import no_rule, spatial
+from fxmorph.analysis.rules.compute import no_rule
 from fxmorph.analysis.rules.reshape import reshape
 
 __all__ = [
-    "FUNCTIONAL_RULES",
     "batch_norm",
     "embedding",
     "glu",
@@ -72,7 +70,7 @@ _STATS = ("weight", "bias", "running_mean", "running_var")
 def _bound(node: fx.Node) -> dict[str, Any]:
     """The node's arguments by parameter name (positional and keyword)."""
     names = _SIGNATURES.get(node.target, ())
-    values = dict(zip(names, node.args, strict=False))
+    values = dict(zip(names, node.args, strict=False))  # not strict: trailing arguments may be left out
     values.update(node.kwargs)
     return values
 
@@ -90,7 +88,7 @@ def _tie(ctx: RuleContext, layout: Layout | None, params: Sequence[Any], what: s
     A fixed-width input pins the parameters' channels; a parameter whose axis carries no channels
     (computed from constants, say) pins the input's. Returns the unified layout, or ``None``.
     """
-    nodes = [p for p in params if isinstance(p, fx.Node)]
+    nodes = [p for p in params if isinstance(p, fx.Node)]  # None (no weight, no bias) ties nothing
     own = [ctx.spaces(p).get(0) for p in nodes]
     if layout is None:
         for lay in own:
@@ -107,6 +105,7 @@ def _batch_statistics(node: fx.Node, a: dict[str, Any]) -> bool:
     """True if the norm computes its statistics from the input rather than its running buffers."""
     if a.get("running_mean") is None or a.get("running_var") is None:
         return True
+    # the defaults are those of the signatures: instance norm uses input statistics, batch norm does not
     if node.target in (F.instance_norm, torch.instance_norm):
         return bool(a.get("use_input_stats", True))
     return bool(a.get("training", False))
@@ -125,6 +124,7 @@ def batch_norm(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         return no_rule(ctx, node)
     out = dict(ctx.spaces(x))
     if _batch_statistics(node, a):
+        # batch norm averages over the batch and spatial dims; instance norm per sample, over spatial only
         first = 2 if node.target in (F.instance_norm, torch.instance_norm) else 0
         for d in range(first, len(shape)):
             if d != 1 and d in out:
@@ -147,6 +147,7 @@ def group_norm(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     lin = out.get(1)
     if lin is not None:
         ctx.no_grow(lin, "new channels would change a GroupNorm's statistics")
+        # the groups are consecutive chunks; unified, every group loses the same channels and the count stays
         parts = ctx.atoms.chunks(lin, groups)
         if not parts or ctx.unify(parts, "group norm groups do not line up") is None:
             ctx.pin(lin, "group norm whose groups do not line up with its channels")
@@ -176,8 +177,9 @@ def layer_norm(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         ctx.no_grow(out[d], f"new channels would change a {what}'s statistics")
     merged = _tie(ctx, out.get(d), params, what)
     if merged is not None:
+        # normalized_shape is a constant of the call: its one entry follows the new width
         where = _where(node, "normalized_shape")
-        ctx.rewrite((where, 0), lambda measure: measure(merged))
+        ctx.rewrite(ArgSlot(where, 0), lambda measure: measure(merged))
     return out
 
 
@@ -210,6 +212,8 @@ def prelu(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if shape is None or sw is None:
         return no_rule(ctx, node)
     out = dict(ctx.spaces(x))
+    # one slope per channel (a single shared slope applies at any width); the channels sit on dim 1, or on
+    # dim 0 of a 1-D input
     if int(torch.Size(sw).numel()) > 1 or 0 in ctx.spaces(w):
         _tie(ctx, out.get(1 if len(shape) > 1 else 0), [w], "prelu")
     return out
@@ -226,6 +230,7 @@ def glu(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     out = dict(ctx.spaces(x))
     layout = out.pop(d, None)
     if layout is not None:
+        # glu(x) = a * sigmoid(b) for the halves a, b: channel i of one meets channel i of the other
         halves = ctx.atoms.chunks(layout, 2)
         merged = ctx.unify(halves, "glu halves do not line up") if halves else None
         if merged is None:
@@ -264,7 +269,7 @@ def reshape_as(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         if mine is not None and their is not None:
             if ctx.unify([mine, their], "reshape_as of channels that do not line up") is None:
                 out.pop(d)
-        else:
+        else:  # one side fixed: surgery would change y's width there but not x's, or the reverse
             ctx.pin(mine or their, "reshape_as between a channel dim and a fixed-width dim")  # type: ignore[arg-type]
             out.pop(d, None)
     return out
@@ -278,7 +283,8 @@ def module_softmax(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     shape = ctx.shape(x)
     if shape is None:
         return no_rule(ctx, node)
-    dim = -3 if type(m).__name__ == "Softmax2d" else getattr(m, "dim", None)
+    # Softmax2d has no ``dim`` attribute: it always normalises over dim -3, the channels of (N,) C, H, W
+    dim = -3 if isinstance(m, nn.Softmax2d) else getattr(m, "dim", None)
     if dim is None:  # legacy implicit dim: pin, as a guess could be wrong
         ctx.pin_all(node.args, "softmax with an implicit dim")
         return None
@@ -287,20 +293,3 @@ def module_softmax(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if d in out:
         ctx.pin(out.pop(d), "softmax over channels")
     return out
-
-
-FUNCTIONAL_RULES: dict[Any, _Rule] = {
-    F.pixel_shuffle: rm.pixel_shuffle, F.pixel_unshuffle: rm.pixel_unshuffle,
-    F.channel_shuffle: rm.channel_shuffle, torch.native_channel_shuffle: rm.channel_shuffle,
-    F.adaptive_max_pool1d: spatial(1), F.adaptive_max_pool2d: spatial(2), F.adaptive_max_pool3d: spatial(3),
-    F.lp_pool1d: spatial(1), F.lp_pool2d: spatial(2), F.upsample: spatial(None),
-    F.upsample_nearest: spatial(None), F.upsample_bilinear: spatial(None),
-    F.batch_norm: batch_norm, torch.batch_norm: batch_norm,
-    F.instance_norm: batch_norm, torch.instance_norm: batch_norm,
-    F.group_norm: group_norm, torch.group_norm: group_norm,
-    F.layer_norm: layer_norm, torch.layer_norm: layer_norm,
-    F.rms_norm: layer_norm, torch.rms_norm: layer_norm,
-    F.embedding: embedding, torch.embedding: embedding,
-    torch.prelu: prelu, F.glu: glu, F.normalize: normalize,
-}  # fmt: skip
-"""Functional forms of layers, keyed by function (``F.prelu`` is ``torch.prelu``)."""

@@ -25,6 +25,7 @@ _REL_POS_ARGS = ("attn", "q", "q_thw", "k_thw", "rel_pos_h", "rel_pos_w", "rel_p
 
 
 def _bound(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """The node's arguments by parameter name, ``names`` giving the positional order."""
     values = dict(zip(names, node.args, strict=False))
     values.update(node.kwargs)
     return values
@@ -54,7 +55,7 @@ def squeeze_heads(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if ins is None or outs is None or not isinstance(expand, int):
         return no_rule(ctx, node)
     sp = ctx.spaces(a["x"])
-    if outs == ins:
+    if outs == ins:  # _unsqueeze added no dim, so there is none to remove
         return dict(sp)
     d = norm_dim(expand, len(ins))
     if len(outs) != len(ins) - 1 or ins[d] != 1:
@@ -78,6 +79,7 @@ def add_rel_pos(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     q_thw, k_thw = static_value(ctx, a.get("q_thw")), static_value(ctx, a.get("k_thw"))
     tables = [a.get(k) for k in ("rel_pos_h", "rel_pos_w", "rel_pos_t")]
     table_shapes = [ctx.shape(t) for t in tables]
+    # the layout this rule understands: a class token plus the t x h x w grid, and tables as wide as the head dim
     if (
         sa is None
         or sq is None
@@ -91,7 +93,7 @@ def add_rel_pos(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         return no_rule(ctx, node)
     sp_q = ctx.spaces(q)
     for d, layout in sp_q.items():
-        if d != 3:
+        if d != 3:  # dim 3 is the head dim; the others index batch, heads and tokens
             ctx.pin(layout, "relative position terms over a channel dim")
     for t in tables:
         if 0 in ctx.spaces(t):
@@ -104,6 +106,7 @@ def add_rel_pos(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def _grid(value: Any) -> bool:
+    """True for a ``thw`` grid: three positive integers (time, height, width)."""
     return isinstance(value, list | tuple) and len(value) == 3 and all(isinstance(v, int) and v > 0 for v in value)
 
 
@@ -138,6 +141,7 @@ def add_shortcut(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def _mvit_rules() -> dict[Any, Any]:
+    """The rules keyed by torchvision's helper functions (none where torchvision does not import)."""
     try:
         from torchvision.models.video import mvit
     except ImportError:  # pragma: no cover - torchvision is a dependency

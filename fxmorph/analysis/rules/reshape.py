@@ -10,12 +10,14 @@ another tensor's channel count are related to the channels they size.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import torch
 from torch import fx
 
 from fxmorph.analysis.atoms import Layout
-from fxmorph.analysis.context import RuleContext, Spaces, Taint
-from fxmorph.analysis.rules._util import pin_unknown
+from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces, Taint
+from fxmorph.analysis.rules._util import op_name, pin_unknown
 
 __all__ = ["flatten_module", "reshape"]
 
@@ -26,6 +28,8 @@ def _align(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int],
     b = [j for j, s in enumerate(outs) if s != 1]
     blocks: list[tuple[list[int], list[int]]] = []
     i = j = 0
+    # Greedy: grow whichever side's running product is smaller until the two meet. A row-major reshape
+    # only regroups consecutive dims, so the smallest blocks with equal products are exactly its groups.
     while i < len(a) and j < len(b):
         bi, bj = [a[i]], [b[j]]
         pi, pj = ins[a[i]], outs[b[j]]
@@ -39,7 +43,7 @@ def _align(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int],
                 bj.append(b[j])
                 pj *= outs[b[j]]
                 j += 1
-            else:
+            else:  # the products never meet: possible only with a dim of size 0
                 return None
         blocks.append((bi, bj))
     return blocks if i == len(a) and j == len(b) else None
@@ -54,6 +58,8 @@ def _merge(ctx: RuleContext, dims: list[int], shape: tuple[int, ...], sp: Spaces
     k = dims.index(d)
     outer = math.prod(shape[e] for e in dims[:k])
     inner = math.prod(shape[e] for e in dims[k + 1 :])
+    # row-major: the dims after it repeat each channel ``inner`` times in a row, and the dims before it
+    # repeat the whole channel sequence ``outer`` times
     return tuple((a, i * inner) for a, i in ctx.atoms.expand(sp[d])) * outer
 
 
@@ -63,13 +69,17 @@ def _split_dims(ctx: RuleContext, layout: Layout, dims: list[int], shape: tuple[
         return {dims[0]: layout}
     block = math.prod(shape[e] for e in dims[1:])
     pieces = ctx.atoms.expand(layout)
+    # 1. Every channel fills whole blocks (the inverse of a flatten): the channels stay the outer dim.
     if all(inner % block == 0 for _, inner in pieces):
         return {dims[0]: tuple((a, inner // block) for a, inner in pieces)}
+    # 2. The channels become the innermost dim (E -> heads x head dim): every chunk must hold the same
+    #    channels, and the outer dims (the head count) keep their size.
     count = math.prod(shape[e] for e in dims[:-1])
     parts = ctx.atoms.chunks(layout, count)
     if parts is not None:
         merged = ctx.unify(list(parts), "reshape splits channels into blocks that do not line up")
         return None if merged is None else {dims[-1]: merged}
+    # 3. Blocks of consecutive channels move together (C*k -> C x k): coarsen, and the outer dim carries them.
     coarse = ctx.atoms.unchunk(layout, block)
     return None if coarse is None else {dims[0]: coarse}
 
@@ -83,7 +93,7 @@ def reshape(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         pin_unknown(ctx, node, "reshape of an unknown shape")
         return None
     for d, layout in sp.items():
-        if ins[d] == 1:
+        if ins[d] == 1:  # _align skips dims of size one, so such a channel dim has nowhere to go
             ctx.pin(layout, "reshape drops a one-channel dim")
     blocks = _align(ins, outs)
     if blocks is None:
@@ -106,18 +116,43 @@ def reshape(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def _record_size_rewrites(ctx: RuleContext, node: fx.Node, result: Spaces) -> None:
-    if node.op != "call_method" or node.target not in ("view", "reshape"):
+    """Relate the sizes a reshape is given (``x.view(...)``, ``x.reshape(...)``, ``torch.reshape(x, ...)``)
+    to the output's channels: a constant size of a channel dim becomes a rewrite, a size computed from
+    channel widths a constraint. Sizes that cannot be located pin the output's channels."""
+    located = _size_slots(node)
+    if located is None:
+        if node.target in ("view", "reshape") or node.target is torch.reshape:
+            for layout in result.values():
+                ctx.pin(layout, f"the sizes of {op_name(node)} cannot be located to rewrite")
         return
-    packed = len(node.args) == 2 and isinstance(node.args[1], list | tuple)
-    sizes = node.args[1] if packed else node.args[1:]
-    for j, value in enumerate(sizes):
+    for j, (value, location) in enumerate(located):
         taint = ctx.env.get(value) if isinstance(value, fx.Node) else None
         if isinstance(taint, Taint):
             _relate_size(ctx, taint, result.get(j))
-        if j in result and isinstance(value, int) and value != -1:
+        if j in result and isinstance(value, int) and value != -1:  # -1 is inferred again at the new width
             layout = result[j]
-            location = (1, j) if packed else (1 + j, None)
+            # layout=layout binds this iteration's layout: the lambda runs after the loop, in surgery
             ctx.rewrite(location, lambda measure, layout=layout: measure(layout))
+
+
+def _size_slots(node: fx.Node) -> list[tuple[Any, ArgSlot]] | None:
+    """Each size a reshape node is given, with where it sits in the node's arguments; None when the node
+    is not a sized reshape or its sizes are not where a reshape's signature puts them."""
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        first = 1  # x.view(n, c) or x.view([n, c]): sizes follow the tensor
+    elif node.op == "call_function" and node.target is torch.reshape:
+        first = 1  # torch.reshape(x, (n, c))
+    else:
+        return None
+    for key in ("shape", "size"):  # the keyword forms: torch.reshape(x, shape=...), x.view(size=...)
+        if isinstance(node.kwargs.get(key), list | tuple):
+            return [(v, ArgSlot(key, j)) for j, v in enumerate(node.kwargs[key])]
+    rest = node.args[first:]
+    if len(rest) == 1 and isinstance(rest[0], list | tuple):  # packed: x.view([n, c])
+        return [(v, ArgSlot(first, j)) for j, v in enumerate(rest[0])]
+    if node.target is torch.reshape or not rest:
+        return None
+    return [(v, ArgSlot(first + j)) for j, v in enumerate(rest)]
 
 
 def _relate_size(ctx: RuleContext, taint: Taint, layout: Layout | None) -> None:

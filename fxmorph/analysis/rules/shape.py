@@ -16,7 +16,7 @@ from typing import Any
 from torch import fx
 
 from fxmorph.analysis.atoms import Layout
-from fxmorph.analysis.context import RuleContext, Spaces, Taint
+from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces, Taint
 from fxmorph.analysis.rules._util import norm_dim, pin_unknown
 from fxmorph.analysis.rules.reshape import flatten_module, reshape
 
@@ -43,6 +43,7 @@ __all__ = [
 
 # -- dim moves -------------------------------------------------------------------------------------
 def _dims_arg(node: fx.Node) -> list[int]:
+    """The permutation of ``x.permute(0, 2, 1)``, ``x.permute([0, 2, 1])`` or ``torch.permute(x, dims=...)``."""
     rest = node.args[1:]
     if len(rest) == 1 and isinstance(rest[0], list | tuple):
         return list(rest[0])
@@ -71,6 +72,7 @@ def transpose(ctx: RuleContext, node: fx.Node) -> Spaces:
 def unsqueeze(ctx: RuleContext, node: fx.Node) -> Spaces:
     """``unsqueeze(d)``: dims at or after d move up by one."""
     sp = ctx.spaces(node.args[0])
+    # a negative dim counts from the end of the output, which has the new dim
     d = norm_dim(int(node.args[1] if len(node.args) > 1 else node.kwargs["dim"]), len(ctx.shape(node) or ()))
     return {(k + 1 if k >= d else k): layout for k, layout in sp.items()}
 
@@ -83,7 +85,7 @@ def squeeze(ctx: RuleContext, node: fx.Node) -> Spaces:
     if dims and isinstance(dims[0], list | tuple):
         dims = list(dims[0])
     chosen = {norm_dim(int(d), len(ins)) for d in dims} if dims else set(range(len(ins)))
-    gone = {d for d in chosen if ins[d] == 1}
+    gone = {d for d in chosen if ins[d] == 1}  # squeeze leaves a named dim that is not of size one
     out: Spaces = {}
     for k, layout in sp.items():
         if k in gone:
@@ -97,7 +99,7 @@ def expand(ctx: RuleContext, node: fx.Node) -> Spaces:
     """``expand``: broadcast dims; a channel layout broadcast from width one is pinned."""
     sp = ctx.spaces(node.args[0])
     ins, outs = ctx.shape(node.args[0]) or (), ctx.shape(node) or ()
-    lead = len(outs) - len(ins)
+    lead = len(outs) - len(ins)  # expand may add leading dims
     out: Spaces = {}
     for k, layout in sp.items():
         if ins[k] != outs[k + lead]:
@@ -118,14 +120,15 @@ def repeat_interleave(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     value = ctx.env.get(repeats) if isinstance(repeats, fx.Node) else None
     if isinstance(value, Taint):
         ctx.pin_all(repeats, "a channel count used as a repeat count")
-    tensor_count = isinstance(repeats, fx.Node) and ctx.shape(repeats) is not None
+    tensor_count = isinstance(repeats, fx.Node) and ctx.shape(repeats) is not None  # a tensor of per-entry counts
     if ins is None or outs is None or not isinstance(dim, int) or len(ins) != len(outs) or tensor_count:
         pin_unknown(ctx, node, "repeat_interleave of this form")
         return None
     d = norm_dim(dim, len(ins))
     out = dict(ctx.spaces(x))
-    if d in out and ins[d] > 0:
+    if d in out and ins[d] > 0:  # an empty dim gives no repeat count to read
         count = outs[d] // ins[d]
+        # each channel now fills ``count`` consecutive positions: exactly what a piece's ``inner`` says
         out[d] = tuple((a, inner * count) for a, inner in ctx.atoms.expand(out[d]))
     return out
 
@@ -135,6 +138,7 @@ def getitem(ctx: RuleContext, node: fx.Node) -> Any:
     """``x[i]`` on a tuple value selects; on a tensor maps slices of channel dims (or pins)."""
     src, index = node.args[0], node.args[1]
     value = ctx.env.get(src) if isinstance(src, fx.Node) else None
+    # a tuple-valued node (split, x.size(), an attention's (output, weights)): pick its items' spaces
     if isinstance(value, tuple) and isinstance(index, int | slice):
         return value[index]
     if ctx.shape(src) is None:
@@ -166,6 +170,8 @@ def index_select(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def _index_tensor(ctx: RuleContext, node: fx.Node, sp: Spaces, shape: tuple[int, ...]) -> Spaces | None:
+    """Basic indexing ``x[...]`` with ints, slices, ``None`` and ``...``: map the input's channel dims to
+    the output's (``d`` walks the input's dims, ``o`` the output's)."""
     raw = node.args[1]
     packed = isinstance(raw, tuple)
     items = list(raw) if packed else [raw]
@@ -174,32 +180,34 @@ def _index_tensor(ctx: RuleContext, node: fx.Node, sp: Spaces, shape: tuple[int,
         return None
     if Ellipsis in items:
         k = items.index(Ellipsis)
+        # ``...`` stands for every input dim that no other item (``None`` takes none) consumes
         fill = len(shape) - (len(items) - 1 - items.count(None))
         items[k : k + 1] = [slice(None)] * fill
     out: Spaces = {}
     d = o = 0
     for pos, item in enumerate(items):
-        if item is None:
+        if item is None:  # a new output dim of size one, reading no input dim
             o += 1
             continue
         layout = sp.get(d)
-        if isinstance(item, int):
+        if isinstance(item, int):  # consumes the input dim and drops it from the output
             if layout is not None:
                 ctx.pin(layout, "indexing picks a single channel")
             d += 1
             continue
         if layout is not None:
-            sub = _slice_layout(ctx, node, layout, item, shape[d], (1, pos if packed else None))
+            sub = _slice_layout(ctx, node, layout, item, shape[d], ArgSlot(1, pos if packed else None))
             if sub is not None:
                 out[o] = sub
         d, o = d + 1, o + 1
-    out.update({o + k - d: sp[k] for k in range(d, len(shape)) if k in sp})
+    out.update({o + k - d: sp[k] for k in range(d, len(shape)) if k in sp})  # dims the index does not reach, shifted
     return out
 
 
 def _slice_layout(
-    ctx: RuleContext, node: fx.Node, layout: Layout, item: slice, size: int, location: tuple[int, int | None]
+    ctx: RuleContext, node: fx.Node, layout: Layout, item: slice, size: int, location: ArgSlot
 ) -> Layout | None:
+    """The channels a constant slice of a channel dim keeps, with a rewrite of its bounds for surgery."""
     start, stop, step = item.start, item.stop, item.step
     if item == slice(None):
         return layout
@@ -208,6 +216,7 @@ def _slice_layout(
         return None
     lo, hi, _ = item.indices(size)
     sub = ctx.atoms.slice(layout, lo, hi)
+    # the channels before the slice: their new width is where the rewritten slice starts
     head = ctx.atoms.slice(layout, 0, lo) if lo else ()
     if sub is None or head is None:
         ctx.pin(layout, "slice boundary inside a block of channels")
@@ -223,12 +232,14 @@ def _slice_layout(
 
 # -- cat and split ---------------------------------------------------------------------------------
 def _dim_arg(node: fx.Node, position: int, default: int = 0) -> int:
+    """The ``dim`` argument, at ``position`` or by keyword."""
     if len(node.args) > position:
         return int(node.args[position])
     return int(node.kwargs.get("dim", default))
 
 
 def _unify_other_dims(ctx: RuleContext, parts: list[Spaces], skip: int, ndim: int) -> Spaces:
+    """Unify each dim but ``skip`` across the joined tensors: all must carry the same channels there."""
     out: Spaces = {}
     for d in range(ndim):
         if d == skip:
@@ -256,6 +267,7 @@ def cat(ctx: RuleContext, node: fx.Node) -> Spaces:
     if any(d in p for p in parts):
         segments: list[Layout] = []
         for t, p in zip(tensors, parts, strict=True):
+            # a fixed-width input still takes up positions along the cat dim: a fresh pinned segment
             layout = p.get(d) or ctx.fresh((ctx.shape(t) or ())[d])
             if d not in p:
                 ctx.pin(layout, "fixed-width input of cat")
@@ -265,6 +277,7 @@ def cat(ctx: RuleContext, node: fx.Node) -> Spaces:
 
 
 def _split_outputs(ctx: RuleContext, node: fx.Node, d: int, sizes: list[int]) -> tuple[Spaces, ...]:
+    """The spaces of each consecutive piece of ``sizes`` along dim ``d``; other dims pass to every piece."""
     sp = ctx.spaces(node.args[0])
     rest = {k: v for k, v in sp.items() if k != d}
     if d not in sp:
@@ -282,6 +295,7 @@ def _split_outputs(ctx: RuleContext, node: fx.Node, d: int, sizes: list[int]) ->
 
 
 def _out_sizes(node: fx.Node, d: int) -> list[int] | None:
+    """Sizes along ``d`` of a tuple-valued node's pieces, from propagated shapes (so any argument form works)."""
     metas = node.meta.get("tensor_meta")
     if not isinstance(metas, list | tuple):
         return None
@@ -299,7 +313,8 @@ def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     outs = _split_outputs(ctx, node, d, sizes)
     if d in ctx.spaces(node.args[0]) and all(d in o for o in outs):
         layouts = [o[d] for o in outs]
-        ctx.rewrite((1, None), lambda measure: [measure(x) for x in layouts])
+        # always a list of sizes, even where the model passed one split size: new widths need not be equal
+        ctx.rewrite(ArgSlot(1), lambda measure: [measure(x) for x in layouts])
     return outs
 
 
@@ -318,6 +333,7 @@ def tensor_split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     outs = _split_outputs(ctx, node, d, sizes)
     if d not in ctx.spaces(node.args[0]) or not all(d in o for o in outs):
         return outs
+    # the keyword differs between tensor_split's overloads
     key = next((k for k in ("indices", "tensor_indices_or_sections", "sections") if k in node.kwargs), None)
     points = node.args[1] if len(node.args) > 1 else node.kwargs.get(key) if key else None
     if not isinstance(points, list | tuple) or not all(isinstance(p, int) for p in points):
@@ -330,7 +346,7 @@ def tensor_split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
         ends = [sum(measure(x) for x in layouts[: k + 1]) for k in range(len(layouts) - 1)]
         return tuple(ends)
 
-    ctx.rewrite((1, None) if len(node.args) > 1 else (str(key), None), split_points)
+    ctx.rewrite(ArgSlot(1) if len(node.args) > 1 else ArgSlot(str(key)), split_points)
     return outs
 
 
@@ -349,6 +365,7 @@ def chunk(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     if layouts and (
         len(set(sizes)) != 1
         or len(sizes) != requested
+        # last, as unify merges atoms: only once the pieces are known to be equal and as many as asked
         or ctx.unify(layouts, "chunks must keep equal widths") is None
     ):
         for layout in layouts:
@@ -375,7 +392,7 @@ def size(ctx: RuleContext, node: fx.Node) -> Any:
     dims = node.args[1:] or tuple(node.kwargs.values())
     if dims:
         d = norm_dim(int(dims[0]), ndim)
-        return Taint((sp[d],)) if d in sp else None
+        return Taint((sp[d],)) if d in sp else None  # the size of a fixed dim is a plain constant
     return tuple(Taint((sp[d],)) if d in sp else None for d in range(ndim))
 
 

@@ -44,6 +44,7 @@ _PURE = _window_helpers()
 
 
 def _bound(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """The node's arguments by parameter name, ``names`` giving the positional order."""
     values = dict(zip(names, node.args, strict=False))
     values.update(node.kwargs)
     return values
@@ -69,6 +70,7 @@ def shifted_window_attention_3d(ctx: RuleContext, node: fx.Node) -> Spaces | Non
 
 
 def _window_attention(ctx: RuleContext, node: fx.Node, a: dict[str, Any]) -> Spaces | None:
+    """The rule shared by the 2-D and 3-D forms, given the call's arguments by name."""
     x, heads = a["input"], a["num_heads"]
     window = static_value(ctx, a["window_size"], _PURE)
     shape = ctx.shape(x)
@@ -84,8 +86,10 @@ def _window_attention(ctx: RuleContext, node: fx.Node, a: dict[str, Any]) -> Spa
     # The head count of the position bias and the logit scale stays; so do their channels.
     ctx.pin_all([a.get("relative_position_bias"), a.get("logit_scale")], "per-head tensor of windowed attention")
     head = ctx.fresh(shape[-1] // heads)
-    embed = head * heads
+    embed = head * heads  # heads x head dim, one atom repeated: all heads keep the same dims
     ctx.no_grow(head, "new query and key dims would change the attention logits")
+    # Everything embed wide: the input's channels, the qkv weight's columns, both dims of the output
+    # projection and its bias. The qkv weight's rows and bias are q, k and v stacked: three embeds.
     sources = [ctx.spaces(x).get(len(shape) - 1)]
     sources += [ctx.spaces(a[k]).get(d) for k, d in (("qkv_weight", 1), ("proj_weight", 0), ("proj_weight", 1))]
     sources += [ctx.spaces(a.get("proj_bias")).get(0)]
@@ -93,6 +97,7 @@ def _window_attention(ctx: RuleContext, node: fx.Node, a: dict[str, Any]) -> Spa
     for d, layout in ctx.spaces(x).items():
         if d != len(shape) - 1:
             ctx.pin(layout, "windowed attention over a channel dim")
+    # on failure unify has pinned everything involved; the output then carries no channels
     if ctx.unify([embed, *[s for s in sources if s]], "windowed attention channels do not line up") is None:
         return None
     if ctx.unify([embed * 3, *[t for t in triple if t]], "windowed attention q/k/v do not line up") is None:
@@ -101,12 +106,13 @@ def _window_attention(ctx: RuleContext, node: fx.Node, a: dict[str, Any]) -> Spa
         # The function scales queries by (C // heads) ** -0.5 of the width it is given.
         paths = [str(a[k].target) for k in ("qkv_weight", "qkv_bias") if isinstance(a.get(k), fx.Node)]
         old = shape[-1] // heads
-        ctx.rewrite(("!rescale_query", None), lambda measure: rescale_query(paths, measure(head), old))
+        rescale_query(ctx, paths, head, old)
     _swin_cost(ctx, shape, list(window), heads, embed, head)
     return {len(shape) - 1: embed}
 
 
 def _swin_cost(ctx: RuleContext, shape: tuple[int, ...], window: list[int], heads: int, embed: Any, head: Any) -> None:
+    """FLOPs of windowed attention on a ``[B, *spatial, C]`` input, as the function runs it."""
     # Inputs are padded up to whole windows in every spatial dim before the projections run.
     padded = [math.ceil(s / w) * w for s, w in zip(shape[1:-1], window, strict=True)]
     tokens, n = shape[0] * math.prod(padded), math.prod(window)
@@ -139,6 +145,7 @@ def patch_merging_pad(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def _torchvision_rules() -> dict[Any, Any]:
+    """The rules keyed by torchvision's wrapped functions (none where torchvision does not import)."""
     try:
         from torchvision.models import swin_transformer
         from torchvision.models.video import swin_transformer as video_swin

@@ -1,0 +1,123 @@
+"""What the op table knows about one op: how it moves channels, and the properties the passes and surgery ask.
+
+An :class:`OpFacts` is plain data: the channel rule (:mod:`fxmorph.analysis.rules`), a kind
+(:class:`OpKind`), and properties such as ``f(0) = 0`` and the slope there. Facts that depend on the
+call (the slope of a ``LeakyReLU`` is its ``negative_slope``; ``F.pad`` keeps zeros only with a zero
+fill) are refined per call by the entry's ``specialise`` function, which reads the module's attributes
+or the call's arguments through :class:`Call`. The table itself is :mod:`fxmorph.analysis.ops`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from torch import fx, nn
+
+from fxmorph.analysis.context import RuleContext
+
+__all__ = ["Call", "OpFacts", "OpKind", "Rule", "number"]
+
+Rule = Callable[[RuleContext, fx.Node], Any]
+"""A channel rule: reads a node's inputs' channel spaces from the context, returns the node's."""
+
+
+class OpKind(Enum):
+    """What an op does to the values of a channel, as the passes need to know it."""
+
+    LAYER = "layer"
+    """A weight reads the input's channels through its columns (Linear, convolutions)."""
+    BATCH_NORM = "batch_norm"
+    """Per-channel affine map of running statistics in eval mode (BatchNorm)."""
+    NORM = "norm"
+    """Normalisation by statistics of the input itself (instance, layer, group and RMS norm)."""
+    ACTIVATION = "activation"
+    """A nonlinear function of each element of one tensor (ReLU, GELU, PReLU ...)."""
+    POINTWISE = "pointwise"
+    """Any other elementwise op: arithmetic, casts, identity, dropout."""
+    MOVE = "move"
+    """Data movement: every value kept, only positions change (reshape, permute, cat, indexing)."""
+    POOL = "pool"
+    """Pooling, padding, interpolation, reductions over dims that do not carry the channel."""
+    SHAPE = "shape"
+    """Reads only the tensor's shape (``x.size()``, ``x.dim()``)."""
+    OTHER = "other"
+    """Anything else (matmul, attention, softmax, embeddings, ops without a rule)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of an op as a specialiser sees it: the module called, or the function's arguments."""
+
+    module: nn.Module | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def arg(self, name: str, position: int, default: Any) -> Any:
+        """The module's attribute ``name``; for a function, argument ``name`` by keyword or at
+        ``position``; ``default`` where it is not given."""
+        if self.module is not None:  # a module keeps its call's settings as attributes of the same name
+            return getattr(self.module, name, default)
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[position] if len(self.args) > position else default
+
+
+@dataclass(frozen=True)
+class OpFacts:
+    """Everything the table says about one op. Defaults describe an op nothing is known about.
+
+    ``zero_preserving``: all-zero inputs give a zero output (``f(0) = 0``; for arithmetic, every operand
+    zero). ``slope_at_zero``: the derivative at 0 as autograd computes it (``relu``: 0), None where it is
+    not known or varies. ``keeps_constant``: a channel constant at every position stays that constant at
+    any input size (max pooling, adaptive average pooling). ``zero_absorbing``: a zero operand gives a
+    zero output whatever the others are (``x * 0``, inputs taken finite). ``inplace``: the op always
+    writes into its first argument (``relu_``, ``+=``). ``train_flag``: position of the argument that
+    makes the op random when set (dropout, ``rrelu``; by keyword ``training`` or ``train``).
+    ``identity_in_eval``: the op is the identity when not training (dropout). ``new_channel``: the value
+    a new channel of a parameter gets by default, by parameter name (a norm's scale 1 and shift 0,
+    running statistics 0 and 1); for functions, by argument name. ``specialise`` refines these facts for
+    one call (see :class:`Call`).
+    """
+
+    rule: Rule
+    kind: OpKind = OpKind.OTHER
+    zero_preserving: bool = False
+    slope_at_zero: float | None = None
+    keeps_constant: bool = False
+    zero_absorbing: bool = False
+    inplace: bool = False
+    train_flag: int | None = None
+    identity_in_eval: bool = False
+    new_channel: tuple[tuple[str, float], ...] = ()
+    specialise: Callable[[OpFacts, Call], OpFacts] | None = None
+
+    @property
+    def pointwise(self) -> bool:
+        """Whether each output element depends only on the same element of the inputs."""
+        return self.kind in (OpKind.ACTIVATION, OpKind.POINTWISE)
+
+    def default(self, name: str) -> float | None:
+        """The default value of a new channel of parameter (or argument) ``name``; None if the table has none."""
+        return dict(self.new_channel).get(name)
+
+    def at(self, call: Call) -> OpFacts:
+        """These facts refined for one call (the same object where nothing depends on the call)."""
+        return self if self.specialise is None else self.specialise(self, call)
+
+    def replace(self, **changes: Any) -> OpFacts:
+        """A copy with ``changes`` (for the table's builders and specialisers)."""
+        return dataclasses.replace(self, **changes)
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a finite float when it is a plain number (not a graph node or tensor), else None."""
+    # bool is a Real too, but a flag passed where a number is expected is not one
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
+        return float(value)
+    return None
