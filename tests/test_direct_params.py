@@ -164,7 +164,7 @@ def test_report_failure_is_an_fxmorph_error_naming_the_step(monkeypatch: pytest.
     """Safety net: whatever goes wrong while building the report surfaces as a PassError naming it."""
     import sys
 
-    shrink_module = sys.modules["fxmorph.shrink"]
+    shrink_module = sys.modules["fxmorph.api.shrink"]
 
     def broken(*args: object) -> None:
         raise IndexError("tuple index out of range")
