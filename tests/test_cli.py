@@ -107,22 +107,74 @@ def _check_report(out: Path, model: str, rounds: int = 5) -> dict:
     return data
 
 
-def test_help() -> None:
-    result = _run("--help")
+Quick = dict[str, subprocess.CompletedProcess]
+SCRIPT = shutil.which("fxmorph-export", path=str(Path(sys.executable).parent))
+
+
+def _links_to_elsewhere(root: Path) -> None:
+    """``root/out`` whose result files are links to files in ``root/elsewhere`` (see the --force test)."""
+    out, elsewhere = root / "out", root / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    for name in ("shrunk.onnx", "report.json", "report.md"):
+        (elsewhere / name).write_bytes(b"precious " + name.encode())
+        (out / name).symlink_to(elsewhere / name)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A folder for each quick case: empty (--explain), holding links (--force) or a pickled model (trust)."""
+    paths = {case: tmp_path_factory.mktemp(case) for case in ("explain", "force", "trust", "fail")}
+    _links_to_elsewhere(paths["force"])
+    torch.save(cli_models.small_net(), paths["trust"] / "model.pt")  # a pickled module, not a state dict
+    return paths
+
+
+@pytest.fixture(scope="module")
+def quick(folders: dict[str, Path]) -> Quick:
+    """The processes of the quick cases, two at a time: each is mostly interpreter start-up (the start-ups,
+    not the cases, made this file slow). Each case's test below checks its own result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    checkpoint, fail = str(folders["trust"] / "model.pt"), str(folders["fail"])
+    trust = ["cli_models:small_net", "--explain", "--input-shape", SHAPE, "--checkpoint", checkpoint]
+    untraceable = ["cli_models:untraceable", "--budget-flops", "50%", "--input-shape", SHAPE, "--out"]
+    force = ["cli_models:small_net", "--budget-flops", "0.5", "--input-shape", SHAPE, "--no-latency", "--force"]
+    cases = {
+        "help": lambda: _run("--help"),
+        "explain": lambda: _run("resnet18", "--input-shape", SHAPE, "--explain", cwd=folders["explain"]),
+        "force": lambda: _run(*force, "--out", str(folders["force"] / "out"), cwd=folders["force"]),
+        "untrusted": lambda: _run(*trust),
+        "trusted": lambda: _run(*trust, "--trust-checkpoint"),
+        # an --out of its own each: the two run at once
+        "failure": lambda: _run(*untraceable, f"{fail}/out"),
+        "failure verbose": lambda: _run(*untraceable, f"{fail}/out_verbose", "--verbose"),
+    }
+    if SCRIPT is not None:
+        cases["console script"] = lambda: subprocess.run(
+            [SCRIPT, "--help"], capture_output=True, text=True, timeout=120
+        )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case: pool.submit(run) for case, run in cases.items()}
+    return {case: future.result() for case, future in futures.items()}
+
+
+def test_help(quick: Quick) -> None:
+    result = quick["help"]
     assert result.returncode == 0
     assert "fxmorph-export" in result.stdout and "--budget-flops" in result.stdout
 
 
-def test_console_script() -> None:
-    script = shutil.which("fxmorph-export", path=str(Path(sys.executable).parent))
-    if script is None:
+def test_console_script(quick: Quick) -> None:
+    if SCRIPT is None:
         pytest.skip("the fxmorph-export entry point is not installed next to this interpreter")
-    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    result = quick["console script"]
     assert result.returncode == 0 and "usage: fxmorph-export" in result.stdout
 
 
-def test_explain_analyses_a_torchvision_model(tmp_path: Path) -> None:
-    result = _run("resnet18", "--input-shape", SHAPE, "--explain", cwd=tmp_path)
+def test_explain_analyses_a_torchvision_model(quick: Quick, folders: dict[str, Path]) -> None:
+    tmp_path = folders["explain"]
+    result = quick["explain"]
     assert result.returncode == 0, result.stderr
     assert "13 channel groups (12 free)" in result.stdout
     assert "model output" in result.stdout
@@ -192,18 +244,12 @@ def test_factory_with_checkpoint_json_and_force(tmp_path: Path) -> None:
     assert (out / "latency.png").is_file()
 
 
-def test_force_never_writes_through_links_outside_out(tmp_path: Path) -> None:
+def test_force_never_writes_through_links_outside_out(quick: Quick, folders: dict[str, Path]) -> None:
     """--force replaces result files in --out; a result name that is a link to a file elsewhere is
     replaced by a new file, and the file it pointed to keeps its bytes."""
+    tmp_path = folders["force"]
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
-    out.mkdir()
-    elsewhere.mkdir()
-    for name in ("shrunk.onnx", "report.json", "report.md"):
-        (elsewhere / name).write_bytes(b"precious " + name.encode())
-        (out / name).symlink_to(elsewhere / name)
-    args = ["cli_models:small_net", "--budget-flops", "0.5", "--out", str(out), "--input-shape", SHAPE,
-            "--no-latency", "--force"]  # fmt: skip
-    result = _run(*args, cwd=tmp_path)
+    result = quick["force"]
     assert result.returncode == 0, result.stderr
     for name in ("shrunk.onnx", "report.json", "report.md"):
         assert (elsewhere / name).read_bytes() == b"precious " + name.encode()
@@ -211,23 +257,20 @@ def test_force_never_writes_through_links_outside_out(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
 
 
-def test_whole_model_checkpoint_needs_trust(tmp_path: Path) -> None:
-    torch.save(cli_models.small_net(), tmp_path / "model.pt")  # a pickled module, not a state dict
-    args = ["cli_models:small_net", "--explain", "--input-shape", SHAPE, "--checkpoint", str(tmp_path / "model.pt")]
-    refused = _run(*args)
+def test_whole_model_checkpoint_needs_trust(quick: Quick) -> None:
+    refused = quick["untrusted"]
     _assert_one_line(refused, "--trust-checkpoint")
     assert "pickled" in refused.stderr
-    trusted = _run(*args, "--trust-checkpoint")
+    trusted = quick["trusted"]
     assert trusted.returncode == 0, trusted.stderr
     assert "channel groups" in trusted.stdout
 
 
-def test_internal_failure_is_one_line_exit_1(tmp_path: Path) -> None:
-    args = ["cli_models:untraceable", "--budget-flops", "50%", "--out", str(tmp_path / "out"), "--input-shape", SHAPE]
-    result = _run(*args)
+def test_internal_failure_is_one_line_exit_1(quick: Quick) -> None:
+    result = quick["failure"]
     _assert_one_line(result, "cannot trace", code=1)
     assert "--verbose" in result.stderr
-    verbose = _run(*args, "--verbose")
+    verbose = quick["failure verbose"]
     assert verbose.returncode == 1
     assert "Traceback" in verbose.stderr
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 import fxmorph
 from fxmorph.meta import FACTORS_KEY
@@ -81,12 +82,24 @@ def test_convolutions_of_every_dimension_keep_their_options() -> None:
     assert (gm(*inputs) - model(*inputs)).abs().max() <= 1e-10
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vit_b_16"])
+def _vit_ti_16() -> nn.Module:
+    """ViT-B/16's architecture at a quarter of its width (ViT-Ti/16: 12 blocks of 3 heads, 192 channels)."""
+    return VisionTransformer(64, 16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768, num_classes=10)
+
+
+# ViT-B/16's 768-wide layers make it this file's slowest case (a minute of SVDs, float32 and float64): by
+# default the same architecture runs at a quarter of the width, ViT-B/16 itself under ``-m slow``.
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", "vit_ti_16", pytest.param("vit_b_16", marks=pytest.mark.slow)]
+)
 def test_zoo_split_preserves_the_function(name: str) -> None:
     """Exact in float64; in float32 the factors' rounding stays within 1e-5 of the output's scale."""
     torch.manual_seed(0)
-    size = {"image_size": 64} if name.startswith("vit") else {}
-    model = getattr(torchvision.models, name)(weights=None, num_classes=10, **size).eval()
+    if name == "vit_ti_16":
+        model = _vit_ti_16().eval()
+    else:
+        size = {"image_size": 64} if name.startswith("vit") else {}
+        model = getattr(torchvision.models, name)(weights=None, num_classes=10, **size).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         for p in model.parameters():  # no all-zero head (vit_b_16's), so the outputs have a scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "shrink_torchvision.py"
@@ -33,8 +34,8 @@ def test_main_job_meets_the_budget_and_agrees_with_pytorchs_counter() -> None:
 
 def test_main_job_refuses_bad_arguments_in_one_line() -> None:
     """An unknown model name or an impossible budget: a nonzero exit and one line naming the cause, no traceback."""
-    unknown = _run("resnet19")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # at once: each run is mostly interpreter start-up
+        unknown, too_big = pool.map(lambda args: _run(*args), [("resnet19",), ("resnet18", "150%", "--size", "64")])
     assert unknown.returncode == 2 and "unknown model 'resnet19'" in unknown.stderr and "resnet18" in unknown.stderr
-    too_big = _run("resnet18", "150%", "--size", "64")
     assert too_big.returncode == 1 and "above 100%" in too_big.stderr
     assert "Traceback" not in unknown.stderr + too_big.stderr
