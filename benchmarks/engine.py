@@ -57,7 +57,7 @@ def measure(name: str, repeats: int) -> dict:
         "total_s": t_trace + t_analysis + t_surgery,
         "cost_model_us": t_cost * 1e6,
         "shrink_50_s": t_shrink,
-        "shrink_50_flops_ratio": small.meta["fxmorph.report"].flops_ratio,
+        "shrink_50_flops_ratio": fxmorph.metadata(small)["fxmorph.report"].flops_ratio,
     }
 
 
@@ -78,7 +78,7 @@ if phase == 'analyze':
     extra = [len(cg.groups), len(cg.free_groups)]
 else:
     small = fxmorph.shrink(m, 0.5, (x,))
-    report = small.meta['fxmorph.report']
+    report = fxmorph.metadata(small)['fxmorph.report']
     extra = [report.flops_ratio, sum(p.numel() * 4 for p in small.parameters())]
 t = time.perf_counter() - t
 print(w, rss('VmHWM'), t, base, built, *extra)

@@ -22,10 +22,13 @@ from fxmorph.errors import (
     PlanError,
     SurgeryError,
     TraceError,
+    WriteBackError,
+    WriteBackWarning,
 )
 from fxmorph.io.export import ExportError, ExportResult, export_onnx
 from fxmorph.io.latency import LatencyReport, compare_latency, measure_latency
 from fxmorph.io.serialize import SerializationError, load, save
+from fxmorph.meta import metadata
 from fxmorph.surgery.apply import apply_plan
 
 __version__ = "0.1.0"
@@ -54,6 +57,8 @@ __all__ = [
     "SurgeryError",
     "TraceError",
     "WidthPlan",
+    "WriteBackError",
+    "WriteBackWarning",
     "analyze",
     "apply_plan",
     "check",
@@ -65,6 +70,7 @@ __all__ = [
     "grow",
     "load",
     "measure_latency",
+    "metadata",
     "morph",
     "resize",
     "save",

@@ -16,6 +16,8 @@ __all__ = [
     "PlanError",
     "SurgeryError",
     "TraceError",
+    "WriteBackError",
+    "WriteBackWarning",
 ]
 
 
@@ -53,3 +55,17 @@ class BudgetError(FxmorphError, ValueError):
 
 class PassError(FxmorphError):
     """A pass failed, or left a model that fails the consistency check; names the pass and its predecessors."""
+
+
+class WriteBackError(FxmorphError):
+    """The result cannot be written back into the user's own model class and proven equal to the graph
+    (``keep_class=True``); names the node, the source line where one is known, and why."""
+
+    def __init__(self, message: str, *, line: str | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+        """``file:line: `code``` of the user's line the failure points at, or None."""
+
+
+class WriteBackWarning(UserWarning):
+    """The result comes back as a ``torch.fx.GraphModule``, not the user's class; the message says why."""

@@ -14,10 +14,13 @@ __all__ = [
     "FLOPS_KEY",
     "GROW_KEY",
     "INTERFACE_KEY",
+    "META_ATTR",
     "MORPH_KEY",
     "REPORT_KEY",
+    "TRAIN_READERS_KEY",
     "UNREACHED_KEY",
     "TensorInfo",
+    "metadata",
     "node_info",
     "tensor_shape",
 ]
@@ -25,6 +28,9 @@ __all__ = [
 # Keys of ``GraphModule.meta``: every one fxmorph writes is here, so layers never spell one by hand.
 UNREACHED_KEY = "fxmorph.unreached"
 """Top-most submodules with parameters that the traced graph never reaches (written by tracing)."""
+TRAIN_READERS_KEY = "fxmorph.train_readers"
+"""``{node name: module}``: values of the graph that modules running only in train mode read (written by
+tracing when some module is unreached); the analysis pins their channels."""
 FLOPS_KEY = "fxmorph.flops"
 """FLOPs of one run on the example inputs (written by shape propagation)."""
 INTERFACE_KEY = "fxmorph.interface"
@@ -40,6 +46,20 @@ REPORT_KEY = "fxmorph.report"
 """The :class:`~fxmorph.api.report.ShrinkReport` of the shrink that made the model."""
 MORPH_KEY = "fxmorph.morph"
 """The :class:`~fxmorph.api.report.MorphReport` of the morph that made the model."""
+
+META_ATTR = "fxmorph_meta"
+"""The attribute under which a result given back as the user's own class holds the metadata that a GraphModule
+result holds in ``meta`` (the report, the FLOPs, ...)."""
+
+
+def metadata(model: Any) -> dict[str, Any]:
+    """The fxmorph metadata of a result: ``model.meta`` for a GraphModule, the dict under :data:`META_ATTR`
+    for a result given back as the user's class (empty for a model fxmorph did not make)."""
+    if isinstance(model, fx.GraphModule):
+        return model.meta
+    found = getattr(model, META_ATTR, None)
+    return found if isinstance(found, dict) else {}
+
 
 TensorInfo = Any  # torch.fx.passes.shape_prop.TensorMetadata, or a tuple/list of them
 

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 import fxmorph
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.plan import WidthPlan
+from fxmorph.surgery.write_back import write_back
 from fxmorph.testing import masked_reference
 
 
@@ -94,26 +95,53 @@ def check_prune(cg: ChannelGraph, plan: WidthPlan, x: torch.Tensor, *, allow_zer
     """Apply a removal plan and assert: check passes (shape replay, unchanged interface), the mask
     oracle holds in float64, and the counted FLOPs equal the cost model's prediction. ``allow_zero``
     for random architectures, whose masked outputs may all die (a ReLU before an identity head)."""
-    small = fxmorph.resize(cg, plan)
+    small = fxmorph.resize(cg, plan, keep_class=False)
     fxmorph.check(small, (x,))  # replays shapes, compares the interface, records the counted FLOPs
     predicted = fxmorph.CostModel(cg).flops({g: p.width for g, p in plan.items()})
     assert small.meta["fxmorph.flops"] == predicted
     assert small.meta["fxmorph.flops"] == fxmorph.count_flops(small, (x,))
+    written = written_back(cg, small)  # before the float64 run below converts the result in place
     expected = masked_reference(cg, plan, x)
-    assert_close_trees(_run_float64_in_place(small, x), expected, what="mask oracle", allow_zero=allow_zero)
+    graph_out = _run_float64_in_place(small, x)
+    assert_close_trees(graph_out, expected, what="mask oracle", allow_zero=allow_zero)
+    if written is not None:
+        assert_same_outputs(_run_float64_in_place(written, x), graph_out, "written back vs graph")
     return small
+
+
+def written_back(cg: ChannelGraph, result: fx.GraphModule) -> nn.Module | None:
+    """``result`` written back into the class of the model ``cg`` was traced from (proven equal to its graph),
+    or None when ``cg`` was built from a GraphModule. Asserts the class is the user's."""
+    if cg.source is None:
+        return None
+    model = write_back(cg.source, result, cg.leaf_modules).model
+    assert type(model) is type(cg.source), f"written back as {type(model).__name__}"
+    return model
+
+
+def assert_same_outputs(actual: Any, expected: Any, what: str) -> None:
+    """Bit-identical output trees: two models running the same ops on the same tensors."""
+    a, sa = tree_flatten(actual)
+    b, sb = tree_flatten(expected)
+    assert sa == sb, f"{what}: output structures differ: {sa} vs {sb}"
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v), f"{what}: outputs differ by {(u - v).abs().max().item():.3e}"
 
 
 def check_grow(cg: ChannelGraph, plan: WidthPlan, x: torch.Tensor) -> fx.GraphModule:
     """Apply a growth plan (default init) and assert the function is unchanged. Both models run in
     float64: the new channels add exact zeros, but a wider layer may sum in another order, and in
     float32 that rounding, relative to a tiny output, broke a 1e-5 bound (CI, seed 344)."""
-    big = fxmorph.resize(cg, plan)
+    big = fxmorph.resize(cg, plan, keep_class=False)
     fxmorph.check(big, (x,))
     predicted = fxmorph.CostModel(cg).flops({g: p.width for g, p in plan.items()})
     assert big.meta["fxmorph.flops"] == predicted
     reference = _run_float64_in_place(copy.deepcopy(cg.gm), x)
-    assert_close_trees(_run_float64_in_place(copy.deepcopy(big), x), reference, rtol=1e-9, what="growth equivalence")
+    written = written_back(cg, big)
+    grown = _run_float64_in_place(copy.deepcopy(big), x)
+    assert_close_trees(grown, reference, rtol=1e-9, what="growth equivalence")
+    if written is not None:
+        assert_same_outputs(_run_float64_in_place(copy.deepcopy(written), x), grown, "written back vs graph")
     return big
 
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fxmorph
-from fxmorph.io.export import ExportError, ExportResult, _compare, _MismatchError, export_onnx
+from fxmorph.io.export import ExportError, ExportResult, export_onnx
 from fxmorph.io.latency import LatencyReport, compare_latency, measure_latency
+from fxmorph.io.onnx_parity import _compare, _MismatchError
 from fxmorph.testing import random_plan
 from tests.zoo import CLASSIFICATION, HUGE, build, example_input
 
@@ -150,7 +151,7 @@ class _PerturbedSession:
 
 @pytest.mark.parametrize("exporter", ["auto", "torchscript"])
 def test_mismatch_raises_with_largest_difference(exporter: str, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("fxmorph.io.export.ort.InferenceSession", _PerturbedSession)
+    monkeypatch.setattr("fxmorph.io.onnx_parity.ort.InferenceSession", _PerturbedSession)
     path = tmp_path / "tiny.onnx"
     with pytest.raises(ExportError) as info:
         export_onnx(_tiny(), X, path, exporter=exporter)

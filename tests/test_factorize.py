@@ -218,7 +218,7 @@ def test_shrink_factorize_on_a_cnn_and_its_bad_input() -> None:
     model, x = torchvision.models.resnet18(weights=None, num_classes=10).eval(), torch.randn(1, 3, 64, 64)
     _low_rank_convs(model.layer4, 16)
     small, report = fxmorph.shrink(model, 0.3, (x,), factorize=["layer4"], round_to=8, return_report=True)
-    factors = small.meta.get(FACTORS_KEY, {})
+    factors = fxmorph.metadata(small).get(FACTORS_KEY, {})
     assert factors and all(path.startswith("layer4.") for path in factors)  # only what was named
     assert 0.97 * report.budget_flops <= report.flops_after <= report.budget_flops and _pairs_pay(small)
     assert small(x).shape == (1, 10)
@@ -235,7 +235,7 @@ def test_shrink_factorize_on_a_cnn_and_its_bad_input() -> None:
 def test_load_refuses_an_original_that_cannot_be_factorized_the_same_way(tmp_path: Path) -> None:
     model, x = _mlp(low_rank=True), torch.randn(4, 1, 8, 8)
     small = fxmorph.shrink(model, 0.3, (x,), round_to=1, factorize=True)
-    assert small.meta[FACTORS_KEY]
+    assert fxmorph.metadata(small)[FACTORS_KEY]
     fxmorph.save(small, tmp_path / "small.pt")
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(fxmorph.SerializationError, match="were factorized, and the original model cannot"):
@@ -248,7 +248,7 @@ def test_merge_factors_joins_full_rank_pairs_exactly() -> None:
               torch.randn(2, 2, 4, 5, 6, dtype=torch.float64))  # fmt: skip
     split = _factorize(model, inputs)
     joined = Pipeline([MergeFactorsPass()])(split, PassContext(inputs)).gm
-    assert joined.meta[FACTORS_KEY] == {}
+    assert fxmorph.metadata(joined)[FACTORS_KEY] == {}
     assert {n: tuple(p.shape) for n, p in joined.named_parameters()} == {
         n: tuple(p.shape) for n, p in model.named_parameters()
     }
@@ -267,7 +267,7 @@ def test_shrink_factorize_meets_the_budget_and_keeps_only_pairs_that_pay(budget:
     small, report = fxmorph.shrink(model, budget, (x,), round_to=1, factorize=True, return_report=True)
     assert 0.99 * report.budget_flops <= report.flops_after <= report.budget_flops
     assert _pairs_pay(small)
-    factors = small.meta.get(FACTORS_KEY) or {}
+    factors = fxmorph.metadata(small).get(FACTORS_KEY) or {}
     if budget == 0.9:  # no pair pays at so mild a cut: the last round pruned every layer whole
         assert not factors and "factorize" not in [p["pass"] for p in report.passes]
     else:
@@ -282,6 +282,6 @@ def test_factorize_falls_back_to_whole_layers_when_the_split_cannot_reach_the_bu
     plain = fxmorph.shrink(model, 0.5, (x,), round_to=16, return_report=True)[1]
     small, report = fxmorph.shrink(model, 0.5, (x,), round_to=16, factorize=True, return_report=True)
     assert report.flops_after == plain.flops_after <= report.budget_flops
-    assert not small.meta.get(FACTORS_KEY) and "factorize" not in [p["pass"] for p in report.passes]
+    assert not fxmorph.metadata(small).get(FACTORS_KEY) and "factorize" not in [p["pass"] for p in report.passes]
     with pytest.raises(fxmorph.BudgetError, match=r"of 5,632\)"):
         fxmorph.shrink(model, 0.05, (x,), round_to=16, factorize=True)

@@ -258,7 +258,8 @@ def test_shrink_meets_random_budgets(
     assert all(cg.groups[g].size == size for g, (size, _) in cut["changes"].items()), "group ids disagree"
     w = _widths(cost, cut)
     achieved = cost.flops(w)
-    assert achieved == report.flops_after == small.meta["fxmorph.flops"] == fxmorph.count_flops(small, (x,))
+    recorded = fxmorph.metadata(small)["fxmorph.flops"]
+    assert achieved == report.flops_after == recorded == fxmorph.count_flops(small, (x,))
     assert achieved <= budget_flops
     assert all(w[g.id] == g.size for g in cg.free_groups if g.id not in free), "a protected group changed"
     for g in free:
@@ -363,7 +364,8 @@ def test_grow_meets_random_budgets_and_keeps_function(
     assert abs(report.budget_flops - expected) <= slack, "budget parsed wrongly"
     fxmorph.check(big, (x,))
     w = _grown_widths(cost, report.groups)
-    assert cost.flops(w) == report.flops_after == big.meta["fxmorph.flops"] == fxmorph.count_flops(big, (x,))
+    recorded = fxmorph.metadata(big)["fxmorph.flops"]
+    assert cost.flops(w) == report.flops_after == recorded == fxmorph.count_flops(big, (x,))
     _assert_growth_budget(cost, cg, w, report.budget_flops, round_to)
     event(f"inits used: {sorted({row['init'] for row in report.groups}) or 'none (nothing grew)'}")
     _assert_same_function(big, model, x)
@@ -407,7 +409,8 @@ def test_width_strategy_above_budget_grows_and_keeps_function(
     width = records.pop("width")
     assert not any(r["modified"] for r in records.values()) and not width["kept"], "growing removed channels"
     w = _widths(cost, width)
-    assert cost.flops(w) == report.flops_after == wide.meta["fxmorph.flops"] == fxmorph.count_flops(wide, (x,))
+    recorded = fxmorph.metadata(wide)["fxmorph.flops"]
+    assert cost.flops(w) == report.flops_after == recorded == fxmorph.count_flops(wide, (x,))
     _assert_growth_budget(cost, cg, w, report.budget_flops, round_to)
     event("outcome: grew" if width["modified"] else "outcome: nothing grew")
     _assert_same_function(wide, model, x)

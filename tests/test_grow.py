@@ -160,7 +160,8 @@ def test_zoo_growth_preserves_function(
     assert diff <= bound
     fxmorph.check(big, (x,))
     widths = {g: cg.groups[g].size + k for g, k in channels.items()}
-    assert big.meta["fxmorph.flops"] == fxmorph.CostModel(cg).flops(widths) == fxmorph.count_flops(big, (x,))
+    recorded = fxmorph.metadata(big)["fxmorph.flops"]
+    assert recorded == fxmorph.CostModel(cg).flops(widths) == fxmorph.count_flops(big, (x,))
     assert {r["id"]: r["after"] for r in report.groups} == widths
     if init in ("gradmax", "dual", "net2net", "zero"):
         assert all(r["init"] == init or r["note"].startswith(f"{init} -> ") for r in report.groups)
@@ -375,8 +376,8 @@ def test_width_pass_grows_above_the_budget() -> None:
     flops = fxmorph.count_flops(model, (x,))
     budget = int(1.5 * flops)
     big = fxmorph.shrink(model, budget, (x,), strategy="width", round_to=8)
-    assert big.meta["fxmorph.flops"] <= budget
-    assert budget - big.meta["fxmorph.flops"] < _next_step_flops(big, x, 8)
+    assert fxmorph.metadata(big)["fxmorph.flops"] <= budget
+    assert budget - fxmorph.metadata(big)["fxmorph.flops"] < _next_step_flops(big, x, 8)
     assert _max_diff(model, big, x) <= 1e-10
     gm = fxmorph.trace(model, (x,))
     result = WidthPass(budget)(copy.deepcopy(gm), PassContext((x,)))

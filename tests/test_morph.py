@@ -106,7 +106,7 @@ def test_morph_meets_budget(mnist, budget: float | str) -> None:
     assert report.stage("dead removed").flops < report.stage("trained").flops == flops
     assert all(s.metric is not None for s in report.stages)
     assert report.stage("trained").metric > 0.85 and report.stage("fine-tuned").metric > 0.93, report.table()
-    assert result.meta["fxmorph.morph"] is report
+    assert fxmorph.metadata(result)["fxmorph.morph"] is report
     lean, resized = report.stage("dead removed").widths, report.stage("resized").widths
     assert lean.keys() == resized.keys() and len(lean) == 3
     grown = [resized[k] > lean[k] for k in lean if resized[k] != lean[k]]

@@ -100,7 +100,7 @@ def test_settings_of_the_report_come_from_the_options() -> None:
     small, report = fxmorph.shrink(SmallNet().eval(), 0.5, (X,), criterion="l2", round_to=4, return_report=True)
     options = ShrinkOptions(budget_flops=0.5, criterion="l2", round_to=4)
     assert report.settings == options.settings(report.settings["rounding"])
-    assert report.settings["criterion"] == "l2" and small.meta["fxmorph.flops"] <= report.budget_flops
+    assert report.settings["criterion"] == "l2" and fxmorph.metadata(small)["fxmorph.flops"] <= report.budget_flops
 
 
 # -- Pass.requires --------------------------------------------------------------------------------------------

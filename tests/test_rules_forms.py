@@ -138,7 +138,7 @@ def test_norm_act_subclass_and_depthwise_multiplier_are_free() -> None:
     plan = WidthPlan({g.id: GroupPlan(tuple(range(g.size)), new=2) for g in growable})
     check_grow(cg, plan, x)
     small = fxmorph.shrink(model, 0.5, (x,), round_to=1)
-    assert small.meta["fxmorph.report"].flops_ratio <= 0.5
+    assert fxmorph.metadata(small)["fxmorph.report"].flops_ratio <= 0.5
 
 
 class WeightStandardised(nn.Module):
@@ -256,7 +256,7 @@ def test_transformer_encoder_layer_shrinks(norm_first: bool, batch_first: bool, 
     assert _free_share(cg) == 1.0, cg.explain()
     check_prune(cg, random_plan(cg, seed=1), x)
     small = fxmorph.shrink(model, 0.5, (x,))
-    assert small.meta["fxmorph.report"].flops_ratio <= 0.5
+    assert fxmorph.metadata(small)["fxmorph.report"].flops_ratio <= 0.5
     fxmorph.check(small, (x,))
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import fxmorph
 from fxmorph.passes.base import PassContext
@@ -29,13 +30,13 @@ SAMPLE = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5",
 
 
 def _trains(model: nn.Module, x: torch.Tensor) -> None:
-    """Train-mode forward and backward run and give every parameter a gradient."""
+    """Train-mode forward and backward run and give every parameter a gradient (a loss on every output, so
+    GoogLeNet's aux heads, which run in train mode, are trained too)."""
     model = copy.deepcopy(model).train()
-    out = model(torch.cat([x, x]))
-    out = out[0] if isinstance(out, tuple) else out
-    out = out["out"] if isinstance(out, dict) else out
-    out.float().square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    outputs = [t for t in tree_leaves(model(torch.cat([x, x]))) if isinstance(t, torch.Tensor)]
+    sum(t.float().square().mean() for t in outputs).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -185,7 +186,7 @@ def test_report_lists_widths_pins_and_dropped_aux_heads() -> None:
     assert report.dropped_modules == ("aux1", "aux2")
     assert "aux1, aux2" in report.table()
     _trains(small, x)
-    assert small.meta["fxmorph.report"] is report
+    assert fxmorph.metadata(small)["fxmorph.report"] is report
     assert report.flops_after <= report.budget_flops
     assert any(r.after < r.before for r in report.groups)
     assert any(r.pinned and "model output" in r.pinned for r in report.groups)

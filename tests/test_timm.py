@@ -64,7 +64,7 @@ def test_timm_norm_act_model_shrinks_to_half(name: str) -> None:
     none) and shrink(model, 0.5) raised BudgetError."""
     model, x = build(name), example_input(name)
     small = fxmorph.shrink(model, 0.5, (x,))
-    report = small.meta["fxmorph.report"]
+    report = fxmorph.metadata(small)["fxmorph.report"]
     assert report.flops_after <= 0.5 * report.flops_before
     with torch.no_grad():
         assert small(x).shape == model(x).shape

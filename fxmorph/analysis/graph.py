@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
-from torch import fx
+from torch import fx, nn
 
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
 from fxmorph.analysis.context import Binding, CostTerm, Rewrite, Role, RuleContext
 from fxmorph.analysis.ops import lookup
 from fxmorph.errors import AnalysisError
+from fxmorph.meta import TRAIN_READERS_KEY
 
 __all__ = ["ChannelGraph", "Group", "Member", "build_channel_graph"]
 
@@ -90,6 +91,11 @@ class ChannelGraph:
     rewrites: list[Rewrite]
     costs: list[CostTerm]
     graph: nx.Graph = field(default_factory=nx.Graph)
+    source: nn.Module | None = None
+    """The user's model ``gm`` was traced from, when :func:`fxmorph.analyze` traced it: ``resize`` gives its
+    result back as that model's class (the graph shares its modules and tensors, so this costs nothing)."""
+    leaf_modules: tuple[type | str, ...] = ()
+    """The extra leaf modules the trace used (a re-trace for write-back uses them too)."""
 
     def layout_groups(self, layout: Layout) -> list[tuple[int, int]]:
         """``(group id, inner)`` for every piece of a layout, in order."""
@@ -138,7 +144,18 @@ def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
                 f"({node.format_node()}): {type(exc).__name__}: {exc}. This is a bug in fxmorph; as a "
                 "workaround, mark the module holding this op as a leaf so its channels are pinned."
             ) from exc
+    _pin_train_readers(ctx, gm)
     return _collect(ctx)
+
+
+def _pin_train_readers(ctx: RuleContext, gm: fx.GraphModule) -> None:
+    """Pin the values that modules running only in train mode read (recorded by tracing): the graph, traced in
+    eval mode, does not hold those modules, so their inputs must keep their widths."""
+    readers = gm.meta.get(TRAIN_READERS_KEY) or {}
+    for node in gm.graph.nodes:
+        if node.name in readers:
+            ctx.node = node
+            ctx.pin_all(node, f"read by {readers[node.name]}, which runs only in train mode")
 
 
 def _collect(ctx: RuleContext) -> ChannelGraph:

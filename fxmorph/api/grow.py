@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from fxmorph.analysis import ChannelGraph, Role, build_channel_graph
 from fxmorph.api.budget import parse_any_budget
+from fxmorph.api.deliver import deliver
 from fxmorph.api.options import GrowOptions
 from fxmorph.api.report import GrowReport
 from fxmorph.api.shrink import run_pipeline
@@ -119,9 +120,12 @@ def grow(
     protect: Sequence[str] = (),
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
+    keep_class: bool | None = None,
     return_report: bool = False,
-) -> fx.GraphModule | tuple[fx.GraphModule, GrowReport]:
+) -> nn.Module | tuple[nn.Module, GrowReport]:
     """Return a wider copy of ``model`` that computes the same function (until it is trained).
+
+    The copy is of ``model``'s own class where it is proven equal to the grown graph (``keep_class``).
 
     Args:
         model: the model; never modified.
@@ -145,7 +149,10 @@ def grow(
         noise: Net2Net's relative noise on the split fan-outs (exact: the copies' shares still sum to one).
         protect: module path prefixes whose groups are left alone.
         seed: seeds probes and new values; same seed, same model.
-        return_report: also return the :class:`GrowReport` (always at ``result.meta["fxmorph.grow"]``).
+        keep_class: as in :func:`fxmorph.shrink`: ``None`` gives ``model``'s class back where proven, else the
+            GraphModule with a warning; ``True`` raises a WriteBackError instead; ``False`` never tries.
+        return_report: also return the :class:`GrowReport` (always at
+            ``fxmorph.metadata(result)["fxmorph.grow"]``).
 
     Under DDP, call it with the same ``seed`` and ``data`` on every rank after broadcasting the
     BatchNorm buffers (each rank's running statistics are its own, and new channels' statistics and
@@ -178,19 +185,25 @@ def grow(
         protect=protect,
         seed=seed,
         leaf_modules=leaf_modules,
+        keep_class=keep_class,
     )
     big, report = run_grow(model, example_inputs, options)
     return (big, report) if return_report else big
 
 
-def run_grow(model: nn.Module, example_inputs: Any, options: GrowOptions) -> tuple[fx.GraphModule, GrowReport]:
+def run_grow(model: nn.Module, example_inputs: Any, options: GrowOptions) -> tuple[nn.Module, GrowReport]:
     """:func:`grow` with its options validated: the wider model and its report."""
     inputs = as_inputs(example_inputs)
     check_model(model)
     low = low_precision_dtype(model)
     if low is not None:
-        return _grow_in_float32(model, inputs, options, low)
-    return _grow(model, inputs, options, options.data)
+        big, report = _grow_in_float32(model, inputs, options, low)
+    else:
+        big, report = _grow(model, inputs, options, options.data)
+    result, report.delivery = deliver(
+        model, big, keep_class=options.keep_class, leaf_modules=options.leaf_modules, entry="grow"
+    )
+    return result, report
 
 
 def _grow_in_float32(

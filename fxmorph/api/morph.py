@@ -30,6 +30,7 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.api.analyze import analyze
 from fxmorph.api.budget import parse_any_budget
+from fxmorph.api.deliver import deliver
 from fxmorph.api.options import MorphOptions
 from fxmorph.api.regularizer import FlopsRegularizer
 from fxmorph.api.report import MorphReport, MorphStage
@@ -187,7 +188,8 @@ def morph(
     progress: bool = True,
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
-) -> tuple[fx.GraphModule, MorphReport]:
+    keep_class: bool | None = None,
+) -> tuple[nn.Module, MorphReport]:
     """Reshape a copy of ``model`` with MorphNet's cycle and resize it to ``budget_flops``.
 
     Train with the FLOPs regularizer, remove the channels whose gate fell to ``threshold`` or below, apply
@@ -233,10 +235,12 @@ def morph(
         progress: show tqdm progress bars.
         seed: seeds torch's RNG for the whole cycle (restored afterwards); same seed, same data, same model.
         leaf_modules: extra leaf modules for tracing, as in :func:`fxmorph.trace`.
+        keep_class: as in :func:`fxmorph.shrink`: ``None`` gives ``model``'s class back where proven equal to
+            the result's graph, else the GraphModule with a warning; ``True`` raises instead; ``False`` never tries.
 
     Returns:
-        The fine-tuned model (a GraphModule, in ``model``'s train/eval mode) and its :class:`MorphReport`
-        (also at ``result.meta["fxmorph.morph"]``).
+        The fine-tuned model (``model``'s class, or a GraphModule: ``keep_class``; in ``model``'s train/eval
+        mode) and its :class:`MorphReport` (also at ``fxmorph.metadata(result)["fxmorph.morph"]``).
 
     The options are validated once, as a :class:`~fxmorph.api.options.MorphOptions`.
 
@@ -268,6 +272,7 @@ def morph(
         progress=progress,
         seed=seed,
         leaf_modules=leaf_modules,
+        keep_class=keep_class,
     )
     _check_model(model)
     inputs = as_inputs(example_inputs)
@@ -275,12 +280,15 @@ def morph(
     report = MorphReport(_budget(model, inputs, leaf, options), settings=options.settings())
     with torch.random.fork_rng():
         torch.manual_seed(options.seed)
-        result = _cycle(copy.deepcopy(model), inputs, leaf, options, report)
+        work = copy.deepcopy(model)
+        result = _cycle(work, inputs, leaf, options, report)
     result.train(model.training)
-    report.seconds = time.perf_counter() - start
     result.meta[MORPH_KEY] = report
+    # the trained copy is the model the result's graph was computed from: its class, its attributes
+    delivered, report.delivery = deliver(work, result, keep_class=options.keep_class, leaf_modules=leaf, entry="morph")
+    report.seconds = time.perf_counter() - start
     logger.info("%s", report.table())
-    return result, report
+    return delivered, report
 
 
 def _cycle(

@@ -79,6 +79,9 @@ class Options:
     protect: tuple[str, ...] = ()
     seed: int = 0
     leaf_modules: Iterable[type | str] = ()
+    keep_class: bool | None = None
+    """Give the result back as the user's own class: ``None`` where it can be proven equal to the graph (else
+    the GraphModule, with a warning), ``True`` always (else a WriteBackError), ``False`` never."""
 
     def _normalise(self, name: str, value: Any) -> None:
         # A frozen dataclass sets fields only through object.__setattr__, as dataclasses do themselves.
@@ -87,6 +90,8 @@ class Options:
     def _check_protect_and_seed(self) -> None:
         self._normalise("protect", check_prefixes("protect", self.protect))
         self._normalise("seed", check_seed(self.seed))
+        if not (self.keep_class is None or isinstance(self.keep_class, bool)):
+            raise InputError(f"keep_class must be None, True or False, got keep_class={self.keep_class!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +155,7 @@ class ShrinkOptions(Options):
             "calibrate": self.calibrate,
             "factorize": factorize,
             "seed": self.seed,
+            "keep_class": self.keep_class,
         }
 
 
@@ -215,6 +221,7 @@ class GrowOptions(Options):
             "noise": self.noise,
             "protect": list(self.protect),
             "seed": self.seed,
+            "keep_class": self.keep_class,
             "data": self.data is not None,
         }
 
@@ -300,6 +307,7 @@ class MorphOptions(Options):
             protect=self.protect,
             seed=self.seed,
             leaf_modules=leaf_modules,
+            keep_class=False,  # an inner step: morph gives its own result back as the user's class
             **with_data,
         )
 
@@ -317,5 +325,6 @@ class MorphOptions(Options):
             "round_to": self.round_to,
             "recalibrate": self.recalibrate,
             "seed": self.seed,
+            "keep_class": self.keep_class,
             "step_fn": self.step_fn is not None,
         }

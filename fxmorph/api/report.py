@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fxmorph.api.deliver import Delivery
 from fxmorph.api.training import EpochLog
 from fxmorph.passes.base import PassRecord
 
@@ -36,6 +37,8 @@ class ShrinkReport:
     passes: list[PassRecord] = field(default_factory=list)
     dropped_modules: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None
+    """Whether the result came back as the user's class (and why not)."""
 
     @property
     def macs_before(self) -> int:
@@ -70,6 +73,8 @@ class ShrinkReport:
         ]
         if "rounding" in self.settings:
             lines.append(f"widths  {self.settings['rounding']}")
+        if self.delivery is not None:
+            lines.append(f"result  {self.delivery.describe()}")
         if self.dropped_modules:
             lines.append(
                 "dropped (never run in eval mode, so not in the shrunk model): " + ", ".join(self.dropped_modules)
@@ -100,6 +105,8 @@ class GrowReport:
     skipped: dict[int, str] = field(default_factory=dict)
     max_difference: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None
+    """Whether the result came back as the user's class (and why not)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -112,6 +119,8 @@ class GrowReport:
             f"{self.params_after:,}, {len(self.groups)} groups grown, {len(self.skipped)} skipped, "
             f"max output change {self.max_difference:.1e} ({self.seconds:.1f} s)"
         ]
+        if self.delivery is not None:
+            lines.append(f"  result {self.delivery.describe()}")
         for row in self.groups:
             note = f"  ({row['note']})" if row["note"] else ""
             lines.append(
@@ -144,6 +153,8 @@ class MorphReport:
     history: list[EpochLog] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None
+    """Whether the result came back as the user's class (and why not)."""
 
     def stage(self, name: str) -> MorphStage:
         """The stage called ``name``."""
@@ -178,4 +189,6 @@ class MorphReport:
                 f"  {s.name:13s} FLOPs {s.flops:>14,} ({s.flops / self.flops_before:6.1%})  "
                 f"params {s.params:>12,}{metric}"
             )
+        if self.delivery is not None:
+            lines.append(f"  result {self.delivery.describe()}")
         return "\n".join(lines)

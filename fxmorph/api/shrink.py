@@ -21,6 +21,7 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.api.budget import parse_any_budget, parse_budget
+from fxmorph.api.deliver import deliver
 from fxmorph.api.options import ShrinkOptions
 from fxmorph.api.report import GroupRow, ShrinkReport
 from fxmorph.capture.counting import count_params
@@ -273,9 +274,14 @@ def shrink(
     factorize: bool | Sequence[str] = False,
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
+    keep_class: bool | None = None,
     return_report: bool = False,
-) -> fx.GraphModule | tuple[fx.GraphModule, ShrinkReport]:
+) -> nn.Module | tuple[nn.Module, ShrinkReport]:
     """Return a physically smaller copy of ``model`` whose FLOPs meet ``budget_flops``.
+
+    The copy is of ``model``'s own class (its methods, attributes and ``isinstance`` hold) wherever it is
+    proven to compute exactly what the shrunk graph computes; otherwise it is the ``torch.fx.GraphModule``
+    (see ``keep_class``).
 
     Args:
         model: the model; never modified.
@@ -314,8 +320,13 @@ def shrink(
             those layers whole (up to 3 rounds, each reading ``data``), so the budget still lands as
             closely as without ``factorize`` and no pair dearer than its product is returned.
         seed: seeds the random criterion and the values of any new tensors; same seed, same model.
+        keep_class: ``None`` (the default) gives the result back as ``model``'s class when write-back proves it
+            equal to the shrunk graph, and otherwise as the GraphModule with a
+            :class:`~fxmorph.errors.WriteBackWarning` naming the line of ``forward`` that prevents it (a width
+            written in the source, say ``x.view(-1, 512)``); ``True`` raises that as a
+            :class:`~fxmorph.errors.WriteBackError`; ``False`` always returns the GraphModule.
         return_report: also return the :class:`~fxmorph.api.report.ShrinkReport` (always available as
-            ``result.meta["fxmorph.report"]``).
+            ``fxmorph.metadata(result)["fxmorph.report"]``).
 
     The options are validated once, as a :class:`~fxmorph.api.options.ShrinkOptions`.
 
@@ -326,6 +337,7 @@ def shrink(
             run); TraceError: the model cannot be traced, or the example inputs do not run through it.
             A ``loss_fn`` that does not return a scalar is an InputError too.
         PassError: a pass failed (a bug: please report it with the model).
+        WriteBackError: ``keep_class=True`` and the result cannot be proven equal as ``model``'s class.
         See ``docs/bad_input.md`` for every bad input and its error.
     """
     options = ShrinkOptions(
@@ -343,12 +355,13 @@ def shrink(
         factorize=factorize,
         seed=seed,
         leaf_modules=leaf_modules,
+        keep_class=keep_class,
     )
     small, report = run_shrink(model, example_inputs, options)
     return (small, report) if return_report else small
 
 
-def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) -> tuple[fx.GraphModule, ShrinkReport]:
+def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) -> tuple[nn.Module, ShrinkReport]:
     """:func:`shrink` with its options validated: the smaller model and its report."""
     start = time.perf_counter()
     inputs = as_inputs(example_inputs)
@@ -375,5 +388,9 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
         settings=options.settings(cut.limits.describe()),
     )
     small.meta[REPORT_KEY] = report
+    result, report.delivery = deliver(
+        model, small, keep_class=options.keep_class, leaf_modules=options.leaf_modules, entry="shrink"
+    )
+    report.seconds = time.perf_counter() - start
     logger.info("shrink: %s", report.table().splitlines()[0])
-    return small, report
+    return result, report

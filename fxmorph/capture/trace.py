@@ -12,7 +12,6 @@ import contextlib
 import io
 import logging
 import re
-import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,10 +20,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmorph.capture.flops import flop_counter
-from fxmorph.capture.layers import through_forward, through_root, traced_through
 from fxmorph.capture.model_checks import check_hooks, check_reshapable, check_unwrapped
+from fxmorph.capture.symbolic import symbolic_trace
+from fxmorph.capture.train_mode import train_only_readers
 from fxmorph.errors import InputError, TraceError
-from fxmorph.meta import FLOPS_KEY, INTERFACE_KEY, UNREACHED_KEY
+from fxmorph.meta import FLOPS_KEY, INTERFACE_KEY, TRAIN_READERS_KEY, UNREACHED_KEY
 from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, frozen_mode, run_failure_hint
 
 __all__ = [
@@ -59,86 +59,6 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
 def _check_model(model: Any) -> None:
     """A module with data (not on the meta device) of a supported dtype; see :func:`fxmorph.validate.check_model`."""
     check_model(model)
-
-
-class _Tracer(fx.Tracer):
-    """Leaf policy: torch.nn modules, their subclasses that keep the inherited forward, user leaves; but
-    the torch.nn transformer layers are entered along their plain path (:mod:`fxmorph.capture.layers`)."""
-
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
-        super().__init__()
-        self._leaf_types = leaf_types
-        self._leaf_names = leaf_names
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        """Whether ``m`` stays one ``call_module`` node; the order of the tests is the precedence."""
-        if self._user_leaf(m, module_qualified_name):
-            return True
-        # before fx's default: the transformer layers live in torch.nn, which fx would keep whole
-        if traced_through(m):
-            return False
-        if super().is_leaf_module(m, module_qualified_name):
-            return True
-        return _inherits_torch_forward(type(m))
-
-    def _user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Enter a transformer layer along its plain path; the choice depends on this call's arguments."""
-        if traced_through(m) and not self._user_leaf(m, self.path_of_module(m)):
-            plain = through_forward(m, args, kwargs)
-            if plain is None:  # this call must stay whole: a leaf, whose channels the analysis pins
-                return self.create_proxy("call_module", self.path_of_module(m), args, kwargs)
-            forward = plain
-        return super().call_module(m, forward, args, kwargs)
-
-
-def _inherits_torch_forward(cls: type) -> bool:
-    """True for a subclass of a torch.nn layer that does not override ``forward``."""
-    # The first base that defines forward decides: the forward ``cls`` would run if it defines none.
-    for base in cls.__mro__[1:]:
-        if "forward" in vars(base):
-            owner = base.__module__
-            defined_here = any("forward" in vars(c) for c in cls.__mro__[: cls.__mro__.index(base)])
-            # a container's forward only calls its children, which must be traced, and nn.Module's is the
-            # "not implemented" stub: neither makes the subclass a torch.nn layer
-            container = issubclass(base, nn.Sequential | nn.ModuleList | nn.ModuleDict) or base is nn.Module
-            return owner.startswith("torch.nn") and not defined_here and not container
-    return False
-
-
-def _user_frame(exc: BaseException) -> str:
-    """The innermost frame of the traceback outside torch and fxmorph: the user's line that failed."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        if "/torch/" not in frame.filename and "/fxmorph/" not in frame.filename:
-            return f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`"
-    return "unknown location"
-
-
-def _symbolic_trace(
-    model: nn.Module, leaf_modules: Iterable[type | str], concrete_args: dict[str, Any] | None
-) -> fx.GraphModule:
-    """``torch.fx`` symbolic tracing with fxmorph's leaf policy; a failure names the user's offending line."""
-    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-    leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
-    tracer = _Tracer(leaf_types, leaf_names)
-    try:
-        # a root of a type the user keeps as a leaf keeps its own forward, as such submodules do
-        root = model if isinstance(model, leaf_types) else through_root(model)
-        graph = tracer.trace(root, concrete_args=concrete_args)
-    except Exception as exc:
-        raise TraceError(
-            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}\n"
-            f"  offending line: {_user_frame(exc)}\n"
-            "  fix: name the submodule that holds this code as a leaf (`leaf_modules=[TheModuleClass]` or its "
-            "qualified name) so it stays one call, or rewrite the branch without Python control flow on tensor "
-            "values (for example with `torch.where`)."
-        ) from exc
-    # tracer.root is through_root's twin where it made one: it shares every submodule and tensor with model
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
 
 
 def mutable_args(value: Any) -> Any:
@@ -322,7 +242,7 @@ def trace(
     check_tensor_inputs(inputs)
     leaf_modules = check_leaf_modules(model, leaf_modules)
     with frozen_mode(model):
-        gm = _symbolic_trace(model, leaf_modules, concrete_args)
+        gm = symbolic_trace(model, leaf_modules, concrete_args)
         # after the trace: which modules stayed leaves (and so keep their hooks) is known only now
         check_hooks(model, {str(n.target) for n in gm.graph.nodes if n.op == "call_module"})
         check_input_count(gm, inputs, type(model).__name__)
@@ -331,5 +251,9 @@ def trace(
     gm.meta[UNREACHED_KEY] = unreached_modules(model, gm)
     if gm.meta[UNREACHED_KEY]:
         logger.info("modules never reached by the trace: %s", ", ".join(gm.meta[UNREACHED_KEY]))
+        # what those modules read in train mode keeps its channels (the analysis pins it), so that the result,
+        # given back as the user's class, still runs in train mode
+        readers = train_only_readers(model, gm, gm.meta[UNREACHED_KEY], leaf_modules)
+        gm.meta[TRAIN_READERS_KEY] = readers or {}
     gm.training = model.training  # root flag only: the submodules are shared with ``model``
     return gm

@@ -1,8 +1,8 @@
 """Save a shrunk model and load it back without pickling any code.
 
-A model made by :func:`fxmorph.shrink` or :func:`fxmorph.resize` is a ``torch.fx.GraphModule``
-whose Python code and module classes ``torch.save`` would have to pickle, and whose loading would
-then run arbitrary code. :func:`save` instead stores only plain containers (dicts, lists, ints,
+A model made by :func:`fxmorph.shrink` or :func:`fxmorph.resize` (the user's class, or a
+``torch.fx.GraphModule``) holds Python code and module classes that ``torch.save`` would have to pickle,
+and whose loading would then run arbitrary code. :func:`save` instead stores only plain containers (dicts, lists, ints,
 strings) and tensors:
 
 - a format name and version;
@@ -23,11 +23,8 @@ validated; problems raise :class:`SerializationError` with a message that says w
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,57 +34,22 @@ from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, Role
 from fxmorph.errors import FxmorphError
+from fxmorph.io.serialize_format import (
+    _DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    SerializationError,
+    _checksum,
+    _dtype_name,
+    _read,
+    _write,
+)
+from fxmorph.meta import FACTORS_KEY, INTERFACE_KEY, REPORT_KEY, metadata
 from fxmorph.validate import check_model, check_out_path, model_dtype
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SerializationError", "load", "save"]
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "fxmorph.shrunk-model"
-FORMAT_VERSION = 1
-_REQUIRED = {
-    "format": str,
-    "format_version": int,
-    "example_inputs": list,
-    "widths": dict,
-    "shapes": dict,
-    "checksums": dict,
-    "state_dict": dict,
-    "training": bool,
-}
-_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
-
-
-class SerializationError(FxmorphError):
-    """A model cannot be saved, or a file cannot be loaded back (unreadable, corrupted, or made from
-    another architecture)."""
-
-
-def _checksum(tensor: torch.Tensor) -> str:
-    """SHA-256 of the tensor's raw bytes."""
-    # The bytes, not the values: the hash covers every bit (-0.0, NaN payloads) whatever the dtype, and numpy lacks
-    # bfloat16 anyway.
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``"float16"``, the form the file stores."""
-    return str(dtype).removeprefix("torch.")
 
 
 def _input_spec(model: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
@@ -98,6 +60,11 @@ def _input_spec(model: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
             raise SerializationError("example_inputs must be a tensor or a tuple of tensors.")
         return [{"shape": [int(s) for s in t.shape], "dtype": _dtype_name(t.dtype)} for t in values]
     spec: list[dict[str, Any]] = []
+    recorded = metadata(model).get(INTERFACE_KEY)
+    if not isinstance(model, fx.GraphModule) and recorded:  # a result given back as the user's class
+        if not all(isinstance(x, tuple) and isinstance(x[1], torch.dtype) for x in recorded[0]):
+            return []
+        return [{"shape": [int(d) for d in shape], "dtype": _dtype_name(dtype)} for shape, dtype in recorded[0]]
     if isinstance(model, fx.GraphModule):
         for node in model.graph.nodes:
             meta = node.meta.get("tensor_meta") if node.op == "placeholder" else None
@@ -138,6 +105,18 @@ def _group_widths(cg: Any, shapes: Mapping[str, Sequence[int]]) -> dict[int, int
     return widths
 
 
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once: a module the model holds under two names (``self.alias =
+    self.block``) appears in ``state_dict`` under both, and the graph, which load rebuilds, knows one."""
+    seen: set[int] = set()
+    unique = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            unique[key] = value
+    return unique
+
+
 def _added_biases(original: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Module paths whose ``bias`` is in ``state`` but not in ``original`` (added by a fold)."""
     names = set(original.state_dict())
@@ -163,7 +142,7 @@ def save(
     path = check_out_path(path, "save: path", error=SerializationError)
     # A copy of each tensor: torch.save writes the whole storage behind a view, and the model may keep changing
     # after save returns.
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in _unique_state(model).items()}
     shapes = {k: [int(s) for s in v.shape] for k, v in state.items()}
     spec = _input_spec(model, example_inputs)
     factors = _factors(model)
@@ -181,9 +160,7 @@ def save(
         cg = _analyze(original, inputs, factors, Path(path))
         widths = _group_widths(cg, shapes)
     else:
-        from fxmorph.meta import REPORT_KEY
-
-        report = getattr(model, "meta", {}).get(REPORT_KEY)
+        report = metadata(model).get(REPORT_KEY)
         if report is not None and not factors:  # with factors, widths are measured from the shapes on load
             widths = {int(r.id): int(r.after) for r in report.groups if not r.pinned}
     payload = {
@@ -205,9 +182,7 @@ def save(
 
 def _factors(model: nn.Module) -> list[str]:
     """The paths of the layers a factorize pass split in ``model`` (from its ``meta``)."""
-    from fxmorph.meta import FACTORS_KEY
-
-    return sorted(getattr(model, "meta", {}).get(FACTORS_KEY, {}))
+    return sorted(metadata(model).get(FACTORS_KEY, {}))
 
 
 def _analyze(original: nn.Module, inputs: tuple[Any, ...], factors: list[str], path: Path) -> Any:
@@ -227,89 +202,6 @@ def _analyze(original: nn.Module, inputs: tuple[Any, ...], factors: list[str], p
             f"cannot be factorized the same way ({str(exc).splitlines()[0]}): it is another architecture."
         ) from exc
     return analyze(gm)
-
-
-def _write(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a file beside ``path``, then move it there: a failed write leaves ``path`` as it was."""
-    if not path.parent.is_dir():
-        raise SerializationError(f"cannot write {path}: the directory {path.parent} does not exist; create it first.")
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)  # torch.save opens the file by name
-    try:
-        torch.save(payload, scratch)
-        os.replace(scratch, path)
-    except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError for OS failures
-        raise SerializationError(f"cannot write {path}: {getattr(exc, 'strerror', None) or _first(exc)}.") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(scratch)
-
-
-def _first(exc: BaseException) -> str:
-    """The first non-empty line of ``exc``'s message (at most 200 characters), or its type's name."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-def _read(path: Path) -> dict[str, Any]:
-    """The file's payload, every entry checked for type, shape, consistency and checksum;
-    :class:`SerializationError` otherwise."""
-    if not path.is_file():
-        raise SerializationError(f"no file at {path}: pass the path a model was saved to with fxmorph.save.")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: loading runs no pickled code
-    except Exception as exc:  # torch raises many types for truncated, corrupted or foreign files
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        # The line that names the cause in torch's long message.
-        lines = [line for line in lines if line.startswith("WeightsUnpickler error")] or lines
-        first = lines[0].split(". ")[0][:200] if lines else ""
-        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-        raise SerializationError(
-            f"cannot read {path}: it is truncated, corrupted, or not a file written by fxmorph.save ({detail})."
-        ) from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise SerializationError(f"{path} is not a file written by fxmorph.save (no '{FORMAT}' header).")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise SerializationError(f"{path} has an invalid format version {version!r}: the file is corrupted.")
-    if version > FORMAT_VERSION:
-        raise SerializationError(
-            f"{path} has format version {version}, newer than this fxmorph reads ({FORMAT_VERSION}): upgrade fxmorph."
-        )
-    for key, kind in _REQUIRED.items():
-        if not isinstance(data.get(key), kind):
-            raise SerializationError(f"{path} is corrupted: entry '{key}' is missing or not a {kind.__name__}.")
-    state, shapes = data["state_dict"], data["shapes"]
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise SerializationError(f"{path} is corrupted: state dict entry {bad[0]!r} is not a named tensor.")
-    if set(state) != set(shapes):
-        odd = sorted(set(state) ^ set(shapes))
-        raise SerializationError(f"{path} is corrupted: the state dict and the shape list disagree on {odd[:3]}.")
-    for name, tensor in state.items():
-        if list(tensor.shape) != list(shapes[name]):
-            raise SerializationError(
-                f"{path} is corrupted: tensor '{name}' has shape {list(tensor.shape)}, the file lists {shapes[name]}."
-            )
-    checksums = data["checksums"]
-    if set(checksums) != set(state):
-        raise SerializationError(f"{path} is corrupted: the checksums do not cover the stored tensors.")
-    damaged = [name for name, tensor in state.items() if _checksum(tensor) != checksums[name]]
-    if damaged:
-        raise SerializationError(
-            f"{path} is corrupted: the data of {len(damaged)} tensor(s) does not match its checksum "
-            f"(first '{damaged[0]}'); save the model again."
-        )
-    for gid, width in data["widths"].items():
-        if not isinstance(gid, int) or not isinstance(width, int) or width < 1:
-            raise SerializationError(f"{path} is corrupted: width entry {gid!r}: {width!r} is not a positive int.")
-    factors = data.setdefault("factors", [])  # absent in files without factorized layers
-    if not isinstance(factors, list) or not all(isinstance(f, str) for f in factors):
-        raise SerializationError(f"{path} is corrupted: entry 'factors' is not a list of module paths.")
-    for spec in data["example_inputs"]:
-        if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list) and spec.get("dtype") in _DTYPES):
-            raise SerializationError(f"{path} is corrupted: example input entry {spec!r} is malformed.")
-    return data
 
 
 def _inputs(data: dict[str, Any], example_inputs: Any, path: Path) -> tuple[torch.Tensor, ...]:
@@ -353,9 +245,17 @@ def _check_dtype(data: dict[str, Any], original: nn.Module, path: Path) -> None:
         )
 
 
-def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
+def load(
+    path: str | os.PathLike[str],
+    original_model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    keep_class: bool | None = None,
+) -> nn.Module:
     """Rebuild the model saved at ``path`` from ``original_model`` (the architecture it was shrunk from,
-    with any weights) and load the stored weights into it; returns a new GraphModule.
+    with any weights) and load the stored weights into it; returns a new model of ``original_model``'s
+    class where it is proven equal to the rebuilt graph (``keep_class`` as in :func:`fxmorph.shrink`),
+    else a GraphModule.
 
     ``example_inputs`` default to tensors of the shapes and dtypes stored in the file. Raises
     :class:`SerializationError` for a missing, truncated, corrupted or foreign file, and for a file
@@ -363,6 +263,7 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
     """
     from fxmorph.analysis.plan import WidthPlan
     from fxmorph.api.analyze import resize
+    from fxmorph.api.deliver import deliver
 
     if not isinstance(path, str | os.PathLike):
         raise SerializationError(f"load: path must be a str or pathlib.Path, got {type(path).__name__}.")
@@ -381,18 +282,37 @@ def load(path: str | os.PathLike[str], original_model: nn.Module, example_inputs
     bias_deltas = _bias_deltas(cg, state, path)
     plan = WidthPlan(WidthPlan.from_widths(cg, widths), bias_deltas=bias_deltas)
     try:
-        small = resize(cg, plan)
+        small = resize(cg, plan, keep_class=False)
     except FxmorphError as exc:
         raise SerializationError(
             f"the widths stored in {path} do not fit the original model ({str(exc).splitlines()[0]}): it was "
             "saved from another architecture."
         ) from exc
-    # Checked first for a message that names the tensor; strict loading below is the backstop.
-    _check_state(small.state_dict(), state, path)
-    small.load_state_dict(state, strict=True)
+    graph_keys = set(small.state_dict())
+    # Checked first for a message that names the tensor; strict loading below is the backstop. Tensors of modules
+    # the traced forward never reaches (GoogLeNet's aux heads) are in a file saved from the user's class only.
+    _check_state(small.state_dict(), {k: v for k, v in state.items() if k in graph_keys}, path)
+    small.load_state_dict({k: v for k, v in state.items() if k in graph_keys}, strict=True)
     small.train(data["training"])
+    model, _ = deliver(original_model, small, keep_class=keep_class, entry="load")
+    _load_unreached(model, {k: v for k, v in state.items() if k not in graph_keys}, path)
     logger.info("loaded %s from %s (%d group widths)", type(original_model).__name__, path, len(widths))
-    return small
+    return model
+
+
+def _load_unreached(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load the stored tensors of modules outside the traced graph into the model's own, where it has them."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own}
+    wrong = [k for k, v in usable.items() if v.shape != own[k].shape or v.dtype != own[k].dtype]
+    if wrong:
+        raise SerializationError(
+            f"tensor '{wrong[0]}' in {path} (a module the traced forward never runs) does not fit the original "
+            "model's: it was saved from another architecture."
+        )
+    with torch.no_grad():
+        for key, value in usable.items():
+            own[key].copy_(value)
 
 
 def _check_widths(cg: ChannelGraph, widths: dict[int, int], derived: dict[int, int], path: Path) -> None:

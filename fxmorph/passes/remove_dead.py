@@ -36,14 +36,8 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph, Group, Role
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.passes.base import Pass, PassContext, PassResult
-from fxmorph.passes.dead_values import (
-    GroupIndex,
-    Site,
-    as_numpy,
-    channel_values,
-    reader_sites,
-    zero_padded,
-)
+from fxmorph.passes.dead_index import GroupIndex, Site, as_numpy, reader_sites
+from fxmorph.passes.dead_values import channel_values, zero_padded
 from fxmorph.passes.importance import channel_positions
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.validate import frozen_mode

@@ -1,0 +1,86 @@
+"""Hand a result back as the user's own class where it is proven equal to the graph surgery made.
+
+Every entry point computes its result as a ``torch.fx.GraphModule`` (where fxmorph reasons and checks) and
+ends here: :func:`deliver` writes it back into a copy of the user's model
+(:func:`~fxmorph.surgery.write_back.write_back`, which proves the copy's graph is the result's) and returns
+that copy, carrying the result's metadata under :data:`~fxmorph.meta.META_ATTR`. ``keep_class`` decides what
+happens when the proof fails: ``None`` returns the GraphModule with a :class:`~fxmorph.errors.WriteBackWarning`
+that names the line, ``True`` raises the :class:`~fxmorph.errors.WriteBackError`, ``False`` never tries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from fxmorph.errors import WriteBackError, WriteBackWarning
+from fxmorph.meta import META_ATTR
+from fxmorph.surgery.write_back import write_back
+
+__all__ = ["Delivery", "deliver"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How a result came back: as the user's class or a GraphModule, why, and what write-back set."""
+
+    kept_class: bool
+    class_name: str
+    """The class of the returned model (the user's, or ``GraphModule``)."""
+    reason: str | None = None
+    """Why the result is a GraphModule (``None`` when it is the user's class)."""
+    attributes: tuple[str, ...] = ()
+    """Integer attributes of the user's modules set to the new widths (``path.name: old -> new``)."""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for reports."""
+        if self.kept_class:
+            extra = f"; set {', '.join(self.attributes)}" if self.attributes else ""
+            return f"returned as {self.class_name} (proven equal to the graph{extra})"
+        return f"returned as a torch.fx.GraphModule: {self.reason}"
+
+
+def deliver(
+    model: nn.Module,
+    result: fx.GraphModule,
+    *,
+    keep_class: bool | None,
+    leaf_modules: Iterable[type | str] = (),
+    entry: str = "shrink",
+) -> tuple[nn.Module, Delivery]:
+    """``result`` as a copy of ``model``'s class when write-back proves the two equal (see the module doc)."""
+    if keep_class is False:
+        return result, Delivery(False, type(result).__name__, "keep_class=False")
+    start = time.perf_counter()
+    try:
+        written = write_back(model, result, leaf_modules)
+    except WriteBackError as exc:
+        if keep_class:
+            raise
+        # stacklevel 3: the user's call of the entry point, through it and this function
+        warnings.warn(f"{entry}: {exc} Returning a torch.fx.GraphModule instead.", WriteBackWarning, stacklevel=3)
+        return result, Delivery(False, type(result).__name__, str(exc), seconds=time.perf_counter() - start)
+    # the metadata a GraphModule result holds in ``meta``: the same dict object, so a report filled in later
+    # shows in both
+    setattr(written.model, META_ATTR, result.meta)
+    delivery = Delivery(
+        True,
+        type(model).__name__,
+        attributes=tuple(change.describe() for change in written.attributes),
+        seconds=time.perf_counter() - start,
+    )
+    logger.info("%s: %s in %.2f s", entry, delivery.describe(), delivery.seconds)
+    return written.model, delivery
