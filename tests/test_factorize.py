@@ -29,9 +29,9 @@ def _mlp(low_rank: bool = False) -> nn.Module:
     return model
 
 
-def _pairs_pay(gm: torch.fx.GraphModule) -> bool:
+def _pairs_pay(gm: nn.Module) -> bool:
     """Every factorized pair left costs less than the single layer it stands for."""
-    for path in gm.meta.get(FACTORS_KEY, {}):
+    for path in fxmorph.metadata(gm).get(FACTORS_KEY, {}):
         first, second = gm.get_submodule(f"{path}.0").weight, gm.get_submodule(f"{path}.1").weight
         rank, fan_in, out = first.shape[0], first[0].numel(), second.shape[0]
         if rank * (fan_in + out) >= fan_in * out:

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from fxmorph.analysis.context import RuleContext
 
-__all__ = ["Call", "OpFacts", "OpKind", "Rule", "number"]
+__all__ = ["Call", "OpFacts", "OpKind", "Rule", "ShapeAttr", "number"]
 
 Rule = Callable[[RuleContext, fx.Node], Any]
 """A channel rule: reads a node's inputs' channel spaces from the context, returns the node's."""
@@ -69,6 +69,25 @@ class Call:
 
 
 @dataclass(frozen=True)
+class ShapeAttr:
+    """A module attribute that states the size of one of its tensors: ``BatchNorm2d.num_features`` is dim 0 of
+    ``weight`` (or of ``running_mean`` without affine parameters); ``dim=None`` is the whole shape, as a tuple
+    (``LayerNorm.normalized_shape``)."""
+
+    name: str
+    tensors: tuple[str, ...]
+    """The tensors that state it, in order of preference (the first the module has)."""
+    dim: int | None
+
+    def value(self, module: nn.Module) -> int | tuple[int, ...] | None:
+        """The attribute's value as the module's tensors state it (None when it has none of them)."""
+        tensor = next((getattr(module, t) for t in self.tensors if getattr(module, t, None) is not None), None)
+        if tensor is None:
+            return None
+        return tuple(int(d) for d in tensor.shape) if self.dim is None else int(tensor.shape[self.dim])
+
+
+@dataclass(frozen=True)
 class OpFacts:
     """Everything the table says about one op. Defaults describe an op nothing is known about.
 
@@ -81,8 +100,9 @@ class OpFacts:
     makes the op random when set (dropout, ``rrelu``; by keyword ``training`` or ``train``).
     ``identity_in_eval``: the op is the identity when not training (dropout). ``new_channel``: the value
     a new channel of a parameter gets by default, by parameter name (a norm's scale 1 and shift 0,
-    running statistics 0 and 1); for functions, by argument name. ``specialise`` refines these facts for
-    one call (see :class:`Call`).
+    running statistics 0 and 1); for functions, by argument name. ``shape_attrs``: the module's attributes
+    that state its tensors' sizes (:class:`ShapeAttr`). ``specialise`` refines these facts for one call
+    (see :class:`Call`).
     """
 
     rule: Rule
@@ -95,6 +115,7 @@ class OpFacts:
     train_flag: int | None = None
     identity_in_eval: bool = False
     new_channel: tuple[tuple[str, float], ...] = ()
+    shape_attrs: tuple[ShapeAttr, ...] = ()
     specialise: Callable[[OpFacts, Call], OpFacts] | None = None
 
     @property

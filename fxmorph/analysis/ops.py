@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxmorph.analysis.context import RuleContext
-from fxmorph.analysis.facts import Call, OpFacts, OpKind, Rule, number
+from fxmorph.analysis.facts import Call, OpFacts, OpKind, Rule, ShapeAttr, number
 from fxmorph.analysis.rules import compute as rc
 from fxmorph.analysis.rules import functional as rf
 from fxmorph.analysis.rules import modules as rm
@@ -52,6 +52,9 @@ __all__ = [
 # a standard normal (a zero variance would divide by sqrt(eps)).
 _STATS = (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0))
 _AFFINE = (("weight", 1.0), ("bias", 0.0))
+# The attributes that state tensor sizes (write-back sets them on a subclass whose forward is traced through)
+_NUM_FEATURES = (ShapeAttr("num_features", ("weight", "running_mean"), 0),)
+_LINEAR_SIZES = (ShapeAttr("out_features", ("weight",), 0), ShapeAttr("in_features", ("weight",), 1))
 _SELU_SLOPE = 1.0507009873554805 * 1.6732632423543772  # scale * alpha: autograd's slope at 0 (the x <= 0 side)
 _MISH_SLOPE = 0.6  # tanh(softplus(0)) = tanh(ln 2) = 3/5
 _ERF_SLOPE = 2 / math.sqrt(math.pi)
@@ -153,15 +156,18 @@ MODULE_OPS: dict[type[nn.Module], OpFacts] = {
     **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), OpFacts(rm.conv, OpKind.LAYER)),
     **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
                     OpFacts(rm.conv_transpose, OpKind.LAYER)),
-    nn.Linear: OpFacts(rm.linear, OpKind.LAYER),
+    nn.Linear: OpFacts(rm.linear, OpKind.LAYER, shape_attrs=_LINEAR_SIZES),
     **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
-                    OpFacts(rm.batch_norm, OpKind.BATCH_NORM, new_channel=_STATS)),
+                    OpFacts(rm.batch_norm, OpKind.BATCH_NORM, new_channel=_STATS, shape_attrs=_NUM_FEATURES)),
     **dict.fromkeys((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
-                    OpFacts(rm.batch_norm, OpKind.NORM, new_channel=_STATS)),
-    **dict.fromkeys((nn.LayerNorm, nn.RMSNorm), OpFacts(rm.layer_norm, OpKind.NORM, new_channel=_AFFINE)),
-    nn.GroupNorm: OpFacts(rm.group_norm, OpKind.NORM, new_channel=_AFFINE),
+                    OpFacts(rm.batch_norm, OpKind.NORM, new_channel=_STATS, shape_attrs=_NUM_FEATURES)),
+    **dict.fromkeys((nn.LayerNorm, nn.RMSNorm), OpFacts(rm.layer_norm, OpKind.NORM, new_channel=_AFFINE,
+                    shape_attrs=(ShapeAttr("normalized_shape", ("weight",), None),))),
+    nn.GroupNorm: OpFacts(rm.group_norm, OpKind.NORM, new_channel=_AFFINE,
+                          shape_attrs=(ShapeAttr("num_channels", ("weight",), 0),)),
     nn.PReLU: _act(rm.prelu, specialise=_prelu),
-    nn.Embedding: OpFacts(rm.embedding), nn.MultiheadAttention: OpFacts(rm.multihead_attention),
+    nn.Embedding: OpFacts(rm.embedding, shape_attrs=(ShapeAttr("embedding_dim", ("weight",), 1),)),
+    nn.MultiheadAttention: OpFacts(rm.multihead_attention),
     nn.PixelShuffle: OpFacts(rm.pixel_shuffle), nn.PixelUnshuffle: OpFacts(rm.pixel_unshuffle),
     nn.ChannelShuffle: OpFacts(rm.channel_shuffle),
     nn.Flatten: _move(rs.flatten_module),
@@ -330,7 +336,7 @@ def module_facts(kind: type[nn.Module]) -> OpFacts | None:
 
     The first base in the table whose ``forward`` ``kind`` keeps gives everything. A type that
     overrides ``forward`` gets no rule and no behaviour (:func:`~fxmorph.analysis.rules.compute.no_rule`,
-    kind OTHER) but keeps its nearest tabled base's parameter meaning (``new_channel``).
+    kind OTHER) but keeps its nearest tabled base's parameter meaning (``new_channel``, ``shape_attrs``).
     """
     nearest: OpFacts | None = None
     for cls in kind.__mro__:
@@ -341,7 +347,9 @@ def module_facts(kind: type[nn.Module]) -> OpFacts | None:
         if getattr(kind, "forward", None) is getattr(cls, "forward", None):
             return facts
         nearest = nearest or facts  # the MRO lists the nearest base first
-    return None if nearest is None else OpFacts(rc.no_rule, new_channel=nearest.new_channel)
+    if nearest is None:
+        return None
+    return OpFacts(rc.no_rule, new_channel=nearest.new_channel, shape_attrs=nearest.shape_attrs)
 
 
 def function_facts(target: Any) -> OpFacts | None:

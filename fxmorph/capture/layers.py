@@ -127,6 +127,17 @@ _THROUGH: dict[type[nn.Module], Callable[..., Any] | None] = {
 }
 
 
+def layer_sizes(m: nn.Module) -> dict[str, int]:
+    """The width attributes of a layer of the table that its own forward checks but the plain path never
+    reads, as its submodules state them now: ``nn.Transformer``'s ``d_model`` and ``nhead`` (its forward
+    refuses inputs whose width is not ``d_model``). Write-back sets them on a result given back as the
+    user's class, whose layers run their own forward."""
+    if _base(m) is nn.Transformer and isinstance(m, nn.Transformer):
+        attention = m.encoder.layers[0].self_attn  # every layer of the stock Transformer has one width
+        return {"d_model": int(attention.embed_dim), "nhead": int(attention.num_heads)}
+    return {}
+
+
 def _base(m: nn.Module) -> type[nn.Module] | None:
     """The table entry ``m`` is an instance of, if ``m``'s class keeps that entry's forward."""
     for base in _THROUGH:

@@ -26,7 +26,9 @@ from typing import Any
 
 from torch import fx, nn
 
+from fxmorph.analysis.ops import module_facts
 from fxmorph.capture.compare import Difference, DiffKind, compare_graphs, source_line
+from fxmorph.capture.layers import layer_sizes
 from fxmorph.capture.symbolic import trace_graph
 from fxmorph.errors import TraceError, WriteBackError
 
@@ -105,6 +107,37 @@ def _substitutions(model: nn.Module, result: fx.GraphModule) -> dict[int, Any]:
             # (a tie it could not keep), the comparison finds the path whose tensor is not the result's
             memo.setdefault(id(old), tensor)
     return memo
+
+
+def _restate_sizes(copied: nn.Module, memo: dict[int, Any]) -> list[AttributeChange]:
+    """Set the size attributes (``num_features``, ``normalized_shape`` ...) of the copy's modules that hold the
+    result's tensors without being the result's modules: a subclass of a torch.nn layer whose own forward the
+    trace entered (timm's ``BatchNormAct2d``); the op table says which attributes state which tensor sizes. And
+    the width attributes of the torch.nn layers traced along their plain path, whose own forward runs in the
+    user's class and checks them (``nn.Transformer.d_model``, :func:`~fxmorph.capture.layers.layer_sizes`)."""
+    placed = {id(obj) for obj in memo.values()}
+    changes = []
+    for path, module in copied.named_modules():
+        if id(module) in placed:
+            continue  # the result's own module: surgery set its attributes
+        own = (*module._parameters.values(), *module._buffers.values())
+        facts = module_facts(type(module))
+        if facts is None or not any(id(t) in placed for t in own if t is not None):
+            continue
+        for attr in facts.shape_attrs:
+            old, new = getattr(module, attr.name, None), attr.value(module)
+            if new is not None and old is not None and new != old:
+                # a tuple attribute keeps its container type (LayerNorm's normalized_shape is a tuple)
+                setattr(module, attr.name, type(old)(new) if isinstance(old, list | tuple) else new)
+                changes.append(AttributeChange(path, attr.name, old, getattr(module, attr.name)))
+    for path, module in copied.named_modules():
+        # the torch.nn layers traced along their plain path run their own forward in the user's class
+        for name, new in layer_sizes(module).items():
+            old = getattr(module, name)
+            if old != new:
+                setattr(module, name, new)
+                changes.append(AttributeChange(path, name, old, new))
+    return changes
 
 
 def _restore_modes(model: nn.Module, copied: nn.Module) -> None:
@@ -296,9 +329,11 @@ def write_back(model: nn.Module, result: fx.GraphModule, leaf_modules: Iterable[
 
     ``result`` must come from surgery on a trace of ``model`` (the same module paths). ``model`` is never
     modified. Raises WriteBackError when the copy cannot be proven to be ``result``'s graph."""
-    copied = copy.deepcopy(model, _substitutions(model, result))
+    memo = _substitutions(model, result)
+    copied = copy.deepcopy(model, dict(memo))  # a copy of the memo: deepcopy adds every object it copies
     _restore_modes(model, copied)
+    sizes = _restate_sizes(copied, memo)
     search = _Search(copied, result, leaf_modules)
-    changes = _settle(search)
+    changes = sizes + _settle(search)
     logger.debug("write-back: %d attribute(s) set, %d trace(s)", len(changes), search.traces)
     return WrittenBack(copied, tuple(changes), search.traces)

@@ -176,8 +176,9 @@ def layer_norm(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if out.get(d) is not None:
         ctx.no_grow(out[d], f"new channels would change a {what}'s statistics")
     merged = _tie(ctx, out.get(d), params, what)
-    if merged is not None:
-        # normalized_shape is a constant of the call: its one entry follows the new width
+    # normalized_shape's one entry follows the new width where it is a constant; one the forward computes (from
+    # ``x.shape``) follows it by itself, and stays computed, so the user's own code still expresses the result
+    if merged is not None and not isinstance(normalized[0], fx.Node):
         where = _where(node, "normalized_shape")
         ctx.rewrite(ArgSlot(where, 0), lambda measure: measure(merged))
     return out
