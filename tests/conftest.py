@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 import fxmorph
 from fxmorph.analysis import ChannelGraph
@@ -128,10 +128,13 @@ def written_back(cg: ChannelGraph, result: fx.GraphModule) -> nn.Module | None:
 
 
 def assert_same_outputs(actual: Any, expected: Any, what: str) -> None:
-    """Bit-identical output trees: two models running the same ops on the same tensors."""
-    a, sa = tree_flatten(actual)
-    b, sb = tree_flatten(expected)
-    assert sa == sb, f"{what}: output structures differ: {sa} vs {sb}"
+    """Bit-identical output trees: two models running the same ops on the same tensors. The containers are
+    compared by their keys and positions, not their types: a GraphModule's generated code builds a ``dict``
+    where the user's class returns an ``OrderedDict`` (torchvision's segmentation models)."""
+    a_items, b_items = tree_flatten_with_path(actual)[0], tree_flatten_with_path(expected)[0]
+    a_keys, b_keys = [keystr(k) for k, _ in a_items], [keystr(k) for k, _ in b_items]
+    assert a_keys == b_keys, f"{what}: output structures differ: {a_keys} vs {b_keys}"
+    a, b = [v for _, v in a_items], [v for _, v in b_items]
     for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v), f"{what}: outputs differ by {(u - v).abs().max().item():.3e}"
 

@@ -76,6 +76,7 @@ def _existing_prefix(model: nn.Module, target: str) -> str | None:
 
 
 def _tensor_at(model: nn.Module, path: str) -> Any:
+    """The parameter or buffer at ``path`` of ``model`` (None where the path names none)."""
     owner, _, leaf = path.rpartition(".")
     try:
         module = model.get_submodule(owner) if owner else model
@@ -112,9 +113,7 @@ def _substitutions(model: nn.Module, result: fx.GraphModule) -> dict[int, Any]:
 def _restate_sizes(copied: nn.Module, memo: dict[int, Any]) -> list[AttributeChange]:
     """Set the size attributes (``num_features``, ``normalized_shape`` ...) of the copy's modules that hold the
     result's tensors without being the result's modules: a subclass of a torch.nn layer whose own forward the
-    trace entered (timm's ``BatchNormAct2d``); the op table says which attributes state which tensor sizes. And
-    the width attributes of the torch.nn layers traced along their plain path, whose own forward runs in the
-    user's class and checks them (``nn.Transformer.d_model``, :func:`~fxmorph.capture.layers.layer_sizes`)."""
+    trace entered (timm's ``BatchNormAct2d``); the op table says which attributes state which tensor sizes."""
     placed = {id(obj) for obj in memo.values()}
     changes = []
     for path, module in copied.named_modules():
@@ -130,8 +129,15 @@ def _restate_sizes(copied: nn.Module, memo: dict[int, Any]) -> list[AttributeCha
                 # a tuple attribute keeps its container type (LayerNorm's normalized_shape is a tuple)
                 setattr(module, attr.name, type(old)(new) if isinstance(old, list | tuple) else new)
                 changes.append(AttributeChange(path, attr.name, old, getattr(module, attr.name)))
+    return changes
+
+
+def _restate_layers(copied: nn.Module) -> list[AttributeChange]:
+    """Set the width attributes of the torch.nn layers traced along their plain path: in the user's class they
+    run their own forward, which checks them (``nn.Transformer.d_model``, see
+    :func:`~fxmorph.capture.layers.layer_sizes`)."""
+    changes = []
     for path, module in copied.named_modules():
-        # the torch.nn layers traced along their plain path run their own forward in the user's class
         for name, new in layer_sizes(module).items():
             old = getattr(module, name)
             if old != new:
@@ -175,7 +181,8 @@ def _candidates(copied: nn.Module, diff: Difference) -> Iterator[_Candidate]:
     if not (_int(ours) and _int(theirs)):
         return
     paths = list(dict.fromkeys(("", *diff.module_paths)))[::-1]
-    modules = [(path, copied.get_submodule(path) if path else copied) for path in paths]
+    # a path the copy does not hold (the trace named a module it built itself) has no attributes to offer
+    modules = [(path, copied.get_submodule(path) if path else copied) for path in paths if _holds(copied, path)]
     for exact in (True, False):
         for path, module in modules:
             for name, value in list(vars(module).items()):
@@ -183,6 +190,11 @@ def _candidates(copied: nn.Module, diff: Difference) -> Iterator[_Candidate]:
                     continue
                 for new in _new_values(value, ours, theirs, exact):
                     yield _Candidate(module, AttributeChange(path, name, value, new))
+
+
+def _holds(model: nn.Module, path: str) -> bool:
+    """Whether ``model`` has a submodule at ``path`` (``""`` is the model itself)."""
+    return not path or _existing_prefix(model, path) == path
 
 
 def _new_values(value: Any, ours: int, theirs: int, exact: bool) -> Iterator[Any]:
@@ -332,7 +344,7 @@ def write_back(model: nn.Module, result: fx.GraphModule, leaf_modules: Iterable[
     memo = _substitutions(model, result)
     copied = copy.deepcopy(model, dict(memo))  # a copy of the memo: deepcopy adds every object it copies
     _restore_modes(model, copied)
-    sizes = _restate_sizes(copied, memo)
+    sizes = _restate_sizes(copied, memo) + _restate_layers(copied)
     search = _Search(copied, result, leaf_modules)
     changes = sizes + _settle(search)
     logger.debug("write-back: %d attribute(s) set, %d trace(s)", len(changes), search.traces)
