@@ -106,5 +106,4 @@ def resize(
     out = apply_plan(cg.gm, cg, plan, seed=seed)
     if cg.source is None:
         return out
-    out.train(cg.source.training)
     return deliver(cg.source, out, keep_class=keep_class, leaf_modules=cg.leaf_modules, entry="resize")[0]

@@ -48,7 +48,9 @@ class Delivery:
     def describe(self) -> str:
         """One line for reports."""
         if self.kept_class:
-            extra = f"; set {', '.join(self.attributes)}" if self.attributes else ""
+            shown = ", ".join(self.attributes[:3])  # the rest are in ``attributes`` (a ViT sets one, a Swin dozens)
+            more = f" and {len(self.attributes) - 3} more" if len(self.attributes) > 3 else ""
+            extra = f"; set {shown}{more}" if self.attributes else ""
             return f"returned as {self.class_name} (proven equal to the graph{extra})"
         return f"returned as a torch.fx.GraphModule: {self.reason}"
 

@@ -293,9 +293,9 @@ def load(
     # the traced forward never reaches (GoogLeNet's aux heads) are in a file saved from the user's class only.
     _check_state(small.state_dict(), {k: v for k, v in state.items() if k in graph_keys}, path)
     small.load_state_dict({k: v for k, v in state.items() if k in graph_keys}, strict=True)
-    small.train(data["training"])
     model, _ = deliver(original_model, small, keep_class=keep_class, entry="load")
     _load_unreached(model, {k: v for k, v in state.items() if k not in graph_keys}, path)
+    model.train(data["training"])  # the mode it was saved in (write-back took the original's flags)
     logger.info("loaded %s from %s (%d group widths)", type(original_model).__name__, path, len(widths))
     return model
 

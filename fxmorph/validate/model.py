@@ -40,12 +40,12 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager
-def frozen_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the duration, then restore every module's training flag."""
+def _mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Every module of ``model`` in train (or eval) mode for the duration, then each module's own flag back."""
     # Every module's own flag, not just the root's: a model in training may hold a frozen BatchNorm in eval mode on
     # purpose, and ``model.train()`` afterwards would flip it.
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(train)
     try:
         yield
     finally:
@@ -53,16 +53,14 @@ def frozen_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-@contextlib.contextmanager
-def training_mode(model: nn.Module) -> Iterator[None]:
+def frozen_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Put ``model`` in eval mode for the duration, then restore every module's training flag."""
+    return _mode(model, train=False)
+
+
+def training_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Put every module of ``model`` in train mode for the duration, then restore each module's own flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    return _mode(model, train=True)
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
