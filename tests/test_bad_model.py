@@ -1,4 +1,4 @@
-"""Bad models at every entry point that traces: hooks torch.fx would drop, extra example inputs, derived or tied
+"""Bad models at every entry point that traces: hooks torch.fx would drop, extra example inputs, derived
 weights, and DataParallel / DDP / ``torch.compile`` wrappers. One parameter per row of ``docs/bad_input.md``
 (test ids ``model::...``); each asserts the fxmorph exception, the words of its message, that fxmorph raised
 it, and that the user's model is unchanged.
@@ -78,18 +78,6 @@ def _with(layer: str, change: Callable[[nn.Module], Any]) -> Callable[[], nn.Mod
     return build
 
 
-class Tied(MLP):
-    """fc2 and fc2b share one weight Parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc2b = nn.Linear(32, 32)
-        self.fc2b.weight = self.fc2.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.relu(self.fc2b(F.relu(self.fc2(F.relu(self.fc1(x)))))))
-
-
 @pytest.fixture(scope="module")
 def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A one-process gloo group, so DistributedDataParallel can be built."""
@@ -153,7 +141,6 @@ BAD: dict[str, tuple[Callable[[], nn.Module], tuple[torch.Tensor, ...], tuple[st
         (X,),
         ("layer 'fc2'", "torch.nn.utils.remove_spectral_norm(layer)"),
     ),
-    "tied weights": (Tied, (X,), ("'fc2.weight' and 'fc2b.weight'", "tied", "untie")),
     "DataParallel wrapper": (lambda: nn.DataParallel(MLP()), (X,), ("dataparallel", "model.module")),
     "DistributedDataParallel wrapper": (
         lambda: nn.parallel.DistributedDataParallel(MLP()),

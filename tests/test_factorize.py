@@ -146,20 +146,17 @@ def test_targets_skips_and_a_second_run() -> None:
             return self.c(self.a(self.a(x)) + self.b(x))
 
     model, x = Shared(), torch.randn(2, 6)
-    traced = fxmorph.trace(model, (x,), allow_tied_weights=True)  # the entry points refuse tied weights
+    traced = fxmorph.trace(model, (x,))
     reasons = factorizable(traced)
     assert "called 2 times" in str(reasons["a"]) and "shared" in str(reasons["b"]) and reasons["c"] is None
-    gm = Pipeline([FactorizePass()])(fxmorph.trace(model, (x,), allow_tied_weights=True), PassContext((x,))).gm
+    gm = Pipeline([FactorizePass()])(fxmorph.trace(model, (x,)), PassContext((x,))).gm
     assert set(gm.meta[FACTORS_KEY]) == {"c"}
     again = Pipeline([FactorizePass()])(gm, PassContext((x,)))
     assert not again.records[0]["modified"] and set(again.gm.meta[FACTORS_KEY]) == {"c"}
     assert "already factorized" in str(factorizable(gm)["c.0"])
     assert not Pipeline([FactorizePass(("c",))])(gm, PassContext((x,))).records[0]["modified"]
     with pytest.raises(fxmorph.PassError, match="'a' cannot be factorized: a is called 2 times"):
-        Pipeline([FactorizePass(("a",))])(fxmorph.trace(model, (x,), allow_tied_weights=True), PassContext((x,)))
-    with pytest.raises(fxmorph.InputError, match="tied weights"):  # the entry points refuse tied weights
-        fxmorph.shrink(model, 0.5, (x,), factorize=["a"])
-    model.b.weight = nn.Parameter(model.b.weight.detach().clone())  # untied
+        Pipeline([FactorizePass(("a",))])(fxmorph.trace(model, (x,)), PassContext((x,)))
     with pytest.raises(fxmorph.InputError, match="'a' cannot be factorized: a is called 2 times, not once"):
         fxmorph.shrink(model, 0.5, (x,), factorize=["a"])
     with pytest.raises(fxmorph.PassError, match="no Linear or convolution at or under 'fc'; the model's are: a, b, c"):

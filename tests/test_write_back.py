@@ -22,7 +22,8 @@ from torch import fx, nn
 
 import fxmorph
 from fxmorph.meta import REPORT_KEY
-from tests.conftest import SmallNet, assert_same_outputs
+from fxmorph.testing import random_plan
+from tests.conftest import SmallNet, assert_same_outputs, check_prune
 
 X = torch.randn(2, 3, 8, 8)
 
@@ -152,3 +153,61 @@ def test_every_entry_point_gives_the_class_back(entry: str, tmp_path: object) ->
     assert type(result) is Described
     with torch.no_grad():
         result(X)
+
+
+class TinyLM(nn.Module):
+    """A language model whose output head is its embedding (tied), as every Hugging Face causal LM has."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(self.norm(h))
+
+
+class TiedPair(nn.Module):
+    """Two layers sharing one weight, applied one after the other: their channels must become one set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        self.fc2b = nn.Linear(32, 32)
+        self.fc2b.weight = self.fc2.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2b(F.relu(self.fc2(F.relu(self.fc1(x)))))))
+
+
+def test_a_tied_embedding_and_head_shrink_and_stay_tied() -> None:
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    cg = fxmorph.analyze(model, (ids,))
+    # the vocabulary rows: the head's are logits, the embedding's are token ids; one slice cannot serve both
+    reasons = [pin.reason for group in cg.groups for pin in group.pins]
+    assert "'head.weight' is tied to 'embed.weight', which does not index its dim 0 by channels" in reasons
+    assert "'head.weight' is tied to 'embed.weight'" in cg.explain()
+    check_prune(cg, random_plan(cg, seed=3), ids)  # mask oracle, and the written-back class equals the graph
+    small = fxmorph.shrink(model, 0.5, (ids,), round_to=1)
+    assert type(small) is TinyLM and small.head.weight is small.embed.weight
+    assert small.embed.embedding_dim == small.norm.normalized_shape[0] < 32
+    assert fxmorph.count_params(small) < fxmorph.count_params(model)
+    assert model.head.weight is model.embed.weight and model.embed.weight.shape == (50, 32)  # the user's
+
+
+def test_layers_sharing_a_weight_are_cut_alike() -> None:
+    torch.manual_seed(0)
+    model = TiedPair().eval()
+    x = torch.randn(4, 8)
+    cg = fxmorph.analyze(model, (x,))
+    check_prune(cg, random_plan(cg, seed=1), x)
+    small = fxmorph.shrink(model, 0.4, (x,), round_to=1)
+    assert type(small) is TiedPair and small.fc2b.weight is small.fc2.weight
+    assert small.fc1.out_features == small.fc2.out_features == small.fc2b.in_features < 32

@@ -138,6 +138,19 @@ class CostTerm:
     factors: tuple[Layout, ...]
 
 
+def tied_paths(root: nn.Module) -> dict[str, str]:
+    """Every further path of a parameter or buffer held under several names -> its first path."""
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    named = (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False))
+    for path, tensor in named:
+        if id(tensor) in first:
+            ties[path] = first[id(tensor)]
+        else:
+            first[id(tensor)] = path
+    return ties
+
+
 @dataclass
 class RuleContext:
     """What rules see: the atom table, the spaces of earlier nodes, and the records they add."""
@@ -150,6 +163,14 @@ class RuleContext:
     rewrites: list[Rewrite] = field(default_factory=list)
     costs: list[CostTerm] = field(default_factory=list)
     node: fx.Node | None = None
+    ties: dict[str, str] = field(default_factory=dict)
+    """Tied tensors: every further path of a tensor the graph holds under several names -> its first path.
+    Each use binds the first path, so the uses' channels are one set and surgery slices the tensor once."""
+    used_dims: set[tuple[str, int]] = field(default_factory=set)
+    """``(path as used, dim)`` of every binding, to find a dim one name of a tied tensor indexes and another not."""
+
+    def __post_init__(self) -> None:
+        self.ties = tied_paths(self.gm)
 
     # -- reading -----------------------------------------------------------------------------------
     def spaces(self, arg: Any) -> Spaces:
@@ -229,6 +250,8 @@ class RuleContext:
         ``layout=None`` says that at this use the dim has a fixed width (a module called once on a
         model input and once inside the model): every layout bound to it, before or after, is pinned.
         """
+        self.used_dims.add((target, dim))
+        target = self.ties.get(target, target)  # a tied tensor's every name binds its first one
         key = (target, dim)
         reason = f"'{target}' is also used where this dim has a fixed width"
         # ``fixed`` remembers fixed uses, so the pin holds whichever call site the walk meets first
@@ -247,6 +270,22 @@ class RuleContext:
             reason = f"'{target}' is shared by call sites whose channels do not line up"
             self.pin(previous.layout, reason)
             self.pin(layout, reason)
+
+    def pin_partial_ties(self) -> None:
+        """Pin a dim of a tied tensor that one of its names indexes by channels and another does not (an
+        embedding's rows are token ids; its tied output head's rows are logits): one slice must serve all."""
+        names: dict[str, list[str]] = {}
+        for alias, first in self.ties.items():
+            names.setdefault(first, [first]).append(alias)
+        for first, aliases in names.items():
+            for (target, dim), binding in list(self.bindings.items()):
+                if target != first:
+                    continue
+                missing = [a for a in aliases if (a, dim) not in self.used_dims]
+                if missing:
+                    user = next(a for a in aliases if (a, dim) in self.used_dims)
+                    reason = f"'{user}' is tied to '{missing[0]}', which does not index its dim {dim} by channels"
+                    self.pin(binding.layout, reason)
 
     def rewrite(self, location: Location, value: Callable[[Measure], Any]) -> None:
         """Record a graph constant of the current node (or a fix-up) for surgery to recompute."""

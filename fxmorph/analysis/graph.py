@@ -96,6 +96,9 @@ class ChannelGraph:
     result back as that model's class (the graph shares its modules and tensors, so this costs nothing)."""
     leaf_modules: tuple[type | str, ...] = ()
     """The extra leaf modules the trace used (a re-trace for write-back uses them too)."""
+    ties: dict[str, str] = field(default_factory=dict)
+    """Tied tensors: each further path of a tensor held under several names -> its first path, the one its
+    bindings name. Surgery slices the tensor once and puts the one new tensor at every path."""
 
     def layout_groups(self, layout: Layout) -> list[tuple[int, int]]:
         """``(group id, inner)`` for every piece of a layout, in order."""
@@ -145,6 +148,7 @@ def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
                 "workaround, mark the module holding this op as a leaf so its channels are pinned."
             ) from exc
     _pin_train_readers(ctx, gm)
+    ctx.pin_partial_ties()
     return _collect(ctx)
 
 
@@ -189,6 +193,7 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
             for atom, _ in atoms.expand(layout):
                 group_for(atom)
     cg = ChannelGraph(ctx.gm, groups, atoms, group_of, spaces, ctx.bindings, ctx.rewrites, ctx.costs, graph)
+    cg.ties = dict(ctx.ties)
     logger.debug("channel analysis: %d groups, %d free", len(groups), len(cg.free_groups))
     return cg
 

@@ -28,9 +28,10 @@ def check_unwrapped(model: nn.Module) -> None:
         )
 
 
-def check_reshapable(model: nn.Module, *, tied: bool = True) -> None:
-    """No layer of ``model`` derives its weights (parametrize, weight_norm, spectral_norm) or, with ``tied``,
-    shares a Parameter with another module: fxmorph reshapes stored tensors and could not keep either."""
+def check_reshapable(model: nn.Module) -> None:
+    """No layer of ``model`` derives its weights (parametrize, weight_norm, spectral_norm): fxmorph reshapes
+    stored tensors. (Tied weights, one Parameter held by two modules, are fine: the analysis makes every name of
+    a tied tensor index the same channels, and surgery slices it once.)"""
     from torch.nn.utils import parametrize
 
     for name, module in model.named_modules():
@@ -44,8 +45,6 @@ def check_reshapable(model: nn.Module, *, tied: bool = True) -> None:
         # the legacy weight_norm and spectral_norm are forward pre-hooks, not parametrizations
         for hook in module._forward_pre_hooks.values():
             _refuse_norm_hook(name or type(model).__name__, hook)
-    if tied:
-        _refuse_tied(model)
 
 
 def _refuse_norm_hook(name: str, hook: Any) -> None:
@@ -60,21 +59,6 @@ def _refuse_norm_hook(name: str, hook: Any) -> None:
                 f"'{hook.name}' before every call), and fxmorph reshapes stored weights only: remove it first with "
                 f"`torch.nn.utils.{remove}(layer)`."
             )
-
-
-def _refuse_tied(model: nn.Module) -> None:
-    """Refuse a Parameter held by two modules (tied weights): reshaping would untie or break them."""
-    owners: dict[int, str] = {}
-    # each module's own _parameters, not named_parameters(), which lists a shared Parameter only once
-    for name, module in model.named_modules():
-        for pname, p in module._parameters.items():
-            path = f"{name}.{pname}" if name else pname
-            if p is not None and owners.setdefault(id(p), path) != path:
-                raise InputError(
-                    f"'{owners[id(p)]}' and '{path}' are one shared Parameter (tied weights), which fxmorph cannot "
-                    "keep tied while it reshapes them: untie them first (for example `layer.weight = "
-                    "nn.Parameter(layer.weight.detach().clone())` on one of the two layers)."
-                )
 
 
 def check_hooks(model: nn.Module, leaves: Iterable[str]) -> None:

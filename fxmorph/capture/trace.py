@@ -225,19 +225,19 @@ def trace(
             result is for inspection: fxmorph's entry points do not accept it (they trace again).
         fake: propagate shapes on fake tensors (no compute). ``None`` chooses fake tensors for models
             with more than 1 GiB of weights.
-        allow_tied_weights: trace a model whose modules share a Parameter, for inspection only: the entry
-            points (analyze, shrink, grow, morph, FlopsRegularizer) refuse such a model.
+        allow_tied_weights: no longer needed (kept so that calls passing it still work): tied weights, one
+            Parameter held by two modules, are traced, analysed and reshaped as one tensor everywhere.
 
     Raises:
         InputError: ``model`` is not a module, a DataParallel / DDP / ``torch.compile`` wrapper, has
-            parametrized, weight-normed or tied weights, hooks torch.fx would drop, or more example inputs
+            parametrized or weight-normed weights, hooks torch.fx would drop, or more example inputs
             than its forward takes; the inputs are malformed, or the dtype is unsupported.
         TraceError: the model cannot be traced, or the example inputs do not run through it.
     """
     # Checks that need only the model and the inputs run first, before any tracing time is spent.
     _check_model(model)
     check_unwrapped(model)
-    check_reshapable(model, tied=not allow_tied_weights)
+    check_reshapable(model)
     inputs = as_inputs(example_inputs)
     check_tensor_inputs(inputs)
     leaf_modules = check_leaf_modules(model, leaf_modules)

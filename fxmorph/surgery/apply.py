@@ -124,13 +124,19 @@ def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
     return nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
 
 
-def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor, like: torch.Tensor | None) -> None:
-    """Register ``value`` as ``module.<leaf>``: a Parameter or a buffer, as the tensor it replaces (``like``) was."""
-    # One name is either a parameter or a buffer, never both (a stale twin would shadow it in state_dict).
+def _as_stored(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """``value`` as the kind of tensor it replaces (``like``): a Parameter with its gradient flag, or plain."""
     if like is None or isinstance(like, nn.Parameter):  # a bias created by a fold is a parameter
-        grad = like.requires_grad if like is not None else True
+        return nn.Parameter(value, requires_grad=like.requires_grad if like is not None else True)
+    return value
+
+
+def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor) -> None:
+    """Register ``value`` as ``module.<leaf>``: a parameter if it is a Parameter, else a buffer."""
+    # One name is either a parameter or a buffer, never both (a stale twin would shadow it in state_dict).
+    if isinstance(value, nn.Parameter):
         module._buffers.pop(leaf, None)
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=grad)
+        module._parameters[leaf] = value
     else:
         module._parameters.pop(leaf, None)
         module._buffers[leaf] = value
@@ -227,9 +233,11 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
         memo = {id(t): _stand_in(t) for t in originals.values() if t is not None}
         out = copy.deepcopy(gm, memo)
         for path, value in new_tensors.items():
-            owner, leaf = _split_path(path)
-            module = _rebuilt(out, owner) if owner else out
-            _set_tensor(module, leaf, value, originals[path])
+            stored = _as_stored(value, originals[path])
+            # a tied tensor is built once, for its first name, and the one new tensor goes to every name
+            for name in (path, *(alias for alias, first in cg.ties.items() if first == path)):
+                owner, leaf = _split_path(name)
+                _set_tensor(_rebuilt(out, owner) if owner else out, leaf, stored)
         _rewrite_constants(out, cg, plan)
         out.recompile()
     except PlanError:  # a bad init shape names its group already: pass it on unwrapped
