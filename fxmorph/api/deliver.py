@@ -11,10 +11,12 @@ that names the line, ``True`` raises the :class:`~fxmorph.errors.WriteBackError`
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import fx, nn
@@ -55,6 +57,18 @@ class Delivery:
         return f"returned as a torch.fx.GraphModule: {self.reason}"
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` that points a warning raised in :func:`deliver` at the user's line: the first frame
+    outside the fxmorph package (entry points reach ``deliver`` through one or two of their own frames)."""
+    frame, level = sys._getframe(1), 1  # the frame of deliver, which calls warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def deliver(
     model: nn.Module,
     result: fx.GraphModule,
@@ -72,8 +86,9 @@ def deliver(
     except WriteBackError as exc:
         if keep_class:
             raise
-        # stacklevel 3: the user's call of the entry point, through it and this function
-        warnings.warn(f"{entry}: {exc} Returning a torch.fx.GraphModule instead.", WriteBackWarning, stacklevel=3)
+        warnings.warn(
+            f"{entry}: {exc} Returning a torch.fx.GraphModule instead.", WriteBackWarning, stacklevel=_user_level()
+        )
         return result, Delivery(False, type(result).__name__, str(exc), seconds=time.perf_counter() - start)
     # the metadata a GraphModule result holds in ``meta``: the same dict object, so a report filled in later
     # shows in both
