@@ -9,6 +9,7 @@ import torch
 from torch import fx
 
 __all__ = [
+    "BLOCKS_KEY",
     "DROP_KEY",
     "FACTORS_KEY",
     "FLOPS_KEY",
@@ -31,6 +32,9 @@ UNREACHED_KEY = "fxmorph.unreached"
 TRAIN_READERS_KEY = "fxmorph.train_readers"
 """``{node name: module}``: values of the graph that modules running only in train mode read (written by
 tracing when some module is unreached); the analysis pins their channels."""
+BLOCKS_KEY = "fxmorph.blocks"
+"""Module paths of the traced model's repeated blocks (written by tracing, see :mod:`fxmorph.capture.blocks`);
+``uniform_blocks`` keeps the groups playing one role in each at one width."""
 FLOPS_KEY = "fxmorph.flops"
 """FLOPs of one run on the example inputs (written by shape propagation)."""
 INTERFACE_KEY = "fxmorph.interface"

@@ -8,14 +8,15 @@ the counted FLOPs equal :meth:`CostModel.flops` of the plan exactly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
 from fxmorph.analysis import ChannelGraph, Layout
 from fxmorph.meta import FLOPS_KEY
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "Costs", "TiedCosts"]
 
 
 class _Polynomial:
@@ -76,9 +77,56 @@ class _Polynomial:
         changed[-1, :] = 1
         return self.const + self._coef @ changed[self._idx].prod(axis=1)
 
+    def projected(self, onto: np.ndarray) -> _Polynomial:
+        """The same polynomial of new variables ``u``, where the old ones are ``w = onto @ u`` (``onto``: one
+        row per old variable). The forms stay linear: each row of ``A`` becomes ``A @ onto``."""
+        out = copy.copy(self)
+        out._n = onto.shape[1]
+        out._a = self._a @ onto  # the constant row of zeros stays zeros
+        return out
 
-class CostModel:
-    """Predict FLOPs (2 x MACs, as ``torch.utils.flop_counter``) and parameters for any widths."""
+
+class Costs:
+    """FLOPs and parameters as functions of a vector of widths, one per variable (:class:`CostModel`: one
+    per group; :class:`TiedCosts`: one per unit of groups kept at one width)."""
+
+    sizes: np.ndarray
+    """The original width of every variable."""
+    _flops: _Polynomial
+    _params: _Polynomial
+
+    def flops_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
+        """FLOPs after each step ``(variable, new width)`` of ``steps`` taken alone from ``widths``."""
+        return self._flops.steps(*_step_arrays(widths, steps))
+
+    def params_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Parameter counts after each step ``(variable, new width)`` taken alone from ``widths``."""
+        return self._params.steps(*_step_arrays(widths, steps))
+
+    def widths(self, overrides: Mapping[int, int] | None = None) -> np.ndarray:
+        """Vector of widths: the original sizes with ``overrides`` applied."""
+        w = self.sizes.copy()
+        for gid, width in (overrides or {}).items():
+            w[gid] = width
+        return w
+
+    def flops(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None = None) -> int:
+        """FLOPs for a width vector (or a ``{variable: width}`` mapping over the original sizes)."""
+        return self._flops(self._vector(widths))
+
+    def params(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None = None) -> int:
+        """Parameter count for a width vector (or mapping)."""
+        return self._params(self._vector(widths))
+
+    def _vector(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None) -> np.ndarray:
+        """``widths`` as a new int64 vector of every variable's width (a mapping overrides the sizes)."""
+        if widths is None or isinstance(widths, Mapping):
+            return self.widths(widths)  # type: ignore[arg-type]
+        return np.asarray(widths, dtype=np.int64).copy()
+
+
+class CostModel(Costs):
+    """Predict FLOPs (2 x MACs, as ``torch.utils.flop_counter``) and parameters for any group widths."""
 
     def __init__(self, cg: ChannelGraph, counted_flops: int | None = None) -> None:
         """Build the polynomials of ``cg``; ``counted_flops`` overrides the FLOPs counted at trace time
@@ -117,39 +165,59 @@ class CostModel:
         poly.freeze()
         return poly
 
-    def flops_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
-        """FLOPs after each step ``(group, new width)`` of ``steps`` taken alone from ``widths``."""
-        return self._flops.steps(*_step_arrays(widths, steps))
-
-    def params_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
-        """Parameter counts after each step ``(group, new width)`` taken alone from ``widths``."""
-        return self._params.steps(*_step_arrays(widths, steps))
-
     def prunable_share(self) -> float:
         """Share of the model's FLOPs in ops that touch at least one free group (0 to 1)."""
         total = self.flops()
         return self._free_terms(self.sizes.copy()) / total if total else 0.0
 
-    def widths(self, overrides: Mapping[int, int] | None = None) -> np.ndarray:
-        """Vector of group widths: the original sizes with ``overrides`` applied."""
-        w = self.sizes.copy()
-        for gid, width in (overrides or {}).items():
-            w[gid] = width
-        return w
+    def tied(self, classes: Sequence[Sequence[int]]) -> TiedCosts:
+        """The same costs over units: each of ``classes`` (groups of one size) one unit, every other group
+        its own."""
+        return TiedCosts(self, classes)
 
-    def flops(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None = None) -> int:
-        """FLOPs for a width vector (or a ``{group: width}`` mapping over the original sizes)."""
-        return self._flops(self._vector(widths))
 
-    def params(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None = None) -> int:
-        """Parameter count for a width vector (or mapping)."""
-        return self._params(self._vector(widths))
+class TiedCosts(Costs):
+    """A :class:`CostModel` whose variables are units of groups that keep one width.
 
-    def _vector(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None) -> np.ndarray:
-        """``widths`` as a new int64 vector of every group's width (a mapping overrides the sizes)."""
-        if widths is None or isinstance(widths, Mapping):
-            return self.widths(widths)  # type: ignore[arg-type]
-        return np.asarray(widths, dtype=np.int64).copy()
+    Each class of groups (all of one size) is one unit and every other group is a unit of its own, in the
+    order of their first group. A step of a unit moves all its groups at once, so its FLOPs are those of
+    every member stepped together (the polynomial in unit widths is exact: its forms are the group forms
+    summed over each unit's members). :meth:`expand` gives the group widths of unit widths.
+    """
+
+    def __init__(self, cost: CostModel, classes: Sequence[Sequence[int]]) -> None:
+        """Units of ``cost``'s groups: ``classes`` (disjoint, each of groups of one size) and singletons."""
+        n = len(cost.sizes)
+        self.unit_of = np.full(n, -1, dtype=np.int64)
+        """The unit of every group."""
+        self.members: list[list[int]] = []
+        """The groups of every unit."""
+        for members in [*classes, *([g] for g in range(n))]:
+            members = [g for g in members if self.unit_of[g] < 0]
+            if members:
+                if len({int(cost.sizes[g]) for g in members}) > 1:
+                    raise ValueError(f"groups {members} differ in size: they cannot keep one width")
+                self.unit_of[members] = len(self.members)
+                self.members.append(members)
+        order = np.argsort([m[0] for m in self.members], kind="stable")  # units in the order of their groups
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        self.members = [self.members[k] for k in order]
+        self.unit_of = rank[self.unit_of]
+        onto = np.zeros((n, len(self.members)), dtype=np.int64)
+        onto[np.arange(n), self.unit_of] = 1
+        self.sizes = cost.sizes[[m[0] for m in self.members]]
+        self._flops = cost._flops.projected(onto)
+        self._params = cost._params.projected(onto)
+
+    def expand(self, units: np.ndarray) -> np.ndarray:
+        """The group widths of unit widths ``units``."""
+        return np.asarray(units, dtype=np.int64)[self.unit_of]
+
+    def units_within(self, groups: Collection[int]) -> list[int]:
+        """The units all of whose groups are in ``groups``."""
+        chosen = set(groups)
+        return [u for u, members in enumerate(self.members) if all(g in chosen for g in members)]
 
 
 def _step_arrays(widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -121,6 +121,7 @@ def grow(
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
     keep_class: bool | None = None,
+    uniform_blocks: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, GrowReport]:
     """Return a wider copy of ``model`` that computes the same function (until it is trained).
@@ -151,6 +152,8 @@ def grow(
         seed: seeds probes and new values; same seed, same model.
         keep_class: as in :func:`fxmorph.shrink`: ``None`` gives ``model``'s class back where proven, else the
             GraphModule with a warning; ``True`` raises a WriteBackError instead; ``False`` never tries.
+        uniform_blocks: growing to a budget, keep the groups that play one role in the model's repeated blocks
+            at one width, as in :func:`fxmorph.shrink` (``channels`` adds the counts it names).
         return_report: also return the :class:`GrowReport` (always at
             ``fxmorph.metadata(result)["fxmorph.grow"]``).
 
@@ -186,6 +189,7 @@ def grow(
         seed=seed,
         leaf_modules=leaf_modules,
         keep_class=keep_class,
+        uniform_blocks=uniform_blocks,
     )
     big, report = run_grow(model, example_inputs, options)
     return (big, report) if return_report else big

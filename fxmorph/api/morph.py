@@ -161,9 +161,9 @@ def recalibrate_norms(model: nn.Module, data: Iterable[Any], step: StepFn, batch
     return used
 
 
-def _remove_dead(model: nn.Module, inputs: tuple[Any, ...], leaf: tuple[Any, ...]) -> fx.GraphModule:
+def _remove_dead(model: nn.Module, inputs: tuple[Any, ...], leaf: tuple[Any, ...], uniform: bool) -> fx.GraphModule:
     gm = trace(model, inputs, leaf_modules=leaf)
-    return run_pipeline([RemoveDeadPass()], gm, PassContext(inputs), copy_model=True).gm
+    return run_pipeline([RemoveDeadPass(uniform_blocks=uniform)], gm, PassContext(inputs), copy_model=True).gm
 
 
 def morph(
@@ -189,6 +189,7 @@ def morph(
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
     keep_class: bool | None = None,
+    uniform_blocks: bool = False,
 ) -> tuple[nn.Module, MorphReport]:
     """Reshape a copy of ``model`` with MorphNet's cycle and resize it to ``budget_flops``.
 
@@ -237,6 +238,9 @@ def morph(
         leaf_modules: extra leaf modules for tracing, as in :func:`fxmorph.trace`.
         keep_class: as in :func:`fxmorph.shrink`: ``None`` gives ``model``'s class back where proven equal to
             the result's graph, else the GraphModule with a warning; ``True`` raises instead; ``False`` never tries.
+        uniform_blocks: keep the groups that play one role in the model's repeated blocks at one width, as in
+            :func:`fxmorph.shrink` (dead channels go from every block of a class alike: as many as the block
+            with the fewest has).
 
     Returns:
         The fine-tuned model (``model``'s class, or a GraphModule: ``keep_class``; in ``model``'s train/eval
@@ -273,6 +277,7 @@ def morph(
         seed=seed,
         leaf_modules=leaf_modules,
         keep_class=keep_class,
+        uniform_blocks=uniform_blocks,
     )
     _check_model(model)
     inputs = as_inputs(example_inputs)
@@ -316,7 +321,7 @@ def _cycle(
     recalibrate_norms(work, data, step, options.recalibrate)
     report.stages.append(_stage("trained", work, inputs, evaluate, leaf))
     report.dead_channels = sum(len(v) for v in reg.zero_dead().values())
-    lean = _remove_dead(work, inputs, leaf)
+    lean = _remove_dead(work, inputs, leaf, options.uniform_blocks)
     report.stages.append(_stage("dead removed", lean, inputs, evaluate, leaf))
     target = _reachable(lean, report.budget_flops, inputs, leaf, options)
     result, _ = run_shrink(lean, inputs, options.width_step(target, leaf))

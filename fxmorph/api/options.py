@@ -82,6 +82,9 @@ class Options:
     keep_class: bool | None = None
     """Give the result back as the user's own class: ``None`` where it can be proven equal to the graph (else
     the GraphModule, with a warning), ``True`` always (else a WriteBackError), ``False`` never."""
+    uniform_blocks: bool = False
+    """Keep the groups playing one role in the model's repeated blocks at one width (see
+    :mod:`fxmorph.passes.uniform`)."""
 
     def _normalise(self, name: str, value: Any) -> None:
         # A frozen dataclass sets fields only through object.__setattr__, as dataclasses do themselves.
@@ -92,6 +95,8 @@ class Options:
         self._normalise("seed", check_seed(self.seed))
         if not (self.keep_class is None or isinstance(self.keep_class, bool)):
             raise InputError(f"keep_class must be None, True or False, got keep_class={self.keep_class!r}.")
+        if not isinstance(self.uniform_blocks, bool):
+            raise InputError(f"uniform_blocks must be True or False, got uniform_blocks={self.uniform_blocks!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +140,13 @@ class ShrinkOptions(Options):
 
     def cut_pass(self, budget: int, grid: Grid, max_prune: float) -> BudgetPass:
         """The pass that cuts (or, with ``strategy="width"``, grows) to ``budget`` FLOPs on ``grid``."""
-        shared = {"criterion": self.criterion, "round_to": grid, "min_width": self.min_width, "protect": self.protect}
+        shared = {
+            "criterion": self.criterion,
+            "round_to": grid,
+            "min_width": self.min_width,
+            "protect": self.protect,
+            "uniform_blocks": self.uniform_blocks,
+        }
         if self.strategy == "prune":
             return PrunePass(budget, max_prune=max_prune, param_cost=self.param_cost, **shared)
         return WidthPass(budget, **shared)
@@ -156,6 +167,7 @@ class ShrinkOptions(Options):
             "factorize": factorize,
             "seed": self.seed,
             "keep_class": self.keep_class,
+            "uniform_blocks": self.uniform_blocks,
         }
 
 
@@ -207,6 +219,7 @@ class GrowOptions(Options):
             self.scale,
             self.noise,
             self.protect,
+            uniform_blocks=self.uniform_blocks,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -222,6 +235,7 @@ class GrowOptions(Options):
             "protect": list(self.protect),
             "seed": self.seed,
             "keep_class": self.keep_class,
+            "uniform_blocks": self.uniform_blocks,
             "data": self.data is not None,
         }
 
@@ -308,6 +322,7 @@ class MorphOptions(Options):
             seed=self.seed,
             leaf_modules=leaf_modules,
             keep_class=False,  # an inner step: morph gives its own result back as the user's class
+            uniform_blocks=self.uniform_blocks,
             **with_data,
         )
 
@@ -326,5 +341,6 @@ class MorphOptions(Options):
             "recalibrate": self.recalibrate,
             "seed": self.seed,
             "keep_class": self.keep_class,
+            "uniform_blocks": self.uniform_blocks,
             "step_fn": self.step_fn is not None,
         }

@@ -35,6 +35,7 @@ from fxmorph.passes.protect import free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
 from fxmorph.passes.rounding import AUTO, AUTO_GRIDS, Grid, RoundTo, as_grid
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
+from fxmorph.passes.uniform import same_role_classes, settle_classes
 from fxmorph.validate import check_data, check_first_batch
 
 __all__ = ["REPORT_KEY", "run_pipeline", "run_shrink", "shrink"]
@@ -72,6 +73,8 @@ def _limits(cg: ChannelGraph, budget: int, options: ShrinkOptions) -> Limits:
     if budget >= cost.flops():
         return Limits(grids[0], prunes[0])
     groups = free_group_ids(cg, options.protect)
+    if options.uniform_blocks:  # a class with a group that cannot change keeps its width everywhere
+        groups = settle_classes(same_role_classes(cg), groups)[1]
     smallest = 0
     for share in prunes:
         for grid in grids:
@@ -190,7 +193,7 @@ def _cut(split: PipelineResult, inputs: tuple[Any, ...], data: Any, options: Shr
     limits = _limits(cg, budget, options)
     ctx = PassContext(inputs, data=data, loss_fn=options.loss_fn, seed=options.seed)
     passes: list[Pass] = [
-        RemoveDeadPass(calibrate=options.calibrate),
+        RemoveDeadPass(calibrate=options.calibrate, uniform_blocks=options.uniform_blocks),
         options.cut_pass(budget, limits.grid, limits.max_prune),
     ]
     passes += [MergeFactorsPass()] if split.records else []
@@ -275,6 +278,7 @@ def shrink(
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
     keep_class: bool | None = None,
+    uniform_blocks: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ShrinkReport]:
     """Return a physically smaller copy of ``model`` whose FLOPs meet ``budget_flops``.
@@ -325,6 +329,11 @@ def shrink(
             :class:`~fxmorph.errors.WriteBackWarning` naming the line of ``forward`` that prevents it (a width
             written in the source, say ``x.view(-1, 512)``); ``True`` raises that as a
             :class:`~fxmorph.errors.WriteBackError`; ``False`` always returns the GraphModule.
+        uniform_blocks: keep the groups that play one role in the model's repeated blocks at one width (the
+            blocks of a ``Sequential``, ``ModuleList`` or ``ModuleDict`` of one type: ``layer3.*.conv1`` of a
+            ResNet, ``model.layers.*.mlp.up_proj`` of a Llama), so that formats holding one size per model (a
+            Hugging Face config, TensorRT-LLM) can describe the result. The budget lands as without it; a
+            class one of whose groups cannot change (pinned, protected) keeps its width in every block.
         return_report: also return the :class:`~fxmorph.api.report.ShrinkReport` (always available as
             ``fxmorph.metadata(result)["fxmorph.report"]``).
 
@@ -356,6 +365,7 @@ def shrink(
         seed=seed,
         leaf_modules=leaf_modules,
         keep_class=keep_class,
+        uniform_blocks=uniform_blocks,
     )
     small, report = run_shrink(model, example_inputs, options)
     return (small, report) if return_report else small

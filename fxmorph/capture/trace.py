@@ -19,12 +19,13 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxmorph.capture.blocks import repeated_blocks
 from fxmorph.capture.flops import flop_counter
 from fxmorph.capture.model_checks import check_hooks, check_reshapable, check_unwrapped
 from fxmorph.capture.symbolic import symbolic_trace
 from fxmorph.capture.train_mode import train_only_readers
 from fxmorph.errors import InputError, TraceError
-from fxmorph.meta import FLOPS_KEY, INTERFACE_KEY, TRAIN_READERS_KEY, UNREACHED_KEY
+from fxmorph.meta import BLOCKS_KEY, FLOPS_KEY, INTERFACE_KEY, TRAIN_READERS_KEY, UNREACHED_KEY
 from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, frozen_mode, run_failure_hint
 
 __all__ = [
@@ -249,6 +250,7 @@ def trace(
         use_fake = _weight_bytes(model) > FAKE_THRESHOLD_BYTES if fake is None else fake
         propagate_shapes(gm, inputs, fake=use_fake)
     gm.meta[UNREACHED_KEY] = unreached_modules(model, gm)
+    gm.meta[BLOCKS_KEY] = repeated_blocks(model)
     if gm.meta[UNREACHED_KEY]:
         logger.info("modules never reached by the trace: %s", ", ".join(gm.meta[UNREACHED_KEY]))
         # what those modules read in train mode keeps its channels (the analysis pins it), so that the result,

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="prune",
         help="prune: least important channels per FLOP, globally; width: one multiplier (default prune)",
     )
+    parser.add_argument(
+        "--uniform-blocks",
+        action="store_true",
+        help="keep the layers that play one role in repeated blocks (layer3.*.conv1) at one width, as configs "
+        "holding one size per model need",
+    )
     parser.add_argument("--checkpoint", metavar="FILE", help="a state dict to load (read with weights_only=True)")
     parser.add_argument(
         "--trust-checkpoint",

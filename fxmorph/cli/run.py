@@ -183,6 +183,7 @@ def _shrink(args: argparse.Namespace, run: _Loaded) -> tuple[nn.Module, ShrinkRe
             criterion=args.criterion,
             strategy=args.strategy,
             round_to=args.round_to,
+            uniform_blocks=args.uniform_blocks,
             return_report=True,
         )
     except BudgetError as exc:  # below what the model can reach

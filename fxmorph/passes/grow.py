@@ -18,7 +18,7 @@ import numpy as np
 from torch import fx
 
 from fxmorph.analysis import ChannelGraph
-from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.cost import CostModel, Costs
 from fxmorph.analysis.plan import WidthPlan
 from fxmorph.errors import BudgetError, InputError, PassError
 from fxmorph.meta import GROW_KEY
@@ -32,6 +32,7 @@ from fxmorph.passes.importance import importance
 from fxmorph.passes.protect import check_protect, grow_candidates
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
+from fxmorph.passes.uniform import in_units, same_role_classes, settle_classes
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["GROW_KEY", "GrowPass", "grow_to_widths"]
@@ -154,6 +155,9 @@ class GrowPass(Pass):
     noise: float = 0.01
     protect: tuple[str, ...] = ()
     verify: bool = True
+    uniform_blocks: bool = False
+    """Growing to a budget, keep the groups playing one role in the model's repeated blocks at one width
+    (see :mod:`fxmorph.passes.uniform`; ``channels`` names its own counts)."""
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """A known ``init``, a loss with data, data for the inits that read gradients, ``protect`` paths
@@ -204,7 +208,7 @@ class GrowPass(Pass):
         if batches and probe:
             found = bridges(cg, probe, batches, ctx.loss_fn, self.rank, ctx.seed)
         if self.budget_flops is not None and not self.channels:
-            widths = self._budget_widths(cost, candidates, found, bool(batches))
+            widths = self._budget_widths(cg, candidates, found, bool(batches))
         for g, reason in skipped.items():
             logger.info("grow: group %d skipped: %s", g, reason)
         return grow_to_widths(
@@ -222,9 +226,20 @@ class GrowPass(Pass):
             skipped=skipped,
         )
 
-    def _budget_widths(self, cost: CostModel, groups: list[int], found: Mapping[int, Bridge], data: bool) -> np.ndarray:
-        assert self.budget_flops is not None
-        if data:
-            gains = {g: np.square(found[g].s) if g in found else np.zeros(1) for g in groups}
-            return greedy_grow_widths(cost, groups, self.budget_flops, self.round_to, self.max_factor, gains)
-        return uniform_grow_widths(cost, groups, self.budget_flops, self.round_to, self.max_factor)
+    def _budget_widths(
+        self, cg: ChannelGraph, groups: list[int], found: Mapping[int, Bridge], data: bool
+    ) -> np.ndarray:
+        """Widths under the budget: most gradient gain per FLOP first with data, one multiplier without."""
+        budget = self.budget_flops
+        assert budget is not None
+        classes: list[list[int]] = []
+        if self.uniform_blocks:
+            classes, groups = settle_classes(same_role_classes(cg), groups)
+        gains = {g: np.square(found[g].s) if g in found else np.zeros(1) for g in groups} if data else None
+
+        def widths(costs: Costs, variables: list[int], gained: Mapping[int, np.ndarray] | None) -> np.ndarray:
+            if gained is not None:
+                return greedy_grow_widths(costs, variables, budget, self.round_to, self.max_factor, gained)
+            return uniform_grow_widths(costs, variables, budget, self.round_to, self.max_factor)
+
+        return in_units(CostModel(cg), classes, groups, widths, gains)

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.cost import Costs
 from fxmorph.passes.rounding import Grid, RoundTo, as_grid
 from fxmorph.passes.select import largest_multiplier
 
@@ -47,13 +47,11 @@ def growth_options(size: int, round_to: RoundTo | Grid, max_factor: float) -> np
     return np.concatenate([[size], np.arange(first, cap + 1, step)]).astype(np.int64)
 
 
-def _options(
-    cost: CostModel, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float
-) -> dict[int, np.ndarray]:
+def _options(cost: Costs, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float) -> dict[int, np.ndarray]:
     return {g: growth_options(int(cost.sizes[g]), round_to, max_factor) for g in groups}
 
 
-def max_grow_flops(cost: CostModel, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float) -> int:
+def max_grow_flops(cost: Costs, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float) -> int:
     """FLOPs with every listed group at its widest allowed width."""
     w = cost.widths()
     for g, opts in _options(cost, groups, round_to, max_factor).items():
@@ -71,7 +69,7 @@ def next_steps(w: np.ndarray, options: Mapping[int, np.ndarray]) -> list[tuple[i
     return out
 
 
-def _step_flops(cost: CostModel, w: np.ndarray, steps: list[tuple[int, int]]) -> np.ndarray:
+def _step_flops(cost: Costs, w: np.ndarray, steps: list[tuple[int, int]]) -> np.ndarray:
     return cost.flops_steps(w, steps).astype(np.float64)
 
 
@@ -100,7 +98,7 @@ def _gain(gains: Mapping[int, np.ndarray] | None, size: int, g: int, lo: int, hi
 
 
 def _top_up(
-    cost: CostModel,
+    cost: Costs,
     w: np.ndarray,
     options: Mapping[int, np.ndarray],
     budget: int,
@@ -129,7 +127,7 @@ def _top_up(
 
 
 def greedy_grow_widths(
-    cost: CostModel,
+    cost: Costs,
     groups: Sequence[int],
     budget: int,
     round_to: RoundTo | Grid,
@@ -144,7 +142,7 @@ def greedy_grow_widths(
 
 
 def uniform_grow_widths(
-    cost: CostModel, groups: Sequence[int], budget: int, round_to: RoundTo | Grid, max_factor: float
+    cost: Costs, groups: Sequence[int], budget: int, round_to: RoundTo | Grid, max_factor: float
 ) -> np.ndarray:
     """Widths of the largest uniform multiplier ``w >= 1`` under ``budget``, topped up (see module doc)."""
     options = _options(cost, groups, round_to, max_factor)

@@ -22,6 +22,7 @@ from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import check_protect, free_group_ids
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
+from fxmorph.passes.uniform import same_role_classes, settle_classes
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["BudgetPass", "PrunePass"]
@@ -39,10 +40,13 @@ class BudgetPass(Pass):
     round_to: RoundTo | Grid = DEFAULT_ROUND_TO
     min_width: int = 1
     protect: tuple[str, ...] = ()
+    uniform_blocks: bool = False
+    """Keep the groups playing one role in the model's repeated blocks at one width (see
+    :mod:`fxmorph.passes.uniform`)."""
 
     @abc.abstractmethod
-    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
-        """The width of every group, under the budget."""
+    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]]) -> np.ndarray:
+        """The width of every group, under the budget; each of ``classes`` keeps one width."""
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """A known criterion, the data and loss ``taylor`` reads, and ``protect`` paths the model has."""
@@ -58,11 +62,16 @@ class BudgetPass(Pass):
         if cost.flops() <= self.budget_flops:
             return PassResult(gm, False, note="budget already met")
         scores = importance(cg, self.criterion, data=ctx.data, loss_fn=ctx.loss_fn, seed=ctx.seed)
-        scores = {g: scores[g] for g in free_group_ids(cg, self.protect)}
-        widths = self.choose(cost, scores)
+        free = free_group_ids(cg, self.protect)
+        classes: list[list[int]] = []
+        if self.uniform_blocks:
+            classes, free = settle_classes(same_role_classes(cg), free)
+        widths = self.choose(cost, {g: scores[g] for g in free}, classes)
         plan = keep_best(cg, widths, scores)
         changes = {g: (cg.groups[g].size, p.width) for g, p in plan.items()}
         note = f"FLOPs {cost.flops() / 1e9:.3f} G -> {cost.flops(widths) / 1e9:.3f} G"
+        if classes:
+            note += f"; {sum(map(len, classes))} groups in {len(classes)} same-role classes of repeated blocks"
         return PassResult(apply_plan(gm, cg, plan, seed=ctx.seed), bool(plan), changes, note, plan)
 
 
@@ -91,7 +100,7 @@ class PrunePass(BudgetPass):
     balance: float = 1.0
     param_cost: float = DEFAULT_PARAM_COST
 
-    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
+    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]]) -> np.ndarray:
         return greedy_widths(
             cost,
             scores,
@@ -101,4 +110,5 @@ class PrunePass(BudgetPass):
             max_prune=self.max_prune,
             balance=self.balance,
             param_cost=self.param_cost,
+            classes=classes,
         )

@@ -39,6 +39,7 @@ from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.dead_index import GroupIndex, Site, as_numpy, reader_sites
 from fxmorph.passes.dead_values import channel_values, zero_padded
 from fxmorph.passes.importance import channel_positions
+from fxmorph.passes.uniform import same_role_classes
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.validate import frozen_mode
 
@@ -183,6 +184,9 @@ class RemoveDeadPass(Pass):
     preserves_function: ClassVar[bool] = True
     calibrate: bool = False
     batches: int = 8
+    uniform_blocks: bool = False
+    """Remove as many channels from every group playing one role in the model's repeated blocks (see
+    :mod:`fxmorph.passes.uniform`): as many as the group that can lose the fewest."""
 
     def promises_function(self, gm: fx.GraphModule, ctx: PassContext) -> bool:
         """Exact on every input, except channels removed as silent on the calibration data: those only on
@@ -200,27 +204,60 @@ class RemoveDeadPass(Pass):
         growable = [g for g in cg.groups if g.growable]
         sites = {g.id: reader_sites(index, g) for g in growable}
         silent = _silent(cg, sites, ctx.data, self.batches) if calibrate else {}
-        plans: dict[int, GroupPlan] = {}
-        deltas: dict[str, torch.Tensor] = {}
+        found = {}
         for group in growable:
             dead = silent.get(group.id, np.zeros(group.size, dtype=bool))
             # No silent channel and no zero in the group's own tensors: nothing to find here.
-            if not dead.any() and not any(p.name in with_zeros for p in group.params):
-                continue
-            dead = dead | _zero_fan_out(index, group)
-            constant, fold_values = _constant_channels(cg, index, group, sites[group.id])
-            removed = dead | constant
-            if removed.all():
-                removed[0] = False  # a group keeps one channel; set before ``folded``, so that one is not folded
-            folded = removed & ~dead  # only channels that go are folded: a kept one still adds itself
-            if fold_values and folded.any():
-                for path, delta in _folds(cg, group, fold_values, folded).items():
+            if dead.any() or any(p.name in with_zeros for p in group.params):
+                found[group.id] = _dead_in(cg, index, group, dead, sites[group.id])
+        if self.uniform_blocks:
+            _even_out(found, same_role_classes(cg))
+        plans: dict[int, GroupPlan] = {}
+        deltas: dict[str, torch.Tensor] = {}
+        for gid, channels in found.items():
+            folded = channels.removed & ~channels.dead  # only channels that go are folded: a kept one adds itself
+            if channels.fold_values and folded.any():
+                for path, delta in _folds(cg, cg.groups[gid], channels.fold_values, folded).items():
                     deltas[path] = deltas.get(path, 0) + delta
-            if removed.any():
-                plans[group.id] = GroupPlan(tuple(int(i) for i in np.flatnonzero(~removed)))
+            if channels.removed.any():
+                plans[gid] = GroupPlan(tuple(int(i) for i in np.flatnonzero(~channels.removed)))
         if not plans:
             return PassResult(gm, False, note="no dead channels")
         plan = WidthPlan(plans, bias_deltas=deltas)
         changes = {g: (cg.groups[g].size, p.width) for g, p in plans.items()}
         removed = sum(a - b for a, b in changes.values())
         return PassResult(apply_plan(gm, cg, plan, seed=ctx.seed), True, changes, f"{removed} dead channels", plan)
+
+
+@dataclass
+class _Dead:
+    """The channels of one group that can go: ``removed`` (dead or constant), ``dead`` (read by nothing that
+    sees them), and the constant values a fold adds to the readers' biases."""
+
+    removed: np.ndarray
+    dead: np.ndarray
+    fold_values: Any
+
+
+def _dead_in(cg: ChannelGraph, index: GroupIndex, group: Group, silent: np.ndarray, sites: list[Site] | None) -> _Dead:
+    """The channels of ``group`` that can go: silent, of zero fan-out, or constant at every reader."""
+    dead = silent | _zero_fan_out(index, group)
+    constant, fold_values = _constant_channels(cg, index, group, sites)
+    removed = dead | constant
+    if removed.all():
+        removed[0] = False  # a group keeps one channel (so that one is not folded either)
+    return _Dead(removed, dead, fold_values)
+
+
+def _even_out(found: dict[int, _Dead], classes: list[list[int]]) -> None:
+    """Remove as many channels from every group of a class as from the one that can lose the fewest (none
+    where a group is not in ``found``), keeping the dead ones removed first (they need no fold)."""
+    for members in classes:
+        count = min((int(found[g].removed.sum()) if g in found else 0) for g in members)
+        for g in members:
+            if g not in found:
+                continue
+            removed, dead = found[g].removed, found[g].dead
+            # removable channels, those of zero fan-out first, in index order: the first ``count`` go
+            order = sorted(np.flatnonzero(removed), key=lambda c: (not dead[c], c))
+            found[g].removed = np.isin(np.arange(len(removed)), order[:count])

@@ -8,12 +8,13 @@ remove) and its size, plus its size itself; a group smaller than its step keeps 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.cost import CostModel, Costs
 from fxmorph.passes.rounding import AUTO, Grid, RoundTo, as_grid
+from fxmorph.passes.uniform import per_unit
 
 __all__ = [
     "DEFAULT_MAX_PRUNE",
@@ -54,14 +55,14 @@ def allowed_widths(size: int, round_to: RoundTo | Grid, min_width: int) -> np.nd
     return np.unique(np.append(steps, size))
 
 
-def _bounded(cost: CostModel, g: int, round_to: RoundTo | Grid, min_width: int, max_prune: float) -> np.ndarray:
+def _bounded(cost: Costs, g: int, round_to: RoundTo | Grid, min_width: int, max_prune: float) -> np.ndarray:
     size = int(cost.sizes[g])
     floor = max(min_width, int(np.ceil(size * (1.0 - max_prune))))
     return allowed_widths(size, round_to, floor)
 
 
 def smallest_widths(
-    cost: CostModel, groups: list[int], round_to: RoundTo | Grid, min_width: int, max_prune: float = 1.0
+    cost: Costs, groups: list[int], round_to: RoundTo | Grid, min_width: int, max_prune: float = 1.0
 ) -> np.ndarray:
     """Width vector with every listed group at its smallest allowed width."""
     w = cost.widths()
@@ -81,7 +82,7 @@ def _candidates(w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray]
     return out
 
 
-def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
+def _deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
     """FLOPs each candidate step changes."""
     if not cands:
         return np.zeros(0)
@@ -89,7 +90,7 @@ def _deltas(cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]]) -> np.
 
 
 def _weighed(
-    cost: CostModel, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray, param_cost: float
+    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray, param_cost: float
 ) -> np.ndarray:
     """``flops`` (what each step changes) plus ``param_cost`` per parameter it changes."""
     if not param_cost or not cands:
@@ -113,7 +114,7 @@ def _ratios(
 
 
 def _ranked(
-    cost: CostModel,
+    cost: Costs,
     w: np.ndarray,
     groups: list[int],
     allowed: dict[int, np.ndarray],
@@ -154,6 +155,7 @@ def greedy_widths(
     step: float = 0.25,
     balance: float = 1.0,
     param_cost: float = DEFAULT_PARAM_COST,
+    classes: Sequence[Sequence[int]] = (),
 ) -> np.ndarray:
     """Remove the least important channels per FLOP saved until under ``budget``, then add back.
 
@@ -173,10 +175,32 @@ def greedy_widths(
     Before the per-round limit and the current-cost values, every group took a step per
     round whatever its value and a channel kept the value of its original cost: convnext_tiny's stem
     stream went 96 -> 16 channels at half the FLOPs while its 384-wide MLP layers kept 288.
+
+    Each of ``classes`` (groups of one size, see :mod:`fxmorph.passes.uniform`) keeps one width: its
+    groups step together, saving their FLOPs summed, and a step's value per FLOP is the mean over the
+    members of their relative scores (the value per FLOP of each member's own step).
     """
-    groups = sorted(scores)
-    allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
     normed = _cumulative(scores, balance)
+    if not classes:
+        return _greedy(cost, normed, budget, round_to, min_width, max_prune, step, param_cost)
+    tied = cost.tied(classes)
+    units = per_unit(tied, normed, lambda values: np.mean(values, axis=0))
+    return tied.expand(_greedy(tied, units, budget, round_to, min_width, max_prune, step, param_cost))
+
+
+def _greedy(
+    cost: Costs,
+    normed: Cumulative,
+    budget: int,
+    round_to: RoundTo | Grid,
+    min_width: int,
+    max_prune: float,
+    step: float,
+    param_cost: float,
+) -> np.ndarray:
+    """:func:`greedy_widths` over the variables of ``cost`` valued by ``normed`` (cumulative values)."""
+    groups = sorted(normed)
+    allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
     remove = functools.partial(
         _remove, cost, allowed=allowed, normed=normed, budget=budget, step=step, param_cost=param_cost
     )
@@ -187,7 +211,7 @@ def greedy_widths(
 
 
 def _remove(
-    cost: CostModel,
+    cost: Costs,
     w: np.ndarray,
     groups: list[int],
     *,
@@ -225,7 +249,7 @@ def _remove(
 
 
 def _add_back(
-    cost: CostModel,
+    cost: Costs,
     w: np.ndarray,
     groups: list[int],
     *,
@@ -259,7 +283,7 @@ def _add_back(
 
 
 def _refine(
-    cost: CostModel,
+    cost: Costs,
     w: np.ndarray,
     groups: list[int],
     allowed: dict[int, np.ndarray],
@@ -296,7 +320,7 @@ def _refine(
 
 
 def _trials(
-    cost: CostModel, w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray], gap: int, count: int
+    cost: Costs, w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray], gap: int, count: int
 ) -> list[np.ndarray]:
     """Width vectors one coarse step (larger than ``gap``) away from ``w``, largest steps first."""
     trials = []
@@ -324,7 +348,7 @@ def largest_multiplier(fits: Callable[[float], bool], lo: float, hi: float, step
 
 
 def uniform_widths(
-    cost: CostModel, groups: list[int], budget: int, round_to: RoundTo | Grid = 1, min_width: int = 1
+    cost: Costs, groups: list[int], budget: int, round_to: RoundTo | Grid = 1, min_width: int = 1
 ) -> np.ndarray:
     """The largest uniform multiplier (by bisection) whose rounded widths fit ``budget``, topped up."""
     sizes = cost.sizes

@@ -17,7 +17,7 @@ import numpy as np
 from torch import fx
 
 from fxmorph.analysis import ChannelGraph
-from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.cost import CostModel, Costs
 from fxmorph.errors import BudgetError
 from fxmorph.meta import FLOPS_KEY
 from fxmorph.passes.base import PassContext, PassResult
@@ -28,6 +28,7 @@ from fxmorph.passes.protect import grow_candidates
 from fxmorph.passes.prune import BudgetPass
 from fxmorph.passes.rounding import Grid, RoundTo, as_grid
 from fxmorph.passes.select import uniform_widths
+from fxmorph.passes.uniform import in_units, same_role_classes, settle_classes
 
 __all__ = ["MAX_FACTOR", "WidthPass", "width_reach"]
 
@@ -92,8 +93,11 @@ class WidthPass(BudgetPass):
         """Growing (a budget above the model's FLOPs) keeps the function; cutting does not."""
         return self._grows(gm)
 
-    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray]) -> np.ndarray:
-        return uniform_widths(cost, list(scores), self.budget_flops, self.round_to, self.min_width)
+    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]]) -> np.ndarray:
+        def widths(costs: Costs, variables: list[int], _: object) -> np.ndarray:
+            return uniform_widths(costs, variables, self.budget_flops, self.round_to, self.min_width)
+
+        return in_units(cost, classes, list(scores), widths)
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not self._grows(gm):
@@ -101,7 +105,14 @@ class WidthPass(BudgetPass):
         cg = self.analyse(gm)
         cost = CostModel(cg)
         groups, skipped = grow_candidates(cg, self.protect)
-        widths = uniform_grow_widths(cost, groups, self.budget_flops, self.round_to, self.max_factor)
+        classes: list[list[int]] = []
+        if self.uniform_blocks:
+            classes, groups = settle_classes(same_role_classes(cg), groups)
+
+        def grown(costs: Costs, variables: list[int], _: object) -> np.ndarray:
+            return uniform_grow_widths(costs, variables, self.budget_flops, self.round_to, self.max_factor)
+
+        widths = in_units(cost, classes, groups, grown)
         # Gradient-chosen values need a loss; without one, growth splits channels (no data read).
         batches = take_batches(ctx.data, 4) if ctx.loss_fn is not None else []
         result = grow_to_widths(gm, cg, widths, ctx, init=self.init, batches=batches, skipped=skipped)
