@@ -10,6 +10,7 @@ from torch import fx
 
 __all__ = [
     "BLOCKS_KEY",
+    "CAPTURE_KEY",
     "DROP_KEY",
     "FACTORS_KEY",
     "FLOPS_KEY",
@@ -35,6 +36,8 @@ tracing when some module is unreached); the analysis pins their channels."""
 BLOCKS_KEY = "fxmorph.blocks"
 """Module paths of the traced model's repeated blocks (written by tracing, see :mod:`fxmorph.capture.blocks`);
 ``uniform_blocks`` keeps the groups playing one role in each at one width."""
+CAPTURE_KEY = "fxmorph.capture"
+"""How the graph was captured: ``"fx"`` (symbolic tracing) or ``"export"`` (``torch.export``, canonicalized)."""
 FLOPS_KEY = "fxmorph.flops"
 """FLOPs of one run on the example inputs (written by shape propagation)."""
 INTERFACE_KEY = "fxmorph.interface"

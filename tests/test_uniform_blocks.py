@@ -79,7 +79,7 @@ def test_vit_b_16_at_224_keeps_one_width_per_role() -> None:
 @pytest.mark.parametrize("strategy", ["prune", "width"])
 def test_uniform_cuts_obey_the_mask_oracle(strategy: str) -> None:
     torch.manual_seed(0)
-    model, x = torchvision.models.resnet50(), torch.randn(1, 3, 32, 32)
+    model, x = torchvision.models.resnet34(), torch.randn(1, 3, 32, 32)
     cg = fxmorph.analyze(model, (x,))
     budget = CostModel(cg).flops() // 2
     cut = (PrunePass if strategy == "prune" else WidthPass)(budget, round_to=1, uniform_blocks=True)

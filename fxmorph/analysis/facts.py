@@ -75,12 +75,18 @@ class ShapeAttr:
     (``LayerNorm.normalized_shape``)."""
 
     name: str
-    tensors: tuple[str, ...]
+    tensors: tuple[str, ...] = ()
     """The tensors that state it, in order of preference (the first the module has)."""
-    dim: int | None
+    dim: int | None = None
+    derive: Callable[[nn.Module], int | None] | None = None
+    """Instead of one tensor's size: the value from the module's tensors and its other attributes as they were
+    (a convolution's ``in_channels`` is ``weight.shape[1] * groups``). A module's attributes are restated in
+    the table's order, each from the values before it was set."""
 
     def value(self, module: nn.Module) -> int | tuple[int, ...] | None:
         """The attribute's value as the module's tensors state it (None when it has none of them)."""
+        if self.derive is not None:
+            return self.derive(module)
         tensor = next((getattr(module, t) for t in self.tensors if getattr(module, t, None) is not None), None)
         if tensor is None:
             return None
@@ -128,8 +134,12 @@ class OpFacts:
         return dict(self.new_channel).get(name)
 
     def at(self, call: Call) -> OpFacts:
-        """These facts refined for one call (the same object where nothing depends on the call)."""
-        return self if self.specialise is None else self.specialise(self, call)
+        """These facts refined for one call (the same object where nothing depends on the call). A call with
+        the keyword ``inplace=True`` (``F.silu(x, inplace=True)``) writes into its first argument."""
+        facts = self if self.specialise is None else self.specialise(self, call)
+        if call.kwargs.get("inplace") is True and not facts.inplace:
+            return facts.replace(inplace=True)
+        return facts
 
     def replace(self, **changes: Any) -> OpFacts:
         """A copy with ``changes`` (for the table's builders and specialisers)."""

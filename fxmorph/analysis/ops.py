@@ -10,8 +10,8 @@ rule and behaviour only if it also keeps the base's ``forward``; one with its ow
 ``BatchNormAct2d``) gets no rule (its channels are pinned, or it is traced through) but its parameters
 keep their meaning, so a new channel of its ``weight`` still starts at 1. Anything missing has
 :func:`~fxmorph.analysis.rules.compute.no_rule`, which pins every group the op touches and names it.
-ATen overloads (``torch.ops.aten.relu.default``) will join :data:`FUNCTION_OPS` as aliases: the same
-:class:`OpFacts` object under another key.
+ATen overloads (``torch.ops.aten.relu.default``, what ``torch.export`` writes) are read as the torch calls of
+this table when a graph is captured (:data:`fxmorph.capture.aten.ALIASES`): one vocabulary, one set of rules.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from fxmorph.analysis.rules import functional as rf
 from fxmorph.analysis.rules import modules as rm
 from fxmorph.analysis.rules import shape as rs
 from fxmorph.analysis.rules.einsum import einsum
+from fxmorph.analysis.rules.grouped_conv import any_conv
 from fxmorph.analysis.rules.torchvision import TORCHVISION_RULES
 
 __all__ = [
@@ -55,6 +56,35 @@ _AFFINE = (("weight", 1.0), ("bias", 0.0))
 # The attributes that state tensor sizes (write-back sets them on a subclass whose forward is traced through)
 _NUM_FEATURES = (ShapeAttr("num_features", ("weight", "running_mean"), 0),)
 _LINEAR_SIZES = (ShapeAttr("out_features", ("weight",), 0), ShapeAttr("in_features", ("weight",), 1))
+
+
+def _depthwise(m: nn.Module) -> bool:
+    """A depthwise convolution (one input channel per group; its group count is its input width)."""
+    return m.groups > 1 and m.groups == m.in_channels
+
+
+def _conv_groups(m: nn.Module) -> int:
+    """A convolution's group count as its weight states it: a depthwise one has one group per input channel,
+    another keeps its count."""
+    if not _depthwise(m):
+        return m.groups
+    rows = int(m.weight.shape[0])
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return rows  # weight [in, out/groups, k]: one group per input channel
+    return rows // (m.out_channels // m.groups)  # weight [out, 1, k]: out/groups outputs per group
+
+
+# A convolution's sizes, restated in this order from its weight: the group count first (the others read it)
+_CONV_SIZES = (
+    ShapeAttr("groups", derive=_conv_groups),
+    ShapeAttr("in_channels", derive=lambda m: int(m.weight.shape[1]) * m.groups),
+    ShapeAttr("out_channels", ("weight",), 0),
+)
+_CONV_T_SIZES = (
+    ShapeAttr("groups", derive=_conv_groups),
+    ShapeAttr("in_channels", ("weight",), 0),
+    ShapeAttr("out_channels", derive=lambda m: int(m.weight.shape[1]) * m.groups),
+)
 _SELU_SLOPE = 1.0507009873554805 * 1.6732632423543772  # scale * alpha: autograd's slope at 0 (the x <= 0 side)
 _MISH_SLOPE = 0.6  # tanh(softplus(0)) = tanh(ln 2) = 3/5
 _ERF_SLOPE = 2 / math.sqrt(math.pi)
@@ -153,9 +183,9 @@ def _inplace_by_name(table: dict[Any, OpFacts]) -> None:
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 MODULE_OPS: dict[type[nn.Module], OpFacts] = {
-    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), OpFacts(rm.conv, OpKind.LAYER)),
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), OpFacts(rm.conv, OpKind.LAYER, shape_attrs=_CONV_SIZES)),
     **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-                    OpFacts(rm.conv_transpose, OpKind.LAYER)),
+                    OpFacts(rm.conv_transpose, OpKind.LAYER, shape_attrs=_CONV_T_SIZES)),
     nn.Linear: OpFacts(rm.linear, OpKind.LAYER, shape_attrs=_LINEAR_SIZES),
     **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
                     OpFacts(rm.batch_norm, OpKind.BATCH_NORM, new_channel=_STATS, shape_attrs=_NUM_FEATURES)),
@@ -264,7 +294,7 @@ FUNCTION_OPS: dict[Any, OpFacts] = {
     **dict.fromkeys((F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), _pool(rc.spatial(None))),
     F.pad: _pool(rc.spatial(None), specialise=_pad),
     F.linear: OpFacts(rc.functional_linear, OpKind.LAYER),
-    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), OpFacts(rc.functional_conv, OpKind.LAYER)),
+    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), OpFacts(any_conv, OpKind.LAYER)),
     F.pixel_shuffle: OpFacts(rm.pixel_shuffle), F.pixel_unshuffle: OpFacts(rm.pixel_unshuffle),
     **dict.fromkeys((F.channel_shuffle, torch.native_channel_shuffle), OpFacts(rm.channel_shuffle)),
     **dict.fromkeys((F.batch_norm, torch.batch_norm), _BATCH_NORM),

@@ -11,6 +11,7 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph, build_channel_graph
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
 from fxmorph.api.deliver import deliver
+from fxmorph.capture.export import Capture
 from fxmorph.capture.trace import trace
 from fxmorph.errors import InputError
 from fxmorph.meta import INTERFACE_KEY, metadata
@@ -24,13 +25,15 @@ def analyze(
     example_inputs: Any = None,
     *,
     leaf_modules: Iterable[type | str] = (),
+    capture: Capture = "auto",
 ) -> ChannelGraph:
     """Find every group of coupled channels of ``model``; changes no tensor.
 
     ``model`` may be a GraphModule from :func:`fxmorph.trace` or a result of fxmorph (then ``example_inputs``
     may be omitted: inputs of the shapes and dtypes it was made with are used) or any module, which is traced
     first. ``result.gm`` is the traced graph the groups refer
-    to, ``result.groups`` the groups, and ``result.explain()`` a readable table.
+    to, ``result.groups`` the groups, and ``result.explain()`` a readable table. ``capture``: how a module is
+    captured (``"fx"``, ``"export"`` or ``"auto"``, see :func:`fxmorph.trace`).
     """
     if isinstance(model, fx.GraphModule) and example_inputs is None:
         if not _has_shapes(model):
@@ -47,7 +50,7 @@ def analyze(
                 f"example_inputs is required to analyse a {type(model).__name__} that is not traced yet: pass for "
                 "example `fxmorph.analyze(model, (torch.randn(1, 3, 224, 224),))`."
             )
-        gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules, capture=capture)
         cg = build_channel_graph(gm)
         cg.source, cg.leaf_modules = model, tuple(leaf_modules)
         return cg

@@ -26,6 +26,7 @@ from fxmorph.api.options import GrowOptions
 from fxmorph.api.report import GrowReport
 from fxmorph.api.shrink import run_pipeline
 from fxmorph.capture.counting import count_params
+from fxmorph.capture.export import Capture
 from fxmorph.capture.trace import as_inputs, propagate_shapes, trace
 from fxmorph.errors import InputError
 from fxmorph.meta import FLOPS_KEY, GROW_KEY
@@ -122,6 +123,7 @@ def grow(
     leaf_modules: Iterable[type | str] = (),
     keep_class: bool | None = None,
     uniform_blocks: bool = False,
+    capture: Capture = "auto",
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, GrowReport]:
     """Return a wider copy of ``model`` that computes the same function (until it is trained).
@@ -154,6 +156,7 @@ def grow(
             GraphModule with a warning; ``True`` raises a WriteBackError instead; ``False`` never tries.
         uniform_blocks: growing to a budget, keep the groups that play one role in the model's repeated blocks
             at one width, as in :func:`fxmorph.shrink` (``channels`` adds the counts it names).
+        capture: ``"fx"``, ``"export"`` or ``"auto"`` (the default), as in :func:`fxmorph.shrink`.
         return_report: also return the :class:`GrowReport` (always at
             ``fxmorph.metadata(result)["fxmorph.grow"]``).
 
@@ -190,6 +193,7 @@ def grow(
         leaf_modules=leaf_modules,
         keep_class=keep_class,
         uniform_blocks=uniform_blocks,
+        capture=capture,
     )
     big, report = run_grow(model, example_inputs, options)
     return (big, report) if return_report else big
@@ -232,7 +236,7 @@ def _grow(
     model: nn.Module, inputs: tuple[Any, ...], options: GrowOptions, data: Iterable[Any] | None
 ) -> tuple[fx.GraphModule, GrowReport]:
     start = time.perf_counter()
-    gm = trace(model, inputs, leaf_modules=options.leaf_modules)
+    gm = trace(model, inputs, leaf_modules=options.leaf_modules, capture=options.capture)
     if data is not None:
         data, first = check_data(data, "grow")
         check_first_batch(

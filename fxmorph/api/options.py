@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from fxmorph.capture.export import CAPTURES, Capture
 from fxmorph.errors import InputError
 from fxmorph.passes.grow import GrowPass
 from fxmorph.passes.grow_init import DATA_INITS, INITS
@@ -30,6 +31,7 @@ from fxmorph.validate import check_callable, check_number, check_prefixes, check
 
 __all__ = [
     "AUTO",
+    "CAPTURES",
     "DEFAULT_MAX_PRUNE",
     "DEFAULT_PARAM_COST",
     "DEFAULT_ROUND_TO",
@@ -85,6 +87,8 @@ class Options:
     uniform_blocks: bool = False
     """Keep the groups playing one role in the model's repeated blocks at one width (see
     :mod:`fxmorph.passes.uniform`)."""
+    capture: Capture = "auto"
+    """How the model is captured (see :func:`fxmorph.trace`): ``"fx"``, ``"export"`` or ``"auto"``."""
 
     def _normalise(self, name: str, value: Any) -> None:
         # A frozen dataclass sets fields only through object.__setattr__, as dataclasses do themselves.
@@ -95,6 +99,8 @@ class Options:
         self._normalise("seed", check_seed(self.seed))
         if not (self.keep_class is None or isinstance(self.keep_class, bool)):
             raise InputError(f"keep_class must be None, True or False, got keep_class={self.keep_class!r}.")
+        if self.capture not in CAPTURES:
+            raise InputError(f"unknown capture {self.capture!r}: choose one of {', '.join(CAPTURES)}.")
         if not isinstance(self.uniform_blocks, bool):
             raise InputError(f"uniform_blocks must be True or False, got uniform_blocks={self.uniform_blocks!r}.")
 
@@ -323,6 +329,7 @@ class MorphOptions(Options):
             leaf_modules=leaf_modules,
             keep_class=False,  # an inner step: morph gives its own result back as the user's class
             uniform_blocks=self.uniform_blocks,
+            capture=self.capture,
             **with_data,
         )
 

@@ -12,6 +12,9 @@ from fxmorph.passes.base import PassRecord
 __all__ = ["GroupRow", "GrowReport", "MorphReport", "MorphStage", "ShrinkReport"]
 
 
+_CAPTURES = {"fx": "symbolic tracing (torch.fx)", "export": "torch.export, its ATen ops read as torch calls"}
+
+
 @dataclass(frozen=True)
 class GroupRow:
     """One channel group: who makes it, its width before and after, and why it is pinned (if it is)."""
@@ -39,6 +42,8 @@ class ShrinkReport:
     settings: dict[str, Any] = field(default_factory=dict)
     delivery: Delivery | None = None
     """Whether the result came back as the user's class (and why not)."""
+    capture: str = "fx"
+    """How the model was captured: ``"fx"`` (symbolic tracing) or ``"export"`` (``torch.export``)."""
 
     @property
     def macs_before(self) -> int:
@@ -73,6 +78,7 @@ class ShrinkReport:
         ]
         if "rounding" in self.settings:
             lines.append(f"widths  {self.settings['rounding']}")
+        lines.append(f"capture {_CAPTURES.get(self.capture, self.capture)}")
         if self.delivery is not None:
             lines.append(f"result  {self.delivery.describe()}")
         if self.dropped_modules:

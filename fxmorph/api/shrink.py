@@ -25,9 +25,10 @@ from fxmorph.api.deliver import deliver
 from fxmorph.api.options import ShrinkOptions
 from fxmorph.api.report import GroupRow, ShrinkReport
 from fxmorph.capture.counting import count_params
+from fxmorph.capture.export import Capture
 from fxmorph.capture.trace import as_inputs, trace
 from fxmorph.errors import BudgetError, InputError, PassError
-from fxmorph.meta import FACTORS_KEY, FLOPS_KEY, REPORT_KEY, UNREACHED_KEY
+from fxmorph.meta import CAPTURE_KEY, FACTORS_KEY, FLOPS_KEY, REPORT_KEY, UNREACHED_KEY
 from fxmorph.passes.base import Pass, PassContext, Pipeline, PipelineResult
 from fxmorph.passes.factorize import FactorizePass
 from fxmorph.passes.merge_factors import MergeFactorsPass
@@ -279,6 +280,7 @@ def shrink(
     leaf_modules: Iterable[type | str] = (),
     keep_class: bool | None = None,
     uniform_blocks: bool = False,
+    capture: Capture = "auto",
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ShrinkReport]:
     """Return a physically smaller copy of ``model`` whose FLOPs meet ``budget_flops``.
@@ -334,6 +336,10 @@ def shrink(
             ResNet, ``model.layers.*.mlp.up_proj`` of a Llama), so that formats holding one size per model (a
             Hugging Face config, TensorRT-LLM) can describe the result. The budget lands as without it; a
             class one of whose groups cannot change (pinned, protected) keeps its width in every block.
+        capture: how the model becomes a graph: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``,
+            for forwards symbolic tracing cannot enter: ``**kwargs``, Python on shapes; ``leaf_modules`` does not
+            apply), or ``"auto"`` (the default): symbolic tracing, and ``torch.export`` where it fails. The report
+            says which was used.
         return_report: also return the :class:`~fxmorph.api.report.ShrinkReport` (always available as
             ``fxmorph.metadata(result)["fxmorph.report"]``).
 
@@ -366,6 +372,7 @@ def shrink(
         leaf_modules=leaf_modules,
         keep_class=keep_class,
         uniform_blocks=uniform_blocks,
+        capture=capture,
     )
     small, report = run_shrink(model, example_inputs, options)
     return (small, report) if return_report else small
@@ -375,7 +382,7 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
     """:func:`shrink` with its options validated: the smaller model and its report."""
     start = time.perf_counter()
     inputs = as_inputs(example_inputs)
-    gm = trace(model, inputs, leaf_modules=options.leaf_modules)
+    gm = trace(model, inputs, leaf_modules=options.leaf_modules, capture=options.capture)
     rounds = 1 if options.factorize in (False, ()) else _FACTOR_ROUNDS
     data = _check_data(model, options, rounds)
     flops_before = gm.meta[FLOPS_KEY]
@@ -396,6 +403,7 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
         passes=records,
         dropped_modules=gm.meta.get(UNREACHED_KEY, ()),
         settings=options.settings(cut.limits.describe()),
+        capture=gm.meta[CAPTURE_KEY],
     )
     small.meta[REPORT_KEY] = report
     result, report.delivery = deliver(

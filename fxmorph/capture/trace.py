@@ -20,12 +20,13 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmorph.capture.blocks import repeated_blocks
+from fxmorph.capture.export import CAPTURES, Capture, export_graph
 from fxmorph.capture.flops import flop_counter
 from fxmorph.capture.model_checks import check_hooks, check_reshapable, check_unwrapped
 from fxmorph.capture.symbolic import symbolic_trace
 from fxmorph.capture.train_mode import train_only_readers
 from fxmorph.errors import InputError, TraceError
-from fxmorph.meta import BLOCKS_KEY, FLOPS_KEY, INTERFACE_KEY, TRAIN_READERS_KEY, UNREACHED_KEY
+from fxmorph.meta import BLOCKS_KEY, CAPTURE_KEY, FLOPS_KEY, INTERFACE_KEY, TRAIN_READERS_KEY, UNREACHED_KEY
 from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, frozen_mode, run_failure_hint
 
 __all__ = [
@@ -201,6 +202,32 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _capture(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    leaf_modules: Iterable[type | str],
+    concrete_args: dict[str, Any] | None,
+    capture: Capture,
+) -> fx.GraphModule:
+    """The graph of ``model`` by ``capture`` (see :func:`trace`), its capture recorded in its metadata."""
+    if capture not in CAPTURES:
+        raise InputError(f"unknown capture {capture!r}: choose one of {', '.join(CAPTURES)}.")
+    if capture == "export":
+        return export_graph(model, inputs)
+    try:
+        gm = symbolic_trace(model, leaf_modules, concrete_args)
+    except TraceError as fx_error:
+        if capture == "fx" or concrete_args is not None:
+            raise
+        logger.info("symbolic tracing failed, capturing with torch.export: %s", str(fx_error).splitlines()[0])
+        try:
+            return export_graph(model, inputs)
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error}\n{export_error}") from export_error
+    gm.meta[CAPTURE_KEY] = "fx"
+    return gm
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any,
@@ -209,6 +236,7 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     fake: bool | None = None,
     allow_tied_weights: bool = False,
+    capture: Capture = "auto",
 ) -> fx.GraphModule:
     """Trace ``model`` to a GraphModule whose tensor nodes carry ``meta['tensor_meta']``.
 
@@ -226,6 +254,10 @@ def trace(
             result is for inspection: fxmorph's entry points do not accept it (they trace again).
         fake: propagate shapes on fake tensors (no compute). ``None`` chooses fake tensors for models
             with more than 1 GiB of weights.
+        capture: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, non-strict: forwards that take
+            ``**kwargs`` or compute on shapes in Python; ``leaf_modules`` and ``concrete_args`` do not apply), or
+            ``"auto"`` (the default): symbolic tracing, and ``torch.export`` where it fails. The graph's
+            ``meta['fxmorph.capture']`` says which was used.
         allow_tied_weights: no longer needed (kept so that calls passing it still work): tied weights, one
             Parameter held by two modules, are traced, analysed and reshaped as one tensor everywhere.
 
@@ -243,9 +275,10 @@ def trace(
     check_tensor_inputs(inputs)
     leaf_modules = check_leaf_modules(model, leaf_modules)
     with frozen_mode(model):
-        gm = symbolic_trace(model, leaf_modules, concrete_args)
-        # after the trace: which modules stayed leaves (and so keep their hooks) is known only now
-        check_hooks(model, {str(n.target) for n in gm.graph.nodes if n.op == "call_module"})
+        gm = _capture(model, inputs, leaf_modules, concrete_args, capture)
+        if gm.meta[CAPTURE_KEY] == "fx":  # an exported graph holds the hooks' code (they ran while it was captured)
+            # after the trace: which modules stayed leaves (and so keep their hooks) is known only now
+            check_hooks(model, {str(n.target) for n in gm.graph.nodes if n.op == "call_module"})
         check_input_count(gm, inputs, type(model).__name__)
         use_fake = _weight_bytes(model) > FAKE_THRESHOLD_BYTES if fake is None else fake
         propagate_shapes(gm, inputs, fake=use_fake)

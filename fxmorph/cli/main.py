@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from fxmorph.api.options import AUTO, DEFAULT_ROUND_TO, RoundTo
+from fxmorph.api.options import AUTO, CAPTURES, DEFAULT_ROUND_TO, RoundTo
 
 __all__ = ["CRITERIA", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("prune", "width"),
         default="prune",
         help="prune: least important channels per FLOP, globally; width: one multiplier (default prune)",
+    )
+    parser.add_argument(
+        "--capture",
+        choices=CAPTURES,
+        default="auto",
+        help="how the model becomes a graph: fx (symbolic tracing), export (torch.export), or auto: fx, and "
+        "torch.export where tracing fails (default auto)",
     )
     parser.add_argument(
         "--uniform-blocks",

@@ -184,6 +184,7 @@ def _shrink(args: argparse.Namespace, run: _Loaded) -> tuple[nn.Module, ShrinkRe
             strategy=args.strategy,
             round_to=args.round_to,
             uniform_blocks=args.uniform_blocks,
+            capture=args.capture,
             return_report=True,
         )
     except BudgetError as exc:  # below what the model can reach
@@ -240,7 +241,9 @@ def _shrink_all(args: argparse.Namespace, argv: list[str], out: Path) -> tuple[d
             (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     finally:
         progress.close()
-    explain = fxmorph.analyze(run.model, (run.x,)).explain() if args.explain and not args.json else ""
+    explain = ""
+    if args.explain and not args.json:
+        explain = fxmorph.analyze(run.model, (run.x,), capture=args.capture).explain()
     return data, explain
 
 
@@ -264,7 +267,7 @@ def _explain_only(args: argparse.Namespace) -> None:
     x = torch.randn(shape)
     first_forward(model, x, args)
     start = time.perf_counter()
-    cg = fxmorph.analyze(model, (x,))
+    cg = fxmorph.analyze(model, (x,), capture=args.capture)
     elapsed = time.perf_counter() - start
     flops = cg.gm.meta.get(FLOPS_KEY, 0)
     print(cg.explain())

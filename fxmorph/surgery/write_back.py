@@ -28,8 +28,8 @@ from torch import fx, nn
 
 from fxmorph.analysis.ops import module_facts
 from fxmorph.capture.compare import Difference, DiffKind, compare_graphs, source_line
+from fxmorph.capture.export import capture_again
 from fxmorph.capture.layers import layer_sizes
-from fxmorph.capture.symbolic import trace_graph
 from fxmorph.errors import TraceError, WriteBackError
 
 __all__ = ["AttributeChange", "WrittenBack", "write_back"]
@@ -233,7 +233,7 @@ class _Search:
         """Trace the copy as it is now and compare it with the result."""
         self.traces += 1
         try:
-            graph = trace_graph(self.copied, self.leaf_modules)
+            graph = capture_again(self.copied, self.result, self.leaf_modules)
         except TraceError as exc:  # an attribute set to a width the user's forward cannot run with
             return [Difference(DiffKind.STRUCTURE, -1, "", (), str(exc).splitlines()[0], "a traceable model", ())]
         return compare_graphs(graph, self.result)
@@ -242,7 +242,7 @@ class _Search:
         """The user's source line at the differing node (a trace that records stack traces)."""
         if diff.index < 0:
             return None
-        graph = trace_graph(self.copied, self.leaf_modules, stack_traces=True)
+        graph = capture_again(self.copied, self.result, self.leaf_modules, stack_traces=True)
         nodes = list(graph.graph.nodes)
         return source_line(nodes[diff.index]) if diff.index < len(nodes) else None
 

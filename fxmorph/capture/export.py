@@ -1,0 +1,74 @@
+"""The ``torch.export`` capture: models symbolic tracing cannot enter (``**kwargs`` forwards, Python on tensor
+shapes), as one graph in the vocabulary the engine knows.
+
+``torch.export.export(model, args, strict=False)`` runs the forward in Python on fake tensors and records ATen
+ops. Its ``module()`` is a GraphModule whose parameters and buffers sit at the model's own paths (``get_attr``
+nodes), whose nodes keep their module path in ``nn_module_stack`` and their source line in ``stack_trace``.
+:func:`~fxmorph.capture.aten.canonicalize` then writes its ATen overloads as the torch calls the op table
+knows, so one analysis, one surgery and one checker serve both captures.
+
+A GraphModule captured this way runs the ops of the mode it was captured in (eval: BatchNorm on its running
+statistics, dropout off), whatever its ``training`` flag; given back as the user's own class (write-back),
+the model trains as the original did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from fxmorph.capture.aten import canonicalize
+from fxmorph.capture.symbolic import trace_graph
+from fxmorph.errors import TraceError
+from fxmorph.meta import CAPTURE_KEY, INTERFACE_KEY
+from fxmorph.validate import frozen_mode
+
+__all__ = ["CAPTURES", "Capture", "capture_again", "example_inputs", "export_graph"]
+
+logger = logging.getLogger(__name__)
+
+Capture = Literal["auto", "fx", "export"]
+"""How a model is captured: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``), or ``"auto"``:
+symbolic tracing where it works (it is fast), else ``torch.export``."""
+CAPTURES: tuple[str, ...] = ("auto", "fx", "export")
+
+
+def export_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
+    """``model`` captured by ``torch.export`` (non-strict) on ``inputs`` and canonicalized; raises TraceError
+    naming export's reason when it cannot capture the model."""
+    try:
+        program = torch.export.export(model, tuple(inputs), strict=False)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(
+            f"cannot capture {type(model).__name__} with torch.export: {type(exc).__name__}: {reason}\n"
+            "  fix: shapes that depend on tensor values (after non-maximum suppression, say) cannot be exported; "
+            "capture the submodules that can be (capture='regions' is planned), or shrink those submodules alone."
+        ) from exc
+    gm = program.module()
+    canonicalize(gm)
+    gm.meta[CAPTURE_KEY] = "export"
+    return gm
+
+
+def example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """Inputs of the shapes and dtypes ``gm`` was captured on (its recorded interface): zeros, which an
+    exported graph, specialised to shapes only, computes the same ops on as any other values."""
+    ins, _ = gm.meta[INTERFACE_KEY]
+    return tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in ins)
+
+
+def capture_again(
+    model: nn.Module, like: fx.GraphModule, leaf_modules: Sequence[type | str], *, stack_traces: bool = False
+) -> fx.GraphModule:
+    """``model`` captured the way ``like`` was (its :data:`~fxmorph.meta.CAPTURE_KEY`), without shape
+    propagation: for comparing a written-back model with the graph it should be. ``stack_traces``: record each
+    node's source lines (an exported graph always has them)."""
+    if like.meta.get(CAPTURE_KEY) == "export":
+        with frozen_mode(model):
+            return export_graph(model, example_inputs(like))
+    return trace_graph(model, leaf_modules, stack_traces=stack_traces)

@@ -1,0 +1,87 @@
+"""capture="export": torch.export's graph, its ATen ops read as the torch calls the op table knows, feeds the same
+analysis, surgery, checker and write-back as symbolic tracing; "auto" falls back to it where tracing fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxmorph
+from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.ops import FUNCTION_OPS, METHOD_OPS
+from fxmorph.capture.aten import ALIASES
+from fxmorph.meta import CAPTURE_KEY
+from fxmorph.passes.base import PassContext
+from fxmorph.passes.prune import PrunePass
+from tests.conftest import check_prune
+from tests.zoo import build, example_input
+
+# depthwise (mobilenet), grouped (regnet), channel shuffle (shufflenet), residual (resnet) convolutions by default
+SAMPLE = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf"]
+MORE = ["convnext_tiny", "efficientnet_b0", "densenet121", "squeezenet1_0"]
+
+
+def test_every_alias_names_a_call_the_op_table_knows() -> None:
+    missing = [
+        str(overload)
+        for overload, alias in ALIASES.items()
+        if (alias.target not in METHOD_OPS if isinstance(alias.target, str) else alias.target not in FUNCTION_OPS)
+    ]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("name", [*SAMPLE, *(pytest.param(n, marks=pytest.mark.slow) for n in MORE)])
+def test_exported_models_free_what_symbolic_tracing_frees_and_obey_the_mask_oracle(name: str) -> None:
+    model, x = build(name), example_input(name)
+    cg = fxmorph.analyze(model, (x,), capture="export")
+    assert cg.gm.meta[CAPTURE_KEY] == "export"
+    traced = fxmorph.analyze(model, (x,), capture="fx")
+    # the same channels are free: every free group of the trace (by the parameters it indexes) is free here
+    free = {frozenset((m.name, m.dim) for m in g.params) for g in cg.free_groups}
+    missed = [g for g in traced.free_groups if frozenset((m.name, m.dim) for m in g.params) not in free]
+    assert not missed, f"free under symbolic tracing only: {[g.params[:2] for g in missed]}"
+    budget = CostModel(cg).flops() // 2
+    result = PrunePass(budget, round_to=1)(cg.gm, PassContext((x,)))
+    check_prune(cg, result.plan, x)  # the mask oracle, and the result written back into the model's class
+
+
+class KeywordNet(nn.Module):
+    """A forward taking ``**kwargs``, which symbolic tracing cannot enter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        for value in kwargs.values():
+            x = x + value
+        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_auto_falls_back_to_export_and_gives_the_class_back() -> None:
+    torch.manual_seed(0)
+    model, x = KeywordNet().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(fxmorph.TraceError):
+        fxmorph.trace(model, (x,), capture="fx")
+    small, report = fxmorph.shrink(model, "50%", (x,), round_to=1, return_report=True)
+    assert report.capture == "export" and "torch.export" in report.table()
+    assert type(small) is KeywordNet and small.conv.out_channels < 16
+    assert small(x).shape == (2, 4)
+    small.train()(x).sum().backward()  # the class trains (BatchNorm in train mode), as the original
+
+
+def test_a_model_neither_capture_takes_names_both_reasons() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[x > 0] if x.sum() > 0 else x
+
+    with pytest.raises(fxmorph.TraceError, match="torch.fx(.|\n)*torch.export"):
+        fxmorph.trace(DataDependent(), (torch.randn(4),))
+
+
+def test_unknown_capture_is_an_input_error() -> None:
+    with pytest.raises(fxmorph.InputError, match="unknown capture 'jit'"):
+        fxmorph.shrink(KeywordNet(), "50%", (torch.randn(1, 3, 8, 8),), capture="jit")  # type: ignore[arg-type]
