@@ -78,10 +78,54 @@ def test_a_model_neither_capture_takes_names_both_reasons() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x[x > 0] if x.sum() > 0 else x
 
-    with pytest.raises(fxmorph.TraceError, match="torch.fx(.|\n)*torch.export"):
+    with pytest.raises(fxmorph.TraceError, match=r"torch\.fx(.|\n)*torch\.export"):
         fxmorph.trace(DataDependent(), (torch.randn(4),))
 
 
 def test_unknown_capture_is_an_input_error() -> None:
     with pytest.raises(fxmorph.InputError, match="unknown capture 'jit'"):
         fxmorph.shrink(KeywordNet(), "50%", (torch.randn(1, 3, 8, 8),), capture="jit")  # type: ignore[arg-type]
+
+
+class MaskedAttention(nn.Module):
+    """Attention with a mask, by position, as Hugging Face models call it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(16, 24)
+        self.out = nn.Linear(24, 16)
+        self.register_buffer("mask", torch.tril(torch.ones(6, 6, dtype=torch.bool)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k = self.q(x).view(n, 6, 2, 16).transpose(1, 2), self.k(x).view(n, 6, 2, 16).transpose(1, 2)
+        v = self.v(x).view(n, 6, 2, 12).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, self.mask, 0.0, False)
+        return self.out(y.transpose(1, 2).reshape(n, 6, 24)).expand(n, 6, 16)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_masked_attention_and_written_sizes_follow_the_channels(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = MaskedAttention().eval(), torch.randn(2, 6, 16)
+    cg = fxmorph.analyze(model, (x,), capture=capture)
+    assert any(g.size == 12 and not g.pins for g in cg.groups)  # v's head dim is free under the mask
+    result = PrunePass(CostModel(cg).flops() * 6 // 10, round_to=1)(cg.gm, PassContext((x,)))
+    check_prune(cg, result.plan, x)
+
+
+def test_a_hugging_face_encoder_shrinks_through_export_and_comes_back_as_its_class() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    model, ids = transformers.BertForSequenceClassification(config).eval(), torch.randint(0, 128, (1, 16))
+    small, report = fxmorph.shrink(model, "50%", (ids,), round_to=1, return_report=True)
+    assert report.capture == "export"  # transformers' forwards take **kwargs: symbolic tracing cannot enter them
+    assert 0.99 * report.budget_flops <= report.flops_after <= report.budget_flops
+    assert type(small) is type(model), report.delivery
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features < 128
+    with torch.no_grad():
+        assert small(ids).logits.shape == model(ids).logits.shape

@@ -40,9 +40,13 @@ def test_timm_model(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", UNTRACEABLE)
-def test_untraceable_timm_model_is_refused_with_the_line(name: str) -> None:
+def test_untraceable_timm_model_is_refused_with_the_line_and_exported_instead(name: str) -> None:
+    model, x = build(name), example_input(name)
     with pytest.raises(fxmorph.TraceError, match="offending line"):
-        fxmorph.analyze(build(name), (example_input(name),))
+        fxmorph.analyze(model, (x,), capture="fx")
+    cg = fxmorph.analyze(model, (x,))  # capture="auto": torch.export where symbolic tracing fails
+    assert cg.gm.meta["fxmorph.capture"] == "export"
+    assert cg.free_groups, f"{name}: nothing free once exported\n{cg.explain()}"
 
 
 def test_exceptions_are_real() -> None:

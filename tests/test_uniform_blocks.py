@@ -13,8 +13,8 @@ from torch import nn
 
 import fxmorph
 from fxmorph.analysis.cost import CostModel
-from fxmorph.capture.blocks import block_pattern, repeated_blocks
 from fxmorph.api.shrink import run_pipeline
+from fxmorph.capture.blocks import block_pattern, repeated_blocks
 from fxmorph.passes.base import PassContext
 from fxmorph.passes.prune import PrunePass
 from fxmorph.passes.remove_dead import RemoveDeadPass

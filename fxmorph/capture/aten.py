@@ -49,6 +49,8 @@ class Alias:
     keep: int | None = None
     dropped: tuple[Any, ...] = ()
     kwargs: tuple[tuple[str, Any], ...] = ()
+    inert: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    """Keywords the target lacks, dropped when their value is one of the given (else the node stays ATen)."""
 
 
 def _inplace(fn: Callable[..., Any]) -> Alias:
@@ -141,6 +143,10 @@ ALIASES: dict[Any, Alias] = {
     aten.unbind.int: Alias(torch.unbind),
     aten.index_select.default: Alias(torch.index_select),
     aten.clone.default: Alias("clone"),
+    aten.to.dtype: Alias("to"),
+    aten.to.device: Alias("to"),
+    # a cast with layout and pinning at their defaults (the only ones a dense tensor has)
+    aten.to.dtype_layout: Alias("to", inert=(("layout", (None, torch.strided)), ("pin_memory", (None, False)))),
 }
 """ATen overload -> the call it is written as (see the module docstring)."""
 
@@ -164,9 +170,9 @@ def _index(node: fx.Node) -> tuple[Any, ...] | None:
         return None
     if node.target is aten.select.int:
         return (*[slice(None)] * dim, node.args[2])
-    start, end = args[2], args[3]
-    step = args[4] if args[4] is not None else 1
-    return (*[slice(None)] * dim, slice(start, None if end == _END else end, step))
+    start, end, step = args[2], args[3], args[4]
+    # written as Python writes ``x[:, a:b]``: no step where it is 1, no end where it is the end
+    return (*[slice(None)] * dim, slice(start, None if end == _END else end, None if step == 1 else step))
 
 
 def _rewrite(node: fx.Node, alias: Alias) -> bool:
@@ -177,8 +183,13 @@ def _rewrite(node: fx.Node, alias: Alias) -> bool:
         if any(a != d for a, d in zip(extra, alias.dropped, strict=False)):
             return False
         args = args[: alias.keep]
+    kwargs = dict(node.kwargs)
+    for name, harmless in alias.inert:
+        if kwargs.get(name) not in harmless:
+            return False
+        kwargs.pop(name, None)
     node.args = args
-    node.kwargs = {**node.kwargs, **dict(alias.kwargs)}
+    node.kwargs = {**kwargs, **dict(alias.kwargs)}
     if isinstance(alias.target, str):
         node.op, node.target = "call_method", alias.target
     else:

@@ -14,8 +14,13 @@ the model trains as the original did.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import inspect
+import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -41,7 +46,8 @@ def export_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
     """``model`` captured by ``torch.export`` (non-strict) on ``inputs`` and canonicalized; raises TraceError
     naming export's reason when it cannot capture the model."""
     try:
-        program = torch.export.export(model, tuple(inputs), strict=False)
+        with _quiet_torch():
+            program = torch.export.export(_switched(model), tuple(inputs), strict=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
@@ -53,6 +59,47 @@ def export_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
     canonicalize(gm)
     gm.meta[CAPTURE_KEY] = "export"
     return gm
+
+
+_SWITCHES = {"use_cache": False, "return_dict": False}
+"""Keywords set when the forward takes them: a key-value cache (Hugging Face's ``DynamicCache``) is no channel of
+the model and no tensor export can flatten, and a plain tuple is what the graph can return. The user's class,
+given back, keeps both as its own forward has them."""
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch's own loggers at ERROR and its prints to stderr captured while exporting: a capture that fails
+    writes its partial graph there, which would bury fxmorph's one error (and the command line's one line)."""
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        # and what it prints itself (a failed trace's graph, written to stderr), kept for the debug log
+        with contextlib.redirect_stderr(io.StringIO()) as printed:
+            yield
+    finally:
+        if printed.getvalue().strip():
+            logger.debug("torch.export printed:\n%s", printed.getvalue())
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _switched(model: nn.Module) -> nn.Module:
+    """``model``, or where its forward takes any of :data:`_SWITCHES`, a shallow twin (the same submodules and
+    tensors, so the same paths) whose forward has them set: constants of the graph, not inputs."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return model
+    switches = {name: value for name, value in _SWITCHES.items() if name in params}
+    if not switches:
+        return model
+    twin = copy.copy(model)
+    twin.forward = functools.partial(type(model).forward, twin, **switches)  # an instance attribute: this twin only
+    return twin
 
 
 def example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:

@@ -31,6 +31,7 @@ from fxmorph.capture.compare import Difference, DiffKind, compare_graphs, source
 from fxmorph.capture.export import capture_again
 from fxmorph.capture.layers import layer_sizes
 from fxmorph.errors import TraceError, WriteBackError
+from fxmorph.meta import CAPTURE_KEY
 
 __all__ = ["AttributeChange", "WrittenBack", "write_back"]
 
@@ -225,9 +226,12 @@ def _scaled(value: int, ours: int, theirs: int, exact: bool) -> int | None:
 class _Search:
     """The copy, the result, and the traces spent comparing them."""
 
-    def __init__(self, copied: nn.Module, result: fx.GraphModule, leaf_modules: Iterable[type | str]) -> None:
-        self.copied, self.result, self.leaf_modules = copied, result, tuple(leaf_modules)
+    def __init__(
+        self, model: nn.Module, copied: nn.Module, result: fx.GraphModule, leaf_modules: Iterable[type | str]
+    ) -> None:
+        self.model, self.copied, self.result, self.leaf_modules = model, copied, result, tuple(leaf_modules)
         self.traces = 0
+        self._planned: list[Difference] | None = None
 
     def differences(self) -> list[Difference]:
         """Trace the copy as it is now and compare it with the result."""
@@ -235,14 +239,41 @@ class _Search:
         try:
             graph = capture_again(self.copied, self.result, self.leaf_modules)
         except TraceError as exc:  # an attribute set to a width the user's forward cannot run with
-            return [Difference(DiffKind.STRUCTURE, -1, "", (), str(exc).splitlines()[0], "a traceable model", ())]
+            failed = Difference(DiffKind.STRUCTURE, -1, "", (), str(exc).splitlines()[0], "a traceable model", ())
+            return self.planned() or [failed]
         return compare_graphs(graph, self.result)
+
+    def planned(self) -> list[Difference]:
+        """The constants surgery changed: the user's model's graph against the result's, constants only.
+
+        An exported capture runs the forward (on fake tensors), so a copy whose attributes still state the old
+        widths fails before any graph can be compared (a reshape to the old width); a symbolic trace does not
+        run it. The differences of the model as it was then say which constants to look for."""
+        if self.result.meta.get(CAPTURE_KEY) != "export":
+            return []
+        if self._planned is None:
+            self.traces += 1
+            try:
+                original = capture_again(self.model, self.result, self.leaf_modules)
+            except TraceError:
+                original = None
+            found = compare_graphs(original, self.result) if original is not None else []
+            self._planned = [d for d in found if d.kind is DiffKind.CONSTANT]
+        return self._planned
 
     def line(self, diff: Difference) -> str | None:
         """The user's source line at the differing node (a trace that records stack traces)."""
         if diff.index < 0:
             return None
-        graph = capture_again(self.copied, self.result, self.leaf_modules, stack_traces=True)
+        # the copy's graph, or where the copy cannot be captured, the user's model's (the planned differences')
+        for model in (self.copied, self.model):
+            try:
+                graph = capture_again(model, self.result, self.leaf_modules, stack_traces=True)
+                break
+            except TraceError:
+                continue
+        else:
+            return None
         nodes = list(graph.graph.nodes)
         return source_line(nodes[diff.index]) if diff.index < len(nodes) else None
 
@@ -260,7 +291,9 @@ def _settle(search: _Search) -> list[AttributeChange]:
         first = next((d for d in diffs if d.kind is not DiffKind.CONSTANT), diffs[0])
         if first.kind is not DiffKind.CONSTANT:
             raise _failure(search, first)
-        accepted = _first_fix(search, first, diffs)
+        # the first difference an attribute fixes (one no attribute gives may be fixed already, where the
+        # differences are the plan's: an exported copy that cannot run yet for another attribute)
+        accepted = next(filter(None, (_first_fix(search, d, diffs) for d in diffs)), None)
         if accepted is None:
             raise _failure(search, first)
         batch, diffs = accepted
@@ -345,7 +378,7 @@ def write_back(model: nn.Module, result: fx.GraphModule, leaf_modules: Iterable[
     copied = copy.deepcopy(model, dict(memo))  # a copy of the memo: deepcopy adds every object it copies
     _restore_modes(model, copied)
     sizes = _restate_sizes(copied, memo) + _restate_layers(copied)
-    search = _Search(copied, result, leaf_modules)
+    search = _Search(model, copied, result, leaf_modules)
     changes = sizes + _settle(search)
     logger.debug("write-back: %d attribute(s) set, %d trace(s)", len(changes), search.traces)
     return WrittenBack(copied, tuple(changes), search.traces)

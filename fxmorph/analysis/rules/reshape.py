@@ -111,11 +111,11 @@ def reshape(ctx: RuleContext, node: fx.Node) -> Spaces | None:
                     ctx.pin(sp[d], "reshape mixes channels with other dims")
             continue
         result.update(mapped)
-    _record_size_rewrites(ctx, node, result)
+    record_size_rewrites(ctx, node, result)
     return result
 
 
-def _record_size_rewrites(ctx: RuleContext, node: fx.Node, result: Spaces) -> None:
+def record_size_rewrites(ctx: RuleContext, node: fx.Node, result: Spaces) -> None:
     """Relate the sizes a reshape is given (``x.view(...)``, ``x.reshape(...)``, ``torch.reshape(x, ...)``)
     to the output's channels: a constant size of a channel dim becomes a rewrite, a size computed from
     channel widths a constraint. Sizes that cannot be located pin the output's channels."""
@@ -138,8 +138,8 @@ def _record_size_rewrites(ctx: RuleContext, node: fx.Node, result: Spaces) -> No
 def _size_slots(node: fx.Node) -> list[tuple[Any, ArgSlot]] | None:
     """Each size a reshape node is given, with where it sits in the node's arguments; None when the node
     is not a sized reshape or its sizes are not where a reshape's signature puts them."""
-    if node.op == "call_method" and node.target in ("view", "reshape"):
-        first = 1  # x.view(n, c) or x.view([n, c]): sizes follow the tensor
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
+        first = 1  # x.view(n, c) or x.view([n, c]): sizes follow the tensor (x.expand's too)
     elif node.op == "call_function" and node.target is torch.reshape:
         first = 1  # torch.reshape(x, (n, c))
     else:

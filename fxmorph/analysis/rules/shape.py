@@ -20,7 +20,7 @@ from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces, Taint
 from fxmorph.analysis.rules._util import norm_dim, pin_unknown
 from fxmorph.analysis.rules.cat_split import cat, chunk, split, tensor_split, unbind
-from fxmorph.analysis.rules.reshape import flatten_module, reshape
+from fxmorph.analysis.rules.reshape import flatten_module, record_size_rewrites, reshape
 
 __all__ = [
     "cat",
@@ -108,6 +108,7 @@ def expand(ctx: RuleContext, node: fx.Node) -> Spaces:
             ctx.pin(layout, "expand broadcasts a channel dim")
         else:
             out[k + lead] = layout
+    record_size_rewrites(ctx, node, out)  # a size written as a number (an exported graph's) follows its channels
     return out
 
 
