@@ -3,8 +3,9 @@
 Configuration formats that hold one size per model (a Hugging Face config's ``intermediate_size``,
 TensorRT-LLM's) can describe a pruned model only if every block kept the same widths. With
 ``uniform_blocks``, the passes that choose widths treat each class of same-role groups as one unit
-(:class:`~fxmorph.analysis.cost.TiedCosts`): a step moves every member at once, is worth the members'
-importance summed and costs their FLOPs summed, so the budget is met over units exactly as over groups.
+(:class:`~fxmorph.analysis.cost.TiedCosts`): a step moves every member at once and costs their FLOPs summed;
+pruning weighs it by its members' importance per FLOP averaged, growth by their gradient gains summed. The
+budget is met over units exactly as over groups.
 
 Two groups play the same role when they have the same size and their parameters are the same up to the
 index of the repeated blocks they lie in (:func:`~fxmorph.capture.blocks.block_pattern`): ``layer3.1.conv1``'s

@@ -285,14 +285,10 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     """``scaled_dot_product_attention``: q/k share E, v brings Ev; the softmax scale is kept."""
     q, k, v = node.args[:3]
     sq, sk, sv, so = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
-    # by position: attn_mask, dropout_p, is_causal; grouped-query attention (enable_gqa) repeats k and v's heads
-    if None in (sq, sk, sv, so) or len(node.args) > 6 or node.kwargs.get("enable_gqa"):
+    # a mask, or any argument passed by position (attn_mask, dropout_p, is_causal ...), is not read here
+    if None in (sq, sk, sv, so) or node.kwargs.get("attn_mask") is not None or len(node.args) > 3:
         return no_rule(ctx, node)
     assert sq is not None and sk is not None and sv is not None and so is not None
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-    if isinstance(mask, fx.Node):  # a mask spans (..., L, S): channels reaching it would be read as positions
-        for layout in ctx.spaces(mask).values():
-            ctx.pin(layout, "read as an attention mask")
     # the sequence dims (-2) are what attention mixes: no channels may live there
     for t, dims in ((q, (len(sq) - 2,)), (k, (len(sk) - 2,)), (v, (len(sv) - 2,))):
         for d in dims:
