@@ -39,7 +39,9 @@ def test_timm_model(name: str) -> None:
     check_prune(cg, random_plan(cg, seed=7), x)
 
 
-@pytest.mark.parametrize("name", UNTRACEABLE)
+@pytest.mark.parametrize(
+    "name", [n if k >= 2 else pytest.param(n, marks=pytest.mark.slow) for k, n in enumerate(UNTRACEABLE)]
+)
 def test_untraceable_timm_model_is_refused_with_the_line_and_exported_instead(name: str) -> None:
     model, x = build(name), example_input(name)
     with pytest.raises(fxmorph.TraceError, match="offending line"):
