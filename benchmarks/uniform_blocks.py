@@ -16,6 +16,7 @@ import argparse
 import collections
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,7 +94,8 @@ def main() -> None:
         for row in rows[-4:]:
             logger.info("%s", row)
     out = HERE / "uniform_blocks.json"
-    out.write_text(json.dumps({"command": "python -m benchmarks.uniform_blocks", "rows": rows}, indent=1) + "\n")
+    command = " ".join(["python -m benchmarks.uniform_blocks", *sys.argv[1:]])
+    out.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     logger.info("wrote %s", out)
 
 
