@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict
 
 from fxmorph.analysis import ChannelGraph, Layout
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
@@ -49,10 +50,11 @@ def _mask(cg: ChannelGraph, plan: WidthPlan, layout: Layout) -> torch.Tensor | N
 
 
 def _apply_mask(t: torch.Tensor, dim: int, mask: torch.Tensor) -> torch.Tensor:
-    """``t`` times ``mask`` broadcast along ``dim``."""
+    """``t`` with zeros where ``mask`` (broadcast along ``dim``) is 0. A removed channel is zero even where the
+    op made it NaN (a weight_norm row whose g and v are both masked: ``0 * 0 / 0``), which a product would keep."""
     shape = [1] * t.dim()
     shape[dim] = -1
-    return t * mask.view(shape).to(t.dtype)
+    return torch.where(mask.view(shape) != 0, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 class _MaskedInterpreter(fx.Interpreter):
@@ -64,6 +66,8 @@ class _MaskedInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         masked_norm = self._masked_norm(n)
+        if masked_norm is None:
+            masked_norm = self._masked_mean(n)
         result = masked_norm if masked_norm is not None else super().run_node(n)
         # Masked after every node, not only at the parameters: a bias, a BatchNorm shift or an add of an unmasked
         # tensor would otherwise bring a removed channel back to life.
@@ -106,6 +110,26 @@ class _MaskedInterpreter(fx.Interpreter):
             if mask is not None and (dim == 1 or len(bound["normalized_shape"]) == 1):
                 return _kept(x, dim, mask, n.target, bound)
         return None
+
+    def _masked_mean(self, n: fx.Node) -> torch.Tensor | None:
+        """A mean over partly removed channels is the mean over the kept ones: the sum (removed channels are
+        zero here) divided by the number of positions kept."""
+        if n.target not in (torch.mean, "mean") or n.op not in ("call_function", "call_method"):
+            return None
+        masks = self.masks.get(n.args[0].name) if isinstance(n.args[0], fx.Node) else None
+        x = self.env[n.args[0]]
+        raw = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if not masks or not isinstance(x, torch.Tensor):
+            return None
+        dims = range(x.dim()) if raw is None else [raw] if isinstance(raw, int) else list(raw)
+        dims = [d % x.dim() for d in dims]
+        if not any(d in masks for d in dims):
+            return None
+        kept = 1
+        for d in dims:
+            kept *= int(masks[d].sum().item()) if d in masks else x.shape[d]
+        keepdim = bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+        return x.sum(dim=dims, keepdim=keepdim) / kept
 
     def _value(self, arg: Any) -> Any:
         """The value of a node argument in the interpreter's environment (a constant as it is)."""
@@ -183,7 +207,9 @@ def masked_reference(cg: ChannelGraph, plan: WidthPlan, *inputs: Any) -> Any:
 def _plain(value: Any) -> Any:
     """fx's immutable containers as plain dicts and lists, so outputs compare with eager ones."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        # a container type of the model's own (transformers' ModelOutput) is rebuilt as itself
+        plain = {k: _plain(v) for k, v in value.items()}
+        return plain if type(value) in (dict, immutable_dict) else type(value)(plain)
     if isinstance(value, list):
         return [_plain(v) for v in value]
     if isinstance(value, tuple) and not hasattr(value, "_fields"):  # a namedtuple (torch.return_types) keeps its type

@@ -91,6 +91,16 @@ def _run_float64_in_place(model: nn.Module, x: torch.Tensor) -> Any:
         return model(x.double() if x.is_floating_point() else x)
 
 
+def _casts_to_single(gm: fx.GraphModule) -> bool:
+    """Whether some node of ``gm`` casts to a floating type narrower than float64."""
+    narrow = (torch.float32, torch.float16, torch.bfloat16)
+    return any(
+        isinstance(a, torch.dtype) and a in narrow
+        for n in gm.graph.nodes
+        for a in (*n.args, *n.kwargs.values())
+    )
+
+
 def check_prune(cg: ChannelGraph, plan: WidthPlan, x: torch.Tensor, *, allow_zero: bool = False) -> fx.GraphModule:
     """Apply a removal plan and assert: check passes (shape replay, unchanged interface), the mask
     oracle holds in float64, and the counted FLOPs equal the cost model's prediction. ``allow_zero``
@@ -101,11 +111,16 @@ def check_prune(cg: ChannelGraph, plan: WidthPlan, x: torch.Tensor, *, allow_zer
     assert small.meta["fxmorph.flops"] == predicted
     assert small.meta["fxmorph.flops"] == fxmorph.count_flops(small, (x,))
     written = written_back(cg, small)  # before the float64 run below converts the result in place
+    if written is not None:
+        # in the dtype the graph was captured in (a graph may have cast to it as constants, as Llama's RMSNorm)
+        cache = {"use_cache": False} if getattr(getattr(written, "config", None), "use_cache", False) else {}
+        with torch.no_grad():
+            assert_same_outputs(written.eval()(x, **cache), small.eval()(x), "written back vs graph")
     expected = masked_reference(cg, plan, x)
     graph_out = _run_float64_in_place(small, x)
-    assert_close_trees(graph_out, expected, what="mask oracle", allow_zero=allow_zero)
-    if written is not None:
-        assert_same_outputs(_run_float64_in_place(written, x), graph_out, "written back vs graph")
+    # a graph that casts to float32 itself (an RMSNorm computed in float32, as Llama's is) rounds there
+    rtol = 1e-5 if _casts_to_single(cg.gm) else 1e-7
+    assert_close_trees(graph_out, expected, rtol, what="mask oracle", allow_zero=allow_zero)
     return small
 
 

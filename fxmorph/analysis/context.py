@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ else:  # Python 3.10 has no StrEnum: a str mixin that formats as its value behav
 
         def __str__(self) -> str:
             return str(self.value)
+
+
+logger = logging.getLogger(__name__)
 
 
 Spaces = dict[int, Layout]
@@ -168,6 +172,14 @@ class RuleContext:
     Each use binds the first path, so the uses' channels are one set and surgery slices the tensor once."""
     used_dims: set[tuple[str, int]] = field(default_factory=set)
     """``(path as used, dim)`` of every binding, to find a dim one name of a tied tensor indexes and another not."""
+    whole_blocks: frozenset[str] = frozenset()
+    """Reshapes (by node name) that split a channel dim into blocks and keep each block whole (an attention's
+    heads), rather than sharing the inner dim across the blocks (its head width); see :meth:`split_choice`."""
+    splits: dict[str, Layout] = field(default_factory=dict)
+    """Reshapes that shared the inner dim across blocks -> the shared layout: the analysis may take them again
+    with whole blocks when that layout ends up pinned or unwanted."""
+    unwanted: list[Layout] = field(default_factory=list)
+    """Layouts a rule can change only at a price (see :meth:`prefer_whole`)."""
 
     def __post_init__(self) -> None:
         self.ties = tied_paths(self.gm)
@@ -226,6 +238,16 @@ class RuleContext:
         """Allow removal but not growth for every group in ``layout`` (growth would change the function)."""
         self.atoms.pin(layout, Pin(reason, self.here(), "no-grow"))
 
+    def prefer_whole(self, layout: Layout, reason: str) -> None:
+        """``layout`` may change, but only at a price (a constant the class cannot restate): where it is the
+        inner dim a reshape shares across blocks, the analysis runs again keeping those blocks whole."""
+        logger.debug("%s prefers whole blocks: %s", self.here(), reason)
+        self.unwanted.append(layout)
+
+    def split_choice(self, shared: Layout) -> None:
+        """Record that the current reshape shares ``shared`` (its inner dim) across its blocks."""
+        self.splits[self.here()] = shared
+
     def pin_all(self, value: Any, reason: str) -> None:
         """Freeze every group reachable from an argument structure."""
         for layout in self.layouts_in(value):
@@ -273,11 +295,14 @@ class RuleContext:
 
     def pin_partial_ties(self) -> None:
         """Pin a dim of a tied tensor that one of its names indexes by channels and another does not (an
-        embedding's rows are token ids; its tied output head's rows are logits): one slice must serve all."""
+        embedding's rows are token ids; its tied output head's rows are logits): one slice must serve all. A name
+        the graph never reads indexes nothing (an exported graph reads a tied tensor under one of its names)."""
+        read = {target for target, _ in self.used_dims}
         names: dict[str, list[str]] = {}
         for alias, first in self.ties.items():
             names.setdefault(first, [first]).append(alias)
-        for first, aliases in names.items():
+        for first, every in names.items():
+            aliases = [a for a in every if a in read]
             for (target, dim), binding in list(self.bindings.items()):
                 if target != first:
                     continue

@@ -132,9 +132,45 @@ def _walk_spaces(name: str, value: Any) -> Iterator[tuple[str, int, Layout]]:
             yield from _walk_spaces(f"{name}[{k}]", v)
 
 
+_ROUNDS = 4
+"""At most this many walks: each one can only add reshapes to those that keep their blocks whole."""
+
+
 def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
-    """Walk ``gm`` once, apply every node's rule, and collect the groups."""
-    ctx = RuleContext(gm)
+    """Walk ``gm``, apply every node's rule, and collect the groups.
+
+    A reshape that splits channels into blocks (an attention's heads x head width) first shares the inner
+    dim across blocks. Where that inner dim ends up pinned (rotary embeddings read the head width) or
+    unwanted (a default softmax scale reads it), the graph is walked again with that reshape keeping its
+    blocks whole instead: whole heads go, and the head width stays.
+    """
+    whole: frozenset[str] = frozenset()
+    for _ in range(_ROUNDS):
+        ctx = _walk(gm, whole)
+        more = whole | _rather_whole(ctx)
+        if more == whole:
+            break
+        logger.debug("channel analysis again, keeping the blocks of %s whole", sorted(more - whole))
+        whole = more
+    return _collect(ctx)
+
+
+def _rather_whole(ctx: RuleContext) -> frozenset[str]:
+    """The reshapes whose shared inner dim is pinned, or holds a layout a rule would rather not change."""
+    atoms = ctx.atoms
+    unwanted = {atoms.find(a) for layout in ctx.unwanted for a, _ in atoms.expand(layout)}
+    chosen = set()
+    for name, shared in ctx.splits.items():
+        roots = {atoms.find(a) for a, _ in atoms.expand(shared)}
+        frozen = any(p.kind == "frozen" for root in roots for p in atoms.pins(root))
+        if frozen or roots & unwanted:
+            chosen.add(name)
+    return frozenset(chosen)
+
+
+def _walk(gm: fx.GraphModule, whole: frozenset[str]) -> RuleContext:
+    """One walk over ``gm`` in topological order, with ``whole`` the reshapes that keep their blocks whole."""
+    ctx = RuleContext(gm, whole_blocks=whole)
     # fx keeps nodes in topological order, so every input's spaces are in ctx.env before its users run
     for node in gm.graph.nodes:
         ctx.node = node  # pins and rewrites recorded by the rule name this node
@@ -149,7 +185,7 @@ def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
             ) from exc
     _pin_train_readers(ctx, gm)
     ctx.pin_partial_ties()
-    return _collect(ctx)
+    return ctx
 
 
 def _pin_train_readers(ctx: RuleContext, gm: fx.GraphModule) -> None:

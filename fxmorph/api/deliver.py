@@ -21,8 +21,10 @@ from typing import Any
 
 from torch import fx, nn
 
+from fxmorph.capture.export import probe_inputs
 from fxmorph.errors import WriteBackError, WriteBackWarning
 from fxmorph.meta import META_ATTR
+from fxmorph.surgery.config import restate_config
 from fxmorph.surgery.write_back import write_back
 
 __all__ = ["Delivery", "deliver"]
@@ -42,6 +44,10 @@ class Delivery:
     attributes: tuple[str, ...] = ()
     """Integer attributes of the user's modules set to the new widths (``path.name: old -> new``)."""
     seconds: float = 0.0
+    config: tuple[str, ...] = ()
+    """Fields of the model's ``config`` set to the new widths (``name: old -> new``)."""
+    config_note: str | None = None
+    """Why a model with a ``config`` kept it as it was: the class built from no config holds the result."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -53,7 +59,9 @@ class Delivery:
             shown = ", ".join(self.attributes[:3])  # the rest are in ``attributes`` (a ViT sets one, a Swin dozens)
             more = f" and {len(self.attributes) - 3} more" if len(self.attributes) > 3 else ""
             extra = f"; set {shown}{more}" if self.attributes else ""
-            return f"returned as {self.class_name} (proven equal to the graph{extra})"
+            config = f"; config {', '.join(self.config)}" if self.config else ""
+            stale = f"; config left as it was: {self.config_note}" if self.config_note else ""
+            return f"returned as {self.class_name} (proven equal to the graph{extra}{config}{stale})"
         return f"returned as a torch.fx.GraphModule: {self.reason}"
 
 
@@ -93,11 +101,17 @@ def deliver(
     # the metadata a GraphModule result holds in ``meta``: the same dict object, so a report filled in later
     # shows in both
     setattr(written.model, META_ATTR, result.meta)
+    update = restate_config(written.model, model, probe_inputs(result))
+    if update is not None and update.reason is not None:
+        # the class is right, but its config would rebuild the old widths: save_pretrained would not load back
+        warnings.warn(f"{entry}: config left as it was: {update.reason}", WriteBackWarning, stacklevel=_user_level())
     delivery = Delivery(
         True,
         type(model).__name__,
         attributes=tuple(change.describe() for change in written.attributes),
         seconds=time.perf_counter() - start,
+        config=update.changes if update else (),
+        config_note=update.reason if update else None,
     )
     logger.info("%s: %s in %.2f s", entry, delivery.describe(), delivery.seconds)
     return written.model, delivery

@@ -71,6 +71,7 @@ ALIASES: dict[Any, Alias] = {
     aten.rms_norm.default: Alias(torch.rms_norm),
     aten.embedding.default: Alias(torch.embedding),
     aten.scaled_dot_product_attention.default: Alias(F.scaled_dot_product_attention),
+    aten._weight_norm.default: Alias(torch._weight_norm),  # parametrizations.weight_norm: g * v / ||v||
     # activations
     aten.relu.default: Alias(torch.relu),
     aten.relu_.default: Alias(torch.relu_),
@@ -115,6 +116,7 @@ ALIASES: dict[Any, Alias] = {
     aten.clamp.default: Alias(torch.clamp),
     aten.matmul.default: Alias(torch.matmul),
     aten.bmm.default: Alias(torch.bmm),
+    aten.addmm.default: Alias(torch.addmm),  # bias + x @ w: Hugging Face's Conv1D (GPT-2)
     aten.einsum.default: Alias(torch.einsum),
     # reductions and pooling
     aten.mean.dim: Alias(torch.mean),
@@ -143,6 +145,7 @@ ALIASES: dict[Any, Alias] = {
     aten.unbind.int: Alias(torch.unbind),
     aten.index_select.default: Alias(torch.index_select),
     aten.clone.default: Alias("clone"),
+    aten.alias.default: Alias("clone"),  # a view of the whole tensor (GPT-2 keeps every position for its head)
     aten.to.dtype: Alias("to"),
     aten.to.device: Alias("to"),
     # a cast with layout and pinning at their defaults (the only ones a dense tensor has)

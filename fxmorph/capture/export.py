@@ -32,7 +32,7 @@ from fxmorph.errors import TraceError
 from fxmorph.meta import CAPTURE_KEY, INTERFACE_KEY
 from fxmorph.validate import frozen_mode
 
-__all__ = ["CAPTURES", "Capture", "capture_again", "example_inputs", "export_graph"]
+__all__ = ["CAPTURES", "Capture", "capture_again", "example_inputs", "export_graph", "probe_inputs", "switched"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def export_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
     naming export's reason when it cannot capture the model."""
     try:
         with _quiet_torch():
-            program = torch.export.export(_switched(model), tuple(inputs), strict=False)
+            program = torch.export.export(switched(model), tuple(inputs), strict=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
@@ -87,7 +87,7 @@ def _quiet_torch() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _switched(model: nn.Module) -> nn.Module:
+def switched(model: nn.Module) -> nn.Module:
     """``model``, or where its forward takes any of :data:`_SWITCHES`, a shallow twin (the same submodules and
     tensors, so the same paths) whose forward has them set: constants of the graph, not inputs."""
     try:
@@ -106,7 +106,23 @@ def example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     """Inputs of the shapes and dtypes ``gm`` was captured on (its recorded interface): zeros, which an
     exported graph, specialised to shapes only, computes the same ops on as any other values."""
     ins, _ = gm.meta[INTERFACE_KEY]
-    return tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in ins)
+    # an input recorded as None (a non-tensor argument, as an optional mask passed as None) is passed again as None
+    return tuple(None if spec is None else torch.zeros(spec[0], dtype=spec[1]) for spec in ins)
+
+
+def probe_inputs(gm: fx.GraphModule, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs of the shapes and dtypes ``gm`` was captured on with values that tell models apart: normal floats,
+    and integers 0 or 1 (valid token ids and masks of any model)."""
+    ins, _ = gm.meta[INTERFACE_KEY]
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(None if spec is None else _probe(*spec, generator) for spec in ins)
+
+
+def _probe(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Normal floats, or integers 0 and 1, of ``shape`` and ``dtype``."""
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    return torch.randint(0, 2, shape, generator=generator).to(dtype)
 
 
 def capture_again(

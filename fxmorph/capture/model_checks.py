@@ -1,6 +1,6 @@
 """Checks of a model's structure that fxmorph cannot keep through tracing and surgery: wrappers
-(DataParallel, DDP, ``torch.compile``), derived or tied weights, and hooks torch.fx would drop. Every
-entry point that traces runs them (:func:`fxmorph.capture.trace.trace`)."""
+(DataParallel, DDP, ``torch.compile``), derived weights other than ``parametrizations.weight_norm``, and hooks
+torch.fx would drop. Every entry point that traces runs them (:func:`fxmorph.capture.trace.trace`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from fxmorph.capture.parametrized import check_parametrizations
 from fxmorph.errors import InputError
 
 __all__ = ["check_hooks", "check_reshapable", "check_unwrapped"]
@@ -29,19 +30,13 @@ def check_unwrapped(model: nn.Module) -> None:
 
 
 def check_reshapable(model: nn.Module) -> None:
-    """No layer of ``model`` derives its weights (parametrize, weight_norm, spectral_norm): fxmorph reshapes
-    stored tensors. (Tied weights, one Parameter held by two modules, are fine: the analysis makes every name of
-    a tied tensor index the same channels, and surgery slices it once.)"""
-    from torch.nn.utils import parametrize
-
+    """No layer of ``model`` derives its weights in a way fxmorph cannot reshape: a parametrization other than
+    ``torch.nn.utils.parametrizations.weight_norm`` (whose ``g`` and ``v`` are sliced and kept registered, see
+    :mod:`fxmorph.capture.parametrized`), or the hook-based ``weight_norm`` / ``spectral_norm``. (Tied weights,
+    one Parameter held by two modules, are fine: the analysis makes every name of a tied tensor index the same
+    channels, and surgery slices it once.)"""
+    check_parametrizations(model)
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            tensor = next(iter(module.parametrizations.keys()))
-            raise InputError(
-                f"layer '{name or type(model).__name__}' has a parametrization of '{tensor}' (weight_norm, "
-                "spectral_norm or torch.nn.utils.parametrize), and fxmorph reshapes stored weights only: remove it "
-                f"first with `torch.nn.utils.parametrize.remove_parametrizations(layer, {tensor!r})`."
-            )
         # the legacy weight_norm and spectral_norm are forward pre-hooks, not parametrizations
         for hook in module._forward_pre_hooks.values():
             _refuse_norm_hook(name or type(model).__name__, hook)
@@ -52,12 +47,20 @@ def _refuse_norm_hook(name: str, hook: Any) -> None:
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    for kind, remove in ((WeightNorm, "remove_weight_norm"), (SpectralNorm, "remove_spectral_norm")):
+    # the parametrization form of weight_norm is kept (g and v sliced): the fix may switch to it
+    switch = (
+        " (or, to keep it, apply torch.nn.utils.parametrizations.weight_norm instead, which fxmorph reshapes "
+        "with its g and v)"
+    )
+    for kind, remove, alternative in (
+        (WeightNorm, "remove_weight_norm", switch),
+        (SpectralNorm, "remove_spectral_norm", ""),
+    ):
         if isinstance(hook, kind):
             raise InputError(
-                f"layer '{name}' uses torch.nn.utils.{remove.removeprefix('remove_')} (it recomputes "
+                f"layer '{name}' uses the hook-based torch.nn.utils.{remove.removeprefix('remove_')} (it recomputes "
                 f"'{hook.name}' before every call), and fxmorph reshapes stored weights only: remove it first with "
-                f"`torch.nn.utils.{remove}(layer)`."
+                f"`torch.nn.utils.{remove}(layer)`{alternative}."
             )
 
 

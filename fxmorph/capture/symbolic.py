@@ -14,6 +14,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxmorph.capture.layers import through_forward, through_root, traced_through
+from fxmorph.capture.parametrized import entered
 from fxmorph.errors import TraceError
 from fxmorph.validate import frozen_mode, training_mode
 
@@ -22,7 +23,9 @@ __all__ = ["symbolic_trace", "trace_graph"]
 
 class _Tracer(fx.Tracer):
     """Leaf policy: torch.nn modules, their subclasses that keep the inherited forward, user leaves; but
-    the torch.nn transformer layers are entered along their plain path (:mod:`fxmorph.capture.layers`)."""
+    the torch.nn transformer layers are entered along their plain path (:mod:`fxmorph.capture.layers`), and
+    layers with ``parametrizations.weight_norm`` through their parametrization
+    (:mod:`fxmorph.capture.parametrized`)."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
         super().__init__()
@@ -33,8 +36,9 @@ class _Tracer(fx.Tracer):
         """Whether ``m`` stays one ``call_module`` node; the order of the tests is the precedence."""
         if self._user_leaf(m, module_qualified_name):
             return True
-        # before fx's default: the transformer layers live in torch.nn, which fx would keep whole
-        if traced_through(m):
+        # before fx's default: the transformer layers live in torch.nn, which fx would keep whole; so do the
+        # weight_norm'd layers, whose stored g and v the graph must show
+        if traced_through(m) or entered(m):
             return False
         if super().is_leaf_module(m, module_qualified_name):
             return True

@@ -263,8 +263,10 @@ def trace(
 
     Raises:
         InputError: ``model`` is not a module, a DataParallel / DDP / ``torch.compile`` wrapper, has
-            parametrized or weight-normed weights, hooks torch.fx would drop, or more example inputs
-            than its forward takes; the inputs are malformed, or the dtype is unsupported.
+            parametrized weights other than ``parametrizations.weight_norm`` (which is kept, see
+            :mod:`fxmorph.capture.parametrized`) or hook-based weight_norm / spectral_norm, hooks torch.fx would
+            drop, or more example inputs than its forward takes; the inputs are malformed, or the dtype is
+            unsupported.
         TraceError: the model cannot be traced, or the example inputs do not run through it.
     """
     # Checks that need only the model and the inputs run first, before any tracing time is spent.

@@ -25,6 +25,7 @@ from itertools import chain
 from typing import Any
 
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from fxmorph.analysis.ops import module_facts
 from fxmorph.capture.compare import Difference, DiffKind, compare_graphs, source_line
@@ -120,7 +121,7 @@ def _restate_sizes(copied: nn.Module, memo: dict[int, Any]) -> list[AttributeCha
     for path, module in copied.named_modules():
         if id(module) in placed:
             continue  # the result's own module: surgery set its attributes
-        own = (*module._parameters.values(), *module._buffers.values())
+        own = (*module._parameters.values(), *module._buffers.values(), *_parametrized(module))
         facts = module_facts(type(module))
         if facts is None or not any(id(t) in placed for t in own if t is not None):
             continue
@@ -131,6 +132,14 @@ def _restate_sizes(copied: nn.Module, memo: dict[int, Any]) -> list[AttributeCha
                 setattr(module, attr.name, type(old)(new) if isinstance(old, list | tuple) else new)
                 changes.append(AttributeChange(path, attr.name, old, getattr(module, attr.name)))
     return changes
+
+
+def _parametrized(module: nn.Module) -> Iterator[Any]:
+    """The tensors a parametrization stores for ``module`` (weight_norm's ``g`` and ``v``): they are the module's
+    own, although they sit in its ``parametrizations`` (its ``weight`` is derived from them on access)."""
+    if parametrize.is_parametrized(module):
+        yield from module.parametrizations.parameters()
+        yield from module.parametrizations.buffers()
 
 
 def _restate_layers(copied: nn.Module) -> list[AttributeChange]:

@@ -101,9 +101,18 @@ def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
     outs = _split_outputs(ctx, node, d, sizes)
     if d in ctx.spaces(node.args[0]) and all(d in o for o in outs):
         layouts = [o[d] for o in outs]
-        # always a list of sizes, even where the model passed one split size: new widths need not be equal
-        ctx.rewrite(ArgSlot(1), lambda measure: [measure(x) for x in layouts])
+        given = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+        ctx.rewrite(ArgSlot(1), lambda measure: _split_arg([measure(x) for x in layouts], given))
     return outs
+
+
+def _split_arg(widths: list[int], given: Any) -> int | list[int]:
+    """The size argument of a split into pieces of ``widths``: one split size where the model passed one and the
+    pieces still have it (all but a shorter last one: the same call, as a class that states it can make), else
+    the list (new widths need not be equal)."""
+    if isinstance(given, int) and all(w == widths[0] for w in widths[:-1]) and widths[-1] <= widths[0]:
+        return widths[0]
+    return widths
 
 
 def tensor_split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:

@@ -10,12 +10,13 @@ import torch
 from torch import fx
 
 from fxmorph.analysis.atoms import Layout
-from fxmorph.analysis.context import ArgSlot, Role, RuleContext, Spaces, Taint
+from fxmorph.analysis.context import Role, RuleContext, Spaces, Taint
 from fxmorph.analysis.rules._util import norm_dim, op_name
 from fxmorph.analysis.rules.shape import number_op
 
 __all__ = [
     "attribute",
+    "contract",
     "elementwise",
     "functional_conv",
     "functional_linear",
@@ -25,9 +26,9 @@ __all__ = [
     "passthrough",
     "placeholder",
     "reduce",
-    "sdpa",
     "softmax",
     "spatial",
+    "statistic",
 ]
 
 
@@ -52,8 +53,8 @@ def output(ctx: RuleContext, node: fx.Node) -> None:
 def attribute(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     """``get_attr``: a parameter or buffer used directly; each dim wider than one is a channel space."""
     value = _fetch(ctx.gm, str(node.target))
-    if not isinstance(value, torch.Tensor):
-        return None
+    if not isinstance(value, torch.Tensor) or not node.users:
+        return None  # a tensor the graph holds but never reads (a buffer kept for other uses) has no channels
     spaces: Spaces = {}
     for d, n in enumerate(value.shape):
         # a dim of one is broadcast, not indexed; every wider dim may meet channels, and the rules that
@@ -185,7 +186,19 @@ def _reduced_dims(node: fx.Node, ndim: int) -> set[int] | None:
 
 
 def reduce(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``mean``/``sum``/``amax`` over dims: channel dims may not be reduced; the others pass."""
+    """``amax`` (any reduction but a sum or mean) over dims: channel dims may not be reduced; the others pass."""
+    return _reduce(ctx, node, statistic=False)
+
+
+def statistic(ctx: RuleContext, node: fx.Node) -> Spaces | None:
+    """``sum``/``mean`` over dims: over channels, taken over the channels kept, which is what removing the
+    others means (the mean of squares of an RMSNorm written out, as Llama's is); growth would change it."""
+    # a dtype or out argument is not read here: such a call reduces as reduce() does
+    return _reduce(ctx, node, statistic=not set(node.kwargs) - {"dim", "keepdim"})
+
+
+def _reduce(ctx: RuleContext, node: fx.Node, statistic: bool) -> Spaces | None:
+    """A reduction over dims: the dims kept pass; a reduced channel dim is pinned, or for a statistic, may shrink."""
     src = node.args[0]
     ins, outs = ctx.shape(src), ctx.shape(node)
     if ins is None or outs is None:
@@ -196,7 +209,9 @@ def reduce(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     keep = len(outs) == len(ins)  # keepdim=True
     out: Spaces = {}
     for d, layout in ctx.spaces(src).items():
-        if d in dims:
+        if d in dims and statistic:
+            ctx.no_grow(layout, f"new channels would change the '{op_name(node.target)}' over them")
+        elif d in dims:
             ctx.pin(layout, f"'{op_name(node.target)}' reduces over channels")
         else:  # without keepdim, each reduced dim before d shifts it down by one
             out[d if keep else d - sum(1 for r in dims if r < d)] = layout
@@ -248,7 +263,7 @@ def _batch_dims(ctx: RuleContext, node: fx.Node, operands: list[fx.Node], tail: 
     return result
 
 
-def _contract(ctx: RuleContext, a: tuple[fx.Node, int], b: tuple[fx.Node, int], what: str) -> Layout | int:
+def contract(ctx: RuleContext, a: tuple[fx.Node, int], b: tuple[fx.Node, int], what: str) -> Layout | int:
     """The contracted dim of a product: both sides must carry the same channels, or neither."""
     la, lb = ctx.spaces(a[0]).get(a[1]), ctx.spaces(b[0]).get(b[1])
     if la is not None and lb is not None:
@@ -270,7 +285,7 @@ def matmul(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
         return no_rule(ctx, node)
     out = _batch_dims(ctx, node, [a, b], 2)
-    k = _contract(ctx, (a, len(sa) - 1), (b, len(sb) - 2), "matmul")
+    k = contract(ctx, (a, len(sa) - 1), (b, len(sb) - 2), "matmul")
     m, n = ctx.spaces(a).get(len(sa) - 2), ctx.spaces(b).get(len(sb) - 1)
     if m is not None:
         out[len(so) - 2] = m
@@ -278,34 +293,6 @@ def matmul(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         out[len(so) - 1] = n
     batch = [out.get(d, so[d]) for d in range(len(so) - 2)]
     ctx.cost(2, *batch, m or so[-2], k, n or so[-1])  # 2 x batch x M x K x N, as FlopCounterMode counts
-    return out
-
-
-def sdpa(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``scaled_dot_product_attention``: q/k share E, v brings Ev; the softmax scale is kept."""
-    q, k, v = node.args[:3]
-    sq, sk, sv, so = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
-    # a mask, or any argument passed by position (attn_mask, dropout_p, is_causal ...), is not read here
-    if None in (sq, sk, sv, so) or node.kwargs.get("attn_mask") is not None or len(node.args) > 3:
-        return no_rule(ctx, node)
-    assert sq is not None and sk is not None and sv is not None and so is not None
-    # the sequence dims (-2) are what attention mixes: no channels may live there
-    for t, dims in ((q, (len(sq) - 2,)), (k, (len(sk) - 2,)), (v, (len(sv) - 2,))):
-        for d in dims:
-            if d in ctx.spaces(t):
-                ctx.pin(ctx.spaces(t)[d], "attention over a channel dim")
-    out = _batch_dims(ctx, node, [q, k, v], 2)
-    e = _contract(ctx, (q, len(sq) - 1), (k, len(sk) - 1), "attention")  # marks E no-grow
-    ev = ctx.spaces(v).get(len(sv) - 1)
-    if ev is not None:
-        out[len(so) - 1] = ev
-    if not isinstance(e, int) and node.kwargs.get("scale") is None:
-        # the default scale is 1/sqrt(E) of the E it is given: once E changes, pass the original explicitly
-        original = 1.0 / math.sqrt(sq[-1])
-        ctx.rewrite(ArgSlot("scale"), lambda measure: original)
-    batch = [out.get(d, so[d]) for d in range(len(so) - 2)]
-    ctx.cost(2, *batch, sq[-2], sk[-2], e)
-    ctx.cost(2, *batch, sq[-2], sk[-2], ev or sv[-1])
     return out
 
 
@@ -321,7 +308,7 @@ def functional_linear(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if sx is None or so is None:
         return no_rule(ctx, node)
     ws = _param_spaces(ctx, w)
-    k = _contract(ctx, (x, len(sx) - 1), (w, 1), "linear") if ws.get(1) else _fixed_in(ctx, x, sx)
+    k = contract(ctx, (x, len(sx) - 1), (w, 1), "linear") if ws.get(1) else _fixed_in(ctx, x, sx)
     out = {d: lay for d, lay in ctx.spaces(x).items() if d < len(sx) - 1}
     lout = ws.get(0)
     if lout is not None and b is not None:
@@ -353,7 +340,7 @@ def functional_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         if d in ws:
             ctx.pin(ws[d], "kernel dim of a convolution weight used directly")
     # the (N, C) prefix of the shape makes the channel dim _fixed_in's last dim
-    k = _contract(ctx, (x, 1), (w, 1), "convolution") if ws.get(1) else _fixed_in(ctx, x, (sx[0], sx[1]))
+    k = contract(ctx, (x, 1), (w, 1), "convolution") if ws.get(1) else _fixed_in(ctx, x, (sx[0], sx[1]))
     lout = ws.get(0)
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if lout is not None and isinstance(b, fx.Node) and _param_spaces(ctx, b).get(0):

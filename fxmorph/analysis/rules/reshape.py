@@ -73,11 +73,16 @@ def _split_dims(ctx: RuleContext, layout: Layout, dims: list[int], shape: tuple[
     if all(inner % block == 0 for _, inner in pieces):
         return {dims[0]: tuple((a, inner // block) for a, inner in pieces)}
     # 2. The channels become the innermost dim (E -> heads x head dim): every chunk must hold the same
-    #    channels, and the outer dims (the head count) keep their size.
+    #    channels, and the outer dims (the head count) keep their size. Where the analysis asks for whole
+    #    blocks (the head width is pinned, as rotary embeddings pin it), step 3 comes first: whole heads go.
+    if ctx.here() in ctx.whole_blocks and (coarse := ctx.atoms.unchunk(layout, block)) is not None:
+        return {dims[0]: coarse}
     count = math.prod(shape[e] for e in dims[:-1])
     parts = ctx.atoms.chunks(layout, count)
     if parts is not None:
         merged = ctx.unify(list(parts), "reshape splits channels into blocks that do not line up")
+        if merged is not None:
+            ctx.split_choice(merged)
         return None if merged is None else {dims[-1]: merged}
     # 3. Blocks of consecutive channels move together (C*k -> C x k): coarsen, and the outer dim carries them.
     coarse = ctx.atoms.unchunk(layout, block)
@@ -120,6 +125,10 @@ def record_size_rewrites(ctx: RuleContext, node: fx.Node, result: Spaces) -> Non
     to the output's channels: a constant size of a channel dim becomes a rewrite, a size computed from
     channel widths a constraint. Sizes that cannot be located pin the output's channels."""
     located = _size_slots(node)
+    out_dims = len(ctx.shape(node) or ())
+    if located is not None and len(located) != out_dims and out_dims:
+        # sizes built elsewhere (``x.view(x.size()[:-1] + (self.nf,))`` passes one tuple): not located
+        located = None
     if located is None:
         if node.target in ("view", "reshape") or node.target is torch.reshape:
             for layout in result.values():

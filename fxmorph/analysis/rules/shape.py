@@ -207,6 +207,17 @@ def _index_tensor(ctx: RuleContext, node: fx.Node, sp: Spaces, shape: tuple[int,
     return out
 
 
+def _is_buffer(ctx: RuleContext, src: Any) -> bool:
+    """Whether ``src`` reads a buffer of the graph's module (not a parameter) by ``get_attr``."""
+    if not isinstance(src, fx.Node) or src.op != "get_attr":
+        return False
+    try:
+        ctx.gm.get_buffer(str(src.target))
+    except AttributeError:
+        return False
+    return True
+
+
 def _slice_layout(
     ctx: RuleContext, node: fx.Node, layout: Layout, item: slice, size: int, location: ArgSlot
 ) -> Layout | None:
@@ -214,6 +225,11 @@ def _slice_layout(
     start, stop, step = item.start, item.stop, item.step
     if item == slice(None):
         return layout
+    if _is_buffer(ctx, node.args[0]):
+        # a buffer sliced by constants is a table of positions (position ids, a rotary cache): an input of
+        # another length reads other rows, so neither the rows read nor the rows dropped may go
+        ctx.pin(layout, "a slice of a stored buffer (a table of positions)")
+        return None
     if step not in (None, 1) or not all(v is None or isinstance(v, int) for v in (start, stop)):
         ctx.pin(layout, "strided or dynamic slice of a channel dim")
         return None
@@ -225,9 +241,17 @@ def _slice_layout(
         ctx.pin(layout, "slice boundary inside a block of channels")
         return None
 
+    to_end = hi >= size  # the slice runs to the end: keep the bounds the source wrote
+
     def new_slice(measure: Any, head: Layout = head, sub: Layout = sub) -> slice:
         begin = measure(head) if head else 0
-        return slice(begin, begin + measure(sub), None)
+        end = begin + measure(sub)
+        if to_end and (stop is None or stop >= size):
+            # ``x[..., k:]`` stays open-ended and ``x[..., -k:]`` stays negative, as the source
+            # wrote them, so that write-back compares the rewritten graph with the class's own code
+            first = -measure(sub) if isinstance(start, int) and start < 0 else (None if start is None else begin)
+            return slice(first, stop, None)
+        return slice(None if start is None and not begin else begin, end, None)
 
     ctx.rewrite(location, new_slice)
     return sub
