@@ -204,7 +204,7 @@ def test_resnet18_end_to_end(tmp_path: Path) -> None:
     np.testing.assert_allclose(_onnx_out(out / "shrunk.onnx", x), _torch_out(small, x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model", ["mobilenet_v2", "cli_models:vit_b_16_64"])
+@pytest.mark.parametrize("model", ["mobilenet_v2", pytest.param("cli_models:vit_b_16_64", marks=pytest.mark.slow)])
 def test_other_models_end_to_end(tmp_path: Path, model: str) -> None:
     out = tmp_path / "out"
     result = _run(model, "--budget-flops", "50%", "--out", str(out), "--input-shape", SHAPE, "--rounds", "5")

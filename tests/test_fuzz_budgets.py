@@ -214,7 +214,7 @@ SHRINK = {
 }
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(**SHRINK)
 def test_shrink_meets_random_budgets(
     arch: dict[str, Any], budget: tuple[str, bool, float], strategy: str, criterion: str, round_to: int,
@@ -337,7 +337,7 @@ GROW = {
 }
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(**GROW)
 def test_grow_meets_random_budgets_and_keeps_function(
     arch: dict[str, Any], budget: tuple[str, bool, float], init: str, with_data: bool, round_to: int, seed: int,
@@ -385,7 +385,7 @@ WIDEN = {
 }
 
 
-@settings(max_examples=50, **SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 @given(**WIDEN)
 def test_width_strategy_above_budget_grows_and_keeps_function(
     arch: dict[str, Any], budget: tuple[str, bool, float], with_data: bool, round_to: int, seed: int, onnx: bool
@@ -451,7 +451,7 @@ DEAD = {
 }
 
 
-@settings(max_examples=50, **SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 @given(**DEAD)
 def test_shrink_at_full_budget_removes_dead_channels_exactly(
     arch: dict[str, Any], seed: int, round_to: int, onnx: bool
@@ -481,7 +481,7 @@ def test_shrink_at_full_budget_removes_dead_channels_exactly(
 DEFAULTS = {"arch": architectures(new_blocks=1), "budget": budgets(), "seed": st.integers(0, 2**16)}
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(**DEFAULTS)
 def test_default_rounding_reaches_every_budget_any_width_reaches(
     arch: dict[str, Any], budget: tuple[str, bool, float], seed: int

@@ -134,8 +134,16 @@ def zoo_cases() -> Iterator[Callable[[str], tuple[nn.Module, torch.Tensor, fxmor
     cases.clear()
 
 
-@pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("name", ZOO)
+# the heavier models run every init under ``-m slow`` only; by default the automatic choice and the dual init
+_HEAVY = ("densenet121", "vit_b_16")
+_CASES = [
+    (name, init) if name not in _HEAVY or init in ("auto", "dual") else pytest.param(name, init, marks=pytest.mark.slow)
+    for name in ZOO
+    for init in INITS
+]
+
+
+@pytest.mark.parametrize(("name", "init"), _CASES)
 def test_zoo_growth_preserves_function(
     name: str, init: str, zoo_cases: Callable[[str], tuple[nn.Module, torch.Tensor, fxmorph.ChannelGraph]]
 ) -> None:

@@ -56,6 +56,16 @@ def test_llama_prunes_whole_key_value_groups_and_comes_back_as_its_class() -> No
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
 
 
+def test_llama_drops_whole_heads_under_the_default_rounding() -> None:
+    # a key/value group of heads is 32 channels of k_proj and 64 of q_proj: a step of the grid of 16 on its own
+    model, ids = _llama(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4), _ids()
+    cg = fxmorph.analyze(model, (ids,))
+    assert sorted({g.span for g in cg.free_groups}) == [1, 16]
+    small = fxmorph.shrink(model, "30%", (ids,))
+    kept = [layer.self_attn.k_proj.out_features for layer in small.model.layers]
+    assert min(kept) < 64 and all(k % 16 == 0 for k in kept)
+
+
 def test_llama_obeys_the_mask_oracle_on_its_captured_graph() -> None:
     model, ids = _llama(), _ids()
     cg = fxmorph.analyze(model, (ids,))

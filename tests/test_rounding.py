@@ -96,6 +96,18 @@ def test_fine_grid_steps(size: int, step: int) -> None:
     assert Grid(16).step(size) == 16 and Grid(1).step(size) == 1
 
 
+@pytest.mark.parametrize(
+    ("size", "span", "fine", "whole"), [(2, 16, 1, 1), (4, 8, 1, 2), (12, 64, 1, 1), (6, 4, 1, 4), (3, 5, 1, 4)]
+)
+def test_grid_steps_count_the_channels_an_element_spans(size: int, span: int, fine: int, whole: int) -> None:
+    """A group of whole attention heads steps by heads: the grid's step in channels, in whole heads (a head of
+    16 channels or more is one step, so a Llama's key/value groups can go under the default rounding)."""
+    assert Grid(16, 64).step(size, span) == fine
+    assert Grid(16).step(size, span) == whole
+    widths = allowed_widths(size, Grid(16), 1, span)
+    assert widths[-1] == size and all(w % whole == 0 for w in widths[:-1])
+
+
 def test_cli_accepts_auto_and_integers() -> None:
     from fxmorph.cli.main import _round_to
 

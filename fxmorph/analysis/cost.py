@@ -92,6 +92,8 @@ class Costs:
 
     sizes: np.ndarray
     """The original width of every variable."""
+    spans: np.ndarray
+    """The channels each element of every variable stands for (:attr:`Group.span`: a head's width, or 1)."""
     _flops: _Polynomial
     _params: _Polynomial
 
@@ -134,6 +136,7 @@ class CostModel(Costs):
         ops the rules recorded."""
         self.cg = cg
         self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
+        self.spans = np.array([g.span for g in cg.groups], dtype=np.int64)
         self._flops = _Polynomial(len(cg.groups))
         self._free_terms = _Polynomial(len(cg.groups))
         for term in cg.costs:
@@ -207,6 +210,7 @@ class TiedCosts(Costs):
         onto = np.zeros((n, len(self.members)), dtype=np.int64)
         onto[np.arange(n), self.unit_of] = 1
         self.sizes = cost.sizes[[m[0] for m in self.members]]
+        self.spans = cost.spans[[m[0] for m in self.members]]
         self._flops = cost._flops.projected(onto)
         self._params = cost._params.projected(onto)
 

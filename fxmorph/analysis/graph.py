@@ -43,6 +43,8 @@ class Group:
         params: parameter and buffer axes indexed by the group.
         pins: why the group cannot change width (empty if it can).
         grow_pins: why channels cannot be added to the group without changing the function.
+        span: how many channels of the layers each of the group's elements stands for: 1 for plain channels,
+            the head width for a group of whole attention heads (the fewest any parameter holds it by).
     """
 
     id: int
@@ -51,6 +53,7 @@ class Group:
     params: list[Member] = field(default_factory=list)
     pins: list[Pin] = field(default_factory=list)
     grow_pins: list[Pin] = field(default_factory=list)
+    span: int = 1
 
     @property
     def growable(self) -> bool:
@@ -144,15 +147,25 @@ def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
     unwanted (a default softmax scale reads it), the graph is walked again with that reshape keeping its
     blocks whole instead: whole heads go, and the head width stays.
     """
-    whole: frozenset[str] = frozenset()
-    for _ in range(_ROUNDS):
-        ctx = _walk(gm, whole)
-        more = whole | _rather_whole(ctx)
-        if more == whole:
+    ctx = _walk(gm, frozenset())
+    best = _collect(ctx)
+    for _ in range(_ROUNDS - 1):
+        more = ctx.whole_blocks | _rather_whole(ctx)
+        if more == ctx.whole_blocks:
             break
-        logger.debug("channel analysis again, keeping the blocks of %s whole", sorted(more - whole))
-        whole = more
-    return _collect(ctx)
+        logger.debug("channel analysis again, keeping the blocks of %s whole", sorted(more - ctx.whole_blocks))
+        ctx = _walk(gm, more)
+        cg = _collect(ctx)
+        if _free_channels(cg) < _free_channels(best):
+            # whole blocks pinned more than they freed (a head width sized from the residual stream's width)
+            break
+        best = cg
+    return best
+
+
+def _free_channels(cg: ChannelGraph) -> int:
+    """How many channels of the layers the free groups hold (an element of a group of heads is a head)."""
+    return sum(g.size * g.span for g in cg.free_groups)
 
 
 def _rather_whole(ctx: RuleContext) -> frozenset[str]:
@@ -220,9 +233,15 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
     for name, value in spaces.items():
         for member_name, dim, layout in _walk_spaces(name, value):
             _add_members(atoms, layout, group_for, Member("tensor", member_name, dim), graph)
+    spans: dict[int, int] = {}
     for binding in ctx.bindings.values():
         member = Member("param", binding.target, binding.dim, binding.role)
         _add_members(atoms, binding.layout, group_for, member, graph)
+        for atom, inner in atoms.expand(binding.layout):
+            gid = group_for(atom).id
+            spans[gid] = min(spans.get(gid, inner), inner)
+    for gid, span in spans.items():
+        groups[gid].span = span
     # the cost model indexes every factor by group, so a class only a cost term names needs an id too
     for term in ctx.costs:
         for layout in term.factors:

@@ -232,6 +232,9 @@ FUNCTION_OPS: dict[Any, OpFacts] = {
     # lp pooling of zeros has an infinite slope (the p-th root at 0)
     F.lp_pool1d: pool(rc.spatial(1), slope=None), F.lp_pool2d: pool(rc.spatial(2), slope=None),
     **dict.fromkeys((F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), pool(rc.spatial(None))),
+    # the kernels F.interpolate calls (an exported graph's upsampling)
+    torch._C._nn.upsample_nearest2d: pool(rc.spatial(None), keeps=True),
+    torch._C._nn.upsample_bilinear2d: pool(rc.spatial(None)),
     F.pad: pool(rc.spatial(None), specialise=pad),
     F.linear: OpFacts(rc.functional_linear, OpKind.LAYER),
     torch.addmm: OpFacts(addmm, OpKind.LAYER),  # bias + x @ w, weight (in, out): Hugging Face's Conv1D

@@ -128,6 +128,9 @@ ALIASES: dict[Any, Alias] = {
     aten.adaptive_avg_pool1d.default: Alias(F.adaptive_avg_pool1d),
     aten.adaptive_avg_pool2d.default: Alias(F.adaptive_avg_pool2d),
     aten.pad.default: Alias(F.pad),
+    # F.interpolate's kernels, which torch binds with ATen's schemas
+    aten.upsample_nearest2d.vec: Alias(torch._C._nn.upsample_nearest2d),
+    aten.upsample_bilinear2d.vec: Alias(torch._C._nn.upsample_bilinear2d),
     # data movement
     aten.cat.default: Alias(torch.cat),
     aten.flatten.using_ints: Alias(torch.flatten),
@@ -145,6 +148,7 @@ ALIASES: dict[Any, Alias] = {
     aten.unbind.int: Alias(torch.unbind),
     aten.index_select.default: Alias(torch.index_select),
     aten.clone.default: Alias("clone"),
+    aten.type_as.default: Alias("type_as"),
     aten.alias.default: Alias("clone"),  # a view of the whole tensor (GPT-2 keeps every position for its head)
     aten.to.dtype: Alias("to"),
     aten.to.device: Alias("to"),

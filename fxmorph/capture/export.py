@@ -20,6 +20,7 @@ import functools
 import inspect
 import io
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ def export_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
     """``model`` captured by ``torch.export`` (non-strict) on ``inputs`` and canonicalized; raises TraceError
     naming export's reason when it cannot capture the model."""
     try:
-        with _quiet_torch():
+        with _quiet_torch(), _attributes_kept(model):
             program = torch.export.export(switched(model), tuple(inputs), strict=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -57,6 +58,10 @@ def export_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
         ) from exc
     gm = program.module()
     canonicalize(gm)
+    for node in gm.graph.nodes:
+        # export's fake values: fxmorph propagates shapes itself, and a fake tensor of a constant built in the
+        # forward (YOLO's anchors) cannot be deep-copied with the graph
+        node.meta.pop("val", None)
     gm.meta[CAPTURE_KEY] = "export"
     return gm
 
@@ -65,6 +70,25 @@ _SWITCHES = {"use_cache": False, "return_dict": False}
 """Keywords set when the forward takes them: a key-value cache (Hugging Face's ``DynamicCache``) is no channel of
 the model and no tensor export can flatten, and a plain tuple is what the graph can return. The user's class,
 given back, keeps both as its own forward has them."""
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every plain attribute of ``model``'s modules as it was: a non-strict export runs the real
+    forward on fake tensors, and a forward that caches a tensor on its module (YOLO's ``Detect.anchors``) would
+    leave a fake tensor in the user's model."""
+    saved = {id(m): (m, dict(vars(m))) for m in model.modules()}
+    try:
+        with warnings.catch_warnings():
+            # torch's advice to register such tensors as buffers is for the model's author: here they are put back
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            yield
+    finally:
+        for module, attributes in saved.values():
+            state = vars(module)
+            for name in [k for k in state if k not in attributes]:
+                del state[name]
+            state.update(attributes)
 
 
 @contextlib.contextmanager

@@ -49,13 +49,17 @@ class Grid:
     block: int
     fine_below: int = 0
 
-    def step(self, size: int) -> int:
-        """The width step of a group of ``size`` channels."""
-        if size >= self.fine_below:
-            return self.block
-        quarter = size // 4
-        # The largest power of two <= size // 4 (1 for groups of fewer than 8 channels).
-        return min(self.block, 1 << (quarter.bit_length() - 1)) if quarter else 1
+    def step(self, size: int, span: int = 1) -> int:
+        """The width step of a group of ``size`` elements of ``span`` channels each (whole attention heads are
+        elements of their head width): the grid's step in channels, as a whole number of elements."""
+        channels = size * span
+        if channels >= self.fine_below:
+            step = self.block
+        else:
+            quarter = channels // 4
+            # The largest power of two <= channels // 4 (1 for groups of fewer than 8 channels).
+            step = min(self.block, 1 << (quarter.bit_length() - 1)) if quarter else 1
+        return -(-step // span)  # whole elements: a head of 16 channels or more is a step of its own
 
     def describe(self) -> str:
         """How widths were rounded, for reports."""
