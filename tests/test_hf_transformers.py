@@ -118,3 +118,25 @@ def test_bert_heads_go_whole_and_obey_the_mask_oracle() -> None:
     # the position ids are a table of positions: the rows the example does not read stay
     assert all(g.pins for g in cg.groups if any("position_ids" in m.name for m in g.tensors))
     check_prune(cg, random_plan(cg, seed=0), ids)
+
+
+def test_an_encoder_decoder_whisper_shrinks_and_comes_back_as_its_class() -> None:
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
+        max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1,
+    )  # fmt: skip
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    inputs = (torch.randn(1, 16, 64), None, _ids(6))  # features, no mask, decoder ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WriteBackWarning)  # its config cannot state per-layer head counts
+        small, report = fxmorph.shrink(model, "50%", inputs, round_to=1, return_report=True)
+    assert 0.99 * report.budget_flops <= report.flops_after <= report.budget_flops
+    assert type(small) is type(model), report.delivery
+    # whole heads: every attention's head count was set, its head width kept
+    for attn in (small.model.encoder.layers[0].self_attn, small.model.decoder.layers[0].encoder_attn):
+        assert attn.num_heads * attn.head_dim == attn.q_proj.out_features and attn.head_dim == 16
+    with torch.no_grad():
+        assert small(*inputs).logits.shape == model(*inputs).logits.shape

@@ -140,7 +140,6 @@ ALIASES: dict[Any, Alias] = {
     aten.transpose.int: Alias(torch.transpose),
     aten.unsqueeze.default: Alias(torch.unsqueeze),
     aten.squeeze.dim: Alias(torch.squeeze),
-    aten.contiguous.default: Alias("contiguous"),
     aten.expand.default: Alias("expand"),
     aten.chunk.default: Alias(torch.chunk),
     aten.split.Tensor: Alias(torch.split),
@@ -216,6 +215,12 @@ def canonicalize(gm: fx.GraphModule) -> Counter[str]:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         if node.target in _CHECKS and not node.users:
+            gm.graph.erase_node(node)
+            continue
+        if node.target is aten.contiguous.default and len(node.args) == 1 and not node.kwargs:
+            # no value changes, and export writes it only where the layout is not contiguous yet (a transpose
+            # of a dim that a narrower model makes size one is): dropped, the graphs of two widths compare alike
+            node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             continue
         if node.target in (aten.slice.Tensor, aten.select.int):

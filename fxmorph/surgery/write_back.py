@@ -241,6 +241,8 @@ class _Search:
         self.model, self.copied, self.result, self.leaf_modules = model, copied, result, tuple(leaf_modules)
         self.traces = 0
         self._planned: list[Difference] | None = None
+        self.stuck = False
+        """Whether the copy could not be captured at the last try (its differences are then the plan's)."""
 
     def differences(self) -> list[Difference]:
         """Trace the copy as it is now and compare it with the result."""
@@ -248,8 +250,10 @@ class _Search:
         try:
             graph = capture_again(self.copied, self.result, self.leaf_modules)
         except TraceError as exc:  # an attribute set to a width the user's forward cannot run with
+            self.stuck = True
             failed = Difference(DiffKind.STRUCTURE, -1, "", (), str(exc).splitlines()[0], "a traceable model", ())
             return self.planned() or [failed]
+        self.stuck = False
         return compare_graphs(graph, self.result)
 
     def planned(self) -> list[Difference]:
@@ -302,12 +306,27 @@ def _settle(search: _Search) -> list[AttributeChange]:
             raise _failure(search, first)
         # the first difference an attribute fixes (one no attribute gives may be fixed already, where the
         # differences are the plan's: an exported copy that cannot run yet for another attribute)
-        accepted = next(filter(None, (_first_fix(search, d, diffs) for d in diffs)), None)
+        accepted = _all_at_once(search, diffs) if search.stuck else None
+        accepted = accepted or next(filter(None, (_first_fix(search, d, diffs) for d in diffs)), None)
         if accepted is None:
             raise _failure(search, first)
         batch, diffs = accepted
         changes += [c.change for c in batch]
     return changes
+
+
+def _all_at_once(search: _Search, diffs: list[Difference]) -> tuple[list[_Candidate], list[Difference]] | None:
+    """Where the copy cannot be captured until several attributes are right (an exported forward runs, and fails
+    at the first stale width), every difference's first candidate at once: kept if the graphs come closer."""
+    batch: dict[tuple[int, str], _Candidate] = {}
+    for diff in diffs:
+        candidate = next(_candidates(search.copied, diff), None)
+        if candidate is not None:
+            batch.setdefault((id(candidate.module), candidate.change.name), candidate)
+    if len(batch) < 2:  # one candidate alone is what the search below tries anyway
+        return None
+    trial = _try(search, list(batch.values()), diffs)
+    return (list(batch.values()), trial) if _closer(trial, diffs) else None
 
 
 def _first_fix(
