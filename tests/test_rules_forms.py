@@ -168,6 +168,36 @@ def test_statistics_over_channels_pin_them() -> None:
     check_prune(cg, random_plan(cg, seed=0), x)
 
 
+class WeightStandardisedGrouped(nn.Module):
+    """NF-Net's grouped convolution (timm's ScaledStdConv2d with ``groups=2``): its standardised weight has a
+    fixed fan-in, so the channels it reads are pinned, and its output channels are free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(16, 4, 3, 3))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(1, self.weight.shape[0], -1)  # timm reads the width from an attribute
+        w = F.batch_norm(w, None, None, training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        h = F.conv2d(F.relu(self.c1(x)), w, padding=1, groups=2)
+        return self.fc(F.relu(h).mean((2, 3)))
+
+
+def test_a_grouped_conv_with_a_standardised_weight_pins_the_channels_it_reads() -> None:
+    """Regression: the grouped form left its input's channels free where the weight's fan-in had a fixed width, so
+    timm's NF-Nets (nfnet_l0, dm_nfnet_f0) failed shape replay in shrink (weight [14, 64, 3, 3] given 18 channels)."""
+    torch.manual_seed(0)
+    model, x = WeightStandardisedGrouped().eval(), torch.randn(2, 3, 8, 8)
+    cg = fxmorph.analyze(model, (x,))
+    assert _group_of(cg, "c1.weight", 0).pins, cg.explain()
+    assert any(not g.pins for g in cg.groups if any(p.name == "weight" and p.dim == 0 for p in g.params))
+    check_prune(cg, random_plan(cg, seed=0), x)
+    small = fxmorph.shrink(model, "80%", (x,), round_to=1)
+    assert type(small) is WeightStandardisedGrouped and small.c1.out_channels == 8 and small(x).shape == (2, 3)
+
+
 class Gated(nn.Module):
     """GLU, a module softmax over tokens, log_softmax, normalize, clamp and addcmul."""
 

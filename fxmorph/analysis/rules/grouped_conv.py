@@ -66,7 +66,13 @@ def any_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         if 1 in ws:
             tied = _tie(ctx, None if isinstance(fan_in, int) else fan_in, ws[1], "grouped convolution's fan-in")
             fan_in = fan_in if tied is None else tied
+        elif not isinstance(fan_in, int):  # a weight of fixed fan-in (computed, say) reads a fixed width
+            ctx.pin(fan_in, "a grouped convolution's weight has a fixed input width")
+            fan_in = cin_g
         lout = _repeat(ctx.fresh(cout // groups), groups)
+    if 0 not in ws and lout is not None:  # a weight of fixed output width makes a fixed width
+        ctx.pin(lout, "a convolution's weight has a fixed output width")
+        lout = None
     lout = _tie(ctx, lout, ws.get(0), "convolution output channels do not line up with its weight")
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if isinstance(b, fx.Node):

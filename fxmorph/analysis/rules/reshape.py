@@ -75,8 +75,10 @@ def _split_dims(ctx: RuleContext, layout: Layout, dims: list[int], shape: tuple[
     # 2. The channels become the innermost dim (E -> heads x head dim): every chunk must hold the same
     #    channels, and the outer dims (the head count) keep their size. Where the analysis asks for whole
     #    blocks (the head width is pinned, as rotary embeddings pin it), step 3 comes first: whole heads go.
-    if ctx.here() in ctx.whole_blocks and (coarse := ctx.atoms.unchunk(layout, block)) is not None:
-        return {dims[0]: coarse}
+    if ctx.here() in ctx.whole_blocks:
+        whole = _whole_blocks(ctx, layout, dims, shape)
+        if whole is not None:
+            return whole
     count = math.prod(shape[e] for e in dims[:-1])
     parts = ctx.atoms.chunks(layout, count)
     if parts is not None:
@@ -87,6 +89,18 @@ def _split_dims(ctx: RuleContext, layout: Layout, dims: list[int], shape: tuple[
     # 3. Blocks of consecutive channels move together (C*k -> C x k): coarsen, and the outer dim carries them.
     coarse = ctx.atoms.unchunk(layout, block)
     return None if coarse is None else {dims[0]: coarse}
+
+
+def _whole_blocks(ctx: RuleContext, layout: Layout, dims: list[int], shape: tuple[int, ...]) -> Spaces | None:
+    """The channels as whole blocks of the innermost dim (heads of their head width), carried by the dim before
+    it; dims further out (the 3 of a packed ``qkv`` split into 3 x heads x head width) hold the same blocks."""
+    outer = math.prod(shape[e] for e in dims[:-2])
+    parts = ctx.atoms.chunks(layout, outer) if outer > 1 else [layout]
+    if parts is None:
+        return None
+    merged = ctx.unify(list(parts), "reshape splits channels into blocks that do not line up")
+    coarse = None if merged is None else ctx.atoms.unchunk(merged, shape[dims[-1]])
+    return None if coarse is None else {dims[-2]: coarse}
 
 
 def reshape(ctx: RuleContext, node: fx.Node) -> Spaces | None:
