@@ -144,8 +144,9 @@ def build_channel_graph(gm: fx.GraphModule) -> ChannelGraph:
 
     A reshape that splits channels into blocks (an attention's heads x head width) first shares the inner
     dim across blocks. Where that inner dim ends up pinned (rotary embeddings read the head width) or
-    unwanted (a default softmax scale reads it), the graph is walked again with that reshape keeping its
-    blocks whole instead: whole heads go, and the head width stays.
+    unwanted (a class states one head width, and a default softmax scale reads it), the graph is walked again
+    with that reshape keeping its blocks whole instead: whole heads go, and the head width stays. A walk is kept
+    only where it frees at least as many channels of the layers as the one before.
     """
     ctx = _walk(gm, frozenset())
     best = _collect(ctx)

@@ -27,7 +27,7 @@ __all__ = ["ConfigUpdate", "restate_config"]
 
 logger = logging.getLogger(__name__)
 
-_BUILDS = 120
+_BUILDS = 100
 """At most this many candidate configs are built (on the meta device: no memory for weights) per model."""
 
 Shapes = dict[str, tuple[int, ...]]
@@ -117,13 +117,14 @@ def _search(
     cls: type, config: Any, target: Shapes, options: list[Change], accept: Callable[[Any], bool]
 ) -> list[Change] | None:
     """Changes under which ``cls`` builds every tensor in its target shape and ``accept`` holds, found depth
-    first: at each step the changes that leave fewest tensors wrong, best first."""
-    builds = 0
+    first: at each step the changes that leave fewest tensors wrong, best first (smaller fields first)."""
+    scores: dict[frozenset[Change], int] = {}  # a set of changes is built once, whatever order reached it
 
     def score(changes: list[Change]) -> int:
-        nonlocal builds
-        builds += 1
-        return _misses(_built_shapes(cls, _with(config, changes)), target)
+        key = frozenset(changes)
+        if key not in scores:
+            scores[key] = _misses(_built_shapes(cls, _with(config, changes)), target)
+        return scores[key]
 
     def walk(changes: list[Change], misses: int) -> Iterator[list[Change]]:
         if misses == 0:
@@ -132,12 +133,14 @@ def _search(
         done = {name for name, _ in changes}
         scored = []
         for option in options:
-            if option[0] in done or builds >= _BUILDS:
+            if option[0] in done or (len(scores) >= _BUILDS and frozenset([*changes, option]) not in scores):
                 continue
             s = score([*changes, option])
             if s < misses:
-                scored.append((s, option))
-        for s, option in sorted(scored):
+                # among equals, a count before a size: pruning removes whole heads far more often than it
+                # narrows every head, and both can give the same tensor shapes
+                scored.append((s, getattr(config, option[0]), option))
+        for s, _, option in sorted(scored):
             yield from walk([*changes, option], s)
 
     for changes in walk([], score([])):
@@ -157,6 +160,28 @@ def _same_outputs(a: nn.Module, b: nn.Module, inputs: tuple[Any, ...]) -> bool:
     )
 
 
+def _rebuilt(cls: type, config: Any, model: nn.Module) -> nn.Module:
+    """``cls(config)`` holding ``model``'s tensors themselves: built on the meta device and given them, so the
+    check costs no memory for weights (a 7 B model included). Buffers the class computes and does not save
+    (rotary frequencies) are taken from ``model`` too, where they have the same shape."""
+    with torch.device("meta"):
+        rebuilt = cls(config).eval()
+    rebuilt.load_state_dict(model.state_dict(), assign=True)
+    theirs = dict(model.named_modules())
+    for path, module in rebuilt.named_modules():
+        source = theirs.get(path)
+        if source is None:
+            continue
+        # unsaved buffers and plain tensor attributes (rotary frequencies) are still meta: the result's own
+        for table, own in ((module._buffers, source._buffers), (vars(module), vars(source))):
+            for name, value in list(table.items()):
+                mine = own.get(name)
+                meta = isinstance(value, torch.Tensor) and value.is_meta
+                if meta and isinstance(mine, torch.Tensor) and mine.shape == value.shape:
+                    table[name] = mine
+    return rebuilt
+
+
 def restate_config(model: nn.Module, original: nn.Module, inputs: tuple[Any, ...]) -> ConfigUpdate | None:
     """Set the fields of ``model.config`` (a written-back copy of ``original``) that size its tensors, so the
     class built from the config holds the result; None for a model without a config (see the module doc)."""
@@ -173,9 +198,7 @@ def restate_config(model: nn.Module, original: nn.Module, inputs: tuple[Any, ...
         try:
             if callable(getattr(candidate, "validate", None)):
                 candidate.validate()  # the checks save_pretrained makes (hidden size a multiple of the heads)
-            rebuilt = cls(candidate).eval()
-            rebuilt.load_state_dict(model.state_dict())
-            return _same_outputs(rebuilt, model.eval(), inputs)
+            return _same_outputs(_rebuilt(cls, candidate, model), model.eval(), inputs)
         except Exception as exc:  # a config that builds on meta may still fail to validate, load or run
             logger.debug("config candidate rejected: %s", exc)
             refused.append(f"{type(exc).__name__}: {exc}".splitlines()[-1].strip())
