@@ -76,9 +76,11 @@ def test_llama_obeys_the_mask_oracle_on_its_captured_graph() -> None:
 
 
 def test_llama_with_uniform_blocks_saves_and_loads_back_the_same_model() -> None:
-    model, ids = _llama(hidden_size=128, intermediate_size=256), _ids()
+    model, ids = _llama(hidden_size=128, intermediate_size=256).train(), _ids()
     small, report = fxmorph.shrink(model, "50%", (ids,), uniform_blocks=True, round_to=16, return_report=True)
     assert type(small) is type(model) and report.delivery.config_note is None, report.delivery
+    assert small.training and model.training  # checking the config left both in the mode the user chose
+    small.eval()
     assert small.config.intermediate_size == small.model.layers[0].mlp.up_proj.out_features < 256
     assert model.config.intermediate_size == 256  # the user's config is untouched
     with tempfile.TemporaryDirectory() as folder:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from fxmorph.capture.export import switched
+from fxmorph.validate import frozen_mode
 
 __all__ = ["ConfigUpdate", "restate_config"]
 
@@ -198,7 +199,8 @@ def restate_config(model: nn.Module, original: nn.Module, inputs: tuple[Any, ...
         try:
             if callable(getattr(candidate, "validate", None)):
                 candidate.validate()  # the checks save_pretrained makes (hidden size a multiple of the heads)
-            return _same_outputs(_rebuilt(cls, candidate, model), model.eval(), inputs)
+            with frozen_mode(model):  # compared in eval mode; the result keeps the mode the user's model had
+                return _same_outputs(_rebuilt(cls, candidate, model), model, inputs)
         except Exception as exc:  # a config that builds on meta may still fail to validate, load or run
             logger.debug("config candidate rejected: %s", exc)
             refused.append(f"{type(exc).__name__}: {exc}".splitlines()[-1].strip())
