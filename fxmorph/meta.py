@@ -18,6 +18,7 @@ __all__ = [
     "INTERFACE_KEY",
     "META_ATTR",
     "MORPH_KEY",
+    "REGIONS_KEY",
     "REPORT_KEY",
     "TRAIN_READERS_KEY",
     "UNREACHED_KEY",
@@ -37,7 +38,11 @@ BLOCKS_KEY = "fxmorph.blocks"
 """Module paths of the traced model's repeated blocks (written by tracing, see :mod:`fxmorph.capture.blocks`);
 ``uniform_blocks`` keeps the groups playing one role in each at one width."""
 CAPTURE_KEY = "fxmorph.capture"
-"""How the graph was captured: ``"fx"`` (symbolic tracing) or ``"export"`` (``torch.export``, canonicalized)."""
+"""How the graph was captured: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, canonicalized) or
+``"regions"`` (the submodules that capture, bundled: :mod:`fxmorph.capture.regions`)."""
+REGIONS_KEY = "fxmorph.regions"
+"""The :class:`~fxmorph.capture.regions.RegionCapture` of a graph captured in regions: its regions, the modules
+left opaque and why, the FLOPs of the whole forward."""
 FLOPS_KEY = "fxmorph.flops"
 """FLOPs of one run on the example inputs (written by shape propagation)."""
 INTERFACE_KEY = "fxmorph.interface"

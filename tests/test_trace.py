@@ -55,8 +55,21 @@ def test_fake_propagation_gives_the_same_shapes() -> None:
 
 def test_untraceable_model_names_the_line_and_the_fix() -> None:
     with pytest.raises(fxmorph.TraceError, match=r"test_trace.py:\d+.*if y.sum\(\) > 0") as info:
-        fxmorph.trace(Wrapper(), (torch.randn(1, 3, 4, 4),))
+        fxmorph.trace(Wrapper(), (torch.randn(1, 3, 4, 4),), capture="fx")
     assert "leaf_modules" in str(info.value) and "concrete_args" not in str(info.value)  # no entry point takes it
+
+
+def test_regions_of_lone_layers_are_captured_only_when_asked_for() -> None:
+    """Every region of Wrapper is one layer, so every channel would be pinned: ``"auto"`` raises the capture errors
+    (which name the line) rather than return a model with nothing free; ``"regions"`` captures them."""
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(fxmorph.TraceError, match=r"(?s)if y.sum\(\) > 0.*in regions.*holds one layer"):
+        fxmorph.trace(Wrapper(), (x,))
+    gm = fxmorph.trace(Wrapper(), (x,), capture="regions")
+    record = gm.meta["fxmorph.regions"]
+    assert [r.path for r in record.regions] == ["stem", "inner.conv", "head"]
+    assert [o.path for o in record.opaque] == ["", "inner"]
+    assert "test_trace.py" in record.opaque[0].reason  # fx's failure names the user's line
 
 
 def test_user_leaf_modules_make_it_traceable_and_pin() -> None:

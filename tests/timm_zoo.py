@@ -92,18 +92,12 @@ EXCEPTIONS: dict[str, tuple[float, str]] = {
 
 # Models that shrink to half their FLOPs but come back as a torch.fx.GraphModule (with a WriteBackWarning), not
 # as their own class, for a reason that is a gap in fxmorph: name -> the reason. Remove an entry once fixed.
-_SDPA_SCALE = (
-    "its attention heads stay whole ({}), so the head width shrinks instead, under F.scaled_dot_product_attention's "
-    "default softmax scale 1/sqrt(E): the result passes the original as scale=, which the class's forward does not"
-)
 _SPLIT_SIZE = "the pieces of a split by one size ({}) are free to take different widths ({}); the class states one size"
 KNOWN_FALLBACKS: dict[str, str] = {
     "res2net50_26w_4s": _SPLIT_SIZE.format("torch.split(out, self.width, 1)", "[51, 52, 52, 51]"),
     "cspdarknet53": _SPLIT_SIZE.format("x.split(self.expand_chs // 2, dim=1)", "[108, 109]"),
     "efficientvit_b0": "torch.export puts a module into a higher-order op's subgraph (submod_9) that write-back "
                        "takes for one held under two names, which would need two shapes",
-    "cait_xxs24_224": _SDPA_SCALE.format("its class attention sizes q's heads from the residual width, C // heads"),
-    "coatnet_0_rw_224": _SDPA_SCALE.format("a relative position bias of fixed width is added per head"),
     "mobilevit_xxs": "torch.export specialises C of `B, C, H, W = x.shape` to the constant 128 in the reshape at "
                      "mobilevit.py:258, which no attribute restates",
 }  # fmt: skip

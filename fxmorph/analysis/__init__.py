@@ -1,7 +1,7 @@
 """Channel analysis: which channels are coupled, and which may change (never edits a tensor)."""
 
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
-from fxmorph.analysis.context import ArgSlot, ModuleAttr, Role, ScaleRows
+from fxmorph.analysis.context import ArgSlot, ModuleAttr, Role, ScaleKeptRows, ScaleRows
 from fxmorph.analysis.graph import ChannelGraph, Group, Member, build_channel_graph
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ModuleAttr",
     "Pin",
     "Role",
+    "ScaleKeptRows",
     "ScaleRows",
     "build_channel_graph",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "Rewrite",
     "Role",
     "RuleContext",
+    "ScaleKeptRows",
     "ScaleRows",
     "Spaces",
     "Taint",
@@ -115,7 +116,22 @@ class ScaleRows:
     chunk: int = 0
 
 
-Location: TypeAlias = ArgSlot | ModuleAttr | ScaleRows
+@dataclass(frozen=True)
+class ScaleKeptRows:
+    """A fix-up of rebuilt tensors: multiply the rows (dim 0) of each tensor at ``paths`` that were the original
+    rows ``rows`` by a factor (a path holding no tensor is skipped). ``layout`` is the channel layout of those
+    rows, which tells where the plan puts the rows it keeps.
+
+    The attention rule records it where the default softmax scale of a changed head width is folded into the
+    parameters that make the query (see :mod:`fxmorph.analysis.rules.query_fold`).
+    """
+
+    paths: tuple[str, ...]
+    rows: tuple[int, ...]
+    layout: Layout
+
+
+Location: TypeAlias = ArgSlot | ModuleAttr | ScaleRows | ScaleKeptRows
 """Where a :class:`Rewrite` applies; surgery dispatches on the type."""
 
 
@@ -125,7 +141,7 @@ class Rewrite:
 
     ``value`` computes, from a :data:`Measure` of the new widths, what goes at ``location``: the new
     argument (:class:`ArgSlot`), the new attribute value (:class:`ModuleAttr`), or the factor
-    (:class:`ScaleRows`). Analysis only records it; :mod:`fxmorph.surgery.apply` performs it.
+    (:class:`ScaleRows`, :class:`ScaleKeptRows`). Analysis only records it; :mod:`fxmorph.surgery.apply` performs it.
     """
 
     node: str
@@ -314,8 +330,8 @@ class RuleContext:
 
     def rewrite(self, location: Location, value: Callable[[Measure], Any]) -> None:
         """Record a graph constant of the current node (or a fix-up) for surgery to recompute."""
-        if not isinstance(location, ArgSlot | ModuleAttr | ScaleRows):
-            raise TypeError(f"a rewrite location is an ArgSlot, ModuleAttr or ScaleRows, got {location!r}")
+        if not isinstance(location, ArgSlot | ModuleAttr | ScaleRows | ScaleKeptRows):
+            raise TypeError(f"a rewrite location is one of the Location types, got {location!r}")
         self.rewrites.append(Rewrite(self.here(), location, value))
 
     def cost(self, coef: int, *factors: Layout | int) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from torch import fx
+
+from fxmorph.meta import CAPTURE_KEY, REGIONS_KEY
+
 if TYPE_CHECKING:
     from fxmorph.analysis.graph import ChannelGraph, Group
 
@@ -39,4 +43,12 @@ def explain_table(cg: ChannelGraph, *, all_groups: bool = False) -> str:
     lines.append(f"{len(cg.groups)} groups, {free} free, {len(cg.groups) - free} pinned")
     if hidden:
         lines.append(f"({hidden} pinned groups without parameters hidden; explain(all_groups=True) shows them)")
-    return "\n".join(lines)
+    return "\n".join(lines + _capture_lines(cg.gm))
+
+
+def _capture_lines(gm: fx.GraphModule) -> list[str]:
+    """How the graph was captured; for regions, each region and each module left opaque, with why."""
+    capture = gm.meta.get(CAPTURE_KEY)
+    record = gm.meta.get(REGIONS_KEY)
+    lines = [f"captured by {capture}"] if capture else []
+    return lines + ([f"  {line}" for line in record.describe()] if record is not None else [])

@@ -23,6 +23,7 @@ from fxmorph.analysis import ChannelGraph, Role, build_channel_graph
 from fxmorph.api.budget import parse_any_budget
 from fxmorph.api.deliver import deliver
 from fxmorph.api.options import GrowOptions
+from fxmorph.api.regions import refuse_regions
 from fxmorph.api.report import GrowReport
 from fxmorph.api.shrink import run_pipeline
 from fxmorph.capture.counting import count_params
@@ -237,6 +238,7 @@ def _grow(
 ) -> tuple[fx.GraphModule, GrowReport]:
     start = time.perf_counter()
     gm = trace(model, inputs, leaf_modules=options.leaf_modules, capture=options.capture)
+    refuse_regions(gm, "grow")
     if data is not None:
         data, first = check_data(data, "grow")
         check_first_batch(

@@ -32,6 +32,7 @@ from fxmorph.api.analyze import analyze
 from fxmorph.api.budget import parse_any_budget
 from fxmorph.api.deliver import deliver
 from fxmorph.api.options import MorphOptions
+from fxmorph.api.regions import refuse_regions
 from fxmorph.api.regularizer import FlopsRegularizer
 from fxmorph.api.report import MorphReport, MorphStage
 from fxmorph.api.shrink import run_pipeline, run_shrink
@@ -71,6 +72,7 @@ def _check_model(model: Any) -> None:
 def _budget(model: nn.Module, inputs: tuple[Any, ...], leaf: tuple[Any, ...], options: MorphOptions) -> int:
     """The budget in FLOPs, refused before training when no width multiplier can reach it."""
     gm = trace(model, inputs, leaf_modules=leaf)
+    refuse_regions(gm, "morph")
     budget = parse_any_budget(options.budget_flops, gm.meta[FLOPS_KEY])
     flops, round_to = gm.meta[FLOPS_KEY], options.round_to
     if budget > flops and budget > (most := width_reach(build_channel_graph(gm), round_to, options.protect)):

@@ -12,7 +12,11 @@ from fxmorph.passes.base import PassRecord
 __all__ = ["GroupRow", "GrowReport", "MorphReport", "MorphStage", "ShrinkReport"]
 
 
-_CAPTURES = {"fx": "symbolic tracing (torch.fx)", "export": "torch.export, its ATen ops read as torch calls"}
+_CAPTURES = {
+    "fx": "symbolic tracing (torch.fx)",
+    "export": "torch.export, its ATen ops read as torch calls",
+    "regions": "regions (the submodules that capture; FLOPs outside them a fixed cost)",
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ class ShrinkReport:
     delivery: Delivery | None = None
     """Whether the result came back as the user's class (and why not)."""
     capture: str = "fx"
-    """How the model was captured: ``"fx"`` (symbolic tracing) or ``"export"`` (``torch.export``)."""
+    """How the model was captured: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``) or ``"regions"``."""
+    regions: tuple[str, ...] = ()
+    """For a model captured in regions: each region and each module left opaque, with why."""
 
     @property
     def macs_before(self) -> int:
@@ -79,6 +85,7 @@ class ShrinkReport:
         if "rounding" in self.settings:
             lines.append(f"widths  {self.settings['rounding']}")
         lines.append(f"capture {_CAPTURES.get(self.capture, self.capture)}")
+        lines += [f"        {line}" for line in self.regions]
         if self.delivery is not None:
             lines.append(f"result  {self.delivery.describe()}")
         if self.dropped_modules:

@@ -23,12 +23,13 @@ from fxmorph.analysis.cost import CostModel
 from fxmorph.api.budget import parse_any_budget, parse_budget
 from fxmorph.api.deliver import deliver
 from fxmorph.api.options import ShrinkOptions
+from fxmorph.api.regions import bundle_inputs, region_budget, whole_flops
 from fxmorph.api.report import GroupRow, ShrinkReport
 from fxmorph.capture.counting import count_params
 from fxmorph.capture.export import Capture
 from fxmorph.capture.trace import as_inputs, trace
 from fxmorph.errors import BudgetError, InputError, PassError
-from fxmorph.meta import CAPTURE_KEY, FACTORS_KEY, FLOPS_KEY, REPORT_KEY, UNREACHED_KEY
+from fxmorph.meta import CAPTURE_KEY, FACTORS_KEY, FLOPS_KEY, REGIONS_KEY, REPORT_KEY, UNREACHED_KEY
 from fxmorph.passes.base import Pass, PassContext, Pipeline, PipelineResult
 from fxmorph.passes.factorize import FactorizePass
 from fxmorph.passes.merge_factors import MergeFactorsPass
@@ -383,19 +384,21 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
     start = time.perf_counter()
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules=options.leaf_modules, capture=options.capture)
+    inputs = bundle_inputs(gm, inputs, options.data)
     rounds = 1 if options.factorize in (False, ()) else _FACTOR_ROUNDS
     data = _check_data(model, options, rounds)
-    flops_before = gm.meta[FLOPS_KEY]
+    # a model captured in regions: the budget counts the whole forward, the code outside the regions a fixed cost
+    flops_before = whole_flops(gm, gm.meta[FLOPS_KEY])
     budget = (parse_any_budget if options.strategy == "width" else parse_budget)(options.budget_flops, flops_before)
-    cut = _best_cut(gm, inputs, data, options, budget)
+    cut = _best_cut(gm, inputs, data, options, region_budget(gm, budget))
     small = cut.result.gm if not _shares_storage(cut.result.gm, model) else copy.deepcopy(cut.result.gm)
-    _check_result(small.meta[FLOPS_KEY], budget)
+    _check_result(whole_flops(gm, small.meta[FLOPS_KEY]), budget)
     small.train(model.training)
     records = cut.split.records + cut.result.records
     report = ShrinkReport(
         budget_flops=budget,
         flops_before=flops_before,
-        flops_after=small.meta[FLOPS_KEY],
+        flops_after=whole_flops(gm, small.meta[FLOPS_KEY]),
         params_before=count_params(model),
         params_after=count_params(small),
         seconds=time.perf_counter() - start,
@@ -404,6 +407,7 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
         dropped_modules=gm.meta.get(UNREACHED_KEY, ()),
         settings=options.settings(cut.limits.describe()),
         capture=gm.meta[CAPTURE_KEY],
+        regions=tuple(gm.meta[REGIONS_KEY].describe()) if REGIONS_KEY in gm.meta else (),
     )
     small.meta[REPORT_KEY] = report
     result, report.delivery = deliver(

@@ -28,33 +28,32 @@ import torch
 from torch import fx, nn
 
 from fxmorph.capture.aten import canonicalize
-from fxmorph.capture.symbolic import trace_graph
 from fxmorph.errors import TraceError
 from fxmorph.meta import CAPTURE_KEY, INTERFACE_KEY
-from fxmorph.validate import frozen_mode
 
-__all__ = ["CAPTURES", "Capture", "capture_again", "example_inputs", "export_graph", "probe_inputs", "switched"]
+__all__ = ["CAPTURES", "Capture", "example_inputs", "export_graph", "probe_inputs", "switched"]
 
 logger = logging.getLogger(__name__)
 
-Capture = Literal["auto", "fx", "export"]
-"""How a model is captured: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``), or ``"auto"``:
-symbolic tracing where it works (it is fast), else ``torch.export``."""
-CAPTURES: tuple[str, ...] = ("auto", "fx", "export")
+Capture = Literal["auto", "fx", "export", "regions"]
+"""How a model is captured: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``), ``"regions"`` (the
+largest submodules that capture, :mod:`fxmorph.capture.regions`), or ``"auto"``: symbolic tracing where it works
+(it is fast), else ``torch.export``, else regions."""
+CAPTURES: tuple[str, ...] = ("auto", "fx", "export", "regions")
 
 
-def export_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.GraphModule:
-    """``model`` captured by ``torch.export`` (non-strict) on ``inputs`` and canonicalized; raises TraceError
-    naming export's reason when it cannot capture the model."""
+def export_graph(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any] | None = None) -> fx.GraphModule:
+    """``model`` captured by ``torch.export`` (non-strict) on ``inputs`` (and keyword arguments ``kwargs``) and
+    canonicalized; raises TraceError naming export's reason when it cannot capture the model."""
     try:
         with _quiet_torch(), _attributes_kept(model):
-            program = torch.export.export(switched(model), tuple(inputs), strict=False)
+            program = torch.export.export(switched(model), tuple(inputs), kwargs, strict=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(
             f"cannot capture {type(model).__name__} with torch.export: {type(exc).__name__}: {reason}\n"
             "  fix: shapes that depend on tensor values (after non-maximum suppression, say) cannot be exported; "
-            "capture the submodules that can be (capture='regions' is planned), or shrink those submodules alone."
+            "capture the submodules that can be (capture='regions'), or shrink those submodules alone."
         ) from exc
     gm = program.module()
     canonicalize(gm)
@@ -147,15 +146,3 @@ def _probe(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generato
     if dtype.is_floating_point:
         return torch.randn(shape, generator=generator).to(dtype)
     return torch.randint(0, 2, shape, generator=generator).to(dtype)
-
-
-def capture_again(
-    model: nn.Module, like: fx.GraphModule, leaf_modules: Sequence[type | str], *, stack_traces: bool = False
-) -> fx.GraphModule:
-    """``model`` captured the way ``like`` was (its :data:`~fxmorph.meta.CAPTURE_KEY`), without shape
-    propagation: for comparing a written-back model with the graph it should be. ``stack_traces``: record each
-    node's source lines (an exported graph always has them)."""
-    if like.meta.get(CAPTURE_KEY) == "export":
-        with frozen_mode(model):
-            return export_graph(model, example_inputs(like))
-    return trace_graph(model, leaf_modules, stack_traces=stack_traces)

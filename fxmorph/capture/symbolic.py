@@ -31,6 +31,10 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
+        # a buffer the forward reads itself (FrozenBatchNorm2d's statistics, as every pretrained torchvision
+        # detector has) becomes a get_attr node at its path, not a constant fx computes from it once: the
+        # analysis sees whose channels it holds, and the class, given back, computes from its own buffers
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Whether ``m`` stays one ``call_module`` node; the order of the tests is the precedence."""

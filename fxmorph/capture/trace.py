@@ -9,6 +9,7 @@ mode).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import re
@@ -23,10 +24,19 @@ from fxmorph.capture.blocks import repeated_blocks
 from fxmorph.capture.export import CAPTURES, Capture, export_graph
 from fxmorph.capture.flops import flop_counter
 from fxmorph.capture.model_checks import check_hooks, check_reshapable, check_unwrapped
+from fxmorph.capture.regions import capture_regions
 from fxmorph.capture.symbolic import symbolic_trace
 from fxmorph.capture.train_mode import train_only_readers
 from fxmorph.errors import InputError, TraceError
-from fxmorph.meta import BLOCKS_KEY, CAPTURE_KEY, FLOPS_KEY, INTERFACE_KEY, TRAIN_READERS_KEY, UNREACHED_KEY
+from fxmorph.meta import (
+    BLOCKS_KEY,
+    CAPTURE_KEY,
+    FLOPS_KEY,
+    INTERFACE_KEY,
+    REGIONS_KEY,
+    TRAIN_READERS_KEY,
+    UNREACHED_KEY,
+)
 from fxmorph.validate import check_leaf_modules, check_model, check_tensor_inputs, frozen_mode, run_failure_hint
 
 __all__ = [
@@ -214,18 +224,43 @@ def _capture(
         raise InputError(f"unknown capture {capture!r}: choose one of {', '.join(CAPTURES)}.")
     if capture == "export":
         return export_graph(model, inputs)
+    if capture == "regions":
+        return capture_regions(model, inputs, leaf_modules)
     try:
         gm = symbolic_trace(model, leaf_modules, concrete_args)
     except TraceError as fx_error:
         if capture == "fx" or concrete_args is not None:
             raise
         logger.info("symbolic tracing failed, capturing with torch.export: %s", str(fx_error).splitlines()[0])
-        try:
-            return export_graph(model, inputs)
-        except TraceError as export_error:
-            raise TraceError(f"{fx_error}\n{export_error}") from export_error
+        return _exported_or_regions(model, inputs, leaf_modules, fx_error)
     gm.meta[CAPTURE_KEY] = "fx"
     return gm
+
+
+def _exported_or_regions(
+    model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Iterable[type | str], fx_error: TraceError
+) -> fx.GraphModule:
+    """``capture="auto"`` once symbolic tracing failed: ``torch.export``, else the regions that capture; one
+    TraceError giving every capture's reason when none takes the model."""
+    try:
+        return export_graph(model, inputs)
+    except TraceError as export_error:
+        logger.info("torch.export failed, capturing in regions: %s", str(export_error).splitlines()[0])
+        try:
+            return capture_regions(model, inputs, leaf_modules, require_inner=True)
+        except TraceError as regions_error:
+            raise TraceError(f"{fx_error}\n{export_error}\n{regions_error}") from regions_error
+
+
+def _propagate(gm: fx.GraphModule, inputs: tuple[Any, ...], fake: bool) -> None:
+    """Shapes and FLOPs of ``gm`` on ``inputs``, or for a bundle of regions on the arguments its regions were
+    called with (whose FLOPs its record then holds)."""
+    record = gm.meta.get(REGIONS_KEY)
+    if record is None:
+        propagate_shapes(gm, inputs, fake=fake)
+        return
+    propagate_shapes(gm, record.inputs, fake=fake)
+    gm.meta[REGIONS_KEY] = dataclasses.replace(record, region_flops=gm.meta[FLOPS_KEY])
 
 
 def trace(
@@ -255,8 +290,10 @@ def trace(
         fake: propagate shapes on fake tensors (no compute). ``None`` chooses fake tensors for models
             with more than 1 GiB of weights.
         capture: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, non-strict: forwards that take
-            ``**kwargs`` or compute on shapes in Python; ``leaf_modules`` and ``concrete_args`` do not apply), or
-            ``"auto"`` (the default): symbolic tracing, and ``torch.export`` where it fails. The graph's
+            ``**kwargs`` or compute on shapes in Python; ``leaf_modules`` and ``concrete_args`` do not apply),
+            ``"regions"`` (the largest submodules that capture, bundled in one graph whose inputs and outputs are
+            their arguments and results: :mod:`fxmorph.capture.regions`), or ``"auto"`` (the default): symbolic
+            tracing, ``torch.export`` where it fails, regions where both fail. The graph's
             ``meta['fxmorph.capture']`` says which was used.
         allow_tied_weights: no longer needed (kept so that calls passing it still work): tied weights, one
             Parameter held by two modules, are traced, analysed and reshaped as one tensor everywhere.
@@ -281,10 +318,12 @@ def trace(
         if gm.meta[CAPTURE_KEY] == "fx":  # an exported graph holds the hooks' code (they ran while it was captured)
             # after the trace: which modules stayed leaves (and so keep their hooks) is known only now
             check_hooks(model, {str(n.target) for n in gm.graph.nodes if n.op == "call_module"})
-        check_input_count(gm, inputs, type(model).__name__)
+        if gm.meta[CAPTURE_KEY] != "regions":  # a bundle's inputs are its regions' arguments
+            check_input_count(gm, inputs, type(model).__name__)
         use_fake = _weight_bytes(model) > FAKE_THRESHOLD_BYTES if fake is None else fake
-        propagate_shapes(gm, inputs, fake=use_fake)
-    gm.meta[UNREACHED_KEY] = unreached_modules(model, gm)
+        _propagate(gm, inputs, use_fake)
+    # modules outside the regions are the record's opaque ones, which run: none is unreached in train mode's sense
+    gm.meta[UNREACHED_KEY] = unreached_modules(model, gm) if gm.meta[CAPTURE_KEY] != "regions" else ()
     gm.meta[BLOCKS_KEY] = repeated_blocks(model)
     if gm.meta[UNREACHED_KEY]:
         logger.info("modules never reached by the trace: %s", ", ".join(gm.meta[UNREACHED_KEY]))

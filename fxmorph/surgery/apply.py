@@ -11,11 +11,12 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph
-from fxmorph.analysis.context import ArgSlot, Binding, ModuleAttr, Rewrite, Role, ScaleRows
+from fxmorph.analysis.context import ArgSlot, Binding, ModuleAttr, Rewrite, Role, ScaleKeptRows, ScaleRows
 from fxmorph.analysis.plan import WidthPlan
 from fxmorph.errors import PlanError, SurgeryError
 from fxmorph.surgery.defaults import new_channel_default, new_channel_values
@@ -142,11 +143,15 @@ def _set_tensor(module: nn.Module, leaf: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def _apply_rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], rw: Rewrite, value: Any) -> None:
+def _apply_rewrite(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], rw: Rewrite, value: Any, cg: ChannelGraph, plan: WidthPlan
+) -> None:
     """Put ``value`` (computed from the new widths) where ``rw.location`` says."""
     node = nodes[rw.node]
     location = rw.location
-    if isinstance(location, ModuleAttr):
+    if isinstance(location, ScaleKeptRows):
+        _scale_kept_rows(gm, location, value, axis_map(cg, plan, location.layout).source)
+    elif isinstance(location, ModuleAttr):
         owner_path, _, attr = location.path.rpartition(".")
         target = str(node.target) + (f".{owner_path}" if owner_path else "")
         setattr(gm.get_submodule(target), attr, value)
@@ -181,6 +186,24 @@ def _scale_rows(root: nn.Module, fix: ScaleRows, factor: float) -> None:
                 rows = tensor.shape[0] // fix.chunks
                 # In place, on the new model's own tensor: _new_tensor returned a copy, or the deep copy made one.
                 tensor[fix.chunk * rows : (fix.chunk + 1) * rows].mul_(factor)
+
+
+def _scale_kept_rows(root: nn.Module, fix: ScaleKeptRows, factor: float, source: np.ndarray) -> None:
+    """Multiply the rows of each tensor at ``fix.paths`` (in ``root``, the new model) that were the original rows
+    ``fix.rows`` by ``factor``; ``source`` gives each new row's original position (-1 for a new one)."""
+    if factor == 1.0:  # the width the factor depends on is unchanged: leave the tensors bit for bit
+        return
+    rows = torch.as_tensor(np.flatnonzero(np.isin(source, fix.rows)), dtype=torch.long)
+    with torch.no_grad():
+        for path in fix.paths:
+            tensor = _tensor_at(root, path)
+            if tensor is None:
+                continue
+            if tensor.shape[0] != source.size:
+                raise SurgeryError(f"'{path}' has {tensor.shape[0]} rows where its plan has {source.size}")
+            index = rows.to(tensor.device)
+            # In place, on the new model's own tensor, as _scale_rows does.
+            tensor.index_copy_(0, index, tensor.index_select(0, index) * factor)
 
 
 def _tensor_at(root: nn.Module, path: str) -> torch.Tensor | None:
@@ -272,4 +295,4 @@ def _rewrite_constants(out: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan) -
         if node.op == "call_module" and str(node.target) not in rebuilt:
             _rebuilt(out, str(node.target))
             rebuilt.add(str(node.target))
-        _apply_rewrite(out, nodes, rw, rw.value(measure))
+        _apply_rewrite(out, nodes, rw, rw.value(measure), cg, plan)

@@ -28,8 +28,8 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from fxmorph.analysis.ops import module_facts
+from fxmorph.capture.again import capture_again
 from fxmorph.capture.compare import Difference, DiffKind, compare_graphs, source_line
-from fxmorph.capture.export import capture_again
 from fxmorph.capture.layers import layer_sizes
 from fxmorph.errors import TraceError, WriteBackError
 from fxmorph.meta import CAPTURE_KEY

@@ -6,7 +6,9 @@ q, k, v and the mask; ``E`` is contracted; ``Ev`` passes to the output. With ``e
 value head serves ``Hq / Hk`` query heads in a row, so the query heads are the key heads, each repeated:
 a plan that removes a key/value head removes its whole group of query heads, and the model stays valid
 for any number of groups kept. Where q, k and v come from reshapes into heads, whole heads are pruned
-and the head width is kept (see :func:`fxmorph.analysis.graph.build_channel_graph`).
+and the head width is kept (see :func:`fxmorph.analysis.graph.build_channel_graph`). Where the head width changes
+anyway under the default softmax scale, the original scale is folded into the parameters that make the query
+(:mod:`fxmorph.analysis.rules.query_fold`), or else passed as ``scale=``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import fx
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces
 from fxmorph.analysis.rules.compute import contract, no_rule
+from fxmorph.analysis.rules.query_fold import query_fold
 
 __all__ = ["sdpa"]
 
@@ -89,9 +92,22 @@ def _pin_dims(ctx: RuleContext, arg: fx.Node, dims: range, reason: str) -> None:
             ctx.pin(layout, reason)
 
 
+def _keep_default_scale(ctx: RuleContext, node: fx.Node, q: fx.Node, e: Layout, width: int) -> None:
+    """The default scale is ``1/sqrt(E)`` of the E it is given: once E changes, keep the original one by scaling the
+    query's producer by ``sqrt(E_new / E_old)`` (which the class's own forward then computes), else pass it as
+    ``scale=`` (which gives back a GraphModule where the class does not pass one)."""
+    fold = query_fold(ctx, node, q)
+    if fold is not None:
+        ctx.rewrite(fold, lambda measure: math.sqrt(measure(e) / width))
+        return
+    original = 1.0 / math.sqrt(width)
+    where = ArgSlot(6) if len(node.args) > 6 else ArgSlot("scale")  # where the call passed None, if it did
+    ctx.rewrite(where, lambda measure: original)
+
+
 def sdpa(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     """``scaled_dot_product_attention`` (see the module docstring): the heads are batch dims shared by q, k, v
-    and the mask, E is contracted, Ev passes; with the default scale, a changed E gets the original scale."""
+    and the mask, E is contracted, Ev passes; with the default scale, a changed E keeps the original scale."""
     a = _bound(node)
     q, k, v, mask = a.get("query"), a.get("key"), a.get("value"), a.get("attn_mask")
     if not all(isinstance(t, fx.Node) for t in (q, k, v)) or not isinstance(mask, fx.Node | None):
@@ -119,10 +135,7 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         if width is not None and not isinstance(width, int):
             ctx.prefer_whole(width, "a class states one head width")
     if not isinstance(e, int) and a.get("scale") is None:
-        # the default scale is 1/sqrt(E) of the E it is given: once E changes, pass the original explicitly
-        original = 1.0 / math.sqrt(sq[-1])
-        where = ArgSlot(6) if len(node.args) > 6 else ArgSlot("scale")  # where the call passed None, if it did
-        ctx.rewrite(where, lambda measure: original)
+        _keep_default_scale(ctx, node, q, e, sq[-1])
     batch = [out.get(d, so[d]) for d in range(len(so) - 2)]
     ctx.cost(2, *batch, sq[-2], sk[-2], e)
     ctx.cost(2, *batch, sq[-2], sk[-2], ev or sv[-1])
