@@ -8,7 +8,8 @@ For every model of ``tests/timm_zoo.py`` (random weights, the test-suite's small
 (free/total), the share of the model's FLOPs in ops that touch at least one free group (the prunable
 share, :meth:`fxmorph.CostModel.prunable_share`), and the distinct reasons that pin groups holding
 parameters (besides the model output), each with the number of such groups. Analysis only: no
-surgery, no shrinking (the tests do those).
+surgery, no shrinking (the tests do those). Every architecture of ``timm.list_models()``, in a sweep that
+takes hours: :mod:`benchmarks.timm_all`.
 """
 
 from __future__ import annotations
@@ -45,13 +46,20 @@ def coverage(name: str) -> dict:
         return {"model": name, "input": list(x.shape), "error": f"{cause[0]} {where}"}
     seconds = time.perf_counter() - start
     cost = fxmorph.CostModel(cg)
+    reasons = pin_reasons(cg)
+    return {"model": name, "input": list(x.shape), "groups": len(cg.groups), "free_groups": len(cg.free_groups),
+            "prunable_share": cost.prunable_share(), "gflops": cost.flops() / 1e9, "analyze_s": seconds,
+            "pins": [f"{reason} ({count})" for reason, count in reasons.most_common()]}  # fmt: skip
+
+
+def pin_reasons(cg: fxmorph.ChannelGraph) -> Counter[str]:
+    """The distinct reasons that pin groups holding parameters (besides the model output), each with the number
+    of such groups it pins (``benchmarks.timm_all`` counts them the same way)."""
     reasons: Counter[str] = Counter()
     for g in cg.groups:
         if g.params:
             reasons.update({p.reason for p in g.pins} - {"model output"})
-    return {"model": name, "input": list(x.shape), "groups": len(cg.groups), "free_groups": len(cg.free_groups),
-            "prunable_share": cost.prunable_share(), "gflops": cost.flops() / 1e9, "analyze_s": seconds,
-            "pins": [f"{reason} ({count})" for reason, count in reasons.most_common()]}  # fmt: skip
+    return reasons
 
 
 def table(rows: list[dict], baseline: dict[str, dict] | None = None) -> str:
@@ -74,6 +82,7 @@ def table(rows: list[dict], baseline: dict[str, dict] | None = None) -> str:
 
 
 def _share(row: dict) -> str:
+    """The prunable share of ``row`` as a percentage, or ``-`` when the model was not analysed."""
     return f"{100 * row['prunable_share']:.1f}%" if "prunable_share" in row else "-"
 
 

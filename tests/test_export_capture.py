@@ -124,3 +124,22 @@ def test_a_hugging_face_encoder_shrinks_through_export_and_comes_back_as_its_cla
     assert small.bert.encoder.layer[0].intermediate.dense.out_features < 128
     with torch.no_grad():
         assert small(ids).logits.shape == model(ids).logits.shape
+
+
+def test_a_view_of_an_expanded_tensor_runs_once_contiguous_is_dropped() -> None:
+    """``expand`` then ``contiguous().view`` (timm's BAT attention): canonicalize drops ``contiguous``, so the view
+    becomes a reshape, which copies where the strides need it (it used to fail: "view size is not compatible with
+    input tensor's size and stride")."""
+
+    class Expand(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x).unsqueeze(2).expand(-1, -1, 2, -1, -1)
+            return y.contiguous().view(y.shape[0], -1, y.shape[-1]).sum(1)
+
+    x = torch.randn(2, 3, 4, 4)
+    cg = fxmorph.analyze(Expand(), (x,), capture="export")
+    assert torch.equal(cg.gm(x), Expand.forward(cg.source, x))

@@ -106,6 +106,9 @@ def test_regions_shrink_to_a_budget_of_the_whole_forward_as_the_users_class(
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert any(line.startswith("opaque unused") for line in report.regions)
     assert "capture regions" in report.table()
+    # the recorded interface is the regions' arguments: analysing the result again needs the model's inputs
+    with pytest.raises(fxmorph.InputError, match="example_inputs is required"):
+        fxmorph.analyze(small)
 
 
 def test_a_budget_below_the_opaque_code_is_a_budget_error(detector: tuple[nn.Module, list[torch.Tensor]]) -> None:

@@ -399,3 +399,22 @@ def test_batched_matmul_with_a_fixed_width_dim_pins_the_channels() -> None:
     assert _group_of(cg, "attn.mix.weight", 0).pins, cg.explain()
     assert not _group_of(cg, "attn.qkv.weight", 0).pins, cg.explain()
     check_prune(cg, random_plan(cg, seed=0), x)
+
+
+def test_functional_linear_with_keyword_parameters_is_free() -> None:
+    """``F.linear(x, weight=..., bias=...)`` (timm's BEiT and SwinV2 pass their qkv bias so) used to crash the
+    rule with an IndexError; the arguments are bound by name."""
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8))
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.linear(x, weight=self.weight, bias=self.bias).relu())
+
+    x = torch.randn(3, 4)
+    cg = fxmorph.analyze(Keywords(), (x,))
+    assert [g.size for g in cg.free_groups] == [8]
+    check_prune(cg, random_plan(cg, seed=0), x)

@@ -14,7 +14,7 @@ from fxmorph.api.deliver import deliver
 from fxmorph.capture.export import Capture
 from fxmorph.capture.trace import trace
 from fxmorph.errors import InputError
-from fxmorph.meta import INTERFACE_KEY, metadata
+from fxmorph.meta import INTERFACE_KEY, REGIONS_KEY, metadata
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["analyze", "resize"]
@@ -60,7 +60,7 @@ def analyze(
 def _recorded_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """Inputs shaped like those a result of fxmorph was made with (its recorded interface), or None."""
     recorded = metadata(model).get(INTERFACE_KEY)
-    if not recorded:
+    if not recorded or REGIONS_KEY in metadata(model):  # a bundle's interface is its regions' arguments
         return None
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)

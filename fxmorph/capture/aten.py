@@ -219,7 +219,11 @@ def canonicalize(gm: fx.GraphModule) -> Counter[str]:
             continue
         if node.target is aten.contiguous.default and len(node.args) == 1 and not node.kwargs:
             # no value changes, and export writes it only where the layout is not contiguous yet (a transpose
-            # of a dim that a narrower model makes size one is): dropped, the graphs of two widths compare alike
+            # of a dim that a narrower model makes size one is): dropped, the graphs of two widths compare alike;
+            # a view of it becomes a reshape, which copies where the strides need it, as contiguous did
+            for user in node.users:
+                if user.target is aten.view.default:
+                    user.target = aten.reshape.default
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             continue

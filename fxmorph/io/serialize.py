@@ -44,7 +44,7 @@ from fxmorph.io.serialize_format import (
     _read,
     _write,
 )
-from fxmorph.meta import FACTORS_KEY, INTERFACE_KEY, REPORT_KEY, metadata
+from fxmorph.meta import FACTORS_KEY, INTERFACE_KEY, REGIONS_KEY, REPORT_KEY, metadata
 from fxmorph.validate import check_model, check_out_path, model_dtype
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SerializationError", "load", "save"]
@@ -60,6 +60,8 @@ def _input_spec(model: nn.Module, example_inputs: Any) -> list[dict[str, Any]]:
             raise SerializationError("example_inputs must be a tensor or a tuple of tensors.")
         return [{"shape": [int(s) for s in t.shape], "dtype": _dtype_name(t.dtype)} for t in values]
     spec: list[dict[str, Any]] = []
+    if REGIONS_KEY in metadata(model):
+        return []  # the recorded interface is the regions' arguments, not the model's inputs
     recorded = metadata(model).get(INTERFACE_KEY)
     if not isinstance(model, fx.GraphModule) and recorded:  # a result given back as the user's class
         if not all(isinstance(x, tuple) and isinstance(x[1], torch.dtype) for x in recorded[0]):

@@ -301,11 +301,11 @@ def _param_spaces(ctx: RuleContext, arg: Any) -> Spaces:
 
 
 def functional_linear(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``F.linear(x, w, b)`` with parameters used directly."""
-    x, w = node.args[0], node.args[1]
-    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    sx, so = ctx.shape(x), ctx.shape(node)
-    if sx is None or so is None:
+    """``F.linear(x, w, b)`` with parameters used directly (by position or by keyword)."""
+    bound = dict(zip(("input", "weight", "bias"), node.args, strict=False)) | dict(node.kwargs)
+    x, w, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+    sx, so = ctx.shape(x) if isinstance(x, fx.Node) else None, ctx.shape(node)
+    if sx is None or so is None or w is None:
         return no_rule(ctx, node)
     ws = _param_spaces(ctx, w)
     k = contract(ctx, (x, len(sx) - 1), (w, 1), "linear") if ws.get(1) else _fixed_in(ctx, x, sx)
