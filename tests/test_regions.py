@@ -159,3 +159,32 @@ def test_a_model_with_no_region_names_every_capture_in_one_error() -> None:
 
     with pytest.raises(fxmorph.TraceError, match=r"(?s)torch\.fx.*torch\.export.*in regions"):
         fxmorph.analyze(Opaque(), (torch.randn(4, 3),))
+
+
+def test_a_width_the_region_module_states_is_written_back() -> None:
+    """A constant in the region module's own forward (a reshape to ``self.width``) comes from its attribute: the
+    bundle names the region itself among the modules running there, so write-back finds and sets it."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.width = 16
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x).relu().reshape(-1, self.width)
+            return self.b(h)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = Head()
+
+        def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+            out = self.head(torch.cat(xs))
+            return out[: int((out > 0).sum()) + 1]  # data-dependent: regions
+
+    model = Model().eval()
+    small, report = fxmorph.shrink(model, 0.5, ([torch.randn(4, 8)],), round_to=1, return_report=True, keep_class=True)
+    assert type(small) is Model and report.capture == "regions"
+    assert small.head.width == small.head.a.out_features < 16

@@ -200,6 +200,8 @@ class _Found:
     region: Region
     gm: fx.GraphModule
     call: Call
+    kind: str = ""
+    """The region module's class, as ``nn_module_stack`` names one."""
 
 
 def _spec(value: Any) -> Any:
@@ -229,7 +231,7 @@ def _walk(model: nn.Module, calls: _Calls, leaf_modules: list[Any]) -> tuple[lis
             return
         got = _try_capture(module, path, recorded[0], leaf_modules)
         if not isinstance(got, str):
-            found.append(_Found(_region(path, got[1], recorded[0]), got[0], recorded[0]))
+            found.append(_Found(_region(path, got[1], recorded[0]), got[0], recorded[0], _kind(module)))
             return
         opaque.append(Opaque(path, got))
         for name, child in module.named_children():
@@ -278,9 +280,18 @@ def _attribute(gm: fx.GraphModule, target: str) -> Any:
     return value
 
 
-def _prefixed_stack(stack: dict[str, Any], path: str) -> dict[str, Any]:
-    """``nn_module_stack`` with module paths relative to the model instead of the region."""
-    return {key: (f"{path}.{p}" if p else path, kind) for key, (p, kind) in stack.items()}
+def _kind(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _in_model(stack: dict[str, Any], item: _Found) -> dict[str, Any]:
+    """``nn_module_stack`` with module paths relative to the model instead of the region, the region itself
+    outermost: write-back looks for the attribute behind a constant on every module running at the node."""
+    path = item.region.path
+    if not path:
+        return stack
+    inner = {key: (f"{path}.{p}" if p else path, kind) for key, (p, kind) in stack.items()}
+    return {f"region:{path}": (path, item.kind), **inner}
 
 
 def _bundle(found: Sequence[_Found]) -> tuple[fx.GraphModule, list[torch.Tensor]]:
@@ -306,8 +317,7 @@ def _bundle(found: Sequence[_Found]) -> tuple[fx.GraphModule, list[torch.Tensor]
             if new.op in ("get_attr", "call_module"):
                 new.target = f"{path}.{old.target}" if path else str(old.target)
                 attrs[new.target] = _attribute(item.gm, str(old.target))
-            if path and "nn_module_stack" in new.meta:
-                new.meta["nn_module_stack"] = _prefixed_stack(new.meta["nn_module_stack"], path)
+            new.meta["nn_module_stack"] = _in_model(new.meta.get("nn_module_stack") or {}, item)
         outputs += [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, fx.Node)]
     graph.output(tuple(outputs))
     return fx.GraphModule(attrs, graph, "Regions"), inputs
@@ -372,7 +382,7 @@ def _recaptured(model: nn.Module, region: Region, leaf_modules: list[Any], gener
     module = model.get_submodule(region.path) if region.path else model
     call = _probe_call(region, generator)
     gm = _traced(module, region.path, call, leaf_modules) if region.capture == "fx" else export_graph(module, *call)
-    return _Found(region, gm, call)
+    return _Found(region, gm, call, _kind(module))
 
 
 def recapture_regions(model: nn.Module, like: fx.GraphModule, leaf_modules: Iterable[type | str]) -> fx.GraphModule:
