@@ -108,6 +108,21 @@ def test_shrink_refuses_non_finite_weights(criterion: str) -> None:
     run(call, _inf_row, InputError, *words)
 
 
+NON_FINITE = [(float("nan"), torch.float32), (-float("inf"), torch.float32), (float("nan"), torch.bfloat16),
+              (float("inf"), torch.float16)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "dtype"), NON_FINITE)
+def test_shrink_counts_each_kind_of_non_finite_weight(value: float, dtype: torch.dtype) -> None:
+    """The check reads each weight's minimum and maximum (NaN in either where any value is NaN): NaN, -inf and
+    low-precision weights are caught, and the message counts the bad values."""
+    m = MLP().to(dtype)
+    with torch.no_grad():
+        m.fc2.weight[0, :3] = value
+    # (not ``run``: NaN weights never compare equal, so "unchanged" cannot be checked by value)
+    assert_error(lambda: fxmorph.shrink(m, 0.5, (X.to(dtype),)), InputError, "fc2.weight", "holds 3 nan or infinite")
+
+
 def test_shrink_never_returns_a_model_above_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Postcondition: scores that choose nothing (NaN, as before the fix) raise instead of returning the model."""
 

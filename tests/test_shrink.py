@@ -29,6 +29,31 @@ SAMPLE = ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5",
           "regnet_x_400mf", "efficientnet_b0", "googlenet", "squeezenet1_0"]  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [1, 2])
+def test_magnitudes_made_a_slab_at_a_time_equal_the_whole_tensor_sums(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, p: int
+) -> None:
+    """Scores summed over slabs of positions (in reused buffers, so that scoring a large model does not grow the
+    process) equal ``|w|^p`` summed at once, ``|w|^p`` in the parameter's dtype, for every dim of 1-D, 2-D and
+    4-D parameters, with slabs that do not divide the dim: up to float64 rounding (a float64 slab may be summed in
+    another order)."""
+    from fxmorph.passes import importance as module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 10, 3), nn.BatchNorm2d(10), nn.Flatten(), nn.Linear(10, 7)).to(dtype)
+    gm = torch.fx.symbolic_trace(model)
+    monkeypatch.setattr(module, "_SLAB", 23)  # a 10x6x3x3 weight: 2 of 10 positions, 3 of 6, ... per slab
+    magnitudes = module._Magnitudes(gm, p)
+    for name, param in model.named_parameters():
+        powered = param.detach().abs() if p == 1 else param.detach().abs().square()
+        for dim in range(param.dim()):
+            others = [d for d in range(param.dim()) if d != dim]
+            expected = powered.sum(others, dtype=torch.float64) if others else powered.double()
+            actual = magnitudes(name, dim)
+            np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-14, atol=0, err_msg=f"{name} dim {dim}")
+
+
 def _trains(model: nn.Module, x: torch.Tensor) -> None:
     """Train-mode forward and backward run and give every parameter a gradient (a loss on every output, so
     GoogLeNet's aux heads, which run in train mode, are trained too)."""

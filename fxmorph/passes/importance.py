@@ -51,11 +51,10 @@ def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
     return None  # buffers (running statistics) carry no importance
 
 
-def _per_position(tensor: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """``fn(tensor)`` summed over every dim but ``dim`` (float64 result)."""
-    others = [d for d in range(tensor.dim()) if d != dim]
-    values = fn(tensor.detach())
-    return (values.sum(others, dtype=torch.float64) if others else values.double()).numpy()
+_SLAB = 1 << 22
+"""Elements of ``|w|^p`` made at a time by :class:`_Magnitudes` (32 MB in float64). Each slab costs a few
+operations, each a rendezvous of torch's threads, which a busy machine makes slow: on this project's shared 2-core
+machine, scoring vit_h_14 took 11 s with slabs of 2**22 elements (as long as whole tensors did), 31 s with 2**20."""
 
 
 def _aggregate(cg: ChannelGraph, gid: int, per_member: Callable[[str, int], np.ndarray | None]) -> np.ndarray:
@@ -75,22 +74,59 @@ def _aggregate(cg: ChannelGraph, gid: int, per_member: Callable[[str, int], np.n
 
 
 class _Magnitudes:
-    """Per (parameter, dim): ``sum |w|^p`` over the other dims, each parameter read once."""
+    """Per (parameter, dim): ``sum |w|^p`` over the other dims (float64), each computed once.
+
+    A slab of positions along ``dim`` at a time is squared (for ``p = 2``, in the parameter's dtype, as the scores
+    always were), copied to float64 (and made ``|w|`` for ``p = 1``) and summed, in two buffers of :data:`_SLAB`
+    elements reused for every slab of every parameter. Whole-tensor temporaries (``|w|`` of every parameter, kept for
+    the pass, and float64 copies, tens of MB each, that the allocator did not give back) grew the process by a second
+    model's worth while scoring: 2.5 GB for vit_h_14 in float32, 2.2 GB for a 1.1 B parameter Llama in bfloat16.
+    """
 
     def __init__(self, gm: fx.GraphModule, p: int) -> None:
         self._gm, self._p = gm, p
-        self._powered: dict[str, torch.Tensor | None] = {}
         self._cache: dict[tuple[str, int], np.ndarray | None] = {}
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def __call__(self, name: str, dim: int) -> np.ndarray | None:
+        """``sum |w|^p`` of parameter ``name`` over every dim but ``dim`` (None for a buffer)."""
         if (name, dim) not in self._cache:
-            if name not in self._powered:
-                tensor = _tensor(self._gm, name)
-                powered = None if tensor is None else tensor.detach().abs()
-                self._powered[name] = powered if powered is None or self._p == 1 else powered.square()
-            powered = self._powered[name]
-            self._cache[(name, dim)] = None if powered is None else _per_position(powered, dim, lambda t: t)
+            tensor = _tensor(self._gm, name)
+            self._cache[(name, dim)] = None if tensor is None else self._per_position(tensor.detach(), dim)
         return self._cache[(name, dim)]
+
+    def _per_position(self, tensor: torch.Tensor, dim: int) -> np.ndarray:
+        """``|tensor|^p`` summed over every dim but ``dim``, a slab of positions along ``dim`` at a time."""
+        others = [d for d in range(tensor.dim()) if d != dim]
+        size = tensor.shape[dim]
+        step = max(1, _SLAB // max(1, tensor.numel() // max(1, size)))
+        out = torch.empty(size, dtype=torch.float64, device=tensor.device)
+        for start in range(0, size, step):
+            slab = tensor.narrow(dim, start, min(step, size - start))
+            # the buffers and ``out`` are this pass's own scratch tensors: no tensor of the model is written
+            wide = self._buffer(torch.float64, slab).view(slab.shape)
+            if self._p == 1:
+                wide[...] = slab
+                wide.abs_()
+            elif tensor.dtype == torch.float64:
+                torch.square(slab, out=wide)
+            else:  # squared in the parameter's dtype, as the scores always were
+                wide[...] = torch.square(slab, out=self._buffer(tensor.dtype, slab).view(slab.shape))
+            part = out.narrow(0, start, slab.shape[dim])
+            if others:
+                torch.sum(wide, dim=others, out=part)
+            else:
+                part[...] = wide
+        return out.cpu().numpy()
+
+    def _buffer(self, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+        """As many elements as ``like`` has of this pass's flat buffer of ``dtype`` on ``like``'s device (made, or
+        enlarged, on demand)."""
+        key, numel = (dtype, like.device), like.numel()
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(max(numel, _SLAB), dtype=dtype, device=like.device)
+        return buffer[:numel]
 
 
 def _magnitude(cg: ChannelGraph, gid: int, p: int, magnitudes: _Magnitudes) -> np.ndarray:
@@ -140,12 +176,23 @@ def _made_by(cg: ChannelGraph, gid: int) -> str:
 def _check_finite_weights(cg: ChannelGraph) -> None:
     """Every parameter of the model is finite: NaN or inf weights cannot be ranked (and make NaN outputs)."""
     for name, p in cg.gm.named_parameters():
+        if _finite(p.detach()):
+            continue
         bad = int((~torch.isfinite(p.detach())).sum())
-        if bad:
-            raise InputError(
-                f"parameter '{name}' holds {bad} NaN or infinite value(s): its channels cannot be ranked and the "
-                "model computes NaN; load finite weights (a checkpoint from before training diverged) first."
-            )
+        raise InputError(
+            f"parameter '{name}' holds {bad} NaN or infinite value(s): its channels cannot be ranked and the "
+            "model computes NaN; load finite weights (a checkpoint from before training diverged) first."
+        )
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """True when every value of ``tensor`` is finite: its minimum and maximum are (both are NaN where any value is,
+    and one is infinite where any value is). One fused reduction, without ``isfinite``'s boolean copy of the
+    tensor: about 20x faster on CPU (1.5 s rather than 30 s for a 1.1 B parameter model on 2 cores)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def _taylor_group(cg: ChannelGraph, gid: int, params: dict[str, nn.Parameter]) -> np.ndarray:
