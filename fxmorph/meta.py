@@ -11,6 +11,7 @@ from torch import fx
 __all__ = [
     "BLOCKS_KEY",
     "CAPTURE_KEY",
+    "CONFIG_SIZES_KEY",
     "DROP_KEY",
     "FACTORS_KEY",
     "FLOPS_KEY",
@@ -37,6 +38,10 @@ tracing when some module is unreached); the analysis pins their channels."""
 BLOCKS_KEY = "fxmorph.blocks"
 """Module paths of the traced model's repeated blocks (written by tracing, see :mod:`fxmorph.capture.blocks`);
 ``uniform_blocks`` keeps the groups playing one role in each at one width."""
+CONFIG_SIZES_KEY = "fxmorph.config_sizes"
+"""The :class:`~fxmorph.capture.config_sizes.ConfigSizes` of a model with a configuration object (written by
+tracing; absent without one): which config fields size which tensor dims, so that ``uniform_blocks`` keeps a
+result its config can state."""
 CAPTURE_KEY = "fxmorph.capture"
 """How the graph was captured: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, canonicalized) or
 ``"regions"`` (the submodules that capture, bundled: :mod:`fxmorph.capture.regions`)."""

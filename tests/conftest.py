@@ -95,9 +95,7 @@ def _casts_to_single(gm: fx.GraphModule) -> bool:
     """Whether some node of ``gm`` casts to a floating type narrower than float64."""
     narrow = (torch.float32, torch.float16, torch.bfloat16)
     return any(
-        isinstance(a, torch.dtype) and a in narrow
-        for n in gm.graph.nodes
-        for a in (*n.args, *n.kwargs.values())
+        isinstance(a, torch.dtype) and a in narrow for n in gm.graph.nodes for a in (*n.args, *n.kwargs.values())
     )
 
 

@@ -233,7 +233,6 @@ def test_varargs_forward_takes_every_example_input() -> None:
 
 
 def test_untraceable_hint_suggests_only_what_works() -> None:
-
     exc = assert_error(lambda: fxmorph.shrink(Untraceable(), 0.5, (torch.randn(2, 3, 8, 8),)), fxmorph.TraceError,
                        "leaf_modules", "rewrite the branch")  # fmt: skip
     assert "concrete_args" not in str(exc)

@@ -174,49 +174,67 @@ class CostModel(Costs):
         return self._free_terms(self.sizes.copy()) / total if total else 0.0
 
     def tied(self, classes: Sequence[Sequence[int]]) -> TiedCosts:
-        """The same costs over units: each of ``classes`` (groups of one size) one unit, every other group
-        its own."""
+        """The same costs over units: each of ``classes`` (groups whose sizes are multiples of the smallest) one
+        unit, every other group its own."""
         return TiedCosts(self, classes)
 
 
 class TiedCosts(Costs):
     """A :class:`CostModel` whose variables are units of groups that keep one width.
 
-    Each class of groups (all of one size) is one unit and every other group is a unit of its own, in the
-    order of their first group. A step of a unit moves all its groups at once, so its FLOPs are those of
-    every member stepped together (the polynomial in unit widths is exact: its forms are the group forms
-    summed over each unit's members). :meth:`expand` gives the group widths of unit widths.
+    Each class of groups is one unit and every other group is a unit of its own, in the order of their first
+    group. A unit counts elements of its narrowest member (its lead); every member is a whole multiple of it and
+    moves ``ratio`` of its elements per unit element: 1 in a class of same-role groups of one size, and more where
+    a config field sizes groups in proportion (BERT's ``hidden_size`` sizes the residual stream, 16 channels per
+    head of its heads, and GPT-2's ``n_embd`` its MLP, 4 channels per stream channel). A step of a unit moves all
+    its groups at once, so its FLOPs are those of every member stepped together (the polynomial in unit widths is
+    exact: its forms are the group forms, each scaled by its ratio, summed over each unit's members).
+    :meth:`expand` gives the group widths of unit widths.
     """
 
     def __init__(self, cost: CostModel, classes: Sequence[Sequence[int]]) -> None:
-        """Units of ``cost``'s groups: ``classes`` (disjoint, each of groups of one size) and singletons."""
+        """Units of ``cost``'s groups: ``classes`` (disjoint, each member's size a multiple of the smallest) and
+        singletons."""
         n = len(cost.sizes)
         self.unit_of = np.full(n, -1, dtype=np.int64)
         """The unit of every group."""
+        self.ratio = np.ones(n, dtype=np.int64)
+        """Elements of every group per element of its unit (its size over its lead's)."""
         self.members: list[list[int]] = []
         """The groups of every unit."""
+        leads: list[int] = []
         for members in [*classes, *([g] for g in range(n))]:
             members = [g for g in members if self.unit_of[g] < 0]
             if members:
-                if len({int(cost.sizes[g]) for g in members}) > 1:
-                    raise ValueError(f"groups {members} differ in size: they cannot keep one width")
+                self._check(cost, members)
+                lead = min(members, key=lambda g: int(cost.sizes[g]))
+                self.ratio[members] = cost.sizes[members] // cost.sizes[lead]
                 self.unit_of[members] = len(self.members)
                 self.members.append(members)
+                leads.append(lead)
         order = np.argsort([m[0] for m in self.members], kind="stable")  # units in the order of their groups
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         self.members = [self.members[k] for k in order]
+        leads = [leads[k] for k in order]
         self.unit_of = rank[self.unit_of]
         onto = np.zeros((n, len(self.members)), dtype=np.int64)
-        onto[np.arange(n), self.unit_of] = 1
-        self.sizes = cost.sizes[[m[0] for m in self.members]]
-        self.spans = cost.spans[[m[0] for m in self.members]]
+        onto[np.arange(n), self.unit_of] = self.ratio
+        self.sizes = cost.sizes[leads]
+        self.spans = cost.spans[leads]
         self._flops = cost._flops.projected(onto)
         self._params = cost._params.projected(onto)
 
+    @staticmethod
+    def _check(cost: CostModel, members: list[int]) -> None:
+        """``members`` can keep one width: each size a multiple of the smallest."""
+        lead = min(int(cost.sizes[g]) for g in members)
+        if any(int(cost.sizes[g]) % lead for g in members):
+            raise ValueError(f"groups {members} are not multiples of one size: they cannot keep one width")
+
     def expand(self, units: np.ndarray) -> np.ndarray:
         """The group widths of unit widths ``units``."""
-        return np.asarray(units, dtype=np.int64)[self.unit_of]
+        return np.asarray(units, dtype=np.int64)[self.unit_of] * self.ratio
 
     def units_within(self, groups: Collection[int]) -> list[int]:
         """The units all of whose groups are in ``groups``."""

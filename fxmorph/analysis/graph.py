@@ -13,8 +13,9 @@ from torch import fx, nn
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
 from fxmorph.analysis.context import Binding, CostTerm, Rewrite, Role, RuleContext
 from fxmorph.analysis.ops import lookup
+from fxmorph.capture.config_sizes import ConfigSizes
 from fxmorph.errors import AnalysisError
-from fxmorph.meta import TRAIN_READERS_KEY
+from fxmorph.meta import CONFIG_SIZES_KEY, TRAIN_READERS_KEY
 
 __all__ = ["ChannelGraph", "Group", "Member", "build_channel_graph"]
 
@@ -198,6 +199,7 @@ def _walk(gm: fx.GraphModule, whole: frozenset[str]) -> RuleContext:
                 "workaround, mark the module holding this op as a leaf so its channels are pinned."
             ) from exc
     _pin_train_readers(ctx, gm)
+    _pin_unread_sizes(ctx, gm)
     ctx.pin_partial_ties()
     return ctx
 
@@ -210,6 +212,26 @@ def _pin_train_readers(ctx: RuleContext, gm: fx.GraphModule) -> None:
         if node.name in readers:
             ctx.node = node
             ctx.pin_all(node, f"read by {readers[node.name]}, which runs only in train mode")
+
+
+def _pin_unread_sizes(ctx: RuleContext, gm: fx.GraphModule) -> None:
+    """Pin the parameter dims that a config field sizes along with a tensor the graph never reads (recorded by
+    tracing, see :mod:`fxmorph.capture.config_sizes`): code outside the graph reads that tensor, and which of
+    its channels would go with which group is unknown."""
+    sizes = gm.meta.get(CONFIG_SIZES_KEY)
+    if not isinstance(sizes, ConfigSizes) or not sizes.unread:
+        return
+    ctx.node = None
+    for binding in list(ctx.bindings.values()):
+        fields = sorted(sizes.fields_of(binding.target, binding.dim) & sizes.unread.keys())
+        if fields and binding.layout is not None:
+            tensor = sizes.unread[fields[0]]
+            ctx.pin(
+                binding.layout,
+                f"{sizes.class_name}'s config field {fields[0]} also sizes '{tensor}', which the traced forward "
+                "never reads (code outside the trace, such as a train-mode branch, does); a config that leaves it "
+                "out (Wav2Vec2: mask_time_prob=0 and mask_feature_prob=0) frees these channels",
+            )
 
 
 def _collect(ctx: RuleContext) -> ChannelGraph:

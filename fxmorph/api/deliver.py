@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from fxmorph.capture.export import probe_inputs
 from fxmorph.errors import WriteBackError, WriteBackWarning
-from fxmorph.meta import META_ATTR
+from fxmorph.meta import CONFIG_SIZES_KEY, META_ATTR
 from fxmorph.surgery.config import restate_config
 from fxmorph.surgery.write_back import write_back
 
@@ -101,7 +101,7 @@ def deliver(
     # the metadata a GraphModule result holds in ``meta``: the same dict object, so a report filled in later
     # shows in both
     setattr(written.model, META_ATTR, result.meta)
-    update = restate_config(written.model, model, probe_inputs(result))
+    update = restate_config(written.model, model, probe_inputs(result), result.meta.get(CONFIG_SIZES_KEY))
     if update is not None and update.reason is not None:
         # the class is right, but its config would rebuild the old widths: save_pretrained would not load back
         warnings.warn(f"{entry}: config left as it was: {update.reason}", WriteBackWarning, stacklevel=_user_level())

@@ -37,7 +37,7 @@ from fxmorph.passes.protect import free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
 from fxmorph.passes.rounding import AUTO, AUTO_GRIDS, Grid, RoundTo, as_grid
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
-from fxmorph.passes.uniform import same_role_classes, settle_classes
+from fxmorph.passes.uniform import uniform_classes
 from fxmorph.validate import check_data, check_first_batch
 
 __all__ = ["REPORT_KEY", "run_pipeline", "run_shrink", "shrink"]
@@ -76,7 +76,7 @@ def _limits(cg: ChannelGraph, budget: int, options: ShrinkOptions) -> Limits:
         return Limits(grids[0], prunes[0])
     groups = free_group_ids(cg, options.protect)
     if options.uniform_blocks:  # a class with a group that cannot change keeps its width everywhere
-        groups = settle_classes(same_role_classes(cg), groups)[1]
+        groups = uniform_classes(cg, groups)[1]
     smallest = 0
     for share in prunes:
         for grid in grids:
@@ -336,7 +336,10 @@ def shrink(
             blocks of a ``Sequential``, ``ModuleList`` or ``ModuleDict`` of one type: ``layer3.*.conv1`` of a
             ResNet, ``model.layers.*.mlp.up_proj`` of a Llama), so that formats holding one size per model (a
             Hugging Face config, TensorRT-LLM) can describe the result. The budget lands as without it; a
-            class one of whose groups cannot change (pinned, protected) keeps its width in every block.
+            class one of whose groups cannot change (pinned, protected) keeps its width in every block. On a
+            model with a ``config``, the groups one config field sizes step together in proportion (BERT's
+            ``hidden_size``: its stream and its heads) and a group no field sizes keeps its width, so the
+            config states the result and ``from_pretrained`` rebuilds it.
         capture: how the model becomes a graph: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``,
             for forwards symbolic tracing cannot enter: ``**kwargs``, Python on shapes; ``leaf_modules`` does not
             apply), or ``"auto"`` (the default): symbolic tracing, and ``torch.export`` where it fails. The report

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmorph.capture.blocks import repeated_blocks
+from fxmorph.capture.config_sizes import config_sizes, unread_tensors
 from fxmorph.capture.export import CAPTURES, Capture, export_graph
 from fxmorph.capture.flops import flop_counter
 from fxmorph.capture.model_checks import check_hooks, check_reshapable, check_unwrapped
@@ -31,6 +32,7 @@ from fxmorph.errors import InputError, TraceError
 from fxmorph.meta import (
     BLOCKS_KEY,
     CAPTURE_KEY,
+    CONFIG_SIZES_KEY,
     FLOPS_KEY,
     INTERFACE_KEY,
     REGIONS_KEY,
@@ -325,6 +327,10 @@ def trace(
     # modules outside the regions are the record's opaque ones, which run: none is unreached in train mode's sense
     gm.meta[UNREACHED_KEY] = unreached_modules(model, gm) if gm.meta[CAPTURE_KEY] != "regions" else ()
     gm.meta[BLOCKS_KEY] = repeated_blocks(model)
+    # a bundle of regions leaves the opaque modules' tensors out: those are unread by design, and keep their widths
+    sizes = config_sizes(model, unread_tensors(model, gm) if gm.meta[CAPTURE_KEY] != "regions" else ())
+    if sizes is not None:
+        gm.meta[CONFIG_SIZES_KEY] = sizes
     if gm.meta[UNREACHED_KEY]:
         logger.info("modules never reached by the trace: %s", ", ".join(gm.meta[UNREACHED_KEY]))
         # what those modules read in train mode keeps its channels (the analysis pins it), so that the result,

@@ -32,7 +32,7 @@ from fxmorph.passes.importance import importance
 from fxmorph.passes.protect import check_protect, grow_candidates
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
-from fxmorph.passes.uniform import in_units, same_role_classes, settle_classes
+from fxmorph.passes.uniform import in_units, uniform_classes
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["GROW_KEY", "GrowPass", "grow_to_widths"]
@@ -234,7 +234,7 @@ class GrowPass(Pass):
         assert budget is not None
         classes: list[list[int]] = []
         if self.uniform_blocks:
-            classes, groups = settle_classes(same_role_classes(cg), groups)
+            classes, groups = uniform_classes(cg, groups)
         gains = {g: np.square(found[g].s) if g in found else np.zeros(1) for g in groups} if data else None
 
         def widths(costs: Costs, variables: list[int], gained: Mapping[int, np.ndarray] | None) -> np.ndarray:

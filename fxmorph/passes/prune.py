@@ -22,7 +22,7 @@ from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import check_protect, free_group_ids
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
-from fxmorph.passes.uniform import same_role_classes, settle_classes
+from fxmorph.passes.uniform import uniform_classes
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["BudgetPass", "PrunePass"]
@@ -65,7 +65,7 @@ class BudgetPass(Pass):
         free = free_group_ids(cg, self.protect)
         classes: list[list[int]] = []
         if self.uniform_blocks:
-            classes, free = settle_classes(same_role_classes(cg), free)
+            classes, free = uniform_classes(cg, free)
         widths = self.choose(cost, {g: scores[g] for g in free}, classes)
         plan = keep_best(cg, widths, scores)
         changes = {g: (cg.groups[g].size, p.width) for g, p in plan.items()}

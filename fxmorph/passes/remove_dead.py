@@ -39,7 +39,7 @@ from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.dead_index import GroupIndex, Site, as_numpy, reader_sites
 from fxmorph.passes.dead_values import channel_values, zero_padded
 from fxmorph.passes.importance import channel_positions
-from fxmorph.passes.uniform import same_role_classes
+from fxmorph.passes.uniform import same_role_classes, unsized_groups
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.validate import frozen_mode
 
@@ -211,7 +211,9 @@ class RemoveDeadPass(Pass):
             if dead.any() or any(p.name in with_zeros for p in group.params):
                 found[group.id] = _dead_in(cg, index, group, dead, sites[group.id])
         if self.uniform_blocks:
-            _even_out(found, same_role_classes(cg))
+            for gid in unsized_groups(cg):  # the model's config could not state these at another width
+                found.pop(gid, None)
+            _even_out(cg, found, same_role_classes(cg))
         plans: dict[int, GroupPlan] = {}
         deltas: dict[str, torch.Tensor] = {}
         for gid, channels in found.items():
@@ -249,14 +251,18 @@ def _dead_in(cg: ChannelGraph, index: GroupIndex, group: Group, silent: np.ndarr
     return _Dead(removed, dead, fold_values)
 
 
-def _even_out(found: dict[int, _Dead], classes: list[list[int]]) -> None:
+def _even_out(cg: ChannelGraph, found: dict[int, _Dead], classes: list[list[int]]) -> None:
     """Remove as many channels from every group of a class as from the one that can lose the fewest (none
-    where a group is not in ``found``), keeping the dead ones removed first (they need no fold)."""
+    where a group is not in ``found``), in proportion to their sizes (a class may tie a stream to the heads and
+    the MLP a config field sizes with it), keeping the dead ones removed first (they need no fold)."""
     for members in classes:
-        count = min((int(found[g].removed.sum()) if g in found else 0) for g in members)
+        lead = min(cg.groups[g].size for g in members)
+        ratio = {g: cg.groups[g].size // lead for g in members}
+        units = min((int(found[g].removed.sum()) // ratio[g] if g in found else 0) for g in members)
         for g in members:
             if g not in found:
                 continue
+            count = units * ratio[g]
             removed, dead = found[g].removed, found[g].dead
             # removable channels, those of zero fan-out first, in index order: the first ``count`` go
             order = sorted(np.flatnonzero(removed), key=lambda c: (not dead[c], c))

@@ -14,7 +14,7 @@ import numpy as np
 
 from fxmorph.analysis.cost import CostModel, Costs
 from fxmorph.passes.rounding import AUTO, Grid, RoundTo, as_grid
-from fxmorph.passes.uniform import per_unit
+from fxmorph.passes.uniform import coarse_cumulative, per_unit
 
 __all__ = [
     "DEFAULT_MAX_PRUNE",
@@ -184,7 +184,7 @@ def greedy_widths(
     if not classes:
         return _greedy(cost, normed, budget, round_to, min_width, max_prune, step, param_cost)
     tied = cost.tied(classes)
-    units = per_unit(tied, normed, lambda values: np.mean(values, axis=0))
+    units = per_unit(tied, normed, lambda values: np.mean(values, axis=0), coarse_cumulative)
     return tied.expand(_greedy(tied, units, budget, round_to, min_width, max_prune, step, param_cost))
 
 

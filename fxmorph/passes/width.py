@@ -28,7 +28,7 @@ from fxmorph.passes.protect import grow_candidates
 from fxmorph.passes.prune import BudgetPass
 from fxmorph.passes.rounding import Grid, RoundTo, as_grid
 from fxmorph.passes.select import uniform_widths
-from fxmorph.passes.uniform import in_units, same_role_classes, settle_classes
+from fxmorph.passes.uniform import in_units, uniform_classes
 
 __all__ = ["MAX_FACTOR", "WidthPass", "width_reach"]
 
@@ -107,7 +107,7 @@ class WidthPass(BudgetPass):
         groups, skipped = grow_candidates(cg, self.protect)
         classes: list[list[int]] = []
         if self.uniform_blocks:
-            classes, groups = settle_classes(same_role_classes(cg), groups)
+            classes, groups = uniform_classes(cg, groups)
 
         def grown(costs: Costs, variables: list[int], _: object) -> np.ndarray:
             return uniform_grow_widths(costs, variables, self.budget_flops, self.round_to, self.max_factor)

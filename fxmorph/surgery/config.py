@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from fxmorph.capture.config_sizes import ConfigSizes, Shapes, built_shapes, config_of, config_sizes, int_fields, shapes
 from fxmorph.capture.export import switched
 from fxmorph.validate import frozen_mode
 
@@ -31,7 +33,6 @@ logger = logging.getLogger(__name__)
 _BUILDS = 100
 """At most this many candidate configs are built (on the meta device: no memory for weights) per model."""
 
-Shapes = dict[str, tuple[int, ...]]
 Change = tuple[str, int]
 
 
@@ -49,38 +50,11 @@ class ConfigUpdate:
         return self.reason is None
 
 
-def _config_of(model: nn.Module) -> Any:
-    """The model's configuration object, where it has one the class can be built from."""
-    config = getattr(model, "config", None)
-    return config if config is not None and callable(getattr(config, "to_dict", None)) else None
-
-
-def _shapes(model: nn.Module) -> Shapes:
-    """The shape of every tensor the model saves."""
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def _built_shapes(cls: type, config: Any) -> Shapes | None:
-    """The tensor shapes of ``cls(config)``, built on the meta device; None where the config is not valid."""
-    try:
-        with torch.device("meta"):
-            return _shapes(cls(config))
-    except Exception as exc:  # any failure to build means: not this config
-        logger.debug("config candidate rejected by %s: %s", cls.__name__, exc)
-        return None
-
-
 def _misses(built: Shapes | None, target: Shapes) -> int:
     """How many tensors of the result the built model lacks or holds in another shape (unbuildable: all)."""
     if built is None:
         return len(target) + 1
     return sum(built.get(name) != shape for name, shape in target.items()) + len(set(built) - set(target))
-
-
-def _int_fields(config: Any) -> dict[str, int]:
-    """The config's integer fields (booleans are not sizes)."""
-    fields = config.to_dict()
-    return {k: v for k, v in fields.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}
 
 
 def _width_changes(before: Shapes, after: Shapes) -> set[tuple[int, int]]:
@@ -114,39 +88,82 @@ def _with(config: Any, changes: list[Change]) -> Any:
     return new
 
 
+def _solved(config: Any, sizes: ConfigSizes, before: Shapes, after: Shapes) -> list[Change]:
+    """The field values that the result's shapes imply, where each sized dim is taken as proportional to each
+    field that sizes it: a dim one field sizes gives that field's new value (``hidden_size`` from the embedding's
+    width), and a dim of two (Llama's query rows, ``num_attention_heads * head_dim``) gives one once the other is
+    known. Fields no dim determines, or whose dims disagree, keep their value."""
+    old = int_fields(config)
+    # every sized dim of a tensor both models hold, with how much it grew or shrank
+    dims = [
+        (fields, after[name][dim] / before[name][dim])
+        for (name, dim), fields in sizes.sized.items()
+        if name in after and name in before and len(after[name]) == len(before[name]) and fields <= old.keys()
+    ]
+    ratio: dict[str, float] = {}
+    progress = True
+    while progress:
+        progress = False
+        for fields, r in dims:
+            unknown = [f for f in fields if f not in ratio]
+            if len(unknown) == 1:
+                ratio[unknown[0]] = r / float(np.prod([ratio[f] for f in fields if f in ratio]))
+                progress = True
+    disagree: set[str] = set()  # every dim must agree with the values found
+    for fields, r in dims:
+        if fields <= ratio.keys() and not np.isclose(np.prod([ratio[f] for f in fields]), r):
+            disagree |= fields
+    changes = []
+    for field, r in ratio.items():
+        value = old[field] * r
+        if field not in disagree and r != 1 and np.isclose(value, round(value)) and round(value) > 0:
+            changes.append((field, round(value)))
+    return sorted(changes)
+
+
 def _search(
-    cls: type, config: Any, target: Shapes, options: list[Change], accept: Callable[[Any], bool]
+    cls: type,
+    config: Any,
+    target: Shapes,
+    options: list[Change],
+    accept: Callable[[Any], bool],
+    start: list[Change] | None = None,
 ) -> list[Change] | None:
     """Changes under which ``cls`` builds every tensor in its target shape and ``accept`` holds, found depth
-    first: at each step the changes that leave fewest tensors wrong, best first (smaller fields first)."""
+    first from ``start`` (the solved values), then from no change: at each step the changes that leave fewest
+    tensors wrong, best first (smaller fields first)."""
     scores: dict[frozenset[Change], int] = {}  # a set of changes is built once, whatever order reached it
 
     def score(changes: list[Change]) -> int:
         key = frozenset(changes)
         if key not in scores:
-            scores[key] = _misses(_built_shapes(cls, _with(config, changes)), target)
+            scores[key] = _misses(built_shapes(cls, _with(config, changes)), target)
         return scores[key]
 
     def walk(changes: list[Change], misses: int) -> Iterator[list[Change]]:
         if misses == 0:
-            yield changes
-            return
+            yield changes  # not accepted if the walk goes on: then changes that move no shape may make it so
         done = {name for name, _ in changes}
         scored = []
         for option in options:
             if option[0] in done or (len(scores) >= _BUILDS and frozenset([*changes, option]) not in scores):
                 continue
             s = score([*changes, option])
-            if s < misses:
+            # with every shape right, a count that sizes nothing alone (BERT's heads, whose width hidden_size /
+            # num_attention_heads the class derives) may still be what makes the outputs right
+            if s < misses or s == misses == 0:
                 # among equals, a count before a size: pruning removes whole heads far more often than it
                 # narrows every head, and both can give the same tensor shapes
                 scored.append((s, getattr(config, option[0]), option))
         for s, _, option in sorted(scored):
             yield from walk([*changes, option], s)
 
-    for changes in walk([], score([])):
-        if accept(_with(config, changes)):
-            return changes
+    tried: set[frozenset[Change]] = set()  # reached in another order: checked once
+    for first in ([start] if start else []) + [[]]:  # the walk adds no field ``first`` already set
+        for changes in walk(first, score(first)):
+            if frozenset(changes) not in tried and accept(_with(config, changes)):
+                return changes
+            tried.add(frozenset(changes))
     return None
 
 
@@ -183,14 +200,19 @@ def _rebuilt(cls: type, config: Any, model: nn.Module) -> nn.Module:
     return rebuilt
 
 
-def restate_config(model: nn.Module, original: nn.Module, inputs: tuple[Any, ...]) -> ConfigUpdate | None:
+def restate_config(
+    model: nn.Module, original: nn.Module, inputs: tuple[Any, ...], sizes: ConfigSizes | None = None
+) -> ConfigUpdate | None:
     """Set the fields of ``model.config`` (a written-back copy of ``original``) that size its tensors, so the
-    class built from the config holds the result; None for a model without a config (see the module doc)."""
-    config = _config_of(model)
+    class built from the config holds the result; None for a model without a config (see the module doc).
+    ``sizes``: what each field of ``original``'s config sizes (probed here when not given)."""
+    config = config_of(model)
     if config is None:
         return None
-    cls, target = type(model), _shapes(model)
-    options = _candidates(_int_fields(config), _width_changes(_shapes(original), target))
+    cls, target, before = type(model), shapes(model), shapes(original)
+    options = _candidates(int_fields(config), _width_changes(before, target))
+    sizes = sizes if sizes is not None else config_sizes(original)
+    start = _solved(config, sizes, before, target) if sizes is not None else None
 
     refused: list[str] = []
 
@@ -206,7 +228,7 @@ def restate_config(model: nn.Module, original: nn.Module, inputs: tuple[Any, ...
             refused.append(f"{type(exc).__name__}: {exc}".splitlines()[-1].strip())
             return False
 
-    changes = _search(cls, config, target, options, accept)
+    changes = _search(cls, config, target, options, accept, start)
     if changes is None and refused:
         reason = f"the config that states the result's widths is refused by {cls.__name__}: {refused[0]}"
     elif changes is None:
