@@ -168,3 +168,30 @@ def test_return_types_keep_their_fields_through_shape_propagation() -> None:
     assert any("'topk'" in str(g.pinned) for g in cg.groups)
     small = fxmorph.shrink(model, 0.5, (x,), round_to=1)
     assert small(x).shape == (3, 4) and fxmorph.count_flops(small, (x,)) <= fxmorph.count_flops(model, (x,)) // 2
+
+
+class _LatentPool(nn.Module):
+    """timm's attention pooling in small: a learned query (a parameter) expanded over the batch into a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent = nn.Parameter(torch.randn(1, 1, 8))
+        self.q, self.kv = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(self.latent.expand(x.shape[0], -1, -1))
+        return (q @ self.kv(x).transpose(1, 2)).softmax(-1) @ x
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_parameter_expanded_into_a_layer_propagates_and_counts_its_flops(capture: str) -> None:
+    # FLOPs counting used to hook every module call and fail on the no_grad view of the parameter
+    # ("Expected gradient function to be set": SigLIP and PE ViTs of timm)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = _LatentPool().eval(), torch.randn(2, 5, 8)
+    cg = fxmorph.analyze(model, (x,), capture=capture)
+    model.requires_grad_(False)  # torch's own counter fails on the view otherwise
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    assert cg.gm.meta["fxmorph.flops"] == counter.get_total_flops() > 0

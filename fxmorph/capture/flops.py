@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -37,10 +37,28 @@ def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_val: 
 _cpu_attention_flops._get_raw = True  # type: ignore[attr-defined]
 
 
+class _GlobalOnly:
+    """A stand-in for FlopCounterMode's module tracker that files every count under ``"Global"`` alone.
+
+    fxmorph reads only the total. torch's tracker hooks every module call and registers a gradient hook on its
+    inputs that require grad, which fails on a view that no_grad made of a parameter (timm's attention pooling
+    runs ``self.latent.expand(...)`` into a layer: "Expected gradient function to be set"), and costs a hook
+    per call besides."""
+
+    parents: ClassVar[set[str]] = {"Global"}
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 @contextlib.contextmanager
 def flop_counter() -> Iterator[FlopCounterMode]:
     """A FlopCounterMode (entered) that also counts CPU attention; read ``get_total_flops()``."""
     counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(_CPU_ATTENTION, _cpu_attention_flops))
+    counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]  # the total is all fxmorph reads
     # A process-wide switch: remember the user's setting so the finally clause puts it back.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
