@@ -65,7 +65,7 @@ def test_repeated_blocks_keep_one_width_and_the_budget_lands(name: str, build, x
     _within_one_percent(report)
     assert_uniform(model, small)
     assert report.settings["uniform_blocks"] is True
-    assert "same-role classes" in report.passes[-1].note
+    assert "classes kept at one width" in report.passes[-1].note
 
 
 @pytest.mark.slow
@@ -221,3 +221,38 @@ def test_morph_keeps_one_width_per_role() -> None:
         widths[uniform] = [block.conv1.out_channels for block in result.blocks]
     assert len(set(widths[False])) > 1, widths  # each block lost its own dead channels
     assert len(set(widths[True])) == 1, widths
+
+
+class _SplitStages(nn.Module):
+    """Res2Net's and CSPNet's splits in small: pieces of one size read from attributes (one of them halved in
+    the forward), each through a convolution of its own, concatenated back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.width, self.expand_chs = nn.Conv2d(3, 24, 1), 8, 24
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.mid = nn.Conv2d(24, 24, 1)
+        self.halves = nn.ModuleList(nn.Conv2d(12, 12, 3, padding=1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).relu()
+        pieces = torch.split(x, self.width, 1)
+        x = torch.cat([conv(pieces[k]) for k, conv in enumerate(self.convs)], 1)
+        a, b = self.mid(x).split(self.expand_chs // 2, dim=1)
+        return torch.cat([self.halves[0](a), self.halves[1](b)], 1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_the_pieces_of_a_split_by_one_size_keep_one_width_and_the_class_comes_back(capture: str) -> None:
+    torch.manual_seed(0)
+    model, x = _SplitStages().eval(), torch.randn(1, 3, 8, 8)
+    cg = fxmorph.analyze(model, (x,), capture=capture)
+    assert sorted(len(c) for c in cg.same_width) == [2, 3]  # the halves, the three pieces
+    small, report = fxmorph.shrink(model, "50%", (x,), round_to=1, capture=capture, return_report=True)
+    assert type(small) is _SplitStages, report.delivery
+    assert report.flops_after <= report.budget_flops
+    widths = {conv.in_channels for conv in small.convs}
+    assert len(widths) == 1 and small.width == widths.pop() < 8  # one width, restated
+    assert small.expand_chs == 2 * small.halves[0].in_channels  # the attribute that the forward halves
+    with torch.no_grad():
+        assert small(x).shape[2:] == model(x).shape[2:]

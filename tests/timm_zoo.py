@@ -92,10 +92,7 @@ EXCEPTIONS: dict[str, tuple[float, str]] = {
 
 # Models that shrink to half their FLOPs but come back as a torch.fx.GraphModule (with a WriteBackWarning), not
 # as their own class, for a reason that is a gap in fxmorph: name -> the reason. Remove an entry once fixed.
-_SPLIT_SIZE = "the pieces of a split by one size ({}) are free to take different widths ({}); the class states one size"
 KNOWN_FALLBACKS: dict[str, str] = {
-    "res2net50_26w_4s": _SPLIT_SIZE.format("torch.split(out, self.width, 1)", "[51, 52, 52, 51]"),
-    "cspdarknet53": _SPLIT_SIZE.format("x.split(self.expand_chs // 2, dim=1)", "[108, 109]"),
     "efficientvit_b0": "torch.export puts a module into a higher-order op's subgraph (submod_9) that write-back "
                        "takes for one held under two names, which would need two shapes",
     "mobilevit_xxs": "torch.export specialises C of `B, C, H, W = x.shape` to the constant 128 in the reshape at "

@@ -196,6 +196,9 @@ class RuleContext:
     with whole blocks when that layout ends up pinned or unwanted."""
     unwanted: list[Layout] = field(default_factory=list)
     """Layouts a rule can change only at a price (see :meth:`prefer_whole`)."""
+    same_width: list[list[Layout]] = field(default_factory=list)
+    """Layouts whose widths the model's class states as one number (the pieces of ``split(x, self.width)``):
+    kept equal, the result comes back as the class (see :meth:`keep_equal`)."""
 
     def __post_init__(self) -> None:
         self.ties = tied_paths(self.gm)
@@ -268,6 +271,13 @@ class RuleContext:
         """Freeze every group reachable from an argument structure."""
         for layout in self.layouts_in(value):
             self.pin(layout, reason)
+
+    def keep_equal(self, layouts: list[Layout]) -> None:
+        """Ask that ``layouts`` keep one width (not one index set: each keeps its own channels). A plan may
+        differ, and surgery rewrites the op to match; width selection keeps them equal so that the class, which
+        states one width for all, holds the result."""
+        if len(layouts) > 1:
+            self.same_width.append(list(layouts))
 
     def unify(self, layouts: list[Layout], reason: str) -> Layout | None:
         """Unify ``layouts``; on failure pin them all with ``reason`` and return ``None``."""

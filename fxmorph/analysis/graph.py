@@ -103,6 +103,10 @@ class ChannelGraph:
     ties: dict[str, str] = field(default_factory=dict)
     """Tied tensors: each further path of a tensor held under several names -> its first path, the one its
     bindings name. Surgery slices the tensor once and puts the one new tensor at every path."""
+    same_width: list[list[int]] = field(default_factory=list)
+    """Classes of groups (of one size) that the model's class states as one width (the pieces of
+    ``split(x, self.width)``): width selection keeps each class at one width, so the result comes back as the
+    class. Not a constraint of the graph: any plan is a valid graph."""
 
     def layout_groups(self, layout: Layout) -> list[tuple[int, int]]:
         """``(group id, inner)`` for every piece of a layout, in order."""
@@ -272,8 +276,23 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
                 group_for(atom)
     cg = ChannelGraph(ctx.gm, groups, atoms, group_of, spaces, ctx.bindings, ctx.rewrites, ctx.costs, graph)
     cg.ties = dict(ctx.ties)
+    cg.same_width = _same_width_classes(cg, ctx.same_width)
     logger.debug("channel analysis: %d groups, %d free", len(groups), len(cg.free_groups))
     return cg
+
+
+def _same_width_classes(cg: ChannelGraph, requests: list[list[Layout]]) -> list[list[int]]:
+    """The groups of each request for one width, where every layout is one group and the groups are of one size
+    and distinct (a piece made of several groups, or pieces already one group, ask nothing)."""
+    classes = []
+    for layouts in requests:
+        pieces = [cg.layout_groups(layout) for layout in layouts]
+        if any(len(p) != 1 for p in pieces):
+            continue
+        ids = sorted({p[0][0] for p in pieces})
+        if len(ids) > 1 and len({cg.groups[g].size for g in ids}) == 1:
+            classes.append(ids)
+    return classes
 
 
 def _add_members(atoms: AtomTable, layout: Layout, group_for: Any, member: Member, graph: nx.Graph) -> None:

@@ -37,7 +37,7 @@ from fxmorph.passes.protect import free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
 from fxmorph.passes.rounding import AUTO, AUTO_GRIDS, Grid, RoundTo, as_grid
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
-from fxmorph.passes.uniform import uniform_classes
+from fxmorph.passes.uniform import width_classes
 from fxmorph.validate import check_data, check_first_batch
 
 __all__ = ["REPORT_KEY", "run_pipeline", "run_shrink", "shrink"]
@@ -75,8 +75,8 @@ def _limits(cg: ChannelGraph, budget: int, options: ShrinkOptions) -> Limits:
     if budget >= cost.flops():
         return Limits(grids[0], prunes[0])
     groups = free_group_ids(cg, options.protect)
-    if options.uniform_blocks:  # a class with a group that cannot change keeps its width everywhere
-        groups = uniform_classes(cg, groups)[1]
+    # a class with a group that cannot change keeps its width everywhere
+    groups = width_classes(cg, groups, options.uniform_blocks)[1]
     smallest = 0
     for share in prunes:
         for grid in grids:

@@ -32,7 +32,7 @@ from fxmorph.passes.importance import importance
 from fxmorph.passes.protect import check_protect, grow_candidates
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_ROUND_TO
-from fxmorph.passes.uniform import in_units, uniform_classes
+from fxmorph.passes.uniform import in_units, width_classes
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["GROW_KEY", "GrowPass", "grow_to_widths"]
@@ -232,9 +232,7 @@ class GrowPass(Pass):
         """Widths under the budget: most gradient gain per FLOP first with data, one multiplier without."""
         budget = self.budget_flops
         assert budget is not None
-        classes: list[list[int]] = []
-        if self.uniform_blocks:
-            classes, groups = uniform_classes(cg, groups)
+        classes, groups = width_classes(cg, groups, self.uniform_blocks)
         gains = {g: np.square(found[g].s) if g in found else np.zeros(1) for g in groups} if data else None
 
         def widths(costs: Costs, variables: list[int], gained: Mapping[int, np.ndarray] | None) -> np.ndarray:

@@ -22,7 +22,7 @@ from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import check_protect, free_group_ids
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
-from fxmorph.passes.uniform import uniform_classes
+from fxmorph.passes.uniform import width_classes
 from fxmorph.surgery.apply import apply_plan
 
 __all__ = ["BudgetPass", "PrunePass"]
@@ -63,15 +63,13 @@ class BudgetPass(Pass):
             return PassResult(gm, False, note="budget already met")
         scores = importance(cg, self.criterion, data=ctx.data, loss_fn=ctx.loss_fn, seed=ctx.seed)
         free = free_group_ids(cg, self.protect)
-        classes: list[list[int]] = []
-        if self.uniform_blocks:
-            classes, free = uniform_classes(cg, free)
+        classes, free = width_classes(cg, free, self.uniform_blocks)
         widths = self.choose(cost, {g: scores[g] for g in free}, classes)
         plan = keep_best(cg, widths, scores)
         changes = {g: (cg.groups[g].size, p.width) for g, p in plan.items()}
         note = f"FLOPs {cost.flops() / 1e9:.3f} G -> {cost.flops(widths) / 1e9:.3f} G"
         if classes:
-            note += f"; {sum(map(len, classes))} groups in {len(classes)} same-role classes of repeated blocks"
+            note += f"; {sum(map(len, classes))} groups in {len(classes)} classes kept at one width"
         return PassResult(apply_plan(gm, cg, plan, seed=ctx.seed), bool(plan), changes, note, plan)
 
 

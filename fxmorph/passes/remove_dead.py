@@ -39,7 +39,7 @@ from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.dead_index import GroupIndex, Site, as_numpy, reader_sites
 from fxmorph.passes.dead_values import channel_values, zero_padded
 from fxmorph.passes.importance import channel_positions
-from fxmorph.passes.uniform import same_role_classes, unsized_groups
+from fxmorph.passes.uniform import unsized_groups, width_classes
 from fxmorph.surgery.apply import apply_plan
 from fxmorph.validate import frozen_mode
 
@@ -213,7 +213,7 @@ class RemoveDeadPass(Pass):
         if self.uniform_blocks:
             for gid in unsized_groups(cg):  # the model's config could not state these at another width
                 found.pop(gid, None)
-            _even_out(cg, found, same_role_classes(cg))
+        _even_out(cg, found, width_classes(cg, [g.id for g in cg.groups], self.uniform_blocks)[0])
         plans: dict[int, GroupPlan] = {}
         deltas: dict[str, torch.Tensor] = {}
         for gid, channels in found.items():

@@ -43,7 +43,7 @@ __all__ = [
     "same_role_classes",
     "settle_classes",
     "summed",
-    "uniform_classes",
+    "width_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,14 +119,20 @@ def unsized_groups(cg: ChannelGraph) -> set[int]:
     return {g.id for g in cg.groups if g.params and not any(sizes.fields_of(m.name, m.dim) for m in g.params)}
 
 
-def uniform_classes(cg: ChannelGraph, free: Collection[int]) -> tuple[list[list[int]], list[int]]:
-    """``uniform_blocks``' units: the classes all of whose groups are ``free`` (:func:`same_role_classes`), and
-    the free groups left, without the groups the model's config cannot state at another width."""
-    fixed = unsized_groups(cg)
+def width_classes(cg: ChannelGraph, free: Collection[int], uniform: bool) -> tuple[list[list[int]], list[int]]:
+    """The classes width selection keeps at one width, all of whose groups are ``free``, and the free groups left.
+
+    Always the groups the model's class states as one width (:attr:`~fxmorph.analysis.ChannelGraph.same_width`:
+    the pieces of ``split(x, self.width)``), so that the result comes back as the class; with ``uniform``
+    (``uniform_blocks``) also :func:`same_role_classes`, joined where they share a group, and without the groups
+    the model's config cannot state at another width."""
+    classes = [*cg.same_width, *(same_role_classes(cg) if uniform else [])]
+    joined = [c for c in _merged(cg, classes) if _tieable(cg, c)]
+    fixed = unsized_groups(cg) if uniform else set()
     if fixed & set(free):
         logger.info("uniform blocks: %d group(s) keep their width: no field of the config sizes them",
                     len(fixed & set(free)))  # fmt: skip
-    return settle_classes(same_role_classes(cg), [g for g in free if g not in fixed])
+    return settle_classes(joined, [g for g in free if g not in fixed])
 
 
 def settle_classes(classes: list[list[int]], free: Collection[int]) -> tuple[list[list[int]], list[int]]:

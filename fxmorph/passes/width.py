@@ -28,7 +28,7 @@ from fxmorph.passes.protect import grow_candidates
 from fxmorph.passes.prune import BudgetPass
 from fxmorph.passes.rounding import Grid, RoundTo, as_grid
 from fxmorph.passes.select import uniform_widths
-from fxmorph.passes.uniform import in_units, uniform_classes
+from fxmorph.passes.uniform import in_units, width_classes
 
 __all__ = ["MAX_FACTOR", "WidthPass", "width_reach"]
 
@@ -105,9 +105,7 @@ class WidthPass(BudgetPass):
         cg = self.analyse(gm)
         cost = CostModel(cg)
         groups, skipped = grow_candidates(cg, self.protect)
-        classes: list[list[int]] = []
-        if self.uniform_blocks:
-            classes, groups = uniform_classes(cg, groups)
+        classes, groups = width_classes(cg, groups, self.uniform_blocks)
 
         def grown(costs: Costs, variables: list[int], _: object) -> np.ndarray:
             return uniform_grow_widths(costs, variables, self.budget_flops, self.round_to, self.max_factor)

@@ -186,7 +186,8 @@ def _int(value: Any) -> bool:
 def _candidates(copied: nn.Module, diff: Difference) -> Iterator[_Candidate]:
     """Integer attributes that may have produced the differing constant, most likely first: on the modules
     running at the node, innermost first, attributes equal to the constant (or a tuple of ints holding it,
-    such as a LayerNorm's ``normalized_shape``), then those it is a multiple of (``self.head_dim * 3``)."""
+    such as a LayerNorm's ``normalized_shape``), then those it is a multiple or a share of (``self.head_dim * 3``,
+    ``self.expand_chs // 2``)."""
     ours, theirs = diff.ours, diff.theirs
     if not (_int(ours) and _int(theirs)):
         return
@@ -223,13 +224,18 @@ def _new_values(value: Any, ours: int, theirs: int, exact: bool) -> Iterator[Any
 
 
 def _scaled(value: int, ours: int, theirs: int, exact: bool) -> int | None:
-    """The attribute's new value if ``ours`` is ``value`` (``exact``) or an integer multiple of it (not exact)."""
+    """The attribute's new value if ``ours`` is ``value`` (``exact``), or (not exact) an integer multiple of it
+    (``self.head_dim * 3``) or an integer share of it (``self.expand_chs // 2``, CSPNet's split)."""
     if exact:
         return theirs if value == ours else None
-    if value == ours or ours % value or (ours // value) < 2:
+    if value == ours or not ours:
         return None
-    factor = ours // value
-    return theirs // factor if theirs % factor == 0 else None
+    if ours % value == 0 and ours // value >= 2:
+        factor = ours // value
+        return theirs // factor if theirs % factor == 0 else None
+    if value % ours == 0 and value // ours >= 2:
+        return theirs * (value // ours)
+    return None
 
 
 class _Search:

@@ -103,6 +103,8 @@ def split(ctx: RuleContext, node: fx.Node) -> tuple[Spaces, ...] | None:
         layouts = [o[d] for o in outs]
         given = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
         ctx.rewrite(ArgSlot(1), lambda measure: _split_arg([measure(x) for x in layouts], given))
+        if isinstance(given, int):  # one size for every piece (a shorter last one aside): the class states one
+            ctx.keep_equal([x for x, size in zip(layouts, sizes, strict=True) if size == given])
     return outs
 
 
