@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxmorph
@@ -14,11 +15,13 @@ from fxmorph.capture.aten import ALIASES
 from fxmorph.meta import CAPTURE_KEY
 from fxmorph.passes.base import PassContext
 from fxmorph.passes.prune import PrunePass
+from fxmorph.testing import random_plan
 from tests.conftest import check_prune
 from tests.zoo import build, example_input
 
 # depthwise (mobilenet) and residual (resnet) by default; grouped (regnet) and channel shuffle (shufflenet) under slow
 SAMPLE = ["resnet18", "mobilenet_v3_small"]
+SEEDS = (0, 1, 2)
 MORE = ["shufflenet_v2_x0_5", "regnet_x_400mf", "convnext_tiny", "efficientnet_b0", "densenet121", "squeezenet1_0"]
 
 
@@ -143,3 +146,51 @@ def test_a_view_of_an_expanded_tensor_runs_once_contiguous_is_dropped() -> None:
     x = torch.randn(2, 3, 4, 4)
     cg = fxmorph.analyze(Expand(), (x,), capture="export")
     assert torch.equal(cg.gm(x), Expand.forward(cg.source, x))
+
+
+class BilinearAttn(nn.Module):
+    """timm's ``BilinearAttnTransform`` on one block (``t == 1``): the rows of ``conv_p``'s output and the columns of
+    ``conv_q``'s are viewed as a ``bs x bs`` matrix that ``p @ x @ q`` multiplies into the spatial dims, which a
+    convolution then reads as positions."""
+
+    def __init__(self, c: int = 16, groups: int = 2, bs: int = 4) -> None:
+        super().__init__()
+        self.stem, self.conv1 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, groups, 1)
+        self.conv_p = nn.Conv2d(groups, bs * bs * groups, (bs, 1))
+        self.conv_q = nn.Conv2d(groups, bs * bs * groups, (1, bs))
+        self.conv2, self.head1, self.head2 = nn.Conv2d(c, c, 1), nn.Conv2d(c, 8, 1), nn.Conv2d(8, 4, 1)
+        self.bs, self.groups = bs, groups
+
+    def _spread(self, m: torch.Tensor, b: int, c: int) -> torch.Tensor:
+        """One ``bs x bs`` matrix per group, repeated for each of the group's ``c // groups`` channels."""
+        m = m.view(b, self.groups, 1, self.bs, self.bs)
+        return m.expand(b, self.groups, c // self.groups, self.bs, self.bs).contiguous().view(b, c, self.bs, self.bs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).relu()
+        b, c = x.shape[0], x.shape[1]
+        y = self.conv1(x)
+        p = self.conv_p(F.adaptive_max_pool2d(y, (self.bs, 1))).view(b, self.groups, self.bs, self.bs).sigmoid()
+        q = self.conv_q(F.adaptive_max_pool2d(y, (1, self.bs))).view(b, self.groups, self.bs, self.bs).sigmoid()
+        p, q = self._spread(p / p.sum(dim=3, keepdim=True), b, c), self._spread(q / q.sum(dim=2, keepdim=True), b, c)
+        return self.head2(self.head1(self.conv2(p.matmul(x).matmul(q)) + x).relu())
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_channels_multiplied_into_a_spatial_dim_are_pinned_at_the_convolution(capture: str) -> None:
+    """timm's bat_resnext26ts: a plan that shrank ``conv_p``'s rows shrank the image ``conv2`` reads, and the add
+    after it failed ("size of tensor a (3) must match b (8) at dim 3"): the convolution rules dropped the channels
+    on their input's spatial dims instead of pinning them."""
+    torch.manual_seed(0)
+    model, x = BilinearAttn().eval(), torch.randn(2, 3, 4, 4)
+    cg = fxmorph.analyze(model, (x,), capture=capture)
+    # the groups on the spatial dims of p @ x @ q: the rows of conv_p's output, the columns of conv_q's
+    spatial = [g for g in cg.groups if any(t.name.startswith("matmul") and t.dim >= 2 for t in g.tensors)]
+    assert spatial and all(g.pins for g in spatial)
+    assert any("spatial dim as positions" in str(p) for g in spatial for p in g.pins)
+    free = {frozenset(p.name for p in g.params) for g in cg.free_groups}
+    assert frozenset({"head1.weight", "head1.bias", "head2.weight"}) in free
+    if capture == "fx":  # export pins conv1's channels at aten.adaptive_max_pool2d, which has no alias
+        assert frozenset({"conv1.weight", "conv1.bias", "conv_p.weight", "conv_q.weight"}) in free
+    for seed in SEEDS:
+        check_prune(cg, random_plan(cg, seed=seed), x)

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import fx
 
-from fxmorph.analysis.context import RuleContext
+from fxmorph.analysis.context import RuleContext, Spaces
 
-__all__ = ["norm_dim", "op_name", "pin_unknown"]
+__all__ = ["norm_dim", "op_name", "pin_positions", "pin_unknown"]
 
 
 def norm_dim(dim: int, ndim: int) -> int:
@@ -24,3 +24,16 @@ def op_name(target: Any) -> str:
 def pin_unknown(ctx: RuleContext, node: fx.Node, why: str) -> None:
     """Pin everything a node touches, naming the op."""
     ctx.pin_all((node.args, node.kwargs), f"{why} in {node.op} '{op_name(node.target)}'")
+
+
+def pin_positions(ctx: RuleContext, spaces: Spaces, channel_dim: int, what: str) -> None:
+    """Pin the channels on the dims after ``channel_dim`` of a layer's input (its spatial dims).
+
+    A convolution or pixel shuffle reads those dims as positions: a window slides over them, so an output
+    position mixes several input positions (or moves to another dim) and no output dim carries their
+    channels. Left out of the output unpinned, they would leave the output's spatial size fixed while a
+    plan changes the input's (a block's attention matrix multiplied into the spatial dims, timm's BAT).
+    """
+    for d, layout in spaces.items():
+        if d > channel_dim:
+            ctx.pin(layout, f"{what} reads channels on a spatial dim as positions")

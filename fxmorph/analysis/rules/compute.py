@@ -11,7 +11,7 @@ from torch import fx
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import Role, RuleContext, Spaces, Taint
-from fxmorph.analysis.rules._util import norm_dim, op_name
+from fxmorph.analysis.rules._util import norm_dim, op_name, pin_positions
 from fxmorph.analysis.rules.shape import number_op
 
 __all__ = [
@@ -335,6 +335,7 @@ def functional_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     sx, so, sw = ctx.shape(x), ctx.shape(node), ctx.shape(w)
     if sx is None or so is None or sw is None or groups != 1 or len(sx) != len(sw):
         return no_rule(ctx, node)
+    pin_positions(ctx, ctx.spaces(x), 1, "a convolution")
     ws = _param_spaces(ctx, w)
     for d in range(2, len(sw)):  # kernel positions are not channels (a parameter's every dim gets a space)
         if d in ws:

@@ -15,6 +15,7 @@ from torch import fx
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces
+from fxmorph.analysis.rules._util import pin_positions
 from fxmorph.analysis.rules.compute import functional_conv, no_rule
 from fxmorph.analysis.rules.modules import _depthwise_out, _grouped_in, _repeat
 
@@ -49,6 +50,7 @@ def any_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     sx, so, sw = ctx.shape(x), ctx.shape(node), ctx.shape(w)
     if groups is None or sx is None or so is None or sw is None or len(sx) != len(sw) or not isinstance(w, fx.Node):
         return no_rule(ctx, node)
+    pin_positions(ctx, ctx.spaces(x), 1, "a convolution")
     ws = ctx.spaces(w)
     for d in range(2, len(sw)):  # kernel positions are not channels
         if d in ws:

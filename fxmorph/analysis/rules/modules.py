@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import ModuleAttr, Role, RuleContext, ScaleRows, Spaces
+from fxmorph.analysis.rules._util import pin_positions
 from fxmorph.analysis.rules.compute import no_rule
 
 __all__ = [
@@ -89,6 +90,7 @@ def conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if cd is None or out_shape is None:
         return no_rule(ctx, node)
     sp = ctx.spaces(node.args[0])
+    pin_positions(ctx, sp, cd, "a convolution")
     lin, groups = sp.get(cd), m.groups
     cin_g, cout = m.in_channels // groups, m.out_channels
     if groups == 1:
@@ -149,6 +151,7 @@ def conv_transpose(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if cd is None or in_shape is None or (m.groups != 1 and m.in_channels != m.groups):
         return no_rule(ctx, node)
     sp = ctx.spaces(node.args[0])
+    pin_positions(ctx, sp, cd, "a transposed convolution")
     lin = sp.get(cd)
     if m.groups == 1:  # the transposed weight is [in, out, k]: dim 0 reads, dim 1 makes
         ctx.bind(_path(ctx, "weight"), 0, lin, Role.IN)
@@ -288,6 +291,7 @@ def pixel_shuffle(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     sp = ctx.spaces(node.args[0])
     shape = ctx.shape(node.args[0]) or ()
     cd = len(shape) - 3  # (..., C, H, W): any number of batch dims
+    pin_positions(ctx, sp, cd, "a pixel shuffle")
     out = {d: lay for d, lay in sp.items() if d < cd}
     if cd in sp:
         block = ctx.atoms.unchunk(sp[cd], r**2)
@@ -307,6 +311,7 @@ def pixel_unshuffle(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     sp = ctx.spaces(node.args[0])
     shape = ctx.shape(node.args[0]) or ()
     cd = len(shape) - 3
+    pin_positions(ctx, sp, cd, "a pixel unshuffle")
     out = {d: lay for d, lay in sp.items() if d < cd}
     if cd in sp:
         out[cd] = _scale_inner(ctx, sp[cd], r**2)
