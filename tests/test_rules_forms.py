@@ -418,3 +418,24 @@ def test_functional_linear_with_keyword_parameters_is_free() -> None:
     cg = fxmorph.analyze(Keywords(), (x,))
     assert [g.size for g in cg.free_groups] == [8]
     check_prune(cg, random_plan(cg, seed=0), x)
+
+
+class _ChannelTokens(nn.Module):
+    """Indices that carry channels: the argmax over positions of each conv channel, looked up in a table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.table, self.head = nn.Conv1d(3, 8, 1), nn.Embedding(5, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = (self.conv(x) > 0).long().sum(-1).clamp(max=4)  # (N, 8): a token per channel
+        return self.head(self.table(tokens)).sum(1)  # the channels summed: the conv's may go
+
+
+def test_an_embedding_keeps_the_channels_its_indices_carry() -> None:
+    model, x = _ChannelTokens().eval(), torch.randn(2, 3, 6)
+    cg = fxmorph.analyze(model, (x,))
+    conv = next(g for g in cg.groups if any(m.name == "conv.weight" and m.dim == 0 for m in g.params))
+    assert not conv.pins  # carried through the lookup to the sum, not dropped
+    for seed in range(3):
+        check_prune(cg, random_plan(cg, seed=seed), x)

@@ -278,8 +278,10 @@ METHOD_OPS: dict[str, OpFacts] = {
     **dict.fromkeys(("sigmoid", "sigmoid_"), _SIGMOID), **dict.fromkeys(("tanh", "tanh_"), _TANH),
     **dict.fromkeys(("relu", "relu_"), _RELU), "hardshrink": _SHRINK,
     "prelu": act(rf.prelu),
-    **dict.fromkeys(("contiguous", "clone", "float", "double", "half", "to", "type_as"),
+    **dict.fromkeys(("contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as"),
                     pointwise(rc.passthrough, 1.0)),
+    # casts to integers and booleans: per element, zero stays zero, and no gradient flows through them
+    **dict.fromkeys(("long", "int", "short", "byte", "char", "bool"), pointwise(rc.passthrough, 0.0)),
     "detach": pointwise(rc.passthrough, 0.0),  # the identity, but no gradient flows through it
     **{name: move(getattr(rs, name)) for name in ("index_select", "permute", "transpose", "unsqueeze", "squeeze",
                                                    "expand", "split", "chunk", "unbind", "tensor_split",

@@ -263,7 +263,8 @@ def prelu(ctx: RuleContext, node: fx.Node) -> Spaces | None:
 
 
 def embedding(ctx: RuleContext, node: fx.Node) -> Spaces | None:
-    """``nn.Embedding``: produces a new channel dim, the columns of its weight."""
+    """``nn.Embedding``: produces a new channel dim, the columns of its weight; the index dims keep theirs (a
+    lookup per index: channels carried by the index tensor stay on the same dims)."""
     m = ctx.module()
     assert isinstance(m, nn.Embedding)
     out_shape = ctx.shape(node)
@@ -272,7 +273,7 @@ def embedding(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     lout = ctx.fresh(m.embedding_dim)
     ctx.bind(_path(ctx, "weight"), 1, lout, Role.OUT)
     _attr(ctx, "embedding_dim", lout)
-    return {len(out_shape) - 1: lout}
+    return {**ctx.spaces(node.args[0]), len(out_shape) - 1: lout}
 
 
 def _factor(ctx: RuleContext, node: fx.Node, name: str) -> int | None:
