@@ -39,6 +39,8 @@ MODELS: dict[str, tuple[int, dict[str, Any]]] = {
     "regnety_002": (32, {}),
     "nfnet_l0": (32, {}),
     "efficientnet_b0": (32, {}),
+    "tf_efficientnet_cc_b0_4e": (32, {}),  # CondConv: expert kernels mixed per sample, a grouped conv over the batch
+    "bat_resnext26ts": (256, {}),  # an attention matrix multiplied into the spatial dims; needs 256 px
     "tinynet_a": (32, {}),
     "mobilenetv3_large_100": (32, {}),
     "mobilenetv4_conv_small": (32, {}),
@@ -76,7 +78,10 @@ MODELS: dict[str, tuple[int, dict[str, Any]]] = {
 # Models torch.fx cannot trace, refused with fxmorph's TraceError naming the line: TF-style "same" padding
 # computed from the input size in Python (timm.layers.padding.pad_same), and forwards that branch on
 # a tensor's device or size (EfficientViT's attention, MobileViT's patch resize).
-UNTRACEABLE = ("dm_nfnet_f0", "tf_efficientnetv2_b0", "efficientvit_b0", "mobilevit_xxs")
+UNTRACEABLE = (
+    "dm_nfnet_f0", "tf_efficientnetv2_b0", "efficientvit_b0", "mobilevit_xxs", "tf_efficientnet_cc_b0_4e",
+    "bat_resnext26ts",
+)  # fmt: skip
 
 # The least share of FLOPs in free groups, for every traced model but the exceptions below.
 TARGET = 0.95

@@ -195,8 +195,26 @@ class AtomTable:
         if count <= 0 or width % count:
             return None
         step = width // count
-        parts = [self.slice(layout, k * step, (k + 1) * step) for k in range(count)]
-        return None if any(p is None for p in parts) else parts  # type: ignore[return-value]
+        # one pass over the leaf pieces, each cut where chunks end (slicing chunk by chunk re-walked the layout
+        # for every chunk: quadratic, minutes for CondConv's flattened expert weights viewed as filters)
+        parts: list[list[Piece]] = [[] for _ in range(count)]
+        pos = 0
+        for atom, inner in self._leaf_pieces(layout):
+            end = pos + self._size[atom] * inner
+            rest: int | None = atom  # the leaf holding positions [pos, end) not yet given to a chunk
+            while rest is not None:
+                k = pos // step
+                stop = min(end, (k + 1) * step)
+                if (stop - pos) % inner:  # the cut would separate copies of one channel
+                    return None
+                taken = (stop - pos) // inner
+                if taken < self._size[rest]:
+                    piece, rest = self.split(rest, taken)
+                else:
+                    piece, rest = rest, None
+                parts[k].append((piece, inner))
+                pos = stop
+        return [tuple(p) for p in parts]
 
     def unify(self, x: Layout, y: Layout) -> bool:
         """Make two layouts position-wise identical channel sets. False if they cannot be aligned."""
