@@ -20,6 +20,7 @@ from fxmorph.analysis.cost import CostModel
 from fxmorph.capture.config_sizes import config_sizes
 from fxmorph.errors import WriteBackWarning
 from fxmorph.passes.uniform import same_role_classes
+from tests.test_hf_transformers import whisper
 
 transformers = pytest.importorskip("transformers")
 
@@ -152,15 +153,7 @@ def test_a_tensor_the_trace_never_reads_pins_the_channels_its_field_sizes() -> N
 def test_a_field_that_also_sizes_a_pinned_stream_keeps_the_heads_it_sizes() -> None:
     # Whisper derives its head width from d_model, and its encoder's output (a model output) is d_model wide:
     # under uniform_blocks the heads keep their count and only the MLPs, which their own fields size, shrink
-    torch.manual_seed(0)
-    config = transformers.WhisperConfig(
-        vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
-        max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1,
-    )  # fmt: skip
-    model = transformers.WhisperForConditionalGeneration(config).eval()
-    inputs = (torch.randn(1, 16, 64), None, IDS[:, :6])
+    model, inputs = whisper()
     small, report = fxmorph.shrink(model, "80%", inputs, round_to=1, uniform_blocks=True, return_report=True)
     assert type(small) is type(model) and report.delivery.config_note is None, report.delivery
     assert small.config.encoder_ffn_dim < 128 and small.model.encoder.layers[0].self_attn.q_proj.out_features == 64

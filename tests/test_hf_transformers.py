@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -122,7 +123,8 @@ def test_bert_heads_go_whole_and_obey_the_mask_oracle() -> None:
     check_prune(cg, random_plan(cg, seed=0), ids)
 
 
-def test_an_encoder_decoder_whisper_shrinks_and_comes_back_as_its_class() -> None:
+def whisper() -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    """A one-layer Whisper (d_model 64, 4 heads) and its inputs: features, no mask, decoder ids."""
     torch.manual_seed(0)
     config = transformers.WhisperConfig(
         vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
@@ -130,8 +132,11 @@ def test_an_encoder_decoder_whisper_shrinks_and_comes_back_as_its_class() -> Non
         max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         decoder_start_token_id=1,
     )  # fmt: skip
-    model = transformers.WhisperForConditionalGeneration(config).eval()
-    inputs = (torch.randn(1, 16, 64), None, _ids(6))  # features, no mask, decoder ids
+    return transformers.WhisperForConditionalGeneration(config).eval(), (torch.randn(1, 16, 64), None, _ids(6))
+
+
+def test_an_encoder_decoder_whisper_shrinks_and_comes_back_as_its_class() -> None:
+    model, inputs = whisper()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", WriteBackWarning)  # its config cannot state per-layer head counts
         small, report = fxmorph.shrink(model, "50%", inputs, round_to=1, return_report=True)
