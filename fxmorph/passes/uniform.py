@@ -64,12 +64,15 @@ def _block_classes(cg: ChannelGraph) -> list[list[int]]:
 
 
 def _config_classes(cg: ChannelGraph, sizes: ConfigSizes) -> list[list[int]]:
-    """Classes of groups sized by one config field (a parameter dim of each changes with the field)."""
+    """Classes of groups sized by one config field alone (a parameter dim of each changes with that field and
+    no other). A dim two fields size (Llama's query rows, ``num_attention_heads * head_dim``) ties nothing: it can
+    change through either, so one field's other dims (rotary frequencies, by ``head_dim``) need not follow."""
     by_field: dict[str, set[int]] = {}
     for group in cg.groups:
         for m in group.params:
-            for field in sizes.fields_of(m.name, m.dim):
-                by_field.setdefault(field, set()).add(group.id)
+            fields = sizes.fields_of(m.name, m.dim)
+            if len(fields) == 1:
+                by_field.setdefault(next(iter(fields)), set()).add(group.id)
     return [sorted(ids) for ids in by_field.values() if len(ids) > 1]
 
 
