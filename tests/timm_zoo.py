@@ -100,8 +100,6 @@ EXCEPTIONS: dict[str, tuple[float, str]] = {
 KNOWN_FALLBACKS: dict[str, str] = {
     "efficientvit_b0": "torch.export puts a module into a higher-order op's subgraph (submod_9) that write-back "
                        "takes for one held under two names, which would need two shapes",
-    "mobilevit_xxs": "torch.export specialises C of `B, C, H, W = x.shape` to the constant 128 in the reshape at "
-                     "mobilevit.py:258, which no attribute restates",
 }  # fmt: skip
 
 # The part of the sample the default (not ``-m slow``) test run covers: quick, and between them the
