@@ -194,3 +194,32 @@ def test_channels_multiplied_into_a_spatial_dim_are_pinned_at_the_convolution(ca
         assert frozenset({"conv1.weight", "conv1.bias", "conv_p.weight", "conv_q.weight"}) in free
     for seed in SEEDS:
         check_prune(cg, random_plan(cg, seed=seed), x)
+
+
+class _Float32Attention(nn.Module):
+    """EfficientViT's linear attention in small: a region run with autocast off, which export wraps in a
+    higher-order op calling a subgraph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).relu().chunk(3, dim=-1)
+        with torch.autocast(device_type="cpu", enabled=False):
+            context = k.float().transpose(-1, -2) @ v.float()
+            out = (q.float() @ context).to(x.dtype)
+        return self.proj(out)
+
+
+def test_a_region_with_autocast_off_is_inlined_and_its_channels_are_free() -> None:
+    torch.manual_seed(0)
+    model, x = _Float32Attention().eval(), torch.randn(2, 5, 8)
+    cg = fxmorph.analyze(model, (x,), capture="export")
+    assert not any("autocast" in str(n.target) for n in cg.gm.graph.nodes)  # the subgraph's ops are in the graph
+    qkv = next(g for g in cg.groups if any(m.name == "qkv.weight" and m.dim == 0 for m in g.params))
+    assert not qkv.pins
+    # (no float64 mask oracle: export wrote the cast back to the input's dtype as float32)
+    small, report = fxmorph.shrink(model, "50%", (x,), capture="export", round_to=1, return_report=True)
+    assert type(small) is _Float32Attention and small.qkv.out_features < 24, report.delivery  # proven equal
+    assert report.flops_after <= report.budget_flops

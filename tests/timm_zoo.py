@@ -97,10 +97,8 @@ EXCEPTIONS: dict[str, tuple[float, str]] = {
 
 # Models that shrink to half their FLOPs but come back as a torch.fx.GraphModule (with a WriteBackWarning), not
 # as their own class, for a reason that is a gap in fxmorph: name -> the reason. Remove an entry once fixed.
-KNOWN_FALLBACKS: dict[str, str] = {
-    "efficientvit_b0": "torch.export puts a module into a higher-order op's subgraph (submod_9) that write-back "
-                       "takes for one held under two names, which would need two shapes",
-}  # fmt: skip
+KNOWN_FALLBACKS: dict[str, str] = {}
+"""Models of the sample that shrink but come back as a GraphModule, with why (none now)."""
 
 # The part of the sample the default (not ``-m slow``) test run covers: quick, and between them the
 # layers the rules for functional forms were written for (BatchNormAct2d after depthwise, grouped and

@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from fxmorph.capture.aten import canonicalize
+from fxmorph.capture.inline import inline_autocast_off
 from fxmorph.errors import TraceError
 from fxmorph.meta import CAPTURE_KEY, INTERFACE_KEY
 
@@ -56,6 +57,7 @@ def export_graph(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any]
             "capture the submodules that can be (capture='regions'), or shrink those submodules alone."
         ) from exc
     gm = program.module()
+    inline_autocast_off(gm)  # before canonicalizing: the inlined ops are ATen ops too
     canonicalize(gm)
     for node in gm.graph.nodes:
         # export's fake values: fxmorph propagates shapes itself, and a fake tensor of a constant built in the
