@@ -225,7 +225,7 @@ def _pin_unread_sizes(ctx: RuleContext, gm: fx.GraphModule) -> None:
     sizes = gm.meta.get(CONFIG_SIZES_KEY)
     if not isinstance(sizes, ConfigSizes) or not sizes.unread:
         return
-    ctx.node = None
+    ctx.node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")  # the pins name the graph's end
     for binding in list(ctx.bindings.values()):
         fields = sorted(sizes.fields_of(binding.target, binding.dim) & sizes.unread.keys())
         if fields and binding.layout is not None:

@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxmorph.capture.blocks import repeated_blocks
-from fxmorph.capture.config_sizes import config_sizes, unread_tensors
+from fxmorph.capture.config_sizes import config_of, config_sizes, unread_tensors
 from fxmorph.capture.export import CAPTURES, Capture, export_graph
 from fxmorph.capture.flops import flop_counter
 from fxmorph.capture.model_checks import check_hooks, check_reshapable, check_unwrapped
@@ -328,7 +328,8 @@ def trace(
     gm.meta[UNREACHED_KEY] = unreached_modules(model, gm) if gm.meta[CAPTURE_KEY] != "regions" else ()
     gm.meta[BLOCKS_KEY] = repeated_blocks(model)
     # a bundle of regions leaves the opaque modules' tensors out: those are unread by design, and keep their widths
-    sizes = config_sizes(model, unread_tensors(model, gm) if gm.meta[CAPTURE_KEY] != "regions" else ())
+    unread = unread_tensors(model, gm) if config_of(model) is not None and gm.meta[CAPTURE_KEY] != "regions" else ()
+    sizes = config_sizes(model, unread)
     if sizes is not None:
         gm.meta[CONFIG_SIZES_KEY] = sizes
     if gm.meta[UNREACHED_KEY]:
