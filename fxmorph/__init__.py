@@ -27,6 +27,7 @@ from fxmorph.errors import (
 )
 from fxmorph.io.export import ExportError, ExportResult, export_onnx
 from fxmorph.io.latency import LatencyReport, compare_latency, measure_latency
+from fxmorph.io.latency_profile import OnnxRuntimeCPU  # registers runtime="onnxruntime"
 from fxmorph.io.serialize import SerializationError, load, save
 from fxmorph.meta import metadata
 from fxmorph.surgery.apply import apply_plan
@@ -49,6 +50,7 @@ __all__ = [
     "InputError",
     "LatencyReport",
     "MorphReport",
+    "OnnxRuntimeCPU",
     "PassError",
     "Pin",
     "PlanError",

@@ -12,6 +12,7 @@ from typing import Any, TypeAlias
 from torch import fx, nn
 
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
+from fxmorph.analysis.kernels import Kernel
 from fxmorph.meta import tensor_shape
 
 __all__ = [
@@ -151,11 +152,16 @@ class Rewrite:
 
 @dataclass(frozen=True)
 class CostTerm:
-    """``coef * prod(width(f) for f in factors)`` FLOPs; a factor is a layout or a fixed integer."""
+    """``coef * prod(width(f) for f in factors)`` FLOPs; a factor is a layout or a fixed integer.
+
+    ``kernel``: the runtime kernel that runs the op, where the rule knows it, with its ``axes`` (the widths its
+    latency table spans: a layout, or a fixed width), see :mod:`fxmorph.analysis.kernels`."""
 
     node: str
     coef: int
     factors: tuple[Layout, ...]
+    kernel: Kernel | None = None
+    axes: tuple[Layout | int, ...] = ()
 
 
 def tied_paths(root: nn.Module) -> dict[str, str]:
@@ -344,12 +350,15 @@ class RuleContext:
             raise TypeError(f"a rewrite location is one of the Location types, got {location!r}")
         self.rewrites.append(Rewrite(self.here(), location, value))
 
-    def cost(self, coef: int, *factors: Layout | int) -> None:
-        """Record FLOPs of the current node as ``coef`` times the widths of ``factors``."""
+    def cost(
+        self, coef: int, *factors: Layout | int, kernel: Kernel | None = None, axes: tuple[Layout | int, ...] = ()
+    ) -> None:
+        """Record FLOPs of the current node as ``coef`` times the widths of ``factors``; ``kernel`` (with the
+        widths ``axes`` its table spans) names the runtime kernel that runs it, where the rule knows it."""
         layouts: list[Layout] = []
         for f in factors:
             if isinstance(f, int):  # a fixed width folds into the coefficient: the cost model sees fewer forms
                 coef *= f
             else:
                 layouts.append(f)
-        self.costs.append(CostTerm(self.here(), coef, tuple(layouts)))
+        self.costs.append(CostTerm(self.here(), coef, tuple(layouts), kernel, axes if kernel is not None else ()))

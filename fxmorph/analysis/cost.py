@@ -1,5 +1,8 @@
 """The cost model: FLOPs and parameters as a function of group widths, evaluated in microseconds.
 
+A budget may measure another :class:`Resource` of the same widths (:meth:`Costs.priced`): the predicted latency of
+:mod:`fxmorph.analysis.latency`, or FLOPs and latency together.
+
 Built once from the channel graph. Each counted op contributes ``coef * prod(width(factor))`` where a
 factor's width is a linear form in the group widths; ops whose cost cannot change (every channel they
 touch is pinned) are folded into a constant, taken from the FLOPs counted at trace time. After surgery
@@ -10,13 +13,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Mapping, Sequence
+from typing import Protocol, Self
 
 import numpy as np
 
 from fxmorph.analysis import ChannelGraph, Layout
 from fxmorph.meta import FLOPS_KEY
 
-__all__ = ["CostModel", "Costs", "TiedCosts"]
+__all__ = ["CostModel", "Costs", "Resource", "TiedCosts"]
 
 
 class _Polynomial:
@@ -26,11 +30,13 @@ class _Polynomial:
     Build with :meth:`form` and :meth:`term`, then :meth:`freeze` once before evaluating.
     """
 
-    def __init__(self, n_groups: int) -> None:
+    def __init__(self, n_groups: int, exact: bool = True) -> None:
+        """``exact``: integer coefficients and values (FLOPs, parameters); otherwise floats (microseconds)."""
         self._n = n_groups
+        self._exact = exact
         self._rows: list[np.ndarray] = []
         self._terms: list[tuple[int, list[int]]] = []
-        self.const = 0
+        self.const: float = 0
 
     def form(self, cg: ChannelGraph, layout: Layout) -> int:
         """Add the linear form of ``layout``'s width; return its row index."""
@@ -54,16 +60,17 @@ class _Polynomial:
             else np.zeros((1, self._n), dtype=np.int64)
         )
         one = len(self._rows)
-        self._coef = np.array([c for c, _ in self._terms], dtype=np.int64)
+        self._coef = np.array([c for c, _ in self._terms], dtype=np.int64 if self._exact else np.float64)
         self._idx = np.full((len(self._terms), max(width, 1)), one, dtype=np.int64)
         for t, (_, forms) in enumerate(self._terms):
             self._idx[t, : len(forms)] = forms
 
-    def __call__(self, widths: np.ndarray) -> int:
+    def __call__(self, widths: np.ndarray) -> int | float:
         """The value at group widths ``widths``."""
         values = self._a @ widths
         values[-1] = 1
-        return int(self.const + int((self._coef * values[self._idx].prod(axis=1)).sum()))
+        total = (self._coef * values[self._idx].prod(axis=1)).sum()
+        return int(self.const + int(total)) if self._exact else float(self.const + total)
 
     def steps(self, widths: np.ndarray, groups: np.ndarray, new_widths: np.ndarray) -> np.ndarray:
         """Values after each single-group change ``widths[groups[j]] = new_widths[j]``, one per ``j``.
@@ -86,9 +93,24 @@ class _Polynomial:
         return out
 
 
+class Resource(Protocol):
+    """What a budget measures, as a function of a vector of widths (FLOPs, predicted latency, or both at once):
+    the interface of :class:`_Polynomial`, which the selection step evaluates."""
+
+    def __call__(self, widths: np.ndarray) -> int | float:
+        """The value at ``widths``."""
+
+    def steps(self, widths: np.ndarray, groups: np.ndarray, new_widths: np.ndarray) -> np.ndarray:
+        """Values after each single change ``widths[groups[j]] = new_widths[j]``."""
+
+    def projected(self, onto: np.ndarray) -> Resource:
+        """The same function of variables ``u`` where the old ones are ``onto @ u``."""
+
+
 class Costs:
     """FLOPs and parameters as functions of a vector of widths, one per variable (:class:`CostModel`: one
-    per group; :class:`TiedCosts`: one per unit of groups kept at one width)."""
+    per group; :class:`TiedCosts`: one per unit of groups kept at one width), and the resource a budget
+    measures (:meth:`spent`: FLOPs unless :meth:`priced` says otherwise)."""
 
     sizes: np.ndarray
     """The original width of every variable."""
@@ -96,6 +118,26 @@ class Costs:
     """The channels each element of every variable stands for (:attr:`Group.span`: a head's width, or 1)."""
     _flops: _Polynomial
     _params: _Polynomial
+    _budget: Resource
+
+    @property
+    def flops_function(self) -> Resource:
+        """FLOPs as a :class:`Resource` of this object's variables."""
+        return self._flops
+
+    def priced(self, resource: Resource) -> Self:
+        """A copy whose budget measures ``resource`` (a function of this object's variables)."""
+        out = copy.copy(self)
+        out._budget = resource
+        return out
+
+    def spent(self, widths: Sequence[int] | np.ndarray | Mapping[int, int] | None = None) -> float:
+        """What the budget measures at ``widths`` (FLOPs, or what :meth:`priced` set)."""
+        return self._budget(self._vector(widths))
+
+    def spent_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
+        """What the budget measures after each step ``(variable, new width)`` taken alone from ``widths``."""
+        return self._budget.steps(*_step_arrays(widths, steps))
 
     def flops_steps(self, widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> np.ndarray:
         """FLOPs after each step ``(variable, new width)`` of ``steps`` taken alone from ``widths``."""
@@ -153,6 +195,7 @@ class CostModel(Costs):
             # flops() at the original widths equals the trace-time count exactly.
             self._flops.const = int(counted) - self._flops(self.sizes.copy())
         self._params = self._param_polynomial(cg)
+        self._budget = self._flops
 
     def _param_polynomial(self, cg: ChannelGraph) -> _Polynomial:
         """One term per parameter: the product of its fixed dims times the width of each bound dim. A
@@ -224,6 +267,7 @@ class TiedCosts(Costs):
         self.spans = cost.spans[leads]
         self._flops = cost._flops.projected(onto)
         self._params = cost._params.projected(onto)
+        self._budget = self._flops if cost._budget is cost._flops else cost._budget.projected(onto)
 
     @staticmethod
     def _check(cost: CostModel, members: list[int]) -> None:

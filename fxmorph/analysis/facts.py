@@ -123,6 +123,12 @@ class OpFacts:
     new_channel: tuple[tuple[str, float], ...] = ()
     shape_attrs: tuple[ShapeAttr, ...] = ()
     specialise: Callable[[OpFacts, Call], OpFacts] | None = None
+    copies: bool = True
+    """Whether a runtime moves the op's data (the latency model prices it); False for views (reshape)."""
+    fuses: bool = False
+    """Whether CPU runtimes fuse the op into a convolution that alone feeds it, so that it costs no time of its
+    own: onnxruntime folds a batch norm into the weights, runs ReLU, Clip, Sigmoid, Tanh, LeakyReLU and
+    HardSigmoid as the convolution's activation, and adds a residual as its blocked kernel's sum."""
 
     @property
     def pointwise(self) -> bool:

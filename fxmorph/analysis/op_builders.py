@@ -30,6 +30,7 @@ __all__ = [
     "rrelu",
     "shape_only",
     "threshold",
+    "view",
 ]
 
 
@@ -51,6 +52,12 @@ def pool(rule: Rule, keeps: bool = False, slope: float | None = 1.0, **more: Any
 def move(rule: Rule) -> OpFacts:
     """Data movement: values are only rearranged, so zero stays zero and the slope is 1."""
     return OpFacts(rule, OpKind.MOVE, zero_preserving=True, slope_at_zero=1.0)
+
+
+def view(rule: Rule) -> OpFacts:
+    """Data movement that a runtime does without copying (a reshape, a new unit dim): :func:`move` that costs
+    no time."""
+    return move(rule).replace(copies=False)
 
 
 def leaky(facts: OpFacts, call: Call) -> OpFacts:

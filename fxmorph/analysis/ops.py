@@ -41,6 +41,7 @@ from fxmorph.analysis.op_builders import (
     rrelu,
     shape_only,
     threshold,
+    view,
 )
 from fxmorph.analysis.rules import compute as rc
 from fxmorph.analysis.rules import functional as rf
@@ -119,7 +120,8 @@ MODULE_OPS: dict[type[nn.Module], OpFacts] = {
                     OpFacts(rm.conv_transpose, OpKind.LAYER, shape_attrs=_CONV_T_SIZES)),
     nn.Linear: OpFacts(rm.linear, OpKind.LAYER, shape_attrs=_LINEAR_SIZES),
     **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
-                    OpFacts(rm.batch_norm, OpKind.BATCH_NORM, new_channel=_STATS, shape_attrs=_NUM_FEATURES)),
+                    OpFacts(rm.batch_norm, OpKind.BATCH_NORM, new_channel=_STATS, shape_attrs=_NUM_FEATURES,
+                            fuses=True)),
     **dict.fromkeys((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
                     OpFacts(rm.batch_norm, OpKind.NORM, new_channel=_STATS, shape_attrs=_NUM_FEATURES)),
     **dict.fromkeys((nn.LayerNorm, nn.RMSNorm), OpFacts(rm.layer_norm, OpKind.NORM, new_channel=_AFFINE,
@@ -131,7 +133,7 @@ MODULE_OPS: dict[type[nn.Module], OpFacts] = {
     nn.MultiheadAttention: OpFacts(rm.multihead_attention),
     nn.PixelShuffle: OpFacts(rm.pixel_shuffle), nn.PixelUnshuffle: OpFacts(rm.pixel_unshuffle),
     nn.ChannelShuffle: OpFacts(rm.channel_shuffle),
-    nn.Flatten: move(rs.flatten_module),
+    nn.Flatten: view(rs.flatten_module),
     nn.MaxPool1d: pool(rc.spatial(1), keeps=True), nn.MaxPool2d: pool(rc.spatial(2), keeps=True),
     nn.MaxPool3d: pool(rc.spatial(3), keeps=True),
     nn.AvgPool1d: pool(rc.spatial(1)), nn.AvgPool2d: pool(rc.spatial(2)), nn.AvgPool3d: pool(rc.spatial(3)),
@@ -147,10 +149,11 @@ MODULE_OPS: dict[type[nn.Module], OpFacts] = {
     # Activation slopes are autograd's derivative at exactly 0: 1/2 for SiLU and Softplus (sigmoid(0)),
     # LogSigmoid (1 - sigmoid(0)), GELU (Phi(0)) and Hardswish ((2x + 3) / 6); 1/4 for Sigmoid; 0 for the
     # ops flat at 0 (ReLU, the shrinks). ``zero=False``: f(0) != 0 (sigmoid(0) = 1/2, softplus(0) = ln 2).
-    nn.ReLU: act(slope=0.0), nn.ReLU6: act(slope=0.0), nn.GELU: act(slope=0.5), nn.SiLU: act(slope=0.5),
-    nn.Sigmoid: act(slope=0.25, zero=False), nn.Tanh: act(slope=1.0), nn.Hardswish: act(slope=0.5),
-    nn.Hardsigmoid: act(slope=1 / 6, zero=False), nn.Hardtanh: act(specialise=hardtanh),
-    nn.LeakyReLU: act(specialise=leaky), nn.ELU: act(specialise=elu), nn.CELU: act(slope=1.0),
+    nn.ReLU: act(slope=0.0, fuses=True), nn.ReLU6: act(slope=0.0, fuses=True),
+    nn.GELU: act(slope=0.5), nn.SiLU: act(slope=0.5), nn.Hardswish: act(slope=0.5),
+    nn.Sigmoid: act(slope=0.25, zero=False, fuses=True), nn.Tanh: act(slope=1.0, fuses=True),
+    nn.Hardsigmoid: act(slope=1 / 6, zero=False, fuses=True), nn.Hardtanh: act(specialise=hardtanh, fuses=True),
+    nn.LeakyReLU: act(specialise=leaky, fuses=True), nn.ELU: act(specialise=elu), nn.CELU: act(slope=1.0),
     nn.SELU: act(slope=_SELU_SLOPE), nn.Mish: act(slope=_MISH_SLOPE), nn.Softplus: act(slope=0.5, zero=False),
     nn.Softsign: act(slope=1.0), nn.Tanhshrink: act(slope=0.0), nn.LogSigmoid: act(slope=0.5, zero=False),
     nn.Hardshrink: act(slope=0.0), nn.Softshrink: act(slope=0.0), nn.Threshold: act(specialise=threshold),
@@ -175,14 +178,15 @@ _NOT_ZERO = pointwise(zero=False)  # 0/0, 0**0, 0 == 0, exp(0), clamp to unknown
 # the training flag's position: F.dropout(input, p, training), F.rrelu(input, lower, upper, training)
 _DROPOUT = pointwise(slope=1.0, train_flag=2, identity_in_eval=True)
 _RRELU = act(rc.elementwise, train_flag=3, specialise=rrelu)
-_RELU, _TANH = act(rc.elementwise, 0.0), act(rc.elementwise, 1.0)
-_SIGMOID = act(rc.elementwise, 0.25, zero=False)
+_RELU, _TANH = act(rc.elementwise, 0.0, fuses=True), act(rc.elementwise, 1.0, fuses=True)
+_SIGMOID = act(rc.elementwise, 0.25, zero=False, fuses=True)
 _SELU, _CELU = act(rc.elementwise, _SELU_SLOPE), act(rc.elementwise, 1.0)
 _SHRINK = act(rc.elementwise, 0.0)  # hardshrink, softshrink, tanhshrink: flat at 0
-_BATCH_NORM = OpFacts(rf.batch_norm, OpKind.BATCH_NORM, new_channel=_STATS)
+_BATCH_NORM = OpFacts(rf.batch_norm, OpKind.BATCH_NORM, new_channel=_STATS, fuses=True)
 
 FUNCTION_OPS: dict[Any, OpFacts] = {
-    **dict.fromkeys((operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub), _ADD),
+    **dict.fromkeys((operator.add, operator.iadd, torch.add), _ADD.replace(fuses=True)),
+    **dict.fromkeys((operator.sub, operator.isub, torch.sub), _ADD),
     **dict.fromkeys((operator.mul, operator.imul, torch.mul), _MUL),
     **dict.fromkeys((operator.neg, torch.neg), pointwise(slope=-1.0)),
     **dict.fromkeys((operator.truediv, operator.itruediv, operator.floordiv, operator.mod, operator.pow, torch.div,
@@ -196,9 +200,9 @@ FUNCTION_OPS: dict[Any, OpFacts] = {
     **dict.fromkeys((torch.tanh, F.tanh, torch.tanh_), _TANH),
     **dict.fromkeys((torch.relu, F.relu, F.relu_, torch.relu_, F.relu6), _RELU),
     F.gelu: act(rc.elementwise, 0.5), F.silu: act(rc.elementwise, 0.5), F.hardswish: act(rc.elementwise, 0.5),
-    F.hardsigmoid: act(rc.elementwise, 1 / 6, zero=False),
-    **dict.fromkeys((F.hardtanh, F.hardtanh_), act(rc.elementwise, specialise=hardtanh)),
-    **dict.fromkeys((F.leaky_relu, F.leaky_relu_), act(rc.elementwise, specialise=leaky)),
+    F.hardsigmoid: act(rc.elementwise, 1 / 6, zero=False, fuses=True),
+    **dict.fromkeys((F.hardtanh, F.hardtanh_), act(rc.elementwise, specialise=hardtanh, fuses=True)),
+    **dict.fromkeys((F.leaky_relu, F.leaky_relu_), act(rc.elementwise, specialise=leaky, fuses=True)),
     **dict.fromkeys((F.elu, F.elu_), act(rc.elementwise, specialise=elu)),
     **dict.fromkeys((F.selu, torch.selu, torch.selu_), _SELU),
     **dict.fromkeys((F.celu, torch.celu, torch.celu_), _CELU),
@@ -210,10 +214,10 @@ FUNCTION_OPS: dict[Any, OpFacts] = {
     **dict.fromkeys((F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                      torch.dropout, torch.alpha_dropout, torch.feature_alpha_dropout), _DROPOUT),
     torch.prelu: act(rf.prelu),  # F.prelu is torch.prelu; its slopes are graph values, not known here
-    operator.getitem: move(rs.getitem), torch.index_select: move(rs.index_select),
-    **dict.fromkeys((torch.flatten, torch.reshape), move(rs.reshape)),
+    operator.getitem: view(rs.getitem), torch.index_select: move(rs.index_select),
+    **dict.fromkeys((torch.flatten, torch.reshape), view(rs.reshape)),
     torch.permute: move(rs.permute), **dict.fromkeys((torch.transpose, torch.swapaxes), move(rs.transpose)),
-    torch.unsqueeze: move(rs.unsqueeze), torch.squeeze: move(rs.squeeze),
+    torch.unsqueeze: view(rs.unsqueeze), torch.squeeze: view(rs.squeeze),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), move(rs.cat)),
     torch.split: move(rs.split), torch.chunk: move(rs.chunk), torch.unbind: move(rs.unbind),
     torch.tensor_split: move(rs.tensor_split), torch.repeat_interleave: move(rs.repeat_interleave),
@@ -269,7 +273,8 @@ FUNCTION_OPS.update(_torchvision_ops())
 
 # -- Tensor methods ------------------------------------------------------------------------------------
 METHOD_OPS: dict[str, OpFacts] = {
-    **dict.fromkeys(("add", "sub", "add_", "sub_"), _ADD), **dict.fromkeys(("mul", "mul_"), _MUL),
+    **dict.fromkeys(("add", "add_"), _ADD.replace(fuses=True)), **dict.fromkeys(("sub", "sub_"), _ADD),
+    **dict.fromkeys(("mul", "mul_"), _MUL),
     **dict.fromkeys(("neg", "neg_"), pointwise(slope=-1.0)), **dict.fromkeys(("abs", "abs_"), pointwise(slope=0.0)),
     **dict.fromkeys(("div", "div_", "exp", "exp_", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "pow",
                      "rsqrt", "log", "reciprocal"), _NOT_ZERO),
@@ -283,10 +288,10 @@ METHOD_OPS: dict[str, OpFacts] = {
     # casts to integers and booleans: per element, zero stays zero, and no gradient flows through them
     **dict.fromkeys(("long", "int", "short", "byte", "char", "bool"), pointwise(rc.passthrough, 0.0)),
     "detach": pointwise(rc.passthrough, 0.0),  # the identity, but no gradient flows through it
-    **{name: move(getattr(rs, name)) for name in ("index_select", "permute", "transpose", "unsqueeze", "squeeze",
-                                                   "expand", "split", "chunk", "unbind", "tensor_split",
-                                                   "repeat_interleave")},
-    **dict.fromkeys(("view", "reshape", "flatten"), move(rs.reshape)), "swapaxes": move(rs.transpose),
+    **{name: move(getattr(rs, name)) for name in ("index_select", "permute", "transpose", "split", "chunk", "unbind",
+                                                   "tensor_split", "repeat_interleave")},
+    **{name: view(getattr(rs, name)) for name in ("unsqueeze", "squeeze", "expand")},
+    **dict.fromkeys(("view", "reshape", "flatten"), view(rs.reshape)), "swapaxes": move(rs.transpose),
     "reshape_as": OpFacts(rf.reshape_as), "view_as": OpFacts(rf.reshape_as),
     "size": OpFacts(rs.size, OpKind.SHAPE), "dim": OpFacts(shape_only, OpKind.SHAPE),
     **dict.fromkeys(("matmul", "bmm"), OpFacts(rc.matmul)),

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import torch
 
+from fxmorph.analysis.latency import LatencyBudget
+from fxmorph.api.runtimes import LatencyRuntime
 from fxmorph.capture.export import CAPTURES, Capture
-from fxmorph.errors import InputError
+from fxmorph.errors import BudgetError, InputError
 from fxmorph.passes.grow import GrowPass
 from fxmorph.passes.grow_init import DATA_INITS, INITS
 from fxmorph.passes.importance import CRITERIA
@@ -109,7 +111,13 @@ class Options:
 class ShrinkOptions(Options):
     """The options of :func:`fxmorph.shrink` (see its docstring for each)."""
 
-    budget_flops: Budget
+    budget_flops: Budget | None = None
+    budget_latency: Budget | None = None
+    """A latency budget: a fraction or percentage of the model's measured latency, or a time (``"12ms"``)."""
+    runtime: str | LatencyRuntime = "onnxruntime"
+    """The runtime a latency budget is measured on: a registered name, or a runtime object."""
+    latency_threads: int | None = None
+    """The runtime's intra-op threads for a latency budget (None: every core)."""
     criterion: str = "l1"
     strategy: Strategy = "prune"
     min_width: int = 1
@@ -119,6 +127,7 @@ class ShrinkOptions(Options):
     factorize: bool | tuple[str, ...] = False
 
     def __post_init__(self) -> None:
+        self._check_budgets()
         _check_criterion(self.criterion)
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}.")
@@ -138,20 +147,29 @@ class ShrinkOptions(Options):
         if not isinstance(self.factorize, bool):
             self._normalise("factorize", check_prefixes("factorize", self.factorize))
 
+    def _check_budgets(self) -> None:
+        """At least one budget; a latency budget's thread count (the budgets themselves need the model)."""
+        if self.budget_flops is None and self.budget_latency is None:
+            raise BudgetError("shrink needs a budget: pass budget_flops ('50%'), budget_latency ('60%'), or both.")
+        if self.budget_latency is not None and self.latency_threads is not None:
+            _check_positive_int("latency_threads", self.latency_threads)
+
     @property
     def cuts_with_data(self) -> bool:
         """Whether the cut reads ``data``: Taylor importance, or gradient-chosen growth (width, a loss)."""
         uses = self.criterion == "taylor" or (self.strategy == "width" and self.loss_fn is not None)
         return self.data is not None and uses
 
-    def cut_pass(self, budget: int, grid: Grid, max_prune: float) -> BudgetPass:
-        """The pass that cuts (or, with ``strategy="width"``, grows) to ``budget`` FLOPs on ``grid``."""
+    def cut_pass(self, budget: int, grid: Grid, max_prune: float, latency: LatencyBudget | None = None) -> BudgetPass:
+        """The pass that cuts (or, with ``strategy="width"``, grows) to ``budget`` FLOPs on ``grid`` (and to
+        ``latency``)."""
         shared = {
             "criterion": self.criterion,
             "round_to": grid,
             "min_width": self.min_width,
             "protect": self.protect,
             "uniform_blocks": self.uniform_blocks,
+            "latency": latency,
         }
         if self.strategy == "prune":
             return PrunePass(budget, max_prune=max_prune, param_cost=self.param_cost, **shared)

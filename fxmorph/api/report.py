@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fxmorph.api.deliver import Delivery
+from fxmorph.api.latency_budget import LatencyOutcome
 from fxmorph.api.training import EpochLog
 from fxmorph.passes.base import PassRecord
 
@@ -50,6 +51,9 @@ class ShrinkReport:
     """How the model was captured: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``) or ``"regions"``."""
     regions: tuple[str, ...] = ()
     """For a model captured in regions: each region and each module left opaque, with why."""
+    latency: LatencyOutcome | None = None
+    """For a latency budget: the runtime, the measured latency before and after, and each round's prediction and
+    measurement."""
 
     @property
     def macs_before(self) -> int:
@@ -82,6 +86,8 @@ class ShrinkReport:
             f"params  {self.params_before / 1e6:9.3f} M -> {self.params_after / 1e6:9.3f} M",
             f"time    {self.seconds:.2f} s ({', '.join(p.name for p in self.passes)})",
         ]
+        if self.latency is not None:
+            lines += self.latency.describe()
         if "rounding" in self.settings:
             lines.append(f"widths  {self.settings['rounding']}")
         lines.append(f"capture {_CAPTURES.get(self.capture, self.capture)}")

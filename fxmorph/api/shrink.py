@@ -2,14 +2,16 @@
 
 The keyword API builds a :class:`~fxmorph.api.options.ShrinkOptions` (validated once) and
 :func:`run_shrink` does the work: trace, check the data, parse the budget, choose the rounding grid and
-the share a group may lose (:func:`_limits`), run the checked pipeline ``remove-dead -> prune | width``
-(with ``factorize``: a split first and ``merge-factors`` last, in rounds), and report.
+the share a group may lose (:func:`~fxmorph.api.limits.cut_limits`), run the checked pipeline
+``remove-dead -> prune | width`` (with ``factorize``: a split first and ``merge-factors`` last, in rounds; with a
+latency budget, in rounds measured by the runtime, :mod:`fxmorph.api.latency_budget`), and report.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,12 +21,15 @@ import torch
 from torch import fx, nn
 
 from fxmorph.analysis import ChannelGraph, build_channel_graph
-from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.latency import LatencyBudget
 from fxmorph.api.budget import parse_any_budget, parse_budget
 from fxmorph.api.deliver import deliver
+from fxmorph.api.latency_budget import LatencyOutcome, meet_latency
+from fxmorph.api.limits import Limits, cut_limits
 from fxmorph.api.options import ShrinkOptions
 from fxmorph.api.regions import bundle_inputs, region_budget, whole_flops
 from fxmorph.api.report import GroupRow, ShrinkReport
+from fxmorph.api.runtimes import LatencyRuntime, runtime_for
 from fxmorph.capture.counting import count_params
 from fxmorph.capture.export import Capture
 from fxmorph.capture.trace import as_inputs, trace
@@ -33,64 +38,14 @@ from fxmorph.meta import CAPTURE_KEY, FACTORS_KEY, FLOPS_KEY, REGIONS_KEY, REPOR
 from fxmorph.passes.base import Pass, PassContext, Pipeline, PipelineResult
 from fxmorph.passes.factorize import FactorizePass
 from fxmorph.passes.merge_factors import MergeFactorsPass
-from fxmorph.passes.protect import free_group_ids
 from fxmorph.passes.remove_dead import RemoveDeadPass
-from fxmorph.passes.rounding import AUTO, AUTO_GRIDS, Grid, RoundTo, as_grid
-from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, smallest_widths
-from fxmorph.passes.uniform import width_classes
+from fxmorph.passes.rounding import AUTO, RoundTo
+from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO
 from fxmorph.validate import check_data, check_first_batch
 
 __all__ = ["REPORT_KEY", "run_pipeline", "run_shrink", "shrink"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The rounding grid and the most a group may lose that a cut uses, once ``"auto"`` is resolved."""
-
-    grid: Grid
-    max_prune: float
-
-    def describe(self) -> str:
-        """For reports: the grid, and the share of channels a group could lose."""
-        if self.max_prune >= 1.0:
-            return f"{self.grid.describe()}; groups may lose any share of their channels (min_width binds)"
-        return f"{self.grid.describe()}; a group keeps at least {100 * (1 - self.max_prune):.0f}% of its channels"
-
-
-def _limits(cg: ChannelGraph, budget: int, options: ShrinkOptions) -> Limits:
-    """The grid and ``max_prune`` to cut with: the first, in order of speed, under which the budget can be
-    reached. ``round_to="auto"`` tries the grids of :data:`AUTO_GRIDS`; ``max_prune="auto"`` tries
-    :data:`DEFAULT_MAX_PRUNE`, then any share (only ``min_width`` binds) once no grid reaches the budget.
-    Explicit values are hard limits. Raises BudgetError when nothing allowed reaches the budget (a budget
-    above the model's FLOPs is the width pass's to check, in its ``requires``)."""
-    round_to, max_prune, min_width = options.round_to, options.max_prune, options.min_width
-    grids = AUTO_GRIDS if round_to == AUTO else (as_grid(round_to),)
-    if options.strategy == "width":  # one multiplier for every group: max_prune does not apply
-        prunes: tuple[float, ...] = (1.0,)
-    else:
-        prunes = (DEFAULT_MAX_PRUNE, 1.0) if max_prune == AUTO else (float(max_prune),)
-    cost = CostModel(cg)
-    if budget >= cost.flops():
-        return Limits(grids[0], prunes[0])
-    groups = free_group_ids(cg, options.protect)
-    # a class with a group that cannot change keeps its width everywhere
-    groups = width_classes(cg, groups, options.uniform_blocks)[1]
-    smallest = 0
-    for share in prunes:
-        for grid in grids:
-            smallest = cost.flops(smallest_widths(cost, groups, grid, min_width, share))
-            if smallest <= budget:
-                return Limits(grid, share)
-    # ``smallest`` is now the finest grid's and the loosest share's: the least the model can reach.
-    raise BudgetError(
-        f"budget {budget:,} FLOPs is below what this model can reach: the smallest is {smallest:,} FLOPs "
-        f"({100 * smallest / cost.flops():.1f}% of {cost.flops():,}), with every free group at its minimum width "
-        f"(round_to={round_to!r}, min_width={min_width}, max_prune={max_prune!r}) and "
-        f"{len(cg.groups) - len(cg.free_groups)} pinned group(s) unchanged. Raise the budget, or lower "
-        "round_to/min_width, or raise max_prune."
-    )
 
 
 def _check_data(model: nn.Module, options: ShrinkOptions, rounds: int) -> Any:
@@ -188,30 +143,44 @@ class _Cut:
     limits: Limits
 
 
-def _cut(split: PipelineResult, inputs: tuple[Any, ...], data: Any, options: ShrinkOptions, budget: int) -> _Cut:
-    """The checked pipeline that cuts ``split.gm`` to ``budget`` (merging factor pairs back when it was
-    factorized), with the limits it cut under."""
+def _cut(
+    split: PipelineResult,
+    inputs: tuple[Any, ...],
+    data: Any,
+    options: ShrinkOptions,
+    budget: int,
+    latency: LatencyBudget | None,
+) -> _Cut:
+    """The checked pipeline that cuts ``split.gm`` to ``budget`` FLOPs and ``latency`` (merging factor pairs back
+    when it was factorized), with the limits it cut under."""
     cg = build_channel_graph(split.gm)
-    limits = _limits(cg, budget, options)
+    limits = cut_limits(cg, budget, options, latency)
     ctx = PassContext(inputs, data=data, loss_fn=options.loss_fn, seed=options.seed)
     passes: list[Pass] = [
         RemoveDeadPass(calibrate=options.calibrate, uniform_blocks=options.uniform_blocks),
-        options.cut_pass(budget, limits.grid, limits.max_prune),
+        options.cut_pass(budget, limits.grid, limits.max_prune, latency),
     ]
     passes += [MergeFactorsPass()] if split.records else []
     return _Cut(cg, split, run_pipeline(passes, split.gm, ctx), limits)
 
 
-def _best_cut(gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, options: ShrinkOptions, budget: int) -> _Cut:
-    """The cut of ``gm`` to ``budget``; with ``factorize``, the last of up to :data:`_FACTOR_ROUNDS` rounds,
-    each without the pairs the previous round left dearer than one layer."""
+def _best_cut(
+    gm: fx.GraphModule,
+    inputs: tuple[Any, ...],
+    data: Any,
+    options: ShrinkOptions,
+    budget: int,
+    latency: LatencyBudget | None = None,
+) -> _Cut:
+    """The cut of ``gm`` to ``budget`` FLOPs (and ``latency``); with ``factorize``, the last of up to
+    :data:`_FACTOR_ROUNDS` rounds, each without the pairs the previous round left dearer than one layer."""
     rounds = 1 if options.factorize in (False, ()) else _FACTOR_ROUNDS
     targets = options.factorize
     best: _Cut | None = None
     for _ in range(rounds):
         split = _factorize(gm, inputs, targets)
         try:
-            cut = _cut(split, inputs, data, options, budget)
+            cut = _cut(split, inputs, data, options, budget, latency)
         except BudgetError:
             if best is not None:
                 break  # fewer layers split cannot reach the budget: keep the last round's result
@@ -263,9 +232,12 @@ def _shares_storage(a: nn.Module, b: nn.Module) -> bool:
 
 def shrink(
     model: nn.Module,
-    budget_flops: float | int | str,
-    example_inputs: Any,
+    budget_flops: float | int | str | None = None,
+    example_inputs: Any = None,
     *,
+    budget_latency: float | str | None = None,
+    runtime: str | LatencyRuntime = "onnxruntime",
+    latency_threads: int | None = None,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[..., Any] | None = None,
     criterion: str = "l1",
@@ -284,7 +256,8 @@ def shrink(
     capture: Capture = "auto",
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ShrinkReport]:
-    """Return a physically smaller copy of ``model`` whose FLOPs meet ``budget_flops``.
+    """Return a physically smaller copy of ``model`` whose FLOPs meet ``budget_flops``, or whose latency, measured
+    in a runtime, meets ``budget_latency`` (or both).
 
     The copy is of ``model``'s own class (its methods, attributes and ``isinstance`` hold) wherever it is
     proven to compute exactly what the shrunk graph computes; otherwise it is the ``torch.fx.GraphModule``
@@ -295,7 +268,18 @@ def shrink(
         budget_flops: absolute FLOPs (a number > 1), a fraction of the model's FLOPs (0 < x <= 1), or a
             string: ``"50%"``, ``"1.2G"``, ``"3.5e8"``. With ``strategy="width"`` it may be above the
             model's FLOPs (``"150%"``): the multiplier then goes above 1 and the model grows.
-        example_inputs: a tensor or tuple of tensors the model accepts.
+        example_inputs: a tensor or tuple of tensors the model accepts (required; a latency budget is for their
+            shape).
+        budget_latency: a share of the model's latency as ``runtime`` measures it on this machine (``0.6``,
+            ``"60%"``) or a time (``"12ms"``, ``"800us"``). The cut is chosen against a latency model of the
+            runtime (:mod:`fxmorph.analysis.latency`: a table per kernel measured on small graphs, memory costs
+            for the ops without one, cached on disk per machine, thread count and runtime version), then the result
+            is measured beside the original and cut again with the prediction corrected until it lands at or under
+            the budget and within 5% of it (4 rounds at most; :mod:`fxmorph.api.latency_budget`). The report's
+            ``latency`` gives each round's prediction and measurement. With ``budget_flops`` too, both are met.
+        runtime: the runtime of ``budget_latency``: ``"onnxruntime"`` (its CPU provider, the default) or an object
+            with ``describe``, ``profile`` and ``measure`` (:class:`~fxmorph.api.runtimes.LatencyRuntime`).
+        latency_threads: the runtime's intra-op threads (default: every core).
         data, loss_fn: batches of ``(inputs, targets)`` and a loss, for ``criterion="taylor"``.
         calibrate: with ``data``, also remove channels that are exactly zero at every layer reading
             them on every batch (ReLU channels that never fire).
@@ -351,7 +335,7 @@ def shrink(
 
     Raises:
         BudgetError: the budget cannot be parsed, is out of range, is below the smallest reachable, or (with
-            ``strategy="width"``) above the largest reachable.
+            ``strategy="width"``) above the largest reachable; a latency budget no round measured at or under.
         InputError: a bad option, model, example inputs or data (not iterable, empty, batches the model cannot
             run); TraceError: the model cannot be traced, or the example inputs do not run through it.
             A ``loss_fn`` that does not return a scalar is an InputError too.
@@ -361,6 +345,9 @@ def shrink(
     """
     options = ShrinkOptions(
         budget_flops=budget_flops,
+        budget_latency=budget_latency,
+        runtime=runtime,
+        latency_threads=latency_threads,
         data=data,
         loss_fn=loss_fn,
         criterion=criterion,
@@ -382,6 +369,39 @@ def shrink(
     return (small, report) if return_report else small
 
 
+def _flops_budget(gm: fx.GraphModule, options: ShrinkOptions, flops_before: int) -> int:
+    """The FLOPs budget (the model's FLOPs where only a latency budget is given); a latency budget never grows."""
+    if options.budget_flops is None:
+        return flops_before
+    budget = (parse_any_budget if options.strategy == "width" else parse_budget)(options.budget_flops, flops_before)
+    if options.budget_latency is not None and budget > flops_before:
+        raise InputError(
+            f"budget_flops {options.budget_flops!r} is above the model's FLOPs, and a latency budget only cuts: pass a "
+            "FLOPs budget at most 100% with budget_latency, or grow with strategy='width' alone."
+        )
+    return budget
+
+
+def _cut_to_budgets(
+    gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, options: ShrinkOptions, budget: int
+) -> tuple[_Cut, LatencyOutcome | None]:
+    """The cut of ``gm`` to the FLOPs ``budget`` and, where there is one, the latency budget, measured."""
+    if options.budget_latency is None:
+        return _best_cut(gm, inputs, data, options, region_budget(gm, budget)), None
+    if REGIONS_KEY in gm.meta:
+        raise InputError(
+            "a latency budget needs the whole model captured (it measures the model in a runtime), but this model was "
+            "captured in regions: use budget_flops, or make the model capture whole (capture='export', leaf_modules)."
+        )
+    runtime = runtime_for(options.runtime, options.latency_threads or os.cpu_count() or 1)
+
+    def cut(latency: LatencyBudget) -> tuple[_Cut, fx.GraphModule]:
+        made = _best_cut(gm, inputs, data, options, budget, latency)
+        return made, made.result.gm
+
+    return meet_latency(gm, inputs, options.budget_latency, runtime, cut)
+
+
 def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) -> tuple[nn.Module, ShrinkReport]:
     """:func:`shrink` with its options validated: the smaller model and its report."""
     start = time.perf_counter()
@@ -392,8 +412,8 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
     data = _check_data(model, options, rounds)
     # a model captured in regions: the budget counts the whole forward, the code outside the regions a fixed cost
     flops_before = whole_flops(gm, gm.meta[FLOPS_KEY])
-    budget = (parse_any_budget if options.strategy == "width" else parse_budget)(options.budget_flops, flops_before)
-    cut = _best_cut(gm, inputs, data, options, region_budget(gm, budget))
+    budget = _flops_budget(gm, options, flops_before)
+    cut, latency = _cut_to_budgets(gm, inputs, data, options, budget)
     small = cut.result.gm if not _shares_storage(cut.result.gm, model) else copy.deepcopy(cut.result.gm)
     _check_result(whole_flops(gm, small.meta[FLOPS_KEY]), budget)
     small.train(model.training)
@@ -411,6 +431,7 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
         settings=options.settings(cut.limits.describe()),
         capture=gm.meta[CAPTURE_KEY],
         regions=tuple(gm.meta[REGIONS_KEY].describe()) if REGIONS_KEY in gm.meta else (),
+        latency=latency,
     )
     small.meta[REPORT_KEY] = report
     result, report.delivery = deliver(

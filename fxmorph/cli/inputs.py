@@ -39,11 +39,14 @@ RESULT_FILES = (
     "original.onnx.data",
     "shrunk.onnx",
     "shrunk.onnx.data",
+    "flops_budget.onnx",
+    "flops_budget.onnx.data",
     "report.json",
     "report.md",
     "widths.png",
     "latency.png",
     "flops.png",
+    "latency_flops.png",
 )
 
 
@@ -72,16 +75,22 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def check_budget(text: str) -> None:
+def check_budget(text: str | None, latency: str | None = None) -> None:
     """Reject a budget that cannot be parsed or is out of range before the model is even built."""
-    from fxmorph.api.budget import parse_budget
+    from fxmorph.api.budget import parse_budget, parse_latency
 
     try:
-        # The model's FLOPs are not known yet: any large total lets the syntax and range of a relative budget be
-        # checked.
-        parse_budget(text, 10**18)
+        # The model's FLOPs and latency are not known yet: any total lets the syntax and range of a relative budget
+        # be checked.
+        if text is not None:
+            parse_budget(text, 10**18)
     except BudgetError as exc:
         raise UsageError(f"--budget-flops: {first_line(exc)}") from exc
+    try:
+        if latency is not None:
+            parse_latency(latency, 1.0)
+    except BudgetError as exc:
+        raise UsageError(f"--budget-latency: {first_line(exc)}") from exc
 
 
 def check_out(out: Path, force: bool) -> None:

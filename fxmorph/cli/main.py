@@ -1,13 +1,17 @@
 """The ``fxmorph-export`` command line (also ``python -m fxmorph``): argument parsing only.
 
-    fxmorph-export MODEL --budget-flops 50% --out DIR [--input-shape 1,3,224,224] [--round-to N]
+    fxmorph-export MODEL --budget-flops 50% --out DIR [--budget-latency 60%] [--input-shape 1,3,224,224] [--round-to N]
                    [--criterion l1|l2|bn_scale|random] [--strategy prune|width]
                    [--checkpoint weights.pt] [--trust-checkpoint] [--json] [--no-latency] [--force]
                    [--verbose] [--threads N] [--rounds N]
 
 shrinks MODEL to the FLOPs budget, exports the model before and after to ONNX (each checked against
 torch in onnxruntime), measures both in onnxruntime and writes ``original.onnx``, ``shrunk.onnx``,
-``report.json``, ``report.md``, ``widths.png``, ``latency.png`` and ``flops.png`` into DIR.
+``report.json``, ``report.md``, ``widths.png``, ``latency.png`` and ``flops.png`` into DIR. With
+``--budget-latency`` (instead of or beside ``--budget-flops``) the cut meets a latency measured in onnxruntime on
+this machine; the report gives each round's predicted and measured latency, and ``latency_flops.png`` plots latency
+against FLOPs for the original, the result, and a FLOPs-budget cut to the result's FLOPs
+(``flops_budget.onnx``).
 ``fxmorph-export MODEL --explain`` only prints the model's channel groups and writes nothing.
 
 Exit codes: 0 success; 2 usage or input error (one line on stderr); 1 an internal failure (one line
@@ -37,6 +41,7 @@ examples:
   fxmorph-export resnet18 --budget-flops 50% --out out/resnet18
   fxmorph-export mobilenet_v2 --budget-flops 0.3 --out out/mnv2 --input-shape 1,3,160,160 --round-to 1
   fxmorph-export mypkg.models:build --budget-flops 1.2G --out out/mine --checkpoint weights.pt
+  fxmorph-export resnet50 --budget-latency 60% --threads 2 --out out/rn50   # 40% faster here
   fxmorph-export resnet18 --explain          # only print the channel groups
 
 exit codes: 0 success, 2 usage or input error, 1 internal failure (--verbose shows the traceback)
@@ -85,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BUDGET",
         # Help strings go through %-formatting: "%%" prints "%".
         help='FLOPs to shrink to: a percentage ("50%%"), a fraction (0.5) or absolute FLOPs (1.2G, 3.5e8)',
+    )
+    parser.add_argument(
+        "--budget-latency",
+        metavar="BUDGET",
+        help='latency to shrink to, measured in onnxruntime with --threads: a percentage ("60%%"), a fraction (0.6) '
+        "or a time (12ms, 800us); with --budget-flops both are met",
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (created; nothing is written outside it)")
     parser.add_argument(
@@ -153,13 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.explain and (args.budget_flops is None or args.out is None):
-        missing = " and ".join(o for o, v in (("--budget-flops", args.budget_flops), ("--out", args.out)) if v is None)
+    budget = args.budget_flops if args.budget_flops is not None else args.budget_latency
+    if not args.explain and (budget is None or args.out is None):
+        given = (("--budget-flops (or --budget-latency)", budget), ("--out", args.out))
+        missing = " and ".join(o for o, v in given if v is None)
         verb = "are" if " and " in missing else "is"
         parser.error(f"{missing} {verb} required (or pass --explain to only print the channel groups)")
     # With --explain, both may be absent; one without the other is still a mistake.
-    if (args.budget_flops is None) != (args.out is None):
-        parser.error("--budget-flops and --out go together")
+    if (budget is None) != (args.out is None):
+        parser.error("a budget (--budget-flops, --budget-latency) and --out go together")
     from fxmorph.cli.run import run
 
     return run(args, argv)

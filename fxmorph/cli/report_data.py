@@ -7,6 +7,7 @@ import datetime as _dt
 import platform
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from fxmorph.api.report import ShrinkReport
 from fxmorph.cli.inputs import PROG, parse_shape
 from fxmorph.io.export import ExportResult
 
-__all__ = ["json_safe", "latency_info", "report_data"]
+__all__ = ["json_safe", "latency_budget_info", "latency_info", "report_data"]
 
 
 def _versions() -> dict[str, str]:
@@ -84,6 +85,23 @@ def latency_info(lat: Any) -> dict[str, Any]:
     }
 
 
+def latency_budget_info(report: ShrinkReport) -> dict[str, Any] | None:
+    """The ``latency_budget`` entry: the runtime, the budget and each round's predicted and measured latency."""
+    outcome = report.latency
+    if outcome is None:
+        return None
+    return {
+        "runtime": outcome.runtime,
+        "budget_ms": outcome.budget_ms,
+        "original_ms": outcome.original_ms,
+        "measured_ms": outcome.measured_ms,
+        "predicted_original_ms": outcome.predicted_original_ms,
+        "profile_seconds": outcome.profile_seconds,
+        "rounds": [asdict(s) for s in outcome.steps],
+        "chosen_round": outcome.chosen + 1,
+    }
+
+
 def _group_info(report: Any) -> dict[str, Any]:
     """The ``groups`` entry: counts of total, free, changed and pinned groups, and one row per group."""
     rows = [
@@ -122,7 +140,8 @@ def report_data(
         "input_shape": list(parse_shape(args.input_shape)),
         "input": "torch.randn(input_shape) drawn after torch.manual_seed(0) and building the model",
         "checkpoint": checkpoint,
-        "budget": {"requested": args.budget_flops, "flops": report.budget_flops},
+        "budget": {"requested": args.budget_flops, "flops": report.budget_flops, "latency": args.budget_latency},
+        "latency_budget": latency_budget_info(report),
         "settings": dict(report.settings),
         "flops": {"before": report.flops_before, "after": report.flops_after, "ratio": report.flops_ratio},
         "macs": _ratio(report.macs_before, report.macs_after),

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fxmorph.cli.report_latency import markdown_section, plot_latency_flops, terminal_line
+
 __all__ = ["plot_flops", "plot_latency", "plot_widths", "render_markdown", "terminal_table", "write_all"]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,17 @@ def _pct(ratio: float | None) -> str:
 def _diff(value: float | None) -> str:
     """A parity difference for the tables (``"unchecked"`` when the file was not checked)."""
     return "unchecked" if value is None else f"{value:.2e}"
+
+
+def _requested(data: dict[str, Any]) -> str:
+    """The budgets as the user gave them: FLOPs (with their count), latency, or both."""
+    budget = data["budget"]
+    parts = []
+    if budget["requested"] is not None:
+        parts.append(f"{budget['requested']} ({_si(budget['flops'], 'FLOPs')})")
+    if budget.get("latency") is not None:
+        parts.append(f"latency {budget['latency']}")
+    return " and ".join(parts)
 
 
 def _latency_settings(lat: dict[str, Any]) -> str:
@@ -151,7 +164,7 @@ def plot_flops(data: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(0, max(values) * 1.15 if max(values) > 0 else 1)
         ax.set_title(f"{unit.split()[-1]}: {_pct(data[key]['ratio'])} of the original")
     shape = "x".join(str(d) for d in data["input_shape"])
-    fig.suptitle(f"{data['model']} at input {shape}, budget {data['budget']['requested']}")
+    fig.suptitle(f"{data['model']} at input {shape}, budget {_requested(data)}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -162,7 +175,7 @@ def plot_flops(data: dict[str, Any], path: Path) -> Path:
 
 def render_markdown(data: dict[str, Any]) -> str:
     """The report as markdown (``report.md``), linking the plots next to it."""
-    sections = (_md_summary, _md_latency, _md_onnx, _md_widths, _md_pins, _md_passes_and_versions)
+    sections = (_md_summary, markdown_section, _md_latency, _md_onnx, _md_widths, _md_pins, _md_passes_and_versions)
     return "\n".join(line for section in sections for line in section(data))
 
 
@@ -175,7 +188,7 @@ def _md_summary(data: dict[str, Any]) -> list[str]:
         "",
         f"`{data['command']['line']}`",
         "",
-        f"Input {shape}; budget {data['budget']['requested']} ({_si(data['budget']['flops'], 'FLOPs')}); "
+        f"Input {shape}; budget {_requested(data)}; "
         f"criterion `{data['settings'].get('criterion')}`, strategy `{data['settings'].get('strategy')}`, "
         f"widths: {data['settings'].get('rounding', data['settings'].get('round_to'))}; "
         + (
@@ -332,8 +345,7 @@ def terminal_table(data: dict[str, Any], out: Path | str) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     rule = "-" * (sum(widths) + 6)
     lines = [
-        f"{data['model']}  input {shape}  budget {data['budget']['requested']} "
-        f"({_si(data['budget']['flops'], 'FLOPs')})",
+        f"{data['model']}  input {shape}  budget {_requested(data)}",
         rule,
     ]
     for i, r in enumerate(rows):
@@ -348,6 +360,9 @@ def terminal_table(data: dict[str, Any], out: Path | str) -> str:
     )
     if lat["measured"]:
         lines.append(f"latency: {_latency_settings(lat)}")
+    budget_line = terminal_line(data)
+    if budget_line:
+        lines.append(budget_line)
     lines.append(f"wrote {', '.join(data['files'].values())} to {out}")
     return "\n".join(lines)
 
@@ -365,6 +380,11 @@ def write_all(data: dict[str, Any], out: Path) -> dict[str, str]:
     if data["latency"]["measured"]:
         plot_latency(data, out / "latency.png")
         files["latency_plot"] = "latency.png"
+        if data.get("latency_budget"):
+            plot_latency_flops(data, out / "latency_flops.png")
+            files["latency_flops_plot"] = "latency_flops.png"
+    if data.get("latency_budget") and "flops_budget" in data["onnx"]:
+        files["flops_budget_onnx"] = "flops_budget.onnx"
     data = {**data, "files": files}
     (out / "report.md").write_text(render_markdown(data), encoding="utf-8")
     logger.info("wrote %s to %s", ", ".join(files.values()), out)

@@ -152,13 +152,15 @@ def _load(args: argparse.Namespace, out: Path) -> _Loaded:
     from fxmorph.api.budget import parse_budget
 
     shape = parse_shape(args.input_shape)
-    check_budget(args.budget_flops)
+    check_budget(args.budget_flops, args.budget_latency)
     check_out(out, args.force)
     torch.manual_seed(0)  # the report promises this seed before the model and the input are drawn
     model = load_model(args.model).eval()
     loaded = load_checkpoint(model, args.checkpoint, args.trust_checkpoint, args.model) if args.checkpoint else 0
     x = torch.randn(shape)
     flops = first_forward(model, x, args)
+    if args.budget_flops is None:
+        return _Loaded(model, x, flops, loaded)
     try:
         budget = parse_budget(args.budget_flops, flops)
     except BudgetError as exc:
@@ -180,6 +182,8 @@ def _shrink(args: argparse.Namespace, run: _Loaded) -> tuple[nn.Module, ShrinkRe
             run.model,
             args.budget_flops,
             (run.x,),
+            budget_latency=args.budget_latency,
+            latency_threads=args.threads,
             criterion=args.criterion,
             strategy=args.strategy,
             round_to=args.round_to,
@@ -188,7 +192,8 @@ def _shrink(args: argparse.Namespace, run: _Loaded) -> tuple[nn.Module, ShrinkRe
             return_report=True,
         )
     except BudgetError as exc:  # below what the model can reach
-        raise UsageError(f"--budget-flops: {first_line(exc)}") from exc
+        option = "--budget-latency" if "latency" in str(exc) else "--budget-flops"
+        raise UsageError(f"{option}: {first_line(exc)}") from exc
 
 
 def _clear(out: Path) -> None:
@@ -213,16 +218,22 @@ def _shrink_all(args: argparse.Namespace, argv: list[str], out: Path) -> tuple[d
     run = _load(args, out)
     seconds["load"] = time.perf_counter() - started
     steps = ["shrink", "export original.onnx", "export shrunk.onnx"]
+    steps += ["shrink to the same FLOPs", "export flops_budget.onnx"] if args.budget_latency else []
     steps += [] if args.no_latency else ["measure latency"]
     progress = _Progress([*steps, "write report"], args.verbose)
     try:
-        with progress.step(f"shrinking to {args.budget_flops}"), _timed(seconds, "shrink"):
+        budget = " and ".join(b for b in (args.budget_flops, args.budget_latency) if b is not None)
+        with progress.step(f"shrinking to {budget}"), _timed(seconds, "shrink"):
             small, report = _shrink(args, run)
         # Only once the shrink succeeded: a budget that cannot be met leaves an earlier run's results (written with
         # --force) in place.
         _clear(out)
         exports = {}
-        for name, net in (("original", run.model), ("shrunk", small)):
+        nets = [("original", run.model), ("shrunk", small)]
+        if report.latency is not None:  # the comparison the latency budget is for: a FLOPs cut to the same FLOPs
+            with progress.step("shrinking to the same FLOPs"), _timed(seconds, "shrink_flops_budget"):
+                nets.append(("flops_budget", _same_flops(args, run, report)))
+        for name, net in nets:
             with progress.step(f"exporting {name}.onnx"), _timed(seconds, f"export_{name}"):
                 exports[name] = fxmorph.export_onnx(net, (run.x,), out / f"{name}.onnx")
         latency: dict[str, Any] = {"measured": False, "reason": "--no-latency"}
@@ -234,6 +245,11 @@ def _shrink_all(args: argparse.Namespace, argv: list[str], out: Path) -> tuple[d
                 latency = latency_info(lat)
         with progress.step("writing the report"):
             data = report_data(args, argv, run.checkpoint_tensors, report, latency, exports)
+            if len(nets) > 2:  # what the latency budget's plot sets the result beside
+                data["latency_budget"]["flops_budget"] = {
+                    "flops": fxmorph.count_flops(nets[2][1], (run.x,)),
+                    "params": fxmorph.count_params(nets[2][1]),
+                }
             data["files"] = report_files.write_all(data, out)
             seconds["total"] = time.perf_counter() - started
             data["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -245,6 +261,22 @@ def _shrink_all(args: argparse.Namespace, argv: list[str], out: Path) -> tuple[d
     if args.explain and not args.json:
         explain = fxmorph.analyze(run.model, (run.x,), capture=args.capture).explain()
     return data, explain
+
+
+def _same_flops(args: argparse.Namespace, run: _Loaded, report: ShrinkReport) -> nn.Module:
+    """The model cut to a FLOPs budget equal to the latency-budget result's FLOPs, with the same settings."""
+    import fxmorph
+
+    return fxmorph.shrink(
+        run.model,
+        report.flops_after,
+        (run.x,),
+        criterion=args.criterion,
+        strategy=args.strategy,
+        round_to=args.round_to,
+        uniform_blocks=args.uniform_blocks,
+        capture=args.capture,
+    )
 
 
 @contextlib.contextmanager
@@ -282,7 +314,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with _logging(args.verbose):
         try:
-            if args.budget_flops is None:  # main() lets it be absent only with --explain (and then --out is absent too)
+            if args.out is None:  # main() lets it be absent only with --explain (and then the budgets are absent too)
                 _explain_only(args)
                 return EXIT_OK
             out = Path(args.out)

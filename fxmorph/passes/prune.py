@@ -15,6 +15,7 @@ import numpy as np
 from torch import fx
 
 from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.latency import LatencyBudget
 from fxmorph.errors import InputError
 from fxmorph.passes.base import Pass, PassContext, PassResult
 from fxmorph.passes.importance import CRITERIA, importance
@@ -43,10 +44,20 @@ class BudgetPass(Pass):
     uniform_blocks: bool = False
     """Keep the groups playing one role in the model's repeated blocks at one width (see
     :mod:`fxmorph.passes.uniform`)."""
+    latency: LatencyBudget | None = None
+    """A latency budget to meet as well (the cost of a step is then its predicted microseconds)."""
 
     @abc.abstractmethod
-    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]]) -> np.ndarray:
-        """The width of every group, under the budget; each of ``classes`` keeps one width."""
+    def choose(
+        self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]], budget: float
+    ) -> np.ndarray:
+        """The width of every group, with ``cost.spent`` under ``budget``; each of ``classes`` keeps one width."""
+
+    def priced(self, cost: CostModel) -> tuple[CostModel, float]:
+        """``cost`` priced in what the budget measures (FLOPs, or predicted latency and FLOPs), and the budget."""
+        if self.latency is None:
+            return cost, self.budget_flops
+        return self.latency.priced(cost, self.budget_flops)
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """A known criterion, the data and loss ``taylor`` reads, and ``protect`` paths the model has."""
@@ -58,16 +69,18 @@ class BudgetPass(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cg = self.analyse(gm)
-        cost = CostModel(cg)
-        if cost.flops() <= self.budget_flops:
+        cost, budget = self.priced(CostModel(cg))
+        if cost.spent() <= budget:
             return PassResult(gm, False, note="budget already met")
         scores = importance(cg, self.criterion, data=ctx.data, loss_fn=ctx.loss_fn, seed=ctx.seed)
         free = free_group_ids(cg, self.protect)
         classes, free = width_classes(cg, free, self.uniform_blocks)
-        widths = self.choose(cost, {g: scores[g] for g in free}, classes)
+        widths = self.choose(cost, {g: scores[g] for g in free}, classes, budget)
         plan = keep_best(cg, widths, scores)
         changes = {g: (cg.groups[g].size, p.width) for g, p in plan.items()}
         note = f"FLOPs {cost.flops() / 1e9:.3f} G -> {cost.flops(widths) / 1e9:.3f} G"
+        if self.latency is not None:
+            note += f"; predicted latency {cost.spent() / 1e3:.2f} ms -> {cost.spent(widths) / 1e3:.2f} ms"
         if classes:
             note += f"; {sum(map(len, classes))} groups in {len(classes)} classes kept at one width"
         return PassResult(apply_plan(gm, cg, plan, seed=ctx.seed), bool(plan), changes, note, plan)
@@ -98,15 +111,18 @@ class PrunePass(BudgetPass):
     balance: float = 1.0
     param_cost: float = DEFAULT_PARAM_COST
 
-    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]]) -> np.ndarray:
+    def choose(
+        self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]], budget: float
+    ) -> np.ndarray:
         return greedy_widths(
             cost,
             scores,
-            self.budget_flops,
+            budget,
             self.round_to,
             self.min_width,
             max_prune=self.max_prune,
             balance=self.balance,
-            param_cost=self.param_cost,
+            # a latency budget prices weights itself: its tables time the weights' reads
+            param_cost=self.param_cost if self.latency is None else 0.0,
             classes=classes,
         )

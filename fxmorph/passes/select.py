@@ -86,7 +86,7 @@ def _deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndar
     """FLOPs each candidate step changes."""
     if not cands:
         return np.zeros(0)
-    return np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
+    return np.abs(cost.spent_steps(w, cands) - cost.spent(w)).astype(np.float64)
 
 
 def _weighed(
@@ -147,7 +147,7 @@ def _cumulative(scores: Mapping[int, np.ndarray], balance: float = 0.0) -> dict[
 def greedy_widths(
     cost: CostModel,
     scores: Mapping[int, np.ndarray],
-    budget: int,
+    budget: float,
     round_to: RoundTo | Grid = 1,
     min_width: int = 1,
     *,
@@ -191,7 +191,7 @@ def greedy_widths(
 def _greedy(
     cost: Costs,
     normed: Cumulative,
-    budget: int,
+    budget: float,
     round_to: RoundTo | Grid,
     min_width: int,
     max_prune: float,
@@ -217,7 +217,7 @@ def _remove(
     *,
     allowed: dict[int, np.ndarray],
     normed: Cumulative,
-    budget: int,
+    budget: float,
     step: float,
     param_cost: float = 0.0,
     slack: float = 0.02,
@@ -226,7 +226,7 @@ def _remove(
     A round takes the best steps, up to ``step`` of the gap left, among those within ``slack`` of the
     best ratio, then re-ranks."""
     w = w.copy()
-    current = cost.flops(w)
+    current = cost.spent(w)
     while current > budget:
         cands, saved, ratios = _ranked(cost, w, groups, allowed, normed, param_cost, down=True)
         if not cands:
@@ -244,7 +244,7 @@ def _remove(
             taken += saved[j]
             if taken >= target:
                 break
-        current = cost.flops(w)
+        current = cost.spent(w)
     return w
 
 
@@ -255,13 +255,13 @@ def _add_back(
     *,
     allowed: dict[int, np.ndarray],
     normed: Cumulative,
-    budget: int,
+    budget: float,
     param_cost: float = 0.0,
 ) -> np.ndarray:
     """Take steps up, most importance per cost first, while the FLOPs budget holds: several per
     round while the room left is large, then one at a time."""
     w = w.copy()
-    current = cost.flops(w)
+    current = cost.spent(w)
     while True:
         cands, added, gains = _ranked(cost, w, groups, allowed, normed, param_cost, down=False)
         room = budget - current
@@ -274,11 +274,11 @@ def _add_back(
                 break
             trial[cands[j][0]] = cands[j][1]
             spent += added[j]
-        flops = cost.flops(trial)
+        flops = cost.spent(trial)
         if flops > budget:  # steps interact (FLOPs are products of widths): take the best one alone
             trial = w.copy()
             trial[cands[fits[0]][0]] = cands[fits[0]][1]
-            flops = cost.flops(trial)
+            flops = cost.spent(trial)
         w, current = trial, flops
 
 
@@ -287,7 +287,7 @@ def _refine(
     w: np.ndarray,
     groups: list[int],
     allowed: dict[int, np.ndarray],
-    budget: int,
+    budget: float,
     remove: Callable[..., np.ndarray],
     add_back: Callable[..., np.ndarray],
     tries: int = 4,
@@ -300,7 +300,7 @@ def _refine(
     the trial closest to the budget (still under it) wins, a few times over. Within ``tolerance`` of
     the budget nothing is traded: a coarse step the ranking chose is worth more than a closer landing.
     """
-    current = cost.flops(w)
+    current = cost.spent(w)
     for _ in range(tries):
         if budget - current <= tolerance * budget:
             break
@@ -310,7 +310,7 @@ def _refine(
             if trial[g] > w[g]:
                 trial = remove(trial, [h for h in groups if h != g])
             trial = add_back(trial, groups)
-            flops = cost.flops(trial)
+            flops = cost.spent(trial)
             if best_flops < flops <= budget:
                 best, best_flops = trial, flops
         if best is None:
@@ -348,7 +348,7 @@ def largest_multiplier(fits: Callable[[float], bool], lo: float, hi: float, step
 
 
 def uniform_widths(
-    cost: Costs, groups: list[int], budget: int, round_to: RoundTo | Grid = 1, min_width: int = 1
+    cost: Costs, groups: list[int], budget: float, round_to: RoundTo | Grid = 1, min_width: int = 1
 ) -> np.ndarray:
     """The largest uniform multiplier (by bisection) whose rounded widths fit ``budget``, topped up."""
     sizes = cost.sizes
@@ -360,7 +360,7 @@ def uniform_widths(
             w[g] = opts[np.argmin(np.abs(opts - m * sizes[g]))]
         return w
 
-    lo = largest_multiplier(lambda m: cost.flops(widths_at(m)) <= budget, 0.0, 1.0)
+    lo = largest_multiplier(lambda m: cost.spent(widths_at(m)) <= budget, 0.0, 1.0)
     flat = _cumulative({g: np.ones(int(sizes[g])) for g in groups})
     allowed = {g: allowed_widths(int(sizes[g]), round_to, min_width, int(cost.spans[g])) for g in groups}
     return _add_back(cost, widths_at(lo), groups, allowed=allowed, normed=flat, budget=budget)

@@ -93,9 +93,11 @@ class WidthPass(BudgetPass):
         """Growing (a budget above the model's FLOPs) keeps the function; cutting does not."""
         return self._grows(gm)
 
-    def choose(self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]]) -> np.ndarray:
+    def choose(
+        self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]], budget: float
+    ) -> np.ndarray:
         def widths(costs: Costs, variables: list[int], _: object) -> np.ndarray:
-            return uniform_widths(costs, variables, self.budget_flops, self.round_to, self.min_width)
+            return uniform_widths(costs, variables, budget, self.round_to, self.min_width)
 
         return in_units(cost, classes, list(scores), widths)
 

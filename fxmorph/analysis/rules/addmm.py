@@ -17,6 +17,7 @@ from torch import fx
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import RuleContext, Spaces
+from fxmorph.analysis.rules._util import rows_kernel
 from fxmorph.analysis.rules.compute import contract, no_rule
 
 __all__ = ["addmm"]
@@ -65,5 +66,7 @@ def addmm(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         merged = _with_bias(ctx, bias, d, layout, so)
         if merged is not None:
             out[d] = merged
-    ctx.cost(2, out.get(0, so[0]), k, out.get(1, so[1]))
+    rows = out.get(0, so[0])
+    kernel = rows_kernel([rows]) if isinstance(w, fx.Node) and w.op == "get_attr" else None  # a weight, not activations
+    ctx.cost(2, rows, k, out.get(1, so[1]), kernel=kernel, axes=(k, out.get(1, so[1])))
     return out

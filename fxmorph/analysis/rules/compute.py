@@ -11,7 +11,7 @@ from torch import fx
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import Role, RuleContext, Spaces, Taint
-from fxmorph.analysis.rules._util import norm_dim, op_name, pin_positions
+from fxmorph.analysis.rules._util import call_conv_kernel, norm_dim, op_name, pin_positions, rows_kernel
 from fxmorph.analysis.rules.shape import number_op
 
 __all__ = [
@@ -316,7 +316,7 @@ def functional_linear(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if lout is not None:
         out[len(so) - 1] = lout
     rows = [out.get(d, so[d]) for d in range(len(so) - 1)]
-    ctx.cost(2, *rows, k, lout or so[-1])
+    ctx.cost(2, *rows, k, lout or so[-1], kernel=rows_kernel(rows), axes=(k, lout or so[-1]))
     return out
 
 
@@ -350,5 +350,7 @@ def functional_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if lout is not None:
         out[1] = lout
     # 2 x output positions x kernel size x batch x C_in x C_out
-    ctx.cost(2 * math.prod(so[2:]) * math.prod(sw[2:]), out.get(0, so[0]), k, lout or so[1])
+    batch = out.get(0, so[0])
+    kernel = call_conv_kernel(node, sx, sw, 1) if isinstance(batch, int) else None
+    ctx.cost(2 * math.prod(so[2:]) * math.prod(sw[2:]), batch, k, lout or so[1], kernel=kernel, axes=(k, lout or so[1]))
     return out

@@ -15,7 +15,7 @@ from torch import fx
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces
-from fxmorph.analysis.rules._util import pin_positions
+from fxmorph.analysis.rules._util import call_conv_kernel, pin_positions
 from fxmorph.analysis.rules.compute import functional_conv, no_rule
 from fxmorph.analysis.rules.modules import _depthwise_out, _grouped_in, _repeat
 
@@ -83,5 +83,8 @@ def any_conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     if lout is not None:
         out[1] = lout
     # 2 x output positions x kernel size x batch x one group's inputs x all outputs
-    ctx.cost(2 * math.prod(so[2:]) * math.prod(sw[2:]), out.get(0, so[0]), fan_in, lout or so[1])
+    batch = out.get(0, so[0])
+    kernel = call_conv_kernel(node, sx, sw, groups) if isinstance(batch, int) else None
+    axes = (lin or sx[1],) if cin_g == 1 else (lin or sx[1], lout or so[1])
+    ctx.cost(2 * math.prod(so[2:]) * math.prod(sw[2:]), batch, fan_in, lout or so[1], kernel=kernel, axes=axes)
     return out

@@ -9,7 +9,8 @@ from torch import fx, nn
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import ModuleAttr, Role, RuleContext, ScaleRows, Spaces
-from fxmorph.analysis.rules._util import pin_positions
+from fxmorph.analysis.kernels import conv_kernel, gemm_kernel
+from fxmorph.analysis.rules._util import pin_positions, rows_kernel
 from fxmorph.analysis.rules.compute import no_rule
 
 __all__ = [
@@ -116,7 +117,13 @@ def conv(ctx: RuleContext, node: fx.Node) -> Spaces | None:
         out[cd] = lout
     positions = _positions(ctx, out_shape, out, cd)
     # FLOPs: 2 x kernel x output positions x one group's inputs x all outputs (right for any group count)
-    ctx.cost(2 * math.prod(m.kernel_size), *positions, fan_in, lout or cout)
+    kernel = None
+    if m.padding_mode == "zeros" and cd == 1:
+        kernel = conv_kernel(ctx.shape(node.args[0]) or (), m.weight.shape, m.stride, m.padding, m.dilation, groups)
+    if kernel is not None and not isinstance(positions[0], int):
+        kernel = None  # channels in the batch dim: the kernel's batch is not fixed
+    axes = (lin or m.in_channels,) if groups > 1 and cin_g == 1 else (lin or m.in_channels, lout or cout)
+    ctx.cost(2 * math.prod(m.kernel_size), *positions, fan_in, lout or cout, kernel=kernel, axes=axes)
     return out
 
 
@@ -195,7 +202,8 @@ def linear(ctx: RuleContext, node: fx.Node) -> Spaces | None:
     out = {d: lay for d, lay in sp.items() if d < last}
     out[last] = lout
     rows = _positions(ctx, out_shape, out, last)
-    ctx.cost(2, *rows, lin if lin is not None else m.in_features, lout)
+    fan_in = lin if lin is not None else m.in_features
+    ctx.cost(2, *rows, fan_in, lout, kernel=rows_kernel(rows), axes=(fan_in, lout))
     return out
 
 
@@ -392,12 +400,12 @@ def _attention_cost(
     """FLOPs of the unfused path (the one fxmorph counts, :mod:`fxmorph.capture.flops`)."""
     tokens_q, tokens_k = math.prod(sq[:-1]), math.prod(sk[:-1])
     embed = head * m.num_heads
-    ctx.cost(2 * tokens_q, embed, embed)  # q projection
-    ctx.cost(4 * tokens_k, embed, embed)  # k and v projections
+    for tokens in (tokens_q, tokens_k, tokens_k):  # q, k and v projections
+        ctx.cost(2 * tokens, embed, embed, kernel=gemm_kernel(tokens), axes=(embed, embed))
     batch = tokens_q // sq[1 if m.batch_first else 0] if len(sq) == 3 else 1  # an unbatched (L, E) has one
     length_q, length_k = sq[1 if m.batch_first else 0], sk[1 if m.batch_first else 0]
     ctx.cost(4 * batch * m.num_heads * length_q * length_k, head)  # q k^T and attn v
-    ctx.cost(2 * tokens_q, embed, embed)  # output projection
+    ctx.cost(2 * tokens_q, embed, embed, kernel=gemm_kernel(tokens_q), axes=(embed, embed))  # output projection
 
 
 def rescale_query(ctx: RuleContext, paths: list[str], head: Layout, old_head: int) -> None:

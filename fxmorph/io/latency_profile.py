@@ -1,0 +1,209 @@
+"""onnxruntime's CPU provider as a :class:`~fxmorph.api.runtimes.LatencyRuntime`: profiled kernel by kernel.
+
+:meth:`OnnxRuntimeCPU.profile` measures every kernel a graph runs on a grid of widths
+(:func:`~fxmorph.analysis.latency.grid_points`), each point a small ONNX graph (:mod:`fxmorph.io.onnx_kernels`) in
+its own session with the settings of :func:`fxmorph.io.latency.measure_latency` (the thread count, every graph
+optimisation, no spinning). A table's points run interleaved, round after round, and each keeps its median; the
+cache (:mod:`fxmorph.io.latency_cache`) keeps every point, so the second shrink on a machine measures nothing.
+Memory-bound ops get a fixed time and a time per element, fitted over four sizes; products without a table the time
+of a FLOP of two batched products. :meth:`OnnxRuntimeCPU.measure` exports whole models and times them interleaved.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnx import helper
+from torch import nn
+from tqdm.auto import tqdm
+
+from fxmorph.analysis.kernels import Kernel
+from fxmorph.analysis.latency import MemoryClass, MemoryCost, RuntimeProfile, Table, grid_points
+from fxmorph.api.runtimes import Timing, register_runtime
+from fxmorph.io.export import export_onnx
+from fxmorph.io.latency import _session_options, measure_latency
+from fxmorph.io.latency_cache import CacheKey, LatencyCache, cpu_model
+from fxmorph.io.onnx_kernels import _model, input_shapes, kernel_graph, memory_graph
+
+__all__ = ["OnnxRuntimeCPU"]
+
+logger = logging.getLogger(__name__)
+
+_MEMORY_SIZES = ((16, 14), (64, 28), (128, 56), (256, 56))
+"""(channels, side) of the tensors each memory-bound op is timed on: 3 K to 800 K elements."""
+_PRODUCTS = ((12, 197, 64, 197), (1, 197, 768, 768))
+"""(batch, M, K, N) of the batched products that give the FLOP rate (a ViT-B's attention and projection)."""
+_WARMUP = 2
+"""Runs of each point before the timed rounds (the first run allocates)."""
+_REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
+"""onnxruntime's layout changes around blocked (NCHWc) kernels: an isolated op pays them, a whole model once."""
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One graph to time: its cache key, its bytes and its input shapes."""
+
+    key: str
+    model: bytes
+    shapes: list[tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeCPU:
+    """onnxruntime's CPU execution provider with ``threads`` intra-op threads (the default runtime).
+
+    ``rounds`` interleaved rounds per table (medians); ``cache_dir`` overrides ``$FXMORPH_CACHE_DIR``."""
+
+    threads: int = 1
+    rounds: int = 9
+    cache_dir: Path | None = None
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} CPUExecutionProvider, {self.threads} thread(s)"
+
+    def cache_key(self) -> CacheKey:
+        """What this runtime's measurements depend on."""
+        return CacheKey("onnxruntime", ort.__version__, self.threads, cpu_model())
+
+    def profile(self, kernels: Mapping[Kernel, tuple[int, ...]]) -> RuntimeProfile:
+        """Tables for ``kernels`` up to the widths given, the memory costs and the FLOP rate (cached)."""
+        cache = LatencyCache.load(self.cache_key(), self.cache_dir)
+        grids = {k: tuple(grid_points(w) for w in widest) for k, widest in kernels.items()}
+        wanted = [_Point(_point_key(k, w), b"", []) for k, g in grids.items() for w in product(*g)]
+        missing = [p.key for p in wanted if p.key not in cache.points]
+        extra_missing = "memory" not in cache.extra or "flop_us" not in cache.extra
+        if missing or extra_missing:
+            self._measure_missing(cache, grids, set(missing), extra_missing)
+        tables = {
+            k: Table(k, g, np.array([cache.points[_point_key(k, w)] for w in product(*g)]).reshape([len(a) for a in g]))
+            for k, g in grids.items()
+        }
+        memory = {MemoryClass(c): MemoryCost(*v) for c, v in cache.extra["memory"].items()}
+        return RuntimeProfile(
+            self.describe(), {k: t.monotone() for k, t in tables.items()}, memory, cache.extra["flop_us"]
+        )
+
+    def _measure_missing(
+        self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]], missing: set[str], extra: bool
+    ) -> None:
+        """Measure the points ``missing`` (and the memory costs and FLOP rate where ``extra``), saving as it goes."""
+        total = len(missing) + (len(MemoryClass) * len(_MEMORY_SIZES) + len(_PRODUCTS) if extra else 0)
+        logger.info("profiling %s: %d measurements (cached for the next run)", self.describe(), total)
+        start = time.perf_counter()
+        # no bar where stderr is not a terminal (CI logs): the log lines say as much
+        with tqdm(total=total, desc="latency profile", unit="graph", leave=False, disable=None) as bar:
+            for kernel, grid in grids.items():
+                points = [
+                    _Point(key, kernel_graph(kernel, w), input_shapes(kernel, w))
+                    for w in product(*grid)
+                    if (key := _point_key(kernel, w)) in missing
+                ]
+                if points:
+                    cache.points.update(self._time(points))
+                    cache.save()
+                    bar.update(len(points))
+            if extra:
+                cache.extra["memory"] = {c.value: self._memory_cost(c) for c in MemoryClass}
+                bar.update(len(MemoryClass) * len(_MEMORY_SIZES))
+                cache.extra["flop_us"] = self._flop_us()
+                bar.update(len(_PRODUCTS))
+                cache.save()
+        logger.info("profiled in %.1f s", time.perf_counter() - start)
+
+    def _time(self, points: list[_Point]) -> dict[str, float]:
+        """Median microseconds of every point's op, run interleaved ``rounds`` times after a warm-up.
+
+        The time is onnxruntime's own profile of the op's kernels (:func:`_op_micros`): the layout reorders an
+        isolated blocked convolution needs at its input and output, which a whole model pays once rather than per
+        layer, and the session's own overhead per run, are left out."""
+        options = _session_options(self.threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False)
+        rng = np.random.default_rng(0)
+        with tempfile.TemporaryDirectory(prefix="fxmorph-profile-") as workdir:
+            options.enable_profiling = True
+            sessions, feeds = [], []
+            for j, p in enumerate(points):
+                options.profile_file_prefix = str(Path(workdir) / f"p{j}")  # a file per session (the session copies)
+                session = ort.InferenceSession(p.model, options, providers=["CPUExecutionProvider"])
+                names = [i.name for i in session.get_inputs()]
+                feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, p.shapes, strict=True)}
+                for _ in range(_WARMUP):
+                    session.run(None, feed)
+                sessions.append(session)
+                feeds.append(feed)
+            for r in range(self.rounds):
+                for j in _rotated(len(points), r):
+                    sessions[j].run(None, feeds[j])
+            return {p.key: _op_micros(Path(s.end_profiling()), _WARMUP) for p, s in zip(points, sessions, strict=True)}
+
+    def _memory_cost(self, kind: MemoryClass) -> tuple[float, float]:
+        """A fixed time and a time per element for ``kind``, fitted to its times at four sizes."""
+        elements, points = [], []
+        for channels, side in _MEMORY_SIZES:
+            model, shapes, count = memory_graph(kind, channels, side)
+            points.append(_Point(f"{kind.value}|{channels}x{side}", model, shapes))
+            elements.append(count)
+        times = self._time(points)
+        x = np.asarray(elements, dtype=np.float64)
+        y = np.array([times[p.key] for p in points])
+        slope, fixed = np.polyfit(x, y, 1)
+        return max(float(fixed), 0.0), max(float(slope), 0.0)
+
+    def _flop_us(self) -> float:
+        """Microseconds per FLOP of batched products of two activations (the median of two shapes)."""
+        points, flops = [], []
+        for b, m, k, n in _PRODUCTS:
+            node = helper.make_node("MatMul", ["x", "z"], ["y"])
+            model = _model([node], [("x", (b, m, k)), ("z", (b, k, n))], [])
+            points.append(_Point(f"matmul|{b}x{m}x{k}x{n}", model, [(b, m, k), (b, k, n)]))
+            flops.append(2 * b * m * k * n)
+        times = self._time(points)
+        return float(np.median([times[p.key] / f for p, f in zip(points, flops, strict=True)]))
+
+    def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
+        """Export every model to ONNX (checked against torch) and time them interleaved (30 rounds)."""
+        with tempfile.TemporaryDirectory(prefix="fxmorph-latency-") as workdir:
+            exported = {n: export_onnx(m, example_inputs, Path(workdir) / f"{n}.onnx") for n, m in models.items()}
+            report = measure_latency(exported, example_inputs, threads=self.threads, rounds=30, warmup=5)
+        return {m.name: Timing(m.median_ms, m.paired_ratio) for m in report.models}
+
+
+def _op_micros(trace: Path, warmup: int) -> float:
+    """The median over runs (after ``warmup``) of the kernel time of every node but layout reorders, from an
+    onnxruntime profile (a Chrome trace: one ``model_run`` event per run, one ``*_kernel_time`` event per node)."""
+    events = json.loads(trace.read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
+    totals = [0.0] * len(runs)
+    starts = [start for start, _ in runs]
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        if e.get("args", {}).get("op_name") in _REORDERS:
+            continue
+        k = bisect.bisect_right(starts, e["ts"]) - 1
+        if k >= 0 and e["ts"] <= runs[k][1]:
+            totals[k] += e["dur"]
+    return float(np.median(totals)) if totals else 0.0
+
+
+def _point_key(kernel: Kernel, widths: tuple[int, ...]) -> str:
+    return f"{kernel.key()}|{'x'.join(map(str, widths))}"
+
+
+def _rotated(count: int, shift: int) -> Iterator[int]:
+    """``0 .. count-1`` starting at ``shift``: each round starts with another point, so drift falls on all alike."""
+    for j in range(count):
+        yield (j + shift) % count
+
+
+register_runtime("onnxruntime", lambda threads: OnnxRuntimeCPU(threads=threads))

@@ -1,0 +1,289 @@
+"""Latency budgets: the latency model, selection against it, the correction rounds, the cache and bad input.
+
+Everything that selects runs against :class:`FakeRuntime`, whose tables and measurements are formulas (no clock):
+the results do not depend on the machine. Its measurements price FLOPs and parameters, not the tables, so the
+model's prediction is wrong by a margin and the correction rounds must close it. One test profiles the real
+onnxruntime runtime on a tiny model, and asserts only what does not depend on speed (shapes, monotone tables, the
+cache serving the second profile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from itertools import product
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxmorph
+from fxmorph.analysis import build_channel_graph
+from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.kernels import Kernel, KernelKind
+from fxmorph.analysis.latency import (
+    LatencyFunction,
+    MemoryClass,
+    MemoryCost,
+    RuntimeProfile,
+    Table,
+    grid_points,
+    kernels_of,
+)
+from fxmorph.api.budget import parse_latency
+from fxmorph.api.runtimes import Timing, register_runtime
+from fxmorph.io.latency_cache import CacheKey, LatencyCache
+from fxmorph.io.latency_profile import OnnxRuntimeCPU
+
+
+def _kernel_micros(kernel: Kernel, widths: tuple[int, ...]) -> float:
+    """A deterministic time: 2 us a call plus 1 us per 2 M multiply-accumulates (the stride cuts positions)."""
+    if kernel.kind is KernelKind.GEMM:
+        macs = kernel.batch * widths[0] * widths[1]
+    else:
+        positions = np.prod([s // t for s, t in zip(kernel.spatial, kernel.stride, strict=True)])
+        fan_in = 1 if kernel.kind is KernelKind.DEPTHWISE else widths[0] // kernel.groups
+        out = widths[0] * kernel.groups if kernel.kind is KernelKind.DEPTHWISE else widths[1]
+        macs = kernel.batch * positions * np.prod(kernel.kernel) * fan_in * out
+    return 2.0 + macs / 2e6
+
+
+class FakeRuntime:
+    """A runtime made of formulas: tables from :func:`_kernel_micros`, and a measured time of 0.05 ms plus 1 ms
+    per 2 GFLOPs plus 1 ms per 10 M parameters, or ``slower`` times the original for every other model."""
+
+    def __init__(self, slower: float | None = None) -> None:
+        self.slower = slower
+        self.profiled = 0
+
+    def describe(self) -> str:
+        return "fake runtime"
+
+    def profile(self, kernels: Mapping[Kernel, tuple[int, ...]]) -> RuntimeProfile:
+        self.profiled += 1
+        tables = {}
+        for k, widest in kernels.items():
+            grid = tuple(grid_points(w) for w in widest)
+            micros = np.array([_kernel_micros(k, w) for w in product(*grid)]).reshape([len(a) for a in grid])
+            tables[k] = Table(k, grid, micros)
+        memory = {c: MemoryCost(1.0, 1e-4) for c in MemoryClass}
+        return RuntimeProfile("fake", tables, memory, 1e-6)
+
+    def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
+        times = {}
+        for name, model in models.items():
+            flops = fxmorph.count_flops(model, example_inputs)
+            params = sum(p.numel() for p in model.parameters())
+            times[name] = 0.05 + flops / 2e9 + params / 1e7
+        first = next(iter(times.values()))
+        if self.slower is not None:
+            times = {n: first * (self.slower if k else 1.0) for k, n in enumerate(times)}
+        return {n: Timing(t, t / first) for n, t in times.items()}
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+
+
+def _function(model: nn.Module, x: torch.Tensor) -> tuple[LatencyFunction, CostModel]:
+    cg = build_channel_graph(fxmorph.trace(model, (x,)))
+    cost = CostModel(cg)
+    return LatencyFunction(cost, FakeRuntime().profile(kernels_of(cg))), cost
+
+
+def test_table_monotone_makes_every_axis_non_decreasing() -> None:
+    rng = np.random.default_rng(0)
+    kernel = Kernel(KernelKind.GEMM, batch=4)
+    noisy = np.add.outer(np.arange(5.0), np.arange(6.0)) + rng.normal(0, 0.8, (5, 6))
+    table = Table(kernel, (tuple(range(8, 48, 8)), tuple(range(8, 56, 8))), noisy).monotone()
+    assert (np.diff(table.micros, axis=0) >= 0).all() and (np.diff(table.micros, axis=1) >= 0).all()
+    assert (table.micros >= noisy).all()  # a running maximum: never below what was measured
+
+
+def test_table_interpolates_between_points_and_holds_below_the_grid() -> None:
+    kernel = Kernel(KernelKind.DEPTHWISE, batch=1, spatial=(8, 8), kernel=(3, 3), stride=(1, 1))
+    table = Table(kernel, ((16, 32, 64),), np.array([10.0, 20.0, 40.0]))
+    assert table.at(np.array([[24, 48, 8, 96]])).tolist() == [15.0, 30.0, 10.0, 60.0]
+
+
+def test_latency_model_is_monotone_in_every_group_width(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    function, cost = _function(*resnet)
+    full = cost.widths()
+    for g in np.flatnonzero(cost.sizes > 1):
+        narrower = full.copy()
+        narrower[g] = max(1, full[g] // 2)
+        assert function(narrower) <= function(full), f"group {g} narrower predicts slower"
+    steps = function.steps(full, np.arange(len(full)), np.maximum(full // 2, 1))
+    assert steps == pytest.approx(
+        [function(np.where(np.arange(len(full)) == g, max(full[g] // 2, 1), full)) for g in range(len(full))]
+    )
+
+
+def test_latency_budget_is_met_and_measured_within_five_percent(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    runtime = FakeRuntime()
+    small, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=runtime, return_report=True)
+    outcome = report.latency
+    assert outcome is not None and outcome.budget_ms == pytest.approx(0.6 * outcome.original_ms)
+    assert 0.95 * outcome.budget_ms <= outcome.measured_ms <= outcome.budget_ms
+    assert runtime.measure({"r": small}, (x,))["r"].median_ms == pytest.approx(outcome.measured_ms)
+    assert small(x).shape == model(x).shape and isinstance(small, type(model))
+    assert "latency" in report.table() and "round 1" in report.table()
+
+
+def test_both_budgets_are_met_together(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    flops = fxmorph.count_flops(model, (x,))
+    _, report = fxmorph.shrink(model, "40%", x, budget_latency="80%", runtime=FakeRuntime(), return_report=True)
+    assert report.flops_after <= 0.4 * flops
+    assert report.latency is not None and report.latency.measured_ms <= report.latency.budget_ms
+
+
+def test_user_model_is_not_modified(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxmorph.shrink(model, example_inputs=x, budget_latency=0.7, runtime=FakeRuntime())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"), [(0.5, 5.0), ("50%", 5.0), ("12ms", 12.0), ("0.5 s", 500.0), ("800us", 0.8)]
+)
+def test_latency_budget_forms(budget: float | str, expected: float) -> None:
+    assert parse_latency(budget, 10.0) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("budget", ["12", 12, "150%", 0, -0.5, "fast", True, None, "0ms"])
+def test_bad_latency_budgets_name_the_forms(budget: Any) -> None:
+    with pytest.raises(fxmorph.BudgetError, match="budget_latency"):
+        parse_latency(budget, 10.0)
+
+
+def test_latency_budget_below_reach_is_a_budget_error(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    with pytest.raises(fxmorph.BudgetError, match="below what this model can reach"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="1%", runtime=FakeRuntime())
+
+
+def test_both_budgets_unreachable_together_is_a_budget_error(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    with pytest.raises(fxmorph.BudgetError, match="below what this model can reach"):
+        fxmorph.shrink(model, "0.1%", x, budget_latency="90%", runtime=FakeRuntime())
+
+
+def test_a_budget_no_round_meets_is_a_budget_error(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    with pytest.raises(fxmorph.BudgetError, match="no cut met the latency budget"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=FakeRuntime(slower=1.0))
+
+
+def test_unknown_and_missing_runtimes_are_input_errors(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    with pytest.raises(fxmorph.InputError, match=r"unknown runtime 'tensorrt'.*onnxruntime"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime="tensorrt")
+
+    def missing(threads: int) -> FakeRuntime:
+        raise ImportError("No module named 'openvino'")
+
+    register_runtime("openvino-test", missing)
+    with pytest.raises(fxmorph.InputError, match="runtime 'openvino-test' is not installed"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime="openvino-test")
+    with pytest.raises(fxmorph.InputError, match="runtime must be"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=42)  # type: ignore[arg-type]
+
+
+def test_shrink_needs_a_budget(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    with pytest.raises(fxmorph.BudgetError, match="needs a budget"):
+        fxmorph.shrink(model, example_inputs=x)
+    with pytest.raises(fxmorph.InputError, match="latency_threads"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="60%", latency_threads=0)
+
+
+def test_cache_key_changes_with_threads_and_runtime_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    one, two = OnnxRuntimeCPU(threads=1).cache_key(), OnnxRuntimeCPU(threads=2).cache_key()
+    assert one != two and one.file_name() != two.file_name()
+    monkeypatch.setattr("fxmorph.io.latency_profile.ort.__version__", "0.0.1")
+    assert OnnxRuntimeCPU(threads=1).cache_key().file_name() != one.file_name()
+
+
+def test_a_corrupt_cache_or_another_machines_is_set_aside(tmp_path: Any) -> None:
+    key = CacheKey("onnxruntime", "1.0", 2, "some cpu")
+    cache = LatencyCache(key, tmp_path, {"conv:x|8x8": 3.0})
+    cache.save()
+    assert LatencyCache.load(key, tmp_path).points == {"conv:x|8x8": 3.0}
+    cache.path.write_text("{not json")
+    assert LatencyCache.load(key, tmp_path).points == {}
+    assert cache.path.with_suffix(".bad").exists() and not cache.path.exists()
+    other = CacheKey("onnxruntime", "1.0", 2, "another cpu")
+    cache.path.write_text(json.dumps({"key": other.__dict__, "points": {"a": 1.0}, "extra": {}}))
+    assert LatencyCache.load(key, tmp_path).points == {}
+
+
+def test_onnxruntime_profile_is_monotone_and_cached(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 16, 1), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)
+    )
+    cg = build_channel_graph(fxmorph.trace(model.eval(), (torch.randn(1, 3, 8, 8),)))
+    kernels = kernels_of(cg)
+    assert {k.kind for k in kernels} == {KernelKind.CONV, KernelKind.GEMM}
+    runtime = OnnxRuntimeCPU(threads=1, rounds=3, cache_dir=tmp_path)
+    profile = runtime.profile(kernels)
+    for kernel, widest in kernels.items():
+        table = profile.tables[kernel]
+        assert table.micros.shape == tuple(len(grid_points(w)) for w in widest)
+        assert (table.micros > 0).all() and (np.diff(table.micros, axis=0) >= 0).all()
+    assert set(profile.memory) == set(MemoryClass) and profile.flop_us > 0
+
+    def measured_again(*args: Any) -> None:
+        raise AssertionError("the cache should serve every point")
+
+    monkeypatch.setattr(OnnxRuntimeCPU, "_time", measured_again)
+    again = runtime.profile(kernels)
+    assert all(np.array_equal(again.tables[k].micros, profile.tables[k].micros) for k in kernels)
+
+
+def test_command_line_latency_budget_reports_rounds_and_the_flops_comparison(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fxmorph.cli.main import main
+
+    monkeypatch.setitem(fxmorph.api.runtimes._RUNTIMES, "onnxruntime", lambda threads: FakeRuntime())
+    out = tmp_path / "out"
+    argv = ["resnet18", "--budget-latency", "70%", "--input-shape", "1,3,64,64", "--out", str(out), "--rounds", "3"]
+    assert main(argv) == 0
+    data = json.loads((out / "report.json").read_text())
+    budget = data["latency_budget"]
+    assert budget["runtime"] == "fake runtime" and budget["rounds"] and budget["measured_ms"] <= budget["budget_ms"]
+    assert data["budget"]["latency"] == "70%" and "flops_budget" in data["latency"]["models"]
+    assert budget["flops_budget"]["flops"] <= data["flops"]["after"]  # cut to the result's FLOPs
+    for name in ("latency_flops.png", "flops_budget.onnx"):
+        assert (out / name).exists()
+    assert "## Latency budget" in (out / "report.md").read_text()
+    assert "latency budget 70%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budget-latency", "12"], "--budget-latency: budget_latency '12' has no unit"),
+        (["--budget-latency", "150%"], "--budget-latency: budget_latency '150%' must be a share"),
+        ([], "--budget-flops (or --budget-latency) is required"),
+    ],
+)
+def test_command_line_bad_latency_budgets(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    from fxmorph.cli.main import main
+
+    with pytest.raises(SystemExit) if not argv else contextlib.nullcontext():
+        code = main(["resnet18", *argv, "--out", str(tmp_path / "out")])
+        assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
