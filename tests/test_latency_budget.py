@@ -238,7 +238,7 @@ def test_onnxruntime_profile_is_monotone_and_cached(tmp_path: Any, monkeypatch: 
     for kernel, widest in kernels.items():
         table = profile.tables[kernel]
         assert table.micros.shape == tuple(len(grid_points(w)) for w in widest)
-        assert (table.micros > 0).all() and (np.diff(table.micros, axis=0) >= 0).all()
+        assert (table.micros >= 0).all() and (np.diff(table.micros, axis=0) >= 0).all()
     assert set(profile.memory) == set(MemoryClass) and profile.flop_us > 0
 
     def measured_again(*args: Any) -> None:
@@ -287,3 +287,28 @@ def test_command_line_bad_latency_budgets(
         assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_latency_budget_refuses_growth_and_regions(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    with pytest.raises(fxmorph.InputError, match="a latency budget only cuts"):
+        fxmorph.shrink(model, "150%", x, budget_latency="80%", strategy="width", runtime=FakeRuntime())
+    with pytest.raises(fxmorph.InputError, match="needs the whole model captured"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="80%", capture="regions", runtime=FakeRuntime())
+
+
+def test_a_kernel_without_a_table_is_priced_by_its_flops(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    cg = build_channel_graph(fxmorph.trace(model, (x,)))
+    cost = CostModel(cg)
+    full = FakeRuntime().profile(kernels_of(cg))
+    dropped = next(iter(full.tables))  # the stem convolution: 3 inputs, 64 outputs
+    assert sum(t.kernel == dropped for t in cg.costs) == 1
+    term = next(t for t in cg.costs if t.kernel == dropped)
+    rate = 1e-3
+    partial = RuntimeProfile("fake", {k: t for k, t in full.tables.items() if k != dropped}, full.memory, rate)
+    with_all, without = LatencyFunction(cost, full), LatencyFunction(cost, partial)
+    widths = cost.widths()
+    table_us = full.tables[dropped].at(np.array([[a if isinstance(a, int) else 64] for a in term.axes]))[0]
+    stem_flops = term.coef * 64  # 2 x 7x7 x positions x 3 inputs, times its 64 outputs
+    assert without(widths) - with_all(widths) == pytest.approx(rate * stem_flops - table_us, rel=1e-6)

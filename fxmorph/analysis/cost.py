@@ -20,10 +20,10 @@ import numpy as np
 from fxmorph.analysis import ChannelGraph, Layout
 from fxmorph.meta import FLOPS_KEY
 
-__all__ = ["CostModel", "Costs", "Resource", "TiedCosts"]
+__all__ = ["CostModel", "Costs", "Polynomial", "Resource", "TiedCosts"]
 
 
-class _Polynomial:
+class Polynomial:
     """``const + sum_t coef_t * prod_k (A[idx[t, k]] @ w)`` with exact int64 arithmetic.
 
     Each row of ``A`` is a linear form: the width of one layout as a function of the group widths ``w``.
@@ -84,7 +84,7 @@ class _Polynomial:
         changed[-1, :] = 1
         return self.const + self._coef @ changed[self._idx].prod(axis=1)
 
-    def projected(self, onto: np.ndarray) -> _Polynomial:
+    def projected(self, onto: np.ndarray) -> Polynomial:
         """The same polynomial of new variables ``u``, where the old ones are ``w = onto @ u`` (``onto``: one
         row per old variable). The forms stay linear: each row of ``A`` becomes ``A @ onto``."""
         out = copy.copy(self)
@@ -95,7 +95,7 @@ class _Polynomial:
 
 class Resource(Protocol):
     """What a budget measures, as a function of a vector of widths (FLOPs, predicted latency, or both at once):
-    the interface of :class:`_Polynomial`, which the selection step evaluates."""
+    the interface of :class:`Polynomial`, which the selection step evaluates."""
 
     def __call__(self, widths: np.ndarray) -> int | float:
         """The value at ``widths``."""
@@ -116,8 +116,8 @@ class Costs:
     """The original width of every variable."""
     spans: np.ndarray
     """The channels each element of every variable stands for (:attr:`Group.span`: a head's width, or 1)."""
-    _flops: _Polynomial
-    _params: _Polynomial
+    _flops: Polynomial
+    _params: Polynomial
     _budget: Resource
 
     @property
@@ -179,8 +179,8 @@ class CostModel(Costs):
         self.cg = cg
         self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
         self.spans = np.array([g.span for g in cg.groups], dtype=np.int64)
-        self._flops = _Polynomial(len(cg.groups))
-        self._free_terms = _Polynomial(len(cg.groups))
+        self._flops = Polynomial(len(cg.groups))
+        self._free_terms = Polynomial(len(cg.groups))
         for term in cg.costs:
             self._flops.term(term.coef, [self._flops.form(cg, f) for f in term.factors])
             # the terms touching a free group: the FLOPs a plan can change (prunable_share)
@@ -197,10 +197,10 @@ class CostModel(Costs):
         self._params = self._param_polynomial(cg)
         self._budget = self._flops
 
-    def _param_polynomial(self, cg: ChannelGraph) -> _Polynomial:
+    def _param_polynomial(self, cg: ChannelGraph) -> Polynomial:
         """One term per parameter: the product of its fixed dims times the width of each bound dim. A
         parameter no rule bound is a constant term; named_parameters() lists a shared one once."""
-        poly = _Polynomial(len(cg.groups))
+        poly = Polynomial(len(cg.groups))
         bound: dict[str, dict[int, Layout]] = {}
         for (target, dim), binding in cg.bindings.items():
             bound.setdefault(target, {})[dim] = binding.layout
@@ -287,7 +287,7 @@ class TiedCosts(Costs):
 
 
 def _step_arrays(widths: np.ndarray, steps: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``steps`` as the arrays :meth:`_Polynomial.steps` takes: widths, changed groups, their new widths."""
+    """``steps`` as the arrays :meth:`Polynomial.steps` takes: widths, changed groups, their new widths."""
     groups = np.array([g for g, _ in steps], dtype=np.int64)
     new = np.array([n for _, n in steps], dtype=np.int64)
     return np.asarray(widths, dtype=np.int64), groups, new

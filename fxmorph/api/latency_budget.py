@@ -4,10 +4,11 @@
 measures the model, and calibrates the model's prediction to that measurement (``scale``). Each round then cuts to
 the budget as predicted, measures the result beside the original (interleaved: the ratio of the two cancels the
 machine's drift) and, where the measured latency misses the window ``[budget * (1 - tolerance), budget]``, corrects
-``scale`` by what the measurement says of the prediction and cuts again, a few rounds at most. Each round aims at
-the middle of the window, so that measuring noise on either side still lands in it. The result is the round closest
-to the budget at or under it; no round under it is a :class:`~fxmorph.errors.BudgetError`, never a model that
-misses silently.
+``scale`` from what the rounds measured (:func:`_next_scale`) and cuts again, a few rounds at most. Each round aims
+at the middle of the window, so that measuring noise on either side still lands in it. Where the model predicts the
+budget out of reach, the nearest cut it allows is measured before refusing (:func:`_first_cut`). The result is the
+round closest to the budget at or under it; no round under it is a :class:`~fxmorph.errors.BudgetError`, never a
+model that misses silently.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["LatencyOutcome", "LatencyStep", "meet_latency"]
 
 logger = logging.getLogger(__name__)
 
-ROUNDS = 4
+ROUNDS = 6
 """At most this many cuts and measurements."""
 TOLERANCE = 0.05
 """A measured result within this share under the budget is done."""
@@ -42,7 +43,8 @@ Cut = TypeVar("Cut")
 
 @dataclass(frozen=True)
 class LatencyStep:
-    """One round: the latency the model predicted for its cut, what the runtime measured, and the cut's FLOPs."""
+    """One round: the latency the model (calibrated on the original) predicted for its cut, what the runtime
+    measured, and the cut's FLOPs and parameters."""
 
     predicted_ms: float
     measured_ms: float
@@ -96,17 +98,20 @@ def _profile(runtime: LatencyRuntime, cg: ChannelGraph, known: RuntimeProfile | 
     return runtime.profile(needed)
 
 
-def _predicted_us(gm: fx.GraphModule, runtime: LatencyRuntime, profile: RuntimeProfile, scale: float) -> float:
-    """The predicted microseconds of ``gm`` (its own graph analysed)."""
+def _predicted_us(
+    gm: fx.GraphModule, runtime: LatencyRuntime, profile: RuntimeProfile, scale: float
+) -> tuple[float, CostModel]:
+    """The predicted microseconds of ``gm`` (its own graph analysed), and its cost model."""
     cg = build_channel_graph(gm)
     cost = CostModel(cg)
-    return LatencyFunction(cost, _profile(runtime, cg, profile), scale)(cost.widths())
+    return LatencyFunction(cost, _profile(runtime, cg, profile), scale)(cost.widths()), cost
 
 
-def _next_aim(aims: list[float], measured: list[float], goal: float) -> float:
-    """The next aim of the cut (in predicted milliseconds), so that its measured latency lands on ``goal``: the
-    measured latency rises with the aim, so interpolate between the closest rounds on either side of the goal, or
-    scale the closest round's aim by how far it missed where all rounds fell on one side."""
+def _next_scale(scales: list[float], measured: list[float], goal: float) -> float:
+    """The calibration of the next cut, so that its measured latency lands on ``goal``. A larger scale predicts
+    every cut slower, so the cut to the same aim is smaller and measures faster: interpolate between the closest
+    rounds on either side of the goal, or, where all rounds fell on one side, scale the closest round's calibration
+    by how far it missed."""
     below = [k for k, m in enumerate(measured) if m <= goal]
     above = [k for k, m in enumerate(measured) if m > goal]
     if below and above:
@@ -114,9 +119,32 @@ def _next_aim(aims: list[float], measured: list[float], goal: float) -> float:
         hi = min(above, key=lambda k: measured[k])
         if measured[hi] > measured[lo]:
             t = (goal - measured[lo]) / (measured[hi] - measured[lo])
-            return aims[lo] + t * (aims[hi] - aims[lo])
-    closest = min(range(len(aims)), key=lambda k: abs(measured[k] - goal))
-    return aims[closest] * goal / measured[closest]
+            return scales[lo] + t * (scales[hi] - scales[lo])
+    closest = min(range(len(scales)), key=lambda k: abs(measured[k] - goal))
+    return scales[closest] * measured[closest] / goal
+
+
+_RELAX = 0.85
+"""Where the model predicts the budget out of reach, the calibration is lowered by this factor (up to
+:data:`_RELAXATIONS` times) to find the cut it predicts nearest, which is then measured: a model that predicts
+small cuts too slow must not refuse a budget they meet."""
+_RELAXATIONS = 8
+
+
+def _first_cut(
+    cut: Callable[[LatencyBudget], tuple[Cut, fx.GraphModule]], aim_us: float, profile: RuntimeProfile, scale: float
+) -> tuple[Cut, fx.GraphModule, float, BudgetError | None]:
+    """The first round's cut, its calibration and, where the model predicted the budget out of reach, why."""
+    refused: BudgetError | None = None
+    for _ in range(_RELAXATIONS + 1):
+        try:
+            result, small = cut(LatencyBudget(aim_us, profile, scale))
+            return result, small, scale, refused
+        except BudgetError as exc:
+            refused = refused or exc
+            scale *= _RELAX
+    assert refused is not None
+    raise refused
 
 
 def meet_latency(
@@ -135,36 +163,39 @@ def meet_latency(
     budget_ms = parse_latency(budget, original_ms)
     cost = CostModel(cg)
     predicted = LatencyFunction(cost, profile)(cost.widths())
-    scale = original_ms * 1e3 / predicted  # calibrated: the model predicts the original's measured time
     outcome = LatencyOutcome(runtime.describe(), budget_ms, original_ms, predicted / 1e3, seconds)
     goal = budget_ms * (1.0 - TOLERANCE / 2)  # the middle of the window: noise either side still lands in it
-    aims: list[float] = []
+    calibrated = scale = original_ms * 1e3 / predicted  # the model then predicts the original's measured time
+    scales: list[float] = []
     measured: list[float] = []
     results: list[Cut] = []
+    refused: BudgetError | None = None
     for _ in range(ROUNDS):
-        aim = goal if not aims else _next_aim(aims, measured, goal)
         try:
-            result, small = cut(LatencyBudget(aim * 1e3, profile, scale))
+            if not scales:
+                result, small, scale, refused = _first_cut(cut, goal * 1e3, profile, scale)
+            else:
+                scale = _next_scale(scales, measured, goal)
+                result, small = cut(LatencyBudget(goal * 1e3, profile, scale))
         except BudgetError as exc:
-            if not aims:
-                raise BudgetError(
-                    f"budget_latency {budget!r} ({budget_ms:.3g} ms of the model's measured {original_ms:.3g} ms on "
-                    f"{outcome.runtime}) is below what this model can reach: {exc}"
-                ) from exc
-            break  # the measurements pushed the aim out of reach: what was measured so far decides
-        predicted_us = _predicted_us(small, runtime, profile, scale)
+            if not scales:
+                raise _below_reach(budget, budget_ms, outcome, exc) from exc
+            break  # the corrections pushed the cut out of the model's reach: what was measured decides
+        # what the model calibrated on the original predicts for the cut (the rounds' scales only steer the cuts)
+        predicted_us, small_cost = _predicted_us(small, runtime, profile, calibrated)
         ratio = runtime.measure({"original": gm, "result": small}, inputs)["result"].paired_ratio
         measured_ms = ratio * original_ms  # the ratio of interleaved runs: the drift of the machine cancels
-        small_cost = CostModel(build_channel_graph(small))
         outcome.steps.append(LatencyStep(predicted_us / 1e3, measured_ms, small_cost.flops(), small_cost.params()))
         results.append(result)
-        aims.append(aim)
+        scales.append(scale)
         measured.append(measured_ms)
         logger.info("budget %.2f ms: predicted %.2f ms, measured %.2f ms", budget_ms, predicted_us / 1e3, measured_ms)
         if budget_ms * (1.0 - TOLERANCE) <= measured_ms <= budget_ms:
             break
     under = [k for k, s in enumerate(outcome.steps) if s.measured_ms <= budget_ms]
     if not under:
+        if refused is not None and min(measured) > budget_ms:  # even the smallest cut measured above the budget
+            raise _below_reach(budget, budget_ms, outcome, refused, min(measured))
         times = ", ".join(f"{s.measured_ms:.2f}" for s in outcome.steps)
         raise BudgetError(
             f"no cut met the latency budget of {budget_ms:.2f} ms in {len(measured)} round(s) (measured {times} ms on "
@@ -173,3 +204,14 @@ def meet_latency(
         )
     outcome.chosen = max(under, key=lambda k: outcome.steps[k].measured_ms)
     return results[outcome.chosen], outcome
+
+
+def _below_reach(
+    budget: object, budget_ms: float, outcome: LatencyOutcome, exc: BudgetError, smallest_ms: float | None = None
+) -> BudgetError:
+    """The error of a latency budget below what the model reaches (as predicted, or as the smallest cut measured)."""
+    measured = "" if smallest_ms is None else f" The smallest cut the model allows measured {smallest_ms:.3g} ms."
+    return BudgetError(
+        f"budget_latency {budget!r} ({budget_ms:.3g} ms of the model's measured {outcome.original_ms:.3g} ms on "
+        f"{outcome.runtime}) is below what this model can reach: {exc}{measured}"
+    )

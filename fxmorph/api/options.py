@@ -178,7 +178,16 @@ class ShrinkOptions(Options):
     def settings(self, rounding: str) -> dict[str, Any]:
         """The report's ``settings``: every option as given, and ``rounding``, the grid used."""
         factorize = self.factorize if isinstance(self.factorize, bool) else list(self.factorize)
+        latency: dict[str, Any] = {}
+        if self.budget_latency is not None:
+            runtime = self.runtime if isinstance(self.runtime, str) else type(self.runtime).__name__
+            latency = {
+                "budget_latency": self.budget_latency,
+                "runtime": runtime,
+                "latency_threads": self.latency_threads,
+            }
         return {
+            **latency,
             "criterion": self.criterion,
             "strategy": self.strategy,
             "round_to": self.round_to,

@@ -79,9 +79,12 @@ class ShrinkReport:
 
     def table(self, *, changed_only: bool = True) -> str:
         """A readable summary: totals, then one line per group."""
+        # a latency budget alone leaves the FLOPs budget at the model's own FLOPs: no FLOPs budget to state
+        flops_budget = self.latency is None or self.budget_flops < self.flops_before
+        budget = f", budget {self.budget_flops / 1e9:.3f} G" if flops_budget else ""
         lines = [
             f"FLOPs   {self.flops_before / 1e9:9.3f} G -> {self.flops_after / 1e9:9.3f} G "
-            f"({100 * self.flops_ratio:.1f}%, budget {self.budget_flops / 1e9:.3f} G)",
+            f"({100 * self.flops_ratio:.1f}%{budget})",
             f"MACs    {self.macs_before / 1e9:9.3f} G -> {self.macs_after / 1e9:9.3f} G",
             f"params  {self.params_before / 1e6:9.3f} M -> {self.params_after / 1e6:9.3f} M",
             f"time    {self.seconds:.2f} s ({', '.join(p.name for p in self.passes)})",

@@ -275,7 +275,7 @@ def shrink(
             runtime (:mod:`fxmorph.analysis.latency`: a table per kernel measured on small graphs, memory costs
             for the ops without one, cached on disk per machine, thread count and runtime version), then the result
             is measured beside the original and cut again with the prediction corrected until it lands at or under
-            the budget and within 5% of it (4 rounds at most; :mod:`fxmorph.api.latency_budget`). The report's
+            the budget and within 5% of it (6 rounds at most; :mod:`fxmorph.api.latency_budget`). The report's
             ``latency`` gives each round's prediction and measurement. With ``budget_flops`` too, both are met.
         runtime: the runtime of ``budget_latency``: ``"onnxruntime"`` (its CPU provider, the default) or an object
             with ``describe``, ``profile`` and ``measure`` (:class:`~fxmorph.api.runtimes.LatencyRuntime`).

@@ -184,12 +184,8 @@ def _shrink(args: argparse.Namespace, run: _Loaded) -> tuple[nn.Module, ShrinkRe
             (run.x,),
             budget_latency=args.budget_latency,
             latency_threads=args.threads,
-            criterion=args.criterion,
-            strategy=args.strategy,
-            round_to=args.round_to,
-            uniform_blocks=args.uniform_blocks,
-            capture=args.capture,
             return_report=True,
+            **_cut_options(args),
         )
     except BudgetError as exc:  # below what the model can reach
         option = "--budget-latency" if "latency" in str(exc) else "--budget-flops"
@@ -267,16 +263,18 @@ def _same_flops(args: argparse.Namespace, run: _Loaded, report: ShrinkReport) ->
     """The model cut to a FLOPs budget equal to the latency-budget result's FLOPs, with the same settings."""
     import fxmorph
 
-    return fxmorph.shrink(
-        run.model,
-        report.flops_after,
-        (run.x,),
-        criterion=args.criterion,
-        strategy=args.strategy,
-        round_to=args.round_to,
-        uniform_blocks=args.uniform_blocks,
-        capture=args.capture,
-    )
+    return fxmorph.shrink(run.model, report.flops_after, (run.x,), **_cut_options(args))
+
+
+def _cut_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of the command that say how to cut (the same for the result and the comparison)."""
+    return {
+        "criterion": args.criterion,
+        "strategy": args.strategy,
+        "round_to": args.round_to,
+        "uniform_blocks": args.uniform_blocks,
+        "capture": args.capture,
+    }
 
 
 @contextlib.contextmanager

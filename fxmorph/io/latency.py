@@ -37,7 +37,7 @@ from fxmorph.errors import InputError
 from fxmorph.io.export import ExportResult, export_onnx
 from fxmorph.validate import check_count, check_model, check_options, check_tensor_inputs
 
-__all__ = ["LatencyReport", "ModelLatency", "compare_latency", "measure_latency"]
+__all__ = ["LatencyReport", "ModelLatency", "compare_latency", "measure_latency", "session_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def measure_latency(
     check_count("repeats_per_round", repeats_per_round, 1)
     threads = check_count("threads", threads, 1) if threads is not None else os.cpu_count() or 1
     level = _level(graph_optimization)
-    options = _session_options(threads, level, allow_spinning)
+    options = session_options(threads, level, allow_spinning)
     names = list(models)
     sessions = {n: _session(n, models[n], options) for n in names}
     feeds = {n: _feed(n, sessions[n], inputs) for n in names}
@@ -236,7 +236,7 @@ def _check_models(models: Any) -> None:
         raise InputError("measure_latency needs at least one model: pass {'name': 'model.onnx', ...}.")
 
 
-def _session_options(threads: int, level: ort.GraphOptimizationLevel, allow_spinning: bool) -> ort.SessionOptions:
+def session_options(threads: int, level: ort.GraphOptimizationLevel, allow_spinning: bool) -> ort.SessionOptions:
     """The options every session shares, so that the models differ only in their graphs."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -32,9 +32,9 @@ from fxmorph.analysis.kernels import Kernel
 from fxmorph.analysis.latency import MemoryClass, MemoryCost, RuntimeProfile, Table, grid_points
 from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.export import export_onnx
-from fxmorph.io.latency import _session_options, measure_latency
+from fxmorph.io.latency import measure_latency, session_options
 from fxmorph.io.latency_cache import CacheKey, LatencyCache, cpu_model
-from fxmorph.io.onnx_kernels import _model, input_shapes, kernel_graph, memory_graph
+from fxmorph.io.onnx_kernels import input_shapes, kernel_graph, memory_graph, onnx_model
 
 __all__ = ["OnnxRuntimeCPU"]
 
@@ -44,6 +44,8 @@ _MEMORY_SIZES = ((16, 14), (64, 28), (128, 56), (256, 56))
 """(channels, side) of the tensors each memory-bound op is timed on: 3 K to 800 K elements."""
 _PRODUCTS = ((12, 197, 64, 197), (1, 197, 768, 768))
 """(batch, M, K, N) of the batched products that give the FLOP rate (a ViT-B's attention and projection)."""
+_MEASURE_S = 3.0
+"""Seconds a measurement of whole models aims at (30 rounds at least)."""
 _WARMUP = 2
 """Runs of each point before the timed rounds (the first run allocates)."""
 _REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
@@ -127,7 +129,7 @@ class OnnxRuntimeCPU:
         The time is onnxruntime's own profile of the op's kernels (:func:`_op_micros`): the layout reorders an
         isolated blocked convolution needs at its input and output, which a whole model pays once rather than per
         layer, and the session's own overhead per run, are left out."""
-        options = _session_options(self.threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False)
+        options = session_options(self.threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False)
         rng = np.random.default_rng(0)
         with tempfile.TemporaryDirectory(prefix="fxmorph-profile-") as workdir:
             options.enable_profiling = True
@@ -164,17 +166,21 @@ class OnnxRuntimeCPU:
         points, flops = [], []
         for b, m, k, n in _PRODUCTS:
             node = helper.make_node("MatMul", ["x", "z"], ["y"])
-            model = _model([node], [("x", (b, m, k)), ("z", (b, k, n))], [])
+            model = onnx_model([node], [("x", (b, m, k)), ("z", (b, k, n))], [])
             points.append(_Point(f"matmul|{b}x{m}x{k}x{n}", model, [(b, m, k), (b, k, n)]))
             flops.append(2 * b * m * k * n)
         times = self._time(points)
         return float(np.median([times[p.key] / f for p, f in zip(points, flops, strict=True)]))
 
     def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
-        """Export every model to ONNX (checked against torch) and time them interleaved (30 rounds)."""
+        """Export every model to ONNX (checked against torch) and time them interleaved: 30 rounds, or as many as
+        fit in about :data:`_MEASURE_S` seconds (at most 300), so that fast models get steadier medians."""
         with tempfile.TemporaryDirectory(prefix="fxmorph-latency-") as workdir:
             exported = {n: export_onnx(m, example_inputs, Path(workdir) / f"{n}.onnx") for n, m in models.items()}
-            report = measure_latency(exported, example_inputs, threads=self.threads, rounds=30, warmup=5)
+            probe = measure_latency(exported, example_inputs, threads=self.threads, rounds=3, warmup=3)
+            per_round = sum(m.median_ms for m in probe.models) / 1e3
+            rounds = min(300, max(30, int(_MEASURE_S / max(per_round, 1e-6))))
+            report = measure_latency(exported, example_inputs, threads=self.threads, rounds=rounds, warmup=5)
         return {m.name: Timing(m.median_ms, m.paired_ratio) for m in report.models}
 
 

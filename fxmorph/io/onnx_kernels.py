@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fxmorph.analysis.kernels import Kernel, KernelKind
 from fxmorph.analysis.latency import MemoryClass
 
-__all__ = ["MEMORY_OPS", "kernel_graph", "memory_graph"]
+__all__ = ["MEMORY_OPS", "input_shapes", "kernel_graph", "memory_graph", "onnx_model"]
 
 _OPSET = 17
 _RNG = np.random.default_rng(0)
@@ -24,7 +24,7 @@ def _weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
     return numpy_helper.from_array((_RNG.standard_normal(shape) * 0.05).astype(np.float32), name)
 
 
-def _model(
+def onnx_model(
     nodes: list[onnx.NodeProto], inputs: list[tuple[str, tuple[int, ...]]], inits: list[onnx.TensorProto]
 ) -> bytes:
     """The serialised model of ``nodes`` reading float inputs ``inputs`` and writing ``y``."""
@@ -53,7 +53,7 @@ def kernel_graph(kernel: Kernel, widths: tuple[int, ...]) -> bytes:
     if kernel.kind is KernelKind.GEMM:
         fan_in, out = widths
         nodes = [helper.make_node("MatMul", ["x", "w"], ["p"]), helper.make_node("Add", ["p", "b"], ["y"])]
-        return _model(nodes, [("x", shape)], [_weight("w", (fan_in, out)), _weight("b", (out,))])
+        return onnx_model(nodes, [("x", shape)], [_weight("w", (fan_in, out)), _weight("b", (out,))])
     if kernel.kind is KernelKind.DEPTHWISE:
         channels = widths[0]
         groups, cin, cout = channels, channels, channels * kernel.groups  # groups holds the multiplier
@@ -70,7 +70,7 @@ def kernel_graph(kernel: Kernel, widths: tuple[int, ...]) -> bytes:
         group=groups,
     )
     inits = [_weight("w", (cout, cin // groups, *kernel.kernel)), _weight("b", (cout,))]
-    return _model([conv], [("x", shape)], inits)
+    return onnx_model([conv], [("x", shape)], inits)
 
 
 MEMORY_OPS: dict[MemoryClass, str] = {
@@ -93,14 +93,14 @@ def memory_graph(kind: MemoryClass, channels: int, side: int) -> tuple[bytes, li
     op = MEMORY_OPS[kind]
     if kind is MemoryClass.ELEMENTWISE:
         return (
-            _model([helper.make_node(op, ["x", "z"], ["y"])], [("x", shape), ("z", shape)], []),
+            onnx_model([helper.make_node(op, ["x", "z"], ["y"])], [("x", shape), ("z", shape)], []),
             [shape, shape],
             elements,
         )
     if kind is MemoryClass.COPY:  # two halves joined: the output has the elements of the input
         half = (1, channels // 2, side, side)
         node = helper.make_node(op, ["x", "z"], ["y"], axis=1)
-        return _model([node], [("x", half), ("z", half)], []), [half, half], elements
+        return onnx_model([node], [("x", half), ("z", half)], []), [half, half], elements
     inits: list[onnx.TensorProto] = []
     inputs = ["x"]
     attrs: dict[str, object] = {}
@@ -116,4 +116,4 @@ def memory_graph(kind: MemoryClass, channels: int, side: int) -> tuple[bytes, li
         attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
     elif kind is MemoryClass.OTHER:
         attrs = {"axis": -1}
-    return _model([helper.make_node(op, inputs, ["y"], **attrs)], [("x", shape)], inits), [shape], elements
+    return onnx_model([helper.make_node(op, inputs, ["y"], **attrs)], [("x", shape)], inits), [shape], elements

@@ -1,0 +1,295 @@
+"""Latency budgets (issue 17): measured latency against the budget, and what each method keeps at equal latency.
+
+    python -m benchmarks.latency_budget                                   # 6 models x 3 budgets (about 40 min)
+    python -m benchmarks.latency_budget --models resnet50 --budgets 0.5   # one case
+    python -m benchmarks.latency_budget --summarize                       # LATENCY_BUDGET.md and the plot again
+
+For each torchvision model (random weights, 1x3x224x224, onnxruntime's CPU provider with 2 threads):
+
+1. the latency model's tables are built into an empty cache and then read from it, both timed;
+2. ``fxmorph.shrink(budget_latency=b)`` for every budget ``b``: each round's predicted and measured latency;
+3. FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) at 20..90% of the FLOPs, and Torch-Pruning
+   (``MagnitudePruner``, one ratio for every layer, :mod:`benchmarks.tp_adapter`) at ratios 0.1..0.6;
+4. everything exported to ONNX and measured together, interleaved (30 rounds after 10 warm-up runs; a model's
+   latency is the median over rounds of its time over the original's in the same round).
+
+The FLOPs-budget and Torch-Pruning curves are interpolated at each latency result's measured latency: the FLOPs
+and parameters each method keeps at equal latency. Raw rows go to ``latency_budget.json``; ``LATENCY_BUDGET.md``
+and ``latency_budget.png`` (latency against FLOPs per model) are written from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+import fxmorph
+from benchmarks import tp_adapter
+from fxmorph.analysis import build_channel_graph
+from fxmorph.analysis.latency import kernels_of
+from fxmorph.io.latency_profile import OnnxRuntimeCPU
+
+HERE = Path(__file__).parent
+MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny", "vit_b_16")
+BUDGETS = (0.75, 0.5, 0.3)
+FLOPS_LEVELS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+TP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+THREADS = 2
+
+logger = logging.getLogger("benchmarks.latency_budget")
+
+
+def _count(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    return {"flops": fxmorph.count_flops(model, (x,)), "params": fxmorph.count_params(model)}
+
+
+def _profile_seconds(model: nn.Module, x: torch.Tensor, cache: Path) -> dict[str, float]:
+    """Seconds to build the model's latency tables into an empty cache, and to read them back."""
+    cg = build_channel_graph(fxmorph.trace(model, (x,)))
+    runtime = OnnxRuntimeCPU(threads=THREADS, cache_dir=cache)
+    out = {}
+    for key in ("empty_cache_s", "cached_s"):
+        start = time.perf_counter()
+        runtime.profile(kernels_of(cg))
+        out[key] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def _latency_cut(model: nn.Module, x: torch.Tensor, budget: float, cache: Path) -> tuple[nn.Module, dict[str, Any]]:
+    start = time.perf_counter()
+    runtime = OnnxRuntimeCPU(threads=THREADS, cache_dir=cache)
+    small, report = fxmorph.shrink(model, example_inputs=x, budget_latency=budget, runtime=runtime, return_report=True)
+    outcome = report.latency
+    assert outcome is not None
+    row = {
+        "budget": budget,
+        "seconds": round(time.perf_counter() - start, 1),
+        "original_ms": outcome.original_ms,
+        "predicted_original_ms": outcome.predicted_original_ms,
+        "rounds": [
+            {"predicted_ms": s.predicted_ms, "measured_ms": s.measured_ms, "flops": s.flops, "params": s.params}
+            for s in outcome.steps
+        ],
+        "returned_round": outcome.chosen + 1,
+        "in_loop_ratio": outcome.measured_ms / outcome.original_ms,
+        "ratio": _verify(model, small, x),
+        **_count(small, x),
+    }
+    return small, row
+
+
+def _verify(model: nn.Module, small: nn.Module, x: torch.Tensor) -> float:
+    """The result's latency over the original's, measured again after shrink returned, as shrink measures: the two
+    alone, interleaved (30 rounds, the median of per-round ratios)."""
+    with tempfile.TemporaryDirectory(prefix="fxmorph-latency-verify-") as tmp:
+        pair = (("original", model), ("result", small))
+        exported = {n: fxmorph.export_onnx(m, (x,), Path(tmp) / f"{n}.onnx") for n, m in pair}
+        report = fxmorph.measure_latency(exported, (x,), threads=THREADS, rounds=30, warmup=10)
+    return report["result"].paired_ratio
+
+
+def run_model(name: str, budgets: tuple[float, ...], cache: Path) -> dict[str, Any]:
+    """Every cut of ``name`` and their latencies, measured together."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    row: dict[str, Any] = {"model": name, **_count(model, x), "profile": _profile_seconds(model, x, cache)}
+    cuts: dict[str, nn.Module] = {"original": model}
+    row["latency_cuts"] = []
+    row["unreachable"] = []
+    for b in budgets:
+        try:
+            small, cut = _latency_cut(model, x, b, cache)
+        except fxmorph.BudgetError as exc:  # below what the model can reach, as its latency model predicts
+            row["unreachable"].append({"budget": b, "error": str(exc)})
+            logger.info("%s latency %.2f: %s", name, b, exc)
+            continue
+        cuts[f"latency {b:g}"] = small
+        row["latency_cuts"].append(cut)
+        logger.info("%s latency %.2f: %s", name, b, {k: cut[k] for k in ("in_loop_ratio", "flops", "seconds")})
+    row["flops_cuts"] = []
+    for f in FLOPS_LEVELS:
+        small = fxmorph.shrink(model, f, x)
+        cuts[f"flops {f:g}"] = small
+        row["flops_cuts"].append({"level": f, **_count(small, x)})
+    row["tp_cuts"] = []
+    if tp_adapter.available():
+        for r in TP_RATIOS:
+            small = tp_adapter.prune(model, x, r, None)
+            cuts[f"tp {r:g}"] = small
+            row["tp_cuts"].append({"ratio": r, **_count(small, x)})
+    ratios = _measure(cuts, x)
+    for cut in row["latency_cuts"]:  # beside the curves, in the one measurement they share
+        cut["curve_ratio"] = ratios[f"latency {cut['budget']:g}"]
+    for key, field, label in (("flops_cuts", "level", "flops"), ("tp_cuts", "ratio", "tp")):
+        for r in row[key]:
+            r["ratio"] = ratios[f"{label} {r[field]:g}"]
+    row["original_ms"] = ratios["original_ms"]
+    return row
+
+
+def _measure(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
+    """Every model's median paired ratio to the original (interleaved, 30 rounds), and the original's median."""
+    with tempfile.TemporaryDirectory(prefix="fxmorph-latency-bench-") as tmp:
+        exported = {
+            n: fxmorph.export_onnx(m, (x,), Path(tmp) / f"{n.replace(' ', '_')}.onnx") for n, m in models.items()
+        }
+        report = fxmorph.measure_latency(exported, (x,), threads=THREADS, rounds=30, warmup=10)
+    out = {m.name: m.paired_ratio for m in report.models}
+    out["original_ms"] = report["original"].median_ms
+    return out
+
+
+def _at_latency(points: list[dict[str, Any]], ratio: float, key: str) -> float | None:
+    """``key`` (FLOPs or parameters) of a curve of cuts interpolated at latency ``ratio``; None outside it."""
+    pts = sorted((p["ratio"], p[key]) for p in points)
+    if not pts or not pts[0][0] <= ratio <= pts[-1][0]:
+        return None
+    return float(np.interp(ratio, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
+    """``LATENCY_BUDGET.md`` and the plot from the raw rows."""
+    lines = [
+        "# Latency budgets: measured in onnxruntime, and what each method keeps at equal latency",
+        "",
+        "Command: `python -m benchmarks.latency_budget` (raw rows in `latency_budget.json`). torchvision models with "
+        f"random weights at 1x3x224x224, onnxruntime CPU provider, {THREADS} threads. *Measured* is the median over 30 "
+        "interleaved rounds of the result's time over the original's in the same round, the two measured again "
+        "after shrink returned, as shrink measures them; *in loop* is what shrink's returned round measured. For the "
+        "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 20..90% and Torch-Pruning at "
+        "ratios 0.1..0.6) is measured in one interleaved run, and the FLOPs and parameters of the FLOPs-budget and "
+        "Torch-Pruning cuts are interpolated along their curves at the latency result's latency in that run (-: "
+        "outside the curve).",
+        "",
+        "| model | budget | measured | in loop | rounds | FLOPs kept: latency / FLOPs budget / TP | "
+        "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|",
+    ]
+    errors, first_errors, misses = [], [], 0
+    for row in rows:
+        for cut in row["latency_cuts"]:
+            ratio = cut["ratio"]
+            ok = cut["budget"] * 0.95 <= ratio <= cut["budget"]
+            at = cut["curve_ratio"]  # the curves are compared where they were measured: in one run, together
+            misses += not ok
+            kept = [cut["flops"] / row["flops"]]
+            params = [cut["params"] / row["params"]]
+            for curve in ("flops_cuts", "tp_cuts"):
+                f = _at_latency(row[curve], at, "flops")
+                p = _at_latency(row[curve], at, "params")
+                kept.append(None if f is None else f / row["flops"])
+                params.append(None if p is None else p / row["params"])
+            r0 = cut["rounds"][0]
+            first = abs(r0["predicted_ms"] - r0["measured_ms"]) / r0["measured_ms"]
+            first_errors.append(first)
+            errors += [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in cut["rounds"]]
+            lines.append(
+                f"| {row['model']} | {cut['budget']:.0%} | {ratio:.1%}{'' if ok else ' (miss)'} | "
+                f"{cut['in_loop_ratio']:.1%} | {len(cut['rounds'])} | {_pcts(kept)} | {_pcts(params)} | "
+                f"{first:.1%} | {cut['seconds']:.0f} |"
+            )
+    unreachable = [(row["model"], u) for row in rows for u in row.get("unreachable", [])]
+    lines += [
+        "",
+        f"**{len(first_errors) - misses} of {len(first_errors)}** results measured at or under their budget and "
+        "within 5% of it."
+        + "".join(
+            f" {model} at {u['budget']:.0%}: refused, {u['error'].split(': ', 1)[-1].split(' (round_to')[0]}."
+            for model, u in unreachable
+        ),
+        "",
+        f"Prediction error of the calibrated latency model (|predicted - measured| / measured): first rounds median "
+        f"{np.median(first_errors):.1%}, worst {max(first_errors):.1%}; every round median {np.median(errors):.1%}, "
+        f"worst {max(errors):.1%}. Before calibration, on the originals: "
+        + ", ".join(f"{r['model']} {_raw_error(r):+.0%}" for r in rows)
+        + ".",
+        "",
+        "| model | original ms | FLOPs | tables, empty cache s | tables, cached s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['original_ms']:.2f} | {row['flops'] / 1e9:.2f} G | "
+            f"{row['profile']['empty_cache_s']:.1f} | {row['profile']['cached_s']:.2f} |"
+        )
+    lines += ["", "![latency against FLOPs](latency_budget.png)", ""]
+    out_md.write_text("\n".join(lines))
+    _plot(rows, out_png)
+
+
+def _raw_error(row: dict[str, Any]) -> float:
+    """The uncalibrated model's error on the original: predicted over measured, minus one."""
+    first = row["latency_cuts"][0]
+    return first["predicted_original_ms"] / first["original_ms"] - 1
+
+
+def _pcts(values: list[float | None]) -> str:
+    return " / ".join("-" if v is None else f"{v:.1%}" for v in values)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(4.2 * cols, 3.6 * -(-len(rows) // cols)),
+                             squeeze=False, layout="constrained")  # fmt: skip
+    for ax, row in zip(axes.flat, rows, strict=False):
+        for curve, label, style in (("flops_cuts", "FLOPs budget", "o-"), ("tp_cuts", "Torch-Pruning", "s--")):
+            pts = sorted((p["flops"] / row["flops"], p["ratio"]) for p in row[curve])
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, ms=4, label=label)
+        for cut in row["latency_cuts"]:
+            ax.axhline(cut["budget"], color="#d62728", lw=0.6, ls=":")
+        lat = sorted((c["flops"] / row["flops"], c["curve_ratio"]) for c in row["latency_cuts"])
+        ax.plot(*zip(*lat, strict=True), "*", color="#d62728", ms=11, label="latency budget")
+        ax.set_title(f"{row['model']} ({row['original_ms']:.1f} ms)", fontsize=10)
+        ax.set_xlabel("FLOPs kept")
+        ax.set_ylabel("latency / original")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.axis("off")
+    fig.suptitle(f"onnxruntime latency against FLOPs kept ({THREADS} threads; dotted: the budgets)", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--budgets", nargs="*", type=float, default=BUDGETS)
+    parser.add_argument("--json", type=Path, default=HERE / "latency_budget.json")
+    parser.add_argument("--summarize", action="store_true", help="only write LATENCY_BUDGET.md and the plot")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    if not args.summarize:
+        rows = json.loads(args.json.read_text())["rows"] if args.json.exists() else []
+        rows = [r for r in rows if r["model"] not in args.models]
+        with tempfile.TemporaryDirectory(prefix="fxmorph-latency-cache-") as cache:
+            for name in args.models:
+                rows.append(run_model(name, tuple(args.budgets), Path(cache)))
+                args.json.write_text(json.dumps({"threads": THREADS, "rows": rows}, indent=1))
+    rows = json.loads(args.json.read_text())["rows"]
+    order = {m: k for k, m in enumerate(MODELS)}
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))
+    summarize(rows, HERE / "LATENCY_BUDGET.md", HERE / "latency_budget.png")
+
+
+if __name__ == "__main__":
+    main()
