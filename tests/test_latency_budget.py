@@ -240,6 +240,12 @@ def test_onnxruntime_profile_is_monotone_and_cached(tmp_path: Any, monkeypatch: 
         assert table.micros.shape == tuple(len(grid_points(w)) for w in widest)
         assert (table.micros >= 0).all() and (np.diff(table.micros, axis=0) >= 0).all()
     assert set(profile.memory) == set(MemoryClass) and profile.flop_us > 0
+    path = LatencyCache(runtime.cache_key(), tmp_path).path
+    data = json.loads(path.read_text())
+    data["extra"]["memory"] = {"elementwise": "fast"}  # this machine's key, values that are not ours
+    path.write_text(json.dumps(data))
+    profile = runtime.profile(kernels)  # measured again
+    assert set(profile.memory) == set(MemoryClass)
 
     def measured_again(*args: Any) -> None:
         raise AssertionError("the cache should serve every point")

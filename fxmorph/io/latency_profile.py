@@ -82,19 +82,32 @@ class OnnxRuntimeCPU:
         """Tables for ``kernels`` up to the widths given, the memory costs and the FLOP rate (cached)."""
         cache = LatencyCache.load(self.cache_key(), self.cache_dir)
         grids = {k: tuple(grid_points(w) for w in widest) for k, widest in kernels.items()}
-        wanted = [_Point(_point_key(k, w), b"", []) for k, g in grids.items() for w in product(*g)]
-        missing = [p.key for p in wanted if p.key not in cache.points]
+        self._complete(cache, grids)
+        try:
+            return self._read(cache, grids)
+        except (KeyError, ValueError, TypeError) as exc:  # a cache of this key whose contents are not ours
+            logger.warning("latency cache %s holds unusable values (%s): measuring again", cache.path, exc)
+            cache.points, cache.extra = {}, {}
+            self._complete(cache, grids)
+            return self._read(cache, grids)
+
+    def _complete(self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]]) -> None:
+        """Measure what ``cache`` lacks of ``grids``, the memory costs and the FLOP rate."""
+        missing = {_point_key(k, w) for k, g in grids.items() for w in product(*g)} - set(cache.points)
         extra_missing = "memory" not in cache.extra or "flop_us" not in cache.extra
         if missing or extra_missing:
-            self._measure_missing(cache, grids, set(missing), extra_missing)
-        tables = {
-            k: Table(k, g, np.array([cache.points[_point_key(k, w)] for w in product(*g)]).reshape([len(a) for a in g]))
-            for k, g in grids.items()
-        }
-        memory = {MemoryClass(c): MemoryCost(*v) for c, v in cache.extra["memory"].items()}
-        return RuntimeProfile(
-            self.describe(), {k: t.monotone() for k, t in tables.items()}, memory, cache.extra["flop_us"]
-        )
+            self._measure_missing(cache, grids, missing, extra_missing)
+
+    def _read(self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]]) -> RuntimeProfile:
+        """The profile ``cache`` holds for ``grids`` (tables made monotone)."""
+        tables = {}
+        for kernel, grid in grids.items():
+            values = np.array([float(cache.points[_point_key(kernel, w)]) for w in product(*grid)])
+            tables[kernel] = Table(kernel, grid, values.reshape([len(a) for a in grid])).monotone()
+        memory = {MemoryClass(c): MemoryCost(float(f), float(e)) for c, (f, e) in cache.extra["memory"].items()}
+        if set(memory) != set(MemoryClass):
+            raise KeyError(f"memory costs of {sorted(c.value for c in set(MemoryClass) - set(memory))}")
+        return RuntimeProfile(self.describe(), tables, memory, float(cache.extra["flop_us"]))
 
     def _measure_missing(
         self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]], missing: set[str], extra: bool
