@@ -318,3 +318,18 @@ def test_a_kernel_without_a_table_is_priced_by_its_flops(resnet: tuple[nn.Module
     table_us = full.tables[dropped].at(np.array([[a if isinstance(a, int) else 64] for a in term.axes]))[0]
     stem_flops = term.coef * 64  # 2 x 7x7 x positions x 3 inputs, times its 64 outputs
     assert without(widths) - with_all(widths) == pytest.approx(rate * stem_flops - table_us, rel=1e-6)
+
+
+def test_conv_kernels_read_plain_settings_and_leave_the_rest_to_flops() -> None:
+    from torch import fx
+
+    from fxmorph.analysis.kernels import conv_kernel
+
+    same = conv_kernel((2, 8, 9, 9), (16, 8, 4, 4), 1, "same", 1, 1)
+    assert same is not None and same.padding == (1, 1, 2, 2)  # torch pads the odd extra position at the end
+    assert conv_kernel((2, 8, 9, 9), (16, 8, 3, 3), (2, 1), "valid", 1, 1).padding == (0, 0, 0, 0)  # type: ignore[union-attr]
+    depthwise = conv_kernel((1, 8, 9, 9), (16, 1, 3, 3), 1, 1, 1, 8)
+    assert depthwise is not None and depthwise.kind is KernelKind.DEPTHWISE and depthwise.groups == 2  # multiplier
+    size = fx.Graph().placeholder("size")
+    assert conv_kernel((1, 8, 9, 9), (16, 8, 3, 3), size, 1, 1, 1) is None  # a stride computed at run time
+    assert conv_kernel((1, 8, 9), (16, 8, 3), 1, 1, 1, 1) is None  # 1-d: priced by its FLOPs

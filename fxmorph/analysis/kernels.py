@@ -54,8 +54,10 @@ class Kernel:
         return f"{self.kind.value}:" + ";".join(str(s) for s in sizes)
 
 
-def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...] | None:
+def _tuple(value: object, n: int) -> tuple[int, ...] | None:
     """``value`` as ``n`` ints (one int repeated), or None when it is not ints."""
+    if not isinstance(value, int | list | tuple):  # a graph value (a size computed at run time): not a fixed kernel
+        return None
     items = [value] * n if isinstance(value, int) else list(value)
     if len(items) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         return None

@@ -1,4 +1,8 @@
-"""Choosing widths under a FLOPs budget with the cost model (no tracing, no forward passes).
+"""Choosing widths under a budget with the cost model (no tracing, no forward passes).
+
+The budget measures what ``Costs.spent`` measures: FLOPs, or where the costs are priced in predicted latency
+(:meth:`~fxmorph.analysis.cost.Costs.priced`, :mod:`fxmorph.analysis.latency`), microseconds; "FLOPs" below stands
+for either.
 
 Allowed widths of a group are multiples of its step on the rounding grid (``round_to``, see
 :mod:`fxmorph.passes.rounding`) between its floor (``min_width``, and the share ``max_prune`` may
@@ -83,7 +87,7 @@ def _candidates(w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray]
 
 
 def _deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
-    """FLOPs each candidate step changes."""
+    """What each candidate step changes of the budgeted resource (FLOPs, or predicted microseconds)."""
     if not cands:
         return np.zeros(0)
     return np.abs(cost.spent_steps(w, cands) - cost.spent(w)).astype(np.float64)
