@@ -1,10 +1,10 @@
-"""``fxmorph.shrink``: a physically smaller model that meets a FLOPs budget.
+"""``fxmorph.shrink``: a physically smaller model that meets a FLOPs budget, a latency budget, or both.
 
 The keyword API builds a :class:`~fxmorph.api.options.ShrinkOptions` (validated once) and
-:func:`run_shrink` does the work: trace, check the data, parse the budget, choose the rounding grid and
-the share a group may lose (:func:`~fxmorph.api.limits.cut_limits`), run the checked pipeline
-``remove-dead -> prune | width`` (with ``factorize``: a split first and ``merge-factors`` last, in rounds; with a
-latency budget, in rounds measured by the runtime, :mod:`fxmorph.api.latency_budget`), and report.
+:func:`run_shrink` does the work: trace, check the data, parse the budget, cut (:mod:`fxmorph.api.cut`: the
+rounding grid and the share a group may lose, :func:`~fxmorph.api.limits.cut_limits`, then the checked pipeline
+``remove-dead -> prune | width``, with ``factorize`` in rounds; with a latency budget, in rounds measured by the
+runtime, :mod:`fxmorph.api.latency_budget`), and report.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from fxmorph.analysis import ChannelGraph, build_channel_graph
+from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.latency import LatencyBudget
 from fxmorph.api.budget import parse_any_budget, parse_budget
+from fxmorph.api.cut import FACTOR_ROUNDS, Cut, best_cut, run_pipeline
 from fxmorph.api.deliver import deliver
 from fxmorph.api.latency_budget import LatencyOutcome, meet_latency
-from fxmorph.api.limits import Limits, cut_limits
 from fxmorph.api.options import ShrinkOptions
 from fxmorph.api.regions import bundle_inputs, region_budget, whole_flops
 from fxmorph.api.report import GroupRow, ShrinkReport
@@ -34,11 +33,7 @@ from fxmorph.capture.counting import count_params
 from fxmorph.capture.export import Capture
 from fxmorph.capture.trace import as_inputs, trace
 from fxmorph.errors import BudgetError, InputError, PassError
-from fxmorph.meta import CAPTURE_KEY, FACTORS_KEY, FLOPS_KEY, REGIONS_KEY, REPORT_KEY, UNREACHED_KEY
-from fxmorph.passes.base import Pass, PassContext, Pipeline, PipelineResult
-from fxmorph.passes.factorize import FactorizePass
-from fxmorph.passes.merge_factors import MergeFactorsPass
-from fxmorph.passes.remove_dead import RemoveDeadPass
+from fxmorph.meta import CAPTURE_KEY, FLOPS_KEY, REGIONS_KEY, REPORT_KEY, UNREACHED_KEY
 from fxmorph.passes.rounding import AUTO, RoundTo
 from fxmorph.passes.select import DEFAULT_PARAM_COST, DEFAULT_ROUND_TO
 from fxmorph.validate import check_data, check_first_batch
@@ -114,114 +109,6 @@ def _group_rows(cg: ChannelGraph, new: nn.Module, passes: list[str]) -> list[Gro
             f"step 'report' failed after {passes}: {type(exc).__name__}: {exc}. The model was shrunk and checked, "
             "but this is a bug in fxmorph: please report it with the model."
         ) from exc
-
-
-def _factorize(gm: fx.GraphModule, inputs: tuple[Any, ...], factorize: bool | tuple[str, ...]) -> PipelineResult:
-    """``gm`` with the layers ``factorize`` names split by :class:`FactorizePass` (checked)."""
-    if factorize is False or factorize == ():
-        return PipelineResult(gm, [])
-    targets = () if factorize is True else factorize
-    return run_pipeline([FactorizePass(targets)], gm, PassContext(inputs))
-
-
-_FACTOR_ROUNDS = 3
-"""How often shrink(factorize=...) prunes again without the pairs pruning left dearer than one layer."""
-
-
-def _factor_paths(gm: fx.GraphModule) -> list[str]:
-    return list(gm.meta.get(FACTORS_KEY, {}))
-
-
-@dataclass(frozen=True)
-class _Cut:
-    """One round of shrink: the channel graph of the model it cut, the factorizing pipeline before the
-    cut, the cutting pipeline and the limits it cut under."""
-
-    cg: ChannelGraph
-    split: PipelineResult
-    result: PipelineResult
-    limits: Limits
-
-
-def _cut(
-    split: PipelineResult,
-    inputs: tuple[Any, ...],
-    data: Any,
-    options: ShrinkOptions,
-    budget: int,
-    latency: LatencyBudget | None,
-) -> _Cut:
-    """The checked pipeline that cuts ``split.gm`` to ``budget`` FLOPs and ``latency`` (merging factor pairs back
-    when it was factorized), with the limits it cut under."""
-    cg = build_channel_graph(split.gm)
-    limits = cut_limits(cg, budget, options, latency)
-    ctx = PassContext(inputs, data=data, loss_fn=options.loss_fn, seed=options.seed)
-    passes: list[Pass] = [
-        RemoveDeadPass(calibrate=options.calibrate, uniform_blocks=options.uniform_blocks),
-        options.cut_pass(budget, limits.grid, limits.max_prune, latency),
-    ]
-    passes += [MergeFactorsPass()] if split.records else []
-    return _Cut(cg, split, run_pipeline(passes, split.gm, ctx), limits)
-
-
-def _best_cut(
-    gm: fx.GraphModule,
-    inputs: tuple[Any, ...],
-    data: Any,
-    options: ShrinkOptions,
-    budget: int,
-    latency: LatencyBudget | None = None,
-) -> _Cut:
-    """The cut of ``gm`` to ``budget`` FLOPs (and ``latency``); with ``factorize``, the last of up to
-    :data:`_FACTOR_ROUNDS` rounds, each without the pairs the previous round left dearer than one layer."""
-    rounds = 1 if options.factorize in (False, ()) else _FACTOR_ROUNDS
-    targets = options.factorize
-    best: _Cut | None = None
-    for _ in range(rounds):
-        split = _factorize(gm, inputs, targets)
-        try:
-            cut = _cut(split, inputs, data, options, budget, latency)
-        except BudgetError:
-            if best is not None:
-                break  # fewer layers split cannot reach the budget: keep the last round's result
-            if not split.records or targets == ():
-                raise  # the model itself cannot reach the budget
-            # the split layers' rank groups cannot thin enough (round_to, min_width): try those layers whole
-            logger.info("shrink: the factorized model cannot reach the budget; pruning the layers whole")
-            targets = ()
-            continue
-        best = cut
-        still_split = _factor_paths(cut.result.gm)
-        if still_split == _factor_paths(split.gm):
-            break
-        # Pairs that pruning left dearer than their product were merged, so the model is under the
-        # budget: prune again with those layers whole, so that the budget goes to channels that pay.
-        targets = tuple(still_split)
-        logger.info(
-            "shrink: %d factorized pair(s) cost more than one layer; pruning again without them",
-            len(_factor_paths(split.gm)) - len(still_split),
-        )
-    assert best is not None  # the first round either returned a cut or raised
-    return best
-
-
-def run_pipeline(
-    passes: list[Pass], gm: fx.GraphModule, ctx: PassContext, *, copy_model: bool = False
-) -> PipelineResult:
-    """The checked pipeline of ``passes`` on ``gm``; a failure caused by the user's input (a loss that is
-    not a scalar, a factorize target that names no layer, a pass's precondition on what the user passed)
-    is raised as that InputError or BudgetError.
-
-    No defensive copy up front by default: factorize copies before it rewrites, and remove-dead, prune
-    and width build new tensors through surgery and never write to the model they receive, so only a
-    result that still shares storage with the user's model (nothing changed) is copied. That keeps huge
-    models at the original plus the smaller copy."""
-    try:
-        return Pipeline(passes)(gm, ctx, copy_model=copy_model)
-    except PassError as exc:
-        if isinstance(exc.__cause__, InputError | BudgetError):
-            raise exc.__cause__ from None
-        raise
 
 
 def _shares_storage(a: nn.Module, b: nn.Module) -> bool:
@@ -384,10 +271,10 @@ def _flops_budget(gm: fx.GraphModule, options: ShrinkOptions, flops_before: int)
 
 def _cut_to_budgets(
     gm: fx.GraphModule, inputs: tuple[Any, ...], data: Any, options: ShrinkOptions, budget: int
-) -> tuple[_Cut, LatencyOutcome | None]:
+) -> tuple[Cut, LatencyOutcome | None]:
     """The cut of ``gm`` to the FLOPs ``budget`` and, where there is one, the latency budget, measured."""
     if options.budget_latency is None:
-        return _best_cut(gm, inputs, data, options, region_budget(gm, budget)), None
+        return best_cut(gm, inputs, data, options, region_budget(gm, budget)), None
     if REGIONS_KEY in gm.meta:
         raise InputError(
             "a latency budget needs the whole model captured (it measures the model in a runtime), but this model was "
@@ -395,8 +282,8 @@ def _cut_to_budgets(
         )
     runtime = runtime_for(options.runtime, options.latency_threads or os.cpu_count() or 1)
 
-    def cut(latency: LatencyBudget) -> tuple[_Cut, fx.GraphModule]:
-        made = _best_cut(gm, inputs, data, options, budget, latency)
+    def cut(latency: LatencyBudget) -> tuple[Cut, fx.GraphModule]:
+        made = best_cut(gm, inputs, data, options, budget, latency)
         return made, made.result.gm
 
     return meet_latency(gm, inputs, options.budget_latency, runtime, cut)
@@ -408,7 +295,7 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules=options.leaf_modules, capture=options.capture)
     inputs = bundle_inputs(gm, inputs, options.data)
-    rounds = 1 if options.factorize in (False, ()) else _FACTOR_ROUNDS
+    rounds = 1 if options.factorize in (False, ()) else FACTOR_ROUNDS
     data = _check_data(model, options, rounds)
     # a model captured in regions: the budget counts the whole forward, the code outside the regions a fixed cost
     flops_before = whole_flops(gm, gm.meta[FLOPS_KEY])
