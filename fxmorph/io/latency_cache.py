@@ -84,7 +84,7 @@ class LatencyCache:
             return cache
         try:
             data = json.loads(cache.path.read_text())
-            if data.get("key") != asdict(key):
+            if data.get("key") != asdict(key):  # caught below: the file is set aside and measured again
                 raise ValueError(f"it was written for {data.get('key')}, not {asdict(key)}")
             cache.points = {str(k): float(v) for k, v in data["points"].items()}
             cache.extra = dict(data.get("extra", {}))

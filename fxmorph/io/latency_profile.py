@@ -105,7 +105,7 @@ class OnnxRuntimeCPU:
             values = np.array([float(cache.points[_point_key(kernel, w)]) for w in product(*grid)])
             tables[kernel] = Table(kernel, grid, values.reshape([len(a) for a in grid])).monotone()
         memory = {MemoryClass(c): MemoryCost(float(f), float(e)) for c, (f, e) in cache.extra["memory"].items()}
-        if set(memory) != set(MemoryClass):
+        if set(memory) != set(MemoryClass):  # caught by profile(), which measures again: never a user's error
             raise KeyError(f"memory costs of {sorted(c.value for c in set(MemoryClass) - set(memory))}")
         return RuntimeProfile(self.describe(), tables, memory, float(cache.extra["flop_us"]))
 
