@@ -77,7 +77,13 @@ def _latency_cut(model: nn.Module, x: torch.Tensor, budget: float, cache: Path) 
         "original_ms": outcome.original_ms,
         "predicted_original_ms": outcome.predicted_original_ms,
         "rounds": [
-            {"predicted_ms": s.predicted_ms, "measured_ms": s.measured_ms, "flops": s.flops, "params": s.params}
+            {
+                "predicted_ms": s.predicted_ms,
+                "measured_ms": s.measured_ms,
+                "runs": s.runs,
+                "flops": s.flops,
+                "params": s.params,
+            }
             for s in outcome.steps
         ],
         "returned_round": outcome.chosen + 1,
@@ -90,12 +96,9 @@ def _latency_cut(model: nn.Module, x: torch.Tensor, budget: float, cache: Path) 
 
 def _verify(model: nn.Module, small: nn.Module, x: torch.Tensor) -> float:
     """The result's latency over the original's, measured again after shrink returned, as shrink measures: the two
-    alone, interleaved (30 rounds, the median of per-round ratios)."""
-    with tempfile.TemporaryDirectory(prefix="fxmorph-latency-verify-") as tmp:
-        pair = (("original", model), ("result", small))
-        exported = {n: fxmorph.export_onnx(m, (x,), Path(tmp) / f"{n}.onnx") for n, m in pair}
-        report = fxmorph.measure_latency(exported, (x,), threads=THREADS, rounds=30, warmup=10)
-    return report["result"].paired_ratio
+    alone, interleaved (as many rounds as fit in about 3 s, 30 to 300; the median of per-round ratios)."""
+    timing = OnnxRuntimeCPU(threads=THREADS).measure({"original": model, "result": small}, (x,))
+    return timing["result"].paired_ratio
 
 
 def run_model(name: str, budgets: tuple[float, ...], cache: Path) -> dict[str, Any]:
@@ -164,9 +167,11 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "# Latency budgets: measured in onnxruntime, and what each method keeps at equal latency",
         "",
         "Command: `python -m benchmarks.latency_budget` (raw rows in `latency_budget.json`). torchvision models with "
-        f"random weights at 1x3x224x224, onnxruntime CPU provider, {THREADS} threads. *Measured* is the median over 30 "
-        "interleaved rounds of the result's time over the original's in the same round, the two measured again "
-        "after shrink returned, as shrink measures them; *in loop* is what shrink's returned round measured. For the "
+        f"random weights at 1x3x224x224, onnxruntime CPU provider, {THREADS} threads. *Measured* is the median over "
+        "interleaved rounds (as many as fit in about 3 s, 30 to 300) of the result's time over the original's in the "
+        "same round, the two measured again after shrink returned, as shrink measures them; *in loop* is what "
+        "shrink's returned round measured (the mean of two such measurements: a round landing in the window is "
+        "measured twice before it is accepted). For the "
         "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 20..90% and Torch-Pruning at "
         "ratios 0.1..0.6) is measured in one interleaved run, and the FLOPs and parameters of the FLOPs-budget and "
         "Torch-Pruning cuts are interpolated along their curves at the latency result's latency in that run (-: "

@@ -137,6 +137,46 @@ def test_latency_budget_is_met_and_measured_within_five_percent(resnet: tuple[nn
     assert "latency" in report.table() and "round 1" in report.table()
 
 
+def test_a_round_in_the_window_is_confirmed_by_a_second_measurement(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    _, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=FakeRuntime(), return_report=True)
+    outcome = report.latency
+    assert outcome is not None and outcome.steps[outcome.chosen].runs == 2
+    assert all(s.runs == 1 for s in outcome.steps[:-1])  # earlier rounds missed the window: measured once
+    assert "(mean of 2)" in report.table()
+
+
+class SecondLooksSlower(FakeRuntime):
+    """A fake runtime that reads a result 15% slower when it measures the same result twice in a row: a first
+    measurement in the window may be noise, and only the mean of the two may accept a round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: nn.Module | None = None
+
+    def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
+        times = super().measure(models, example_inputs)
+        result = models.get("result")
+        if result is not None and result is self.last:
+            times["result"] = Timing(times["result"].median_ms * 1.15, times["result"].paired_ratio * 1.15)
+        self.last = result
+        return times
+
+
+def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
+    resnet: tuple[nn.Module, torch.Tensor],
+) -> None:
+    model, x = resnet
+    runtime = SecondLooksSlower()
+    _, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=runtime, return_report=True)
+    outcome = report.latency
+    assert outcome is not None and outcome.measured_ms <= outcome.budget_ms
+    assert any(s.runs == 2 and s.measured_ms > outcome.budget_ms for s in outcome.steps)  # refuted, not returned
+    window = (0.95 * outcome.budget_ms, outcome.budget_ms)
+    for step in outcome.steps[:-1]:  # the loop went on past every round but a confirmed one in the window
+        assert step.runs == 1 or not window[0] <= step.measured_ms <= window[1]
+
+
 def test_both_budgets_are_met_together(resnet: tuple[nn.Module, torch.Tensor]) -> None:
     model, x = resnet
     flops = fxmorph.count_flops(model, (x,))
