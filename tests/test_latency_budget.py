@@ -112,6 +112,14 @@ def test_table_interpolates_between_points_and_holds_below_the_grid() -> None:
     assert table.at(np.array([[24, 48, 8, 96]])).tolist() == [15.0, 30.0, 10.0, 60.0]
 
 
+def test_a_blocked_table_prices_a_width_as_the_block_it_pads_to() -> None:
+    kernel = Kernel(KernelKind.CONV, batch=1, spatial=(8, 8), kernel=(1, 1), stride=(1, 1))
+    table = Table(kernel, ((16, 32, 48),), np.array([10.0, 20.0, 30.0]), block=16)
+    assert table.at(np.array([[24, 17, 32, 8, 40, 64]])).tolist() == [20.0, 20.0, 20.0, 10.0, 30.0, 40.0]
+    published = Table(kernel, ((8, 16, 24),), np.array([5.0, 10.0, 20.0]), block=16)  # the widest is not a block
+    assert published.at(np.array([[20, 24, 12]])).tolist() == [20.0, 20.0, 10.0]
+
+
 def test_latency_model_is_monotone_in_every_group_width(resnet: tuple[nn.Module, torch.Tensor]) -> None:
     function, cost = _function(*resnet)
     full = cost.widths()

@@ -89,11 +89,18 @@ class MemoryCost:
 @dataclass(frozen=True, eq=False)
 class Table:
     """A kernel's measured time in microseconds on a grid of widths (one ascending tuple of points per axis;
-    ``micros`` has one dim per axis)."""
+    ``micros`` has one dim per axis).
+
+    ``block`` is the channel block the kernel runs in (1: none). A blocked kernel pads every width up to a multiple
+    of it, so a width between two points costs what the next multiple costs, not a share of the way there:
+    onnxruntime's blocked 1x1 convolution takes as long for 24 channels as for 32, and a linear interpolation
+    between 16 and 32 would price 24 a fifth too cheap (the widths of models as published, 24, 40 or 80, are rarely
+    multiples of 16, where cuts on the rounding grid are)."""
 
     kernel: Kernel
     grid: tuple[tuple[int, ...], ...]
     micros: np.ndarray
+    block: int = 1
 
     def monotone(self) -> Table:
         """The table made non-decreasing along every axis (a running maximum): a measured point that came out
@@ -101,11 +108,13 @@ class Table:
         values = np.asarray(self.micros, dtype=np.float64)
         for axis in range(values.ndim):
             values = np.maximum.accumulate(values, axis=axis)
-        return Table(self.kernel, self.grid, values)
+        return Table(self.kernel, self.grid, values, self.block)
 
     def at(self, widths: np.ndarray) -> np.ndarray:
-        """The interpolated times at ``widths`` (one row per axis, one column per query): linear between grid
-        points, extended along the last segment above the grid, and the first point's value below it."""
+        """The interpolated times at ``widths`` (one row per axis, one column per query): each width padded up to
+        the ``block`` (up to the widest point at most, whose measured time already holds its own padding), then
+        linear between grid points, extended along the last segment above the grid, and the first point's value
+        below it."""
         widths = np.asarray(widths, dtype=np.float64).reshape(len(self.grid), -1)
         weights, index = [], []
         for axis, points in enumerate(self.grid):
@@ -114,8 +123,10 @@ class Table:
                 index.append(np.zeros((widths.shape[1], 2), dtype=np.int64))
                 weights.append(np.stack([np.ones(widths.shape[1]), np.zeros(widths.shape[1])], axis=1))
                 continue
-            hi = np.clip(np.searchsorted(grid, widths[axis]), 1, len(grid) - 1)
-            t = np.maximum((widths[axis] - grid[hi - 1]) / (grid[hi] - grid[hi - 1]), 0.0)
+            padded = np.minimum(np.ceil(widths[axis] / self.block) * self.block, grid[-1])
+            at = np.where(widths[axis] > grid[-1], widths[axis], padded)  # above the grid: extended as before
+            hi = np.clip(np.searchsorted(grid, at), 1, len(grid) - 1)
+            t = np.maximum((at - grid[hi - 1]) / (grid[hi] - grid[hi - 1]), 0.0)
             index.append(np.stack([hi - 1, hi], axis=1))
             weights.append(np.stack([1.0 - t, t], axis=1))
         out = np.zeros(widths.shape[1])
@@ -137,14 +148,16 @@ class RuntimeProfile:
 
 
 def grid_points(size: int) -> tuple[int, ...]:
-    """The widths a table measures along an axis of at most ``size``: up to eight points between a sixteenth of it
-    and all of it, denser near the top where budgets land, on the rounding grid's multiples of 16 (8 below 32
-    channels). CPU kernels run channels in blocks: onnxruntime's 1x1 convolution at 56x56 takes the same time for 17
-    to 32 output channels and a third more from 33, and a depthwise one twice as long at 18 channels as at 16 or 20,
-    so points off the blocks would price every width between them wrongly."""
+    """The widths a table measures along an axis of at most ``size``: the first two blocks, and up to eight points
+    between a sixteenth of it and all of it, denser near the top where budgets land, on the rounding grid's
+    multiples of 16 (8 below 32 channels). CPU kernels run channels in blocks: onnxruntime's 1x1 convolution at 56x56
+    takes the same time for 17 to 32 output channels and a third more from 33, and a depthwise one twice as long at
+    18 channels as at 16 or 20, so points off the blocks would price every width between them wrongly. The first
+    blocks are measured because deep cuts reach them, and a table holds its first point's value below it: a layer
+    of 1152 channels cut to 16 would otherwise cost what 64 do."""
     step = 16 if size >= 32 else 8 if size >= 16 else 1
     fractions = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
-    points = {max(step, round(f * size / step) * step) for f in fractions}
+    points = {max(step, round(f * size / step) * step) for f in fractions} | {step, 2 * step}
     return tuple(sorted(p for p in points | {size} if p <= size))
 
 
@@ -228,16 +241,19 @@ class LatencyFunction:
         self._rest.freeze()
 
     def _add_memory(self, cg: ChannelGraph, profile: RuntimeProfile) -> None:
-        """A fixed and a per-element term for every op priced by its memory (see :func:`memory_class`)."""
+        """A fixed and a per-element term for every op priced by its memory (see :func:`memory_class`), per element
+        of its largest tensor (:func:`_largest_tensor`)."""
         skip = {t.node for t in cg.costs} | fused_nodes(cg)
         for node in cg.gm.graph.nodes:
             kind = memory_class(node, cg.gm, skip)
-            shape = tensor_shape(node)
-            if kind is None or shape is None or kind not in profile.memory:
+            if kind is None or kind not in profile.memory or tensor_shape(node) is None:
                 continue
+            tensor = _largest_tensor(node)
+            shape = tensor_shape(tensor)
+            assert shape is not None  # the node's own shape is known, and another is chosen only for a larger one
             price = profile.memory[kind]
             self._rest.const += price.fixed_us
-            spaces = cg.spaces.get(node.name)
+            spaces = cg.spaces.get(tensor.name)
             bound = spaces if isinstance(spaces, dict) else {}
             fixed = math.prod(s for d, s in enumerate(shape) if d not in bound)
             self._rest.term(price.element_us * fixed, [self._rest.form(cg, lay) for lay in bound.values()])
@@ -270,6 +286,17 @@ class LatencyFunction:
         out._a = self._a @ onto
         out._rest = self._rest.projected(onto)
         return out
+
+
+def _largest_tensor(node: fx.Node) -> fx.Node:
+    """The node's output, or the tensor operand with more elements: what a memory-bound op's time follows. A
+    global pooling reads a feature map and writes a channel vector, and takes the time of the map."""
+    best, size = node, math.prod(tensor_shape(node) or ())
+    for arg in node.all_input_nodes:
+        shape = tensor_shape(arg)
+        if shape is not None and math.prod(shape) > size:
+            best, size = arg, math.prod(shape)
+    return best
 
 
 class Both:

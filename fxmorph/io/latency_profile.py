@@ -5,8 +5,9 @@
 its own session with the settings of :func:`fxmorph.io.latency.measure_latency` (the thread count, every graph
 optimisation, no spinning). A table's points run interleaved, round after round, and each keeps its median; the
 cache (:mod:`fxmorph.io.latency_cache`) keeps every point, so the second shrink on a machine measures nothing.
-Memory-bound ops get a fixed time and a time per element, fitted over four sizes; products without a table the time
-of a FLOP of two batched products. :meth:`OnnxRuntimeCPU.measure` exports whole models and times them interleaved.
+Memory-bound ops get a fixed time and a time per element, fitted over five sizes; products without a table the time
+of a FLOP of two batched products; blocked convolutions the channel block they pad widths to.
+:meth:`OnnxRuntimeCPU.measure` exports whole models and times them interleaved.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from onnx import helper
 from torch import nn
 from tqdm.auto import tqdm
 
-from fxmorph.analysis.kernels import Kernel
+from fxmorph.analysis.kernels import Kernel, KernelKind
 from fxmorph.analysis.latency import MemoryClass, MemoryCost, RuntimeProfile, Table, grid_points
 from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.export import export_onnx
@@ -40,12 +41,14 @@ __all__ = ["OnnxRuntimeCPU"]
 
 logger = logging.getLogger(__name__)
 
-_MEMORY_SIZES = ((16, 14), (64, 28), (128, 56), (256, 56))
-"""(channels, side) of the tensors each memory-bound op is timed on: 3 K to 800 K elements."""
+_MEMORY_SIZES = ((16, 7), (16, 14), (64, 28), (128, 56), (256, 56))
+"""(channels, side) of the tensors each memory-bound op is timed on: 784 to 800 K elements."""
 _PRODUCTS = ((12, 197, 64, 197), (1, 197, 768, 768))
 """(batch, M, K, N) of the batched products that give the FLOP rate (a ViT-B's attention and projection)."""
 _MEASURE_S = 3.0
 """Seconds a measurement of whole models aims at (30 rounds at least)."""
+_BLOCK_PROBE = (16, 24, 32)
+"""Output widths of the 1x1 convolution that tells the channel block (:meth:`OnnxRuntimeCPU._block`)."""
 _WARMUP = 2
 """Runs of each point before the timed rounds (the first run allocates)."""
 _REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
@@ -94,16 +97,19 @@ class OnnxRuntimeCPU:
     def _complete(self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]]) -> None:
         """Measure what ``cache`` lacks of ``grids``, the memory costs and the FLOP rate."""
         missing = {_point_key(k, w) for k, g in grids.items() for w in product(*g)} - set(cache.points)
-        extra_missing = "memory" not in cache.extra or "flop_us" not in cache.extra
+        extra_missing = any(k not in cache.extra for k in ("memory", "flop_us", "block"))
         if missing or extra_missing:
             self._measure_missing(cache, grids, missing, extra_missing)
 
     def _read(self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]]) -> RuntimeProfile:
         """The profile ``cache`` holds for ``grids`` (tables made monotone)."""
         tables = {}
+        block = int(cache.extra["block"])
         for kernel, grid in grids.items():
             values = np.array([float(cache.points[_point_key(kernel, w)]) for w in product(*grid)])
-            tables[kernel] = Table(kernel, grid, values.reshape([len(a) for a in grid])).monotone()
+            blocked = kernel.kind is KernelKind.DEPTHWISE or (kernel.kind is KernelKind.CONV and kernel.groups == 1)
+            table = Table(kernel, grid, values.reshape([len(a) for a in grid]), block if blocked else 1)
+            tables[kernel] = table.monotone()
         memory = {MemoryClass(c): MemoryCost(float(f), float(e)) for c, (f, e) in cache.extra["memory"].items()}
         if set(memory) != set(MemoryClass):  # caught by profile(), which measures again: never a user's error
             raise KeyError(f"memory costs of {sorted(c.value for c in set(MemoryClass) - set(memory))}")
@@ -113,7 +119,7 @@ class OnnxRuntimeCPU:
         self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]], missing: set[str], extra: bool
     ) -> None:
         """Measure the points ``missing`` (and the memory costs and FLOP rate where ``extra``), saving as it goes."""
-        total = len(missing) + (len(MemoryClass) * len(_MEMORY_SIZES) + len(_PRODUCTS) if extra else 0)
+        total = len(missing) + (len(MemoryClass) * len(_MEMORY_SIZES) + len(_PRODUCTS) + 3 if extra else 0)
         logger.info("profiling %s: %d measurements (cached for the next run)", self.describe(), total)
         start = time.perf_counter()
         # no bar where stderr is not a terminal (CI logs): the log lines say as much
@@ -133,6 +139,8 @@ class OnnxRuntimeCPU:
                 bar.update(len(MemoryClass) * len(_MEMORY_SIZES))
                 cache.extra["flop_us"] = self._flop_us()
                 bar.update(len(_PRODUCTS))
+                cache.extra["block"] = self._block()
+                bar.update(3)
                 cache.save()
         logger.info("profiled in %.1f s", time.perf_counter() - start)
 
@@ -162,7 +170,7 @@ class OnnxRuntimeCPU:
             return {p.key: _op_micros(Path(s.end_profiling()), _WARMUP) for p, s in zip(points, sessions, strict=True)}
 
     def _memory_cost(self, kind: MemoryClass) -> tuple[float, float]:
-        """A fixed time and a time per element for ``kind``, fitted to its times at four sizes."""
+        """A fixed time and a time per element for ``kind``, fitted to its times at five sizes."""
         elements, points = [], []
         for channels, side in _MEMORY_SIZES:
             model, shapes, count = memory_graph(kind, channels, side)
@@ -171,7 +179,9 @@ class OnnxRuntimeCPU:
         times = self._time(points)
         x = np.asarray(elements, dtype=np.float64)
         y = np.array([times[p.key] for p in points])
-        slope, fixed = np.polyfit(x, y, 1)
+        # fitted for relative error: absolute least squares follows the largest sizes and leaves the fixed time
+        # (what a narrow cut's many small ops pay) to chance, three times too high on a 2-core EPYC
+        slope, fixed = np.polyfit(x, y, 1, w=1.0 / np.maximum(y, 1e-3))
         return max(float(fixed), 0.0), max(float(slope), 0.0)
 
     def _flop_us(self) -> float:
@@ -184,6 +194,16 @@ class OnnxRuntimeCPU:
             flops.append(2 * b * m * k * n)
         times = self._time(points)
         return float(np.median([times[p.key] / f for p, f in zip(points, flops, strict=True)]))
+
+    def _block(self) -> int:
+        """The channel block of the blocked (NCHWc) convolutions: 16 where a 1x1 convolution of 24 output channels
+        takes about as long as one of 32 (AVX-512), else 1 (AVX2's block of 8 divides the grid's multiples of 16,
+        and a runtime without blocks is linear: interpolating between grid points prices both)."""
+        kernel = Kernel(KernelKind.CONV, 1, (56, 56), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
+        widths = [(64, out) for out in _BLOCK_PROBE]
+        points = [_Point(f"block|{w[1]}", kernel_graph(kernel, w), input_shapes(kernel, w)) for w in widths]
+        t16, t24, t32 = (self._time(points)[p.key] for p in points)
+        return 16 if t32 > t16 and (t24 - t16) > 0.75 * (t32 - t16) else 1
 
     def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
         """Export every model to ONNX (checked against torch) and time them interleaved: 30 rounds, or as many as
