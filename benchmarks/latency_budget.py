@@ -95,10 +95,12 @@ def _latency_cut(model: nn.Module, x: torch.Tensor, budget: float, cache: Path) 
 
 
 def _verify(model: nn.Module, small: nn.Module, x: torch.Tensor) -> float:
-    """The result's latency over the original's, measured again after shrink returned, as shrink measures: the two
-    alone, interleaved (as many rounds as fit in about 3 s, 30 to 300; the median of per-round ratios)."""
-    timing = OnnxRuntimeCPU(threads=THREADS).measure({"original": model, "result": small}, (x,))
-    return timing["result"].paired_ratio
+    """The result's latency over the original's, measured again after shrink returned, as shrink measures before it
+    accepts a round: the mean of two measurements of the two alone, interleaved (each as many rounds as fit in about
+    3 s, 30 to 300; the median of per-round ratios)."""
+    runtime = OnnxRuntimeCPU(threads=THREADS)
+    pair = {"original": model, "result": small}
+    return float(np.mean([runtime.measure(pair, (x,))["result"].paired_ratio for _ in range(2)]))
 
 
 def run_model(name: str, budgets: tuple[float, ...], cache: Path) -> dict[str, Any]:
@@ -167,11 +169,11 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "# Latency budgets: measured in onnxruntime, and what each method keeps at equal latency",
         "",
         "Command: `python -m benchmarks.latency_budget` (raw rows in `latency_budget.json`). torchvision models with "
-        f"random weights at 1x3x224x224, onnxruntime CPU provider, {THREADS} threads. *Measured* is the median over "
-        "interleaved rounds (as many as fit in about 3 s, 30 to 300) of the result's time over the original's in the "
-        "same round, the two measured again after shrink returned, as shrink measures them; *in loop* is what "
-        "shrink's returned round measured (the mean of two such measurements: a round landing in the window is "
-        "measured twice before it is accepted). For the "
+        f"random weights at 1x3x224x224, onnxruntime CPU provider, {THREADS} threads. *Measured* is the result's time "
+        "over the original's, measured again after shrink returned as shrink measures before it accepts a round: the "
+        "mean of two measurements, each the median over interleaved rounds (as many as fit in about 3 s, 30 to 300) "
+        "of the ratio of the two in the same round; *in loop* is what shrink's returned round measured (a round "
+        "landing in the window is measured twice, and accepted if both land in it). For the "
         "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 20..90% and Torch-Pruning at "
         "ratios 0.1..0.6) is measured in one interleaved run, and the FLOPs and parameters of the FLOPs-budget and "
         "Torch-Pruning cuts are interpolated along their curves at the latency result's latency in that run (-: "

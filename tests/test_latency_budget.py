@@ -149,9 +149,10 @@ def test_a_round_in_the_window_is_confirmed_by_a_second_measurement(resnet: tupl
     model, x = resnet
     _, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=FakeRuntime(), return_report=True)
     outcome = report.latency
-    assert outcome is not None and outcome.steps[outcome.chosen].runs == 2
+    chosen = outcome.steps[outcome.chosen] if outcome is not None else None
+    assert chosen is not None and chosen.runs == 2 and chosen.confirmed and chosen.spread_ms == 0.0
     assert all(s.runs == 1 for s in outcome.steps[:-1])  # earlier rounds missed the window: measured once
-    assert "(mean of 2)" in report.table()
+    assert "(mean of 2, 0.00 ms apart)" in report.table()
 
 
 class SecondLooksSlower(FakeRuntime):
@@ -179,10 +180,11 @@ def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
     _, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=runtime, return_report=True)
     outcome = report.latency
     assert outcome is not None and outcome.measured_ms <= outcome.budget_ms
-    assert any(s.runs == 2 and s.measured_ms > outcome.budget_ms for s in outcome.steps)  # refuted, not returned
-    window = (0.95 * outcome.budget_ms, outcome.budget_ms)
-    for step in outcome.steps[:-1]:  # the loop went on past every round but a confirmed one in the window
-        assert step.runs == 1 or not window[0] <= step.measured_ms <= window[1]
+    refuted = [s for s in outcome.steps if s.runs == 2 and not s.confirmed]
+    assert refuted and all(s.spread_ms > 0 for s in refuted)  # landed in the window once, then outside it
+    assert not any(s.confirmed for s in outcome.steps[:-1])  # the loop goes on past every unconfirmed round
+    assert len({s.flops for s in outcome.steps}) == len(outcome.steps)  # no round measures a cut already measured
+    assert outcome.steps[outcome.chosen].confirmed or not any(s.confirmed for s in outcome.steps)
 
 
 def test_both_budgets_are_met_together(resnet: tuple[nn.Module, torch.Tensor]) -> None:

@@ -6,11 +6,12 @@ the budget as predicted, measures the result beside the original (interleaved: t
 machine's drift) and, where the measured latency misses the window ``[budget * (1 - tolerance), budget]``, corrects
 ``scale`` from what the rounds measured (:func:`_next_scale`) and cuts again, a few rounds at most. Each round aims
 at the middle of the window, so that measuring noise on either side still lands in it, and a round that lands in
-the window is measured a second time before it is accepted: one measurement's noise is about as wide as the window
-(two points of the original at a 30% budget), and the mean of two independent ones is what decides. Where the
+the window is measured a second time, and accepted only if that lands in the window too: the ratio of two models
+measured on a shared machine moves between runs by up to two points of the original (the window's width at a 30%
+budget), and a result both runs put in the window is one a later measurement finds there too. Where the
 model predicts the budget out of reach, the nearest cut it allows is measured before refusing (:func:`_first_cut`).
-The result is the round closest to the budget at or under it; no round under it is a
-:class:`~fxmorph.errors.BudgetError`, never a model that misses silently.
+The result is the confirmed round or, where the rounds ran out first, the round closest to the budget at or under
+it; no round under it is a :class:`~fxmorph.errors.BudgetError`, never a model that misses silently.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from torch import fx
@@ -53,7 +54,11 @@ class LatencyStep:
     flops: int
     params: int
     runs: int = 1
-    """How many independent measurements ``measured_ms`` is the mean of (2: confirmed in the window)."""
+    """How many independent measurements ``measured_ms`` is the mean of (2: it landed in the window once)."""
+    spread_ms: float = 0.0
+    """How far apart those measurements were."""
+    confirmed: bool = False
+    """Whether every measurement fell in the budget's window (the loop stops at the first such round)."""
 
 
 @dataclass
@@ -86,7 +91,7 @@ class LatencyOutcome:
         ]
         for k, s in enumerate(self.steps):
             mark = "  <- returned" if k == self.chosen else ""
-            runs = f" (mean of {s.runs})" if s.runs > 1 else ""
+            runs = f" (mean of {s.runs}, {s.spread_ms:.2f} ms apart)" if s.runs > 1 else ""
             lines.append(
                 f"        round {k + 1}: predicted {s.predicted_ms:.2f} ms, measured {s.measured_ms:.2f} ms{runs}, "
                 f"FLOPs {s.flops / 1e9:.3f} G{mark}"
@@ -103,13 +108,14 @@ def _profile(runtime: LatencyRuntime, cg: ChannelGraph, known: RuntimeProfile | 
     return runtime.profile(needed)
 
 
-def _predicted_us(
-    gm: fx.GraphModule, runtime: LatencyRuntime, profile: RuntimeProfile, scale: float
-) -> tuple[float, CostModel]:
-    """The predicted microseconds of ``gm`` (its own graph analysed), and its cost model."""
-    cg = build_channel_graph(gm)
-    cost = CostModel(cg)
-    return LatencyFunction(cost, _profile(runtime, cg, profile), scale)(cost.widths()), cost
+def _predicted_us(cost: CostModel, runtime: LatencyRuntime, profile: RuntimeProfile, scale: float) -> float:
+    """The predicted microseconds of the graph of ``cost``."""
+    return LatencyFunction(cost, _profile(runtime, cost.cg, profile), scale)(cost.widths())
+
+
+def _cost(gm: fx.GraphModule) -> CostModel:
+    """The cost model of a cut model (its own graph analysed)."""
+    return CostModel(build_channel_graph(gm))
 
 
 def _next_scale(scales: list[float], measured: list[float], goal: float) -> float:
@@ -127,6 +133,42 @@ def _next_scale(scales: list[float], measured: list[float], goal: float) -> floa
             return scales[lo] + t * (scales[hi] - scales[lo])
     closest = min(range(len(scales)), key=lambda k: abs(measured[k] - goal))
     return scales[closest] * measured[closest] / goal
+
+
+_NUDGES = 3
+"""How often a correction whose cut repeats a measured one is pushed further before it is measured anyway."""
+
+
+def _next_cut(
+    cut: Callable[[LatencyBudget], tuple[Cut, fx.GraphModule]],
+    aim: LatencyBudget,
+    scales: list[float],
+    outcome: LatencyOutcome,
+    goal: float,
+) -> tuple[Cut, fx.GraphModule, float, CostModel]:
+    """The next round's cut, its calibration and its cost model. Widths move in blocks, so a corrected calibration
+    can give back a cut already measured; measuring it again would spend a round learning nothing, so the
+    calibration is pushed on, halfway to the round measured on the goal's other side (or 3% where there is none),
+    until the cut changes."""
+    measured = [s.measured_ms for s in outcome.steps]
+    scale = _next_scale(scales, measured, goal)
+    for _ in range(_NUDGES):
+        result, small = cut(replace(aim, scale=scale))
+        cost = _cost(small)
+        same = [k for k, s in enumerate(outcome.steps) if s.flops == cost.flops()]
+        if not same:
+            break
+        k = same[-1]
+        if measured[k] < goal:  # that cut was too small: a lower calibration predicts less, and keeps more
+            other = [scales[j] for j, m in enumerate(measured) if m > goal]
+            scale = (scale + max(other)) / 2 if other else scale * 0.97
+        else:
+            other = [scales[j] for j, m in enumerate(measured) if m < goal]
+            scale = (scale + min(other)) / 2 if other else scale * 1.03
+    else:
+        result, small = cut(replace(aim, scale=scale))
+        cost = _cost(small)
+    return result, small, scale, cost
 
 
 _RELAX = 0.85
@@ -179,25 +221,32 @@ def meet_latency(
         try:
             if not scales:
                 result, small, scale, refused = _first_cut(cut, goal * 1e3, profile, scale)
+                small_cost = _cost(small)
             else:
-                scale = _next_scale(scales, measured, goal)
-                result, small = cut(LatencyBudget(goal * 1e3, profile, scale))
+                aim = LatencyBudget(goal * 1e3, profile)
+                result, small, scale, small_cost = _next_cut(cut, aim, scales, outcome, goal)
         except BudgetError as exc:
             if not scales:
                 raise _below_reach(budget, budget_ms, outcome, exc) from exc
             break  # the corrections pushed the cut out of the model's reach: what was measured decides
         # what the model calibrated on the original predicts for the cut (the rounds' scales only steer the cuts)
-        predicted_us, small_cost = _predicted_us(small, runtime, profile, calibrated)
+        predicted_us = _predicted_us(small_cost, runtime, profile, calibrated)
         runs = _measured(runtime, gm, small, inputs, original_ms, budget_ms)
-        measured_ms = sum(runs) / len(runs)
-        outcome.steps.append(
-            LatencyStep(predicted_us / 1e3, measured_ms, small_cost.flops(), small_cost.params(), len(runs))
+        step = LatencyStep(
+            predicted_us / 1e3,
+            sum(runs) / len(runs),
+            small_cost.flops(),
+            small_cost.params(),
+            len(runs),
+            max(runs) - min(runs),
+            len(runs) > 1 and all(_in_window(r, budget_ms) for r in runs),
         )
+        outcome.steps.append(step)
         results.append(result)
         scales.append(scale)
-        measured.append(measured_ms)
-        logger.info("budget %.2f ms: predicted %.2f ms, measured %.2f ms", budget_ms, predicted_us / 1e3, measured_ms)
-        if len(runs) > 1 and _in_window(measured_ms, budget_ms):
+        measured.append(step.measured_ms)
+        logger.info("budget %.2f ms: predicted %.2f ms, measured %s ms", budget_ms, step.predicted_ms, runs)
+        if step.confirmed:
             break
     under = [k for k, s in enumerate(outcome.steps) if s.measured_ms <= budget_ms]
     if not under:
@@ -209,7 +258,8 @@ def meet_latency(
             f"{outcome.runtime}): the machine may be too busy to measure steadily, or the budget is near what the "
             "model can reach. Retry on a quieter machine, or raise the budget."
         )
-    outcome.chosen = max(under, key=lambda k: outcome.steps[k].measured_ms)
+    # a confirmed round (the last) if any, else the round whose mean came closest to the budget from under it
+    outcome.chosen = max(under, key=lambda k: (outcome.steps[k].confirmed, outcome.steps[k].measured_ms))
     return results[outcome.chosen], outcome
 
 
