@@ -187,6 +187,37 @@ def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
     assert outcome.steps[outcome.chosen].confirmed or not any(s.confirmed for s in outcome.steps)
 
 
+class BusyEverySecond(FakeRuntime):
+    """A fake runtime on a machine that is busy every second measurement: everything runs 1.6 times slower, the
+    result 1.8 times (a busy machine slows models unevenly, so the ratio moves too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
+        times = super().measure(models, example_inputs)
+        self.calls += 1
+        if self.calls % 2 == 0:
+            slow = {n: 1.6 if n == "original" else 1.8 for n in times}
+            times = {n: Timing(t.median_ms * slow[n], t.paired_ratio * slow[n] / 1.6) for n, t in times.items()}
+        return times
+
+
+def test_measurements_taken_while_the_machine_is_busy_are_taken_again(
+    resnet: tuple[nn.Module, torch.Tensor],
+) -> None:
+    model, x = resnet
+    busy = BusyEverySecond()
+    small, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=busy, return_report=True)
+    outcome = report.latency
+    assert outcome is not None and outcome.retaken > 0 and "taken again" in report.table()
+    assert outcome.original_ms == pytest.approx(FakeRuntime().measure({"m": model}, (x,))["m"].median_ms)
+    steady = FakeRuntime().measure({"original": model, "result": small}, (x,))["result"].paired_ratio
+    assert outcome.measured_ms == pytest.approx(steady * outcome.original_ms)  # no busy measurement was kept
+    assert 0.95 * outcome.budget_ms <= outcome.measured_ms <= outcome.budget_ms
+
+
 def test_both_budgets_are_met_together(resnet: tuple[nn.Module, torch.Tensor]) -> None:
     model, x = resnet
     flops = fxmorph.count_flops(model, (x,))

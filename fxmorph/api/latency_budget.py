@@ -29,7 +29,7 @@ from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.graph import ChannelGraph
 from fxmorph.analysis.latency import LatencyBudget, LatencyFunction, RuntimeProfile, kernels_of
 from fxmorph.api.budget import parse_latency
-from fxmorph.api.runtimes import LatencyRuntime
+from fxmorph.api.runtimes import LatencyRuntime, SteadyTimer
 from fxmorph.errors import BudgetError
 
 __all__ = ["LatencyOutcome", "LatencyStep", "meet_latency"]
@@ -75,6 +75,8 @@ class LatencyOutcome:
     steps: list[LatencyStep] = field(default_factory=list)
     chosen: int = -1
     """The round whose result was returned."""
+    retaken: int = 0
+    """How many measurements were taken again because the machine was busy (:class:`SteadyTimer`)."""
 
     @property
     def measured_ms(self) -> float:
@@ -89,6 +91,8 @@ class LatencyOutcome:
             f"        latency tables in {self.profile_seconds:.1f} s; the model predicted "
             f"{self.predicted_original_ms:.2f} ms for the original (scaled to its measured time)",
         ]
+        if self.retaken:
+            lines.append(f"        {self.retaken} measurement(s) taken again: the machine was busy")
         for k, s in enumerate(self.steps):
             mark = "  <- returned" if k == self.chosen else ""
             runs = f" (mean of {s.runs}, {s.spread_ms:.2f} ms apart)" if s.runs > 1 else ""
@@ -206,7 +210,10 @@ def meet_latency(
     cg = build_channel_graph(gm)
     profile = _profile(runtime, cg)
     seconds = time.perf_counter() - start
-    original_ms = runtime.measure({"original": gm}, inputs)["original"].median_ms
+    timer = SteadyTimer(runtime)
+    for _ in range(2):  # the faster of two: one may fall while the machine is busy
+        timer.measure({"original": gm}, inputs)
+    original_ms = timer.fastest_ms
     budget_ms = parse_latency(budget, original_ms)
     cost = CostModel(cg)
     predicted = LatencyFunction(cost, profile)(cost.widths())
@@ -231,7 +238,8 @@ def meet_latency(
             break  # the corrections pushed the cut out of the model's reach: what was measured decides
         # what the model calibrated on the original predicts for the cut (the rounds' scales only steer the cuts)
         predicted_us = _predicted_us(small_cost, runtime, profile, calibrated)
-        runs = _measured(runtime, gm, small, inputs, original_ms, budget_ms)
+        runs = _measured(timer, gm, small, inputs, original_ms, budget_ms)
+        outcome.retaken = timer.retaken
         step = LatencyStep(
             predicted_us / 1e3,
             sum(runs) / len(runs),
@@ -268,7 +276,7 @@ def _in_window(measured_ms: float, budget_ms: float) -> bool:
 
 
 def _measured(
-    runtime: LatencyRuntime,
+    timer: SteadyTimer,
     gm: fx.GraphModule,
     small: fx.GraphModule,
     inputs: tuple[Any, ...],
@@ -279,7 +287,7 @@ def _measured(
     cancels) times the original's time; measured a second time where the first lands in the budget's window."""
     runs: list[float] = []
     for _ in range(2):
-        ratio = runtime.measure({"original": gm, "result": small}, inputs)["result"].paired_ratio
+        ratio = timer.measure({"original": gm, "result": small}, inputs)["result"].paired_ratio
         runs.append(ratio * original_ms)
         if not _in_window(runs[0], budget_ms):
             break

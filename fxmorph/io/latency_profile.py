@@ -104,7 +104,7 @@ class OnnxRuntimeCPU:
     def _read(self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]]) -> RuntimeProfile:
         """The profile ``cache`` holds for ``grids`` (tables made monotone)."""
         tables = {}
-        block = int(cache.extra["block"])
+        block = max(1, int(cache.extra["block"]))  # a value not ours must not divide by zero
         for kernel, grid in grids.items():
             values = np.array([float(cache.points[_point_key(kernel, w)]) for w in product(*grid)])
             blocked = kernel.kind is KernelKind.DEPTHWISE or (kernel.kind is KernelKind.CONV and kernel.groups == 1)
