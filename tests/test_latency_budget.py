@@ -35,6 +35,7 @@ from fxmorph.analysis.latency import (
     kernels_of,
 )
 from fxmorph.api.budget import parse_latency
+from fxmorph.api.latency_budget import LatencyOutcome
 from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.latency_cache import CacheKey, LatencyCache
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
@@ -155,9 +156,19 @@ def test_a_round_in_the_window_is_confirmed_by_a_second_measurement(resnet: tupl
     assert "(mean of 2, 0.00 ms apart)" in report.table()
 
 
+def _latency_shrink(
+    resnet: tuple[nn.Module, torch.Tensor], runtime: FakeRuntime
+) -> tuple[nn.Module, LatencyOutcome, str]:
+    """The model shrunk to 60% of its latency on ``runtime``, how the budget was met, and the report's table."""
+    model, x = resnet
+    small, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=runtime, return_report=True)
+    assert report.latency is not None
+    return small, report.latency, report.table()
+
+
 class SecondLooksSlower(FakeRuntime):
     """A fake runtime that reads a result 15% slower when it measures the same result twice in a row: a first
-    measurement in the window may be noise, and only the mean of the two may accept a round."""
+    measurement in the window may be noise, and the round is accepted only if the second lands there too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -175,11 +186,8 @@ class SecondLooksSlower(FakeRuntime):
 def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
     resnet: tuple[nn.Module, torch.Tensor],
 ) -> None:
-    model, x = resnet
-    runtime = SecondLooksSlower()
-    _, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=runtime, return_report=True)
-    outcome = report.latency
-    assert outcome is not None and outcome.measured_ms <= outcome.budget_ms
+    _, outcome, _ = _latency_shrink(resnet, SecondLooksSlower())
+    assert outcome.measured_ms <= outcome.budget_ms
     refuted = [s for s in outcome.steps if s.runs == 2 and not s.confirmed]
     assert refuted and all(s.spread_ms > 0 for s in refuted)  # landed in the window once, then outside it
     assert not any(s.confirmed for s in outcome.steps[:-1])  # the loop goes on past every unconfirmed round
@@ -208,10 +216,8 @@ def test_measurements_taken_while_the_machine_is_busy_are_taken_again(
     resnet: tuple[nn.Module, torch.Tensor],
 ) -> None:
     model, x = resnet
-    busy = BusyEverySecond()
-    small, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=busy, return_report=True)
-    outcome = report.latency
-    assert outcome is not None and outcome.retaken > 0 and "taken again" in report.table()
+    small, outcome, table = _latency_shrink(resnet, BusyEverySecond())
+    assert outcome.retaken > 0 and "taken again" in table
     assert outcome.original_ms == pytest.approx(FakeRuntime().measure({"m": model}, (x,))["m"].median_ms)
     steady = FakeRuntime().measure({"original": model, "result": small}, (x,))["result"].paired_ratio
     assert outcome.measured_ms == pytest.approx(steady * outcome.original_ms)  # no busy measurement was kept
