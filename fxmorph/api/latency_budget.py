@@ -237,23 +237,15 @@ def meet_latency(
                 raise _below_reach(budget, budget_ms, outcome, exc) from exc
             break  # the corrections pushed the cut out of the model's reach: what was measured decides
         # what the model calibrated on the original predicts for the cut (the rounds' scales only steer the cuts)
-        predicted_us = _predicted_us(small_cost, runtime, profile, calibrated)
+        predicted_ms = _predicted_us(small_cost, runtime, profile, calibrated) / 1e3
         runs = _measured(timer, gm, small, inputs, original_ms, budget_ms)
         outcome.retaken = timer.retaken
-        step = LatencyStep(
-            predicted_us / 1e3,
-            sum(runs) / len(runs),
-            small_cost.flops(),
-            small_cost.params(),
-            len(runs),
-            max(runs) - min(runs),
-            len(runs) > 1 and all(_in_window(r, budget_ms) for r in runs),
-        )
+        step = _step(predicted_ms, runs, small_cost, budget_ms)
         outcome.steps.append(step)
         results.append(result)
         scales.append(scale)
         measured.append(step.measured_ms)
-        logger.info("budget %.2f ms: predicted %.2f ms, measured %s ms", budget_ms, step.predicted_ms, runs)
+        logger.info("budget %.2f ms: predicted %.2f ms, measured %s ms", budget_ms, predicted_ms, runs)
         if step.confirmed:
             break
     under = [k for k, s in enumerate(outcome.steps) if s.measured_ms <= budget_ms]
@@ -269,6 +261,13 @@ def meet_latency(
     # a confirmed round (the last) if any, else the round whose mean came closest to the budget from under it
     outcome.chosen = max(under, key=lambda k: (outcome.steps[k].confirmed, outcome.steps[k].measured_ms))
     return results[outcome.chosen], outcome
+
+
+def _step(predicted_ms: float, runs: list[float], cost: CostModel, budget_ms: float) -> LatencyStep:
+    """A round's record: its cut measured ``runs`` times (milliseconds), confirmed where every run met the window."""
+    confirmed = len(runs) > 1 and all(_in_window(r, budget_ms) for r in runs)
+    spread = max(runs) - min(runs)
+    return LatencyStep(predicted_ms, sum(runs) / len(runs), cost.flops(), cost.params(), len(runs), spread, confirmed)
 
 
 def _in_window(measured_ms: float, budget_ms: float) -> bool:
