@@ -109,18 +109,16 @@ class SteadyTimer:
 
     def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
         """The runtime's measurement of ``models``, taken again while the first one runs busy."""
-        for _ in range(RETAKES):
-            timing = self._take(models, example_inputs)
-            if next(iter(timing.values())).median_ms <= self.fastest_ms * BUSY:
+        for attempt in range(RETAKES + 1):
+            timing = self.runtime.measure(models, example_inputs)
+            first_ms = next(iter(timing.values())).median_ms
+            self.fastest_ms = min(self.fastest_ms, first_ms)
+            if first_ms <= self.fastest_ms * BUSY:
                 return timing
-            self.retaken += 1
-            logger.info("the machine was busy (%s ran slower than its fastest): measuring again", next(iter(models)))
-        timing = self._take(models, example_inputs)
-        if next(iter(timing.values())).median_ms > self.fastest_ms * BUSY:
-            logger.warning("the machine stayed busy for %d measurements: using the last", RETAKES + 1)
-        return timing
-
-    def _take(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
-        timing = self.runtime.measure(models, example_inputs)
-        self.fastest_ms = min(self.fastest_ms, next(iter(timing.values())).median_ms)
+            if attempt < RETAKES:
+                self.retaken += 1
+                logger.info(
+                    "the machine was busy (%s ran slower than its fastest): measuring again", next(iter(models))
+                )
+        logger.warning("the machine stayed busy for %d measurements: using the last", RETAKES + 1)
         return timing
