@@ -316,7 +316,10 @@ def test_measure_latency(two_files) -> None:
     for m in report.models:
         assert 0 < m.min_ms <= m.median_ms <= m.p90_ms
         assert len(m.samples_ms) == 12 and all(s > 0 for s in m.samples_ms)
-    assert report["small"].ratio == 1.0 and report["small"].paired_ratio == 1.0
+    assert report["small"].ratio == 1.0 and report["small"].paired_ratio == 1.0 and report["small"].steady_ratio == 1.0
+    for m in report.models:  # the steady ratio reads the fast tails: 10th percentiles over the baseline's
+        assert m.min_ms <= m.p10_ms <= m.median_ms
+        assert m.steady_ratio == pytest.approx(m.p10_ms / report["small"].p10_ms)
     assert all(0 < r < math.inf for r in (report["small_again"].ratio, report["small_again"].paired_ratio))
     assert (report.threads, report.inter_op_threads, report.warmup, report.rounds) == (1, 1, 3, 12)
     assert report.repeats_per_round == 2 and not report.allow_spinning
@@ -342,6 +345,31 @@ def test_measure_latency_interleaves_in_rotated_order(two_files, monkeypatch) ->
     timed = calls[-4 * 2 :]
     a, b = str(small.path), str(wide.path)
     assert timed == [a, b, b, a, a, b, b, a]
+
+
+def test_measure_latency_takes_session_copies_in_turn(two_files, monkeypatch) -> None:
+    """``sessions=2`` loads each model twice; the rounds alternate between the copies, and the paired ratio is the
+    mean of each copy's median ratio."""
+    small, wide = two_files
+    used: list[int] = []
+    real_run = ort.InferenceSession.run
+
+    def spy(self, output_names, feed, *args, **kwargs):
+        used.append(id(self))
+        return real_run(self, output_names, feed, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", spy)
+    report = measure_latency({"a": small.path, "b": wide.path}, (X,), threads=1, warmup=0, rounds=6, sessions=2)
+    timed = used[-6 * 2 :]
+    rounds = [tuple(timed[2 * r : 2 * r + 2]) for r in range(6)]
+    even, odd = {s for r in rounds[0::2] for s in r}, {s for r in rounds[1::2] for s in r}
+    assert len(even) == len(odd) == 2 and not even & odd  # two sessions per copy, never shared between copies
+    assert report.sessions == 2 and "over 2 sessions each" in report.table()
+    b, a = np.asarray(report["b"].samples_ms), np.asarray(report["a"].samples_ms)
+    per_copy = [np.median((b / a)[c::2]) for c in range(2)]
+    assert report["b"].paired_ratio == pytest.approx(np.mean(per_copy))
+    with pytest.raises(fxmorph.InputError, match="sessions"):
+        measure_latency({"a": small.path}, (X,), sessions=0)
 
 
 def test_measure_latency_errors(two_files) -> None:

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
+from torch import fx, nn
 
 import fxmorph
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.kernels import Kernel, KernelKind
 from fxmorph.analysis.latency import (
+    LatencyBudget,
     LatencyFunction,
     MemoryClass,
     MemoryCost,
@@ -35,7 +36,7 @@ from fxmorph.analysis.latency import (
     kernels_of,
 )
 from fxmorph.api.budget import parse_latency
-from fxmorph.api.latency_budget import LatencyOutcome
+from fxmorph.api.latency_budget import LatencyOutcome, LatencyStep, _corrected_cut, _step
 from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.latency_cache import CacheKey, LatencyCache
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
@@ -152,6 +153,7 @@ def test_a_round_in_the_window_is_confirmed_by_a_second_measurement(resnet: tupl
     outcome = report.latency
     chosen = outcome.steps[outcome.chosen] if outcome is not None else None
     assert chosen is not None and chosen.runs == 2 and chosen.confirmed and chosen.spread_ms == 0.0
+    assert 0.96 * outcome.budget_ms <= chosen.measured_ms <= 0.99 * outcome.budget_ms  # GUARD inside both edges
     assert all(s.runs == 1 for s in outcome.steps[:-1])  # earlier rounds missed the window: measured once
     assert "(mean of 2, 0.00 ms apart)" in report.table()
 
@@ -178,7 +180,7 @@ class SecondLooksSlower(FakeRuntime):
         times = super().measure(models, example_inputs)
         result = models.get("result")
         if result is not None and result is self.last:
-            times["result"] = Timing(times["result"].median_ms * 1.15, times["result"].paired_ratio * 1.15)
+            times["result"] = Timing(times["result"].median_ms * 1.15, times["result"].ratio * 1.15)
         self.last = result
         return times
 
@@ -195,6 +197,23 @@ def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
     assert outcome.steps[outcome.chosen].confirmed or not any(s.confirmed for s in outcome.steps)
 
 
+@pytest.mark.parametrize(
+    ("runs", "confirmed"),
+    [
+        ((0.97, 0.975), True),
+        ((0.995, 0.995), False),  # in the window, but at its edge: a later measurement falls out half the time
+        ((0.955, 0.97), False),  # one run near the lower edge
+        ((0.97, 1.01), False),  # one run over the budget
+    ],
+)
+def test_a_round_is_confirmed_only_well_inside_the_window(
+    resnet: tuple[nn.Module, torch.Tensor], runs: tuple[float, float], confirmed: bool
+) -> None:
+    cost = CostModel(build_channel_graph(fxmorph.trace(*resnet)))
+    step = _step(1.0, [10.0 * r for r in runs], cost, budget_ms=10.0)
+    assert step.confirmed is confirmed and step.runs == 2 and step.measured_ms == pytest.approx(5 * sum(runs))
+
+
 class BusyEverySecond(FakeRuntime):
     """A fake runtime on a machine that is busy every second measurement: everything runs 1.6 times slower, the
     result 1.8 times (a busy machine slows models unevenly, so the ratio moves too)."""
@@ -208,7 +227,7 @@ class BusyEverySecond(FakeRuntime):
         self.calls += 1
         if self.calls % 2 == 0:
             slow = {n: 1.6 if n == "original" else 1.8 for n in times}
-            times = {n: Timing(t.median_ms * slow[n], t.paired_ratio * slow[n] / 1.6) for n, t in times.items()}
+            times = {n: Timing(t.median_ms * slow[n], t.ratio * slow[n] / 1.6) for n, t in times.items()}
         return times
 
 
@@ -219,7 +238,7 @@ def test_measurements_taken_while_the_machine_is_busy_are_taken_again(
     small, outcome, table = _latency_shrink(resnet, BusyEverySecond())
     assert outcome.retaken > 0 and "taken again" in table
     assert outcome.original_ms == pytest.approx(FakeRuntime().measure({"m": model}, (x,))["m"].median_ms)
-    steady = FakeRuntime().measure({"original": model, "result": small}, (x,))["result"].paired_ratio
+    steady = FakeRuntime().measure({"original": model, "result": small}, (x,))["result"].ratio
     assert outcome.measured_ms == pytest.approx(steady * outcome.original_ms)  # no busy measurement was kept
     assert 0.95 * outcome.budget_ms <= outcome.measured_ms <= outcome.budget_ms
 
@@ -420,3 +439,87 @@ def test_conv_kernels_read_plain_settings_and_leave_the_rest_to_flops() -> None:
     size = fx.Graph().placeholder("size")
     assert conv_kernel((1, 8, 9, 9), (16, 8, 3, 3), size, 1, 1, 1) is None  # a stride computed at run time
     assert conv_kernel((1, 8, 9), (16, 8, 3), 1, 1, 1, 1) is None  # 1-d: priced by its FLOPs
+
+
+class DearGroup:
+    """A latency-like resource of a graph's widths: its FLOPs, with the FLOPs that involve group ``dear`` priced
+    ``factor`` times (a layer the runtime runs slowly per FLOP: thin, or memory-bound)."""
+
+    def __init__(self, cost: CostModel, dear: int, factor: float) -> None:
+        self.cost, self.dear, self.factor = cost, dear, factor
+
+    def __call__(self, widths: np.ndarray) -> float:
+        without = np.array(widths, dtype=np.int64)
+        without[self.dear] = 0
+        flops, rest = self.cost.flops(np.asarray(widths)), self.cost.flops(without)
+        return float(rest + self.factor * (flops - rest))
+
+    def steps(self, widths: np.ndarray, groups: np.ndarray, new_widths: np.ndarray) -> np.ndarray:
+        out = []
+        for g, width in zip(groups, new_widths, strict=True):
+            w = np.array(widths, dtype=np.int64)
+            w[g] = width
+            out.append(self(w))
+        return np.asarray(out)
+
+    def projected(self, onto: np.ndarray) -> DearGroup:
+        raise NotImplementedError  # no classes of groups in this test
+
+
+class TwoBranches(nn.Module):
+    """Two branches of 64 channels that share no layer, summed at an output of 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 64, 3), nn.Conv2d(3, 64, 3)
+        self.head_a, self.head_b = nn.Conv2d(64, 8, 1), nn.Conv2d(64, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_a(torch.relu(self.a(x))) + self.head_b(torch.relu(self.b(x)))
+
+
+def test_a_latency_budget_cuts_first_where_the_runtime_is_slow_per_flop() -> None:
+    """Under a priced resource a step is worth its channels' scores times the FLOPs it takes per unit of the
+    resource it saves: on flat scores, the layer priced dear per FLOP is cut further, and the other less, than where
+    every layer is priced alike (which cuts as a FLOPs budget does)."""
+    from fxmorph.passes.select import greedy_widths
+
+    cg = build_channel_graph(fxmorph.trace(TwoBranches(), (torch.randn(1, 3, 16, 16),)))
+    cost = CostModel(cg)
+    free = [g for g in range(len(cg.groups)) if cost.sizes[g] == 64 and not cg.groups[g].pinned]
+    assert len(free) >= 2
+    dear = free[0]
+    scores = {g: np.ones(int(cost.sizes[g])) for g in free}
+    widths = {}
+    for factor in (1.0, 4.0):
+        priced = cost.priced(DearGroup(cost, dear, factor))
+        widths[factor] = greedy_widths(priced, scores, 0.5 * priced.spent(), 1, 1, param_cost=0.0)
+        assert priced.spent(widths[factor]) <= 0.5 * priced.spent()
+    alike, slow = widths[1.0], widths[4.0]
+    assert slow[dear] < alike[dear] and all(slow[g] >= alike[g] for g in free[1:])
+    flat = cost.flops(greedy_widths(cost, scores, cost.flops(alike), 1, 1, param_cost=0.0))
+    assert flat == pytest.approx(cost.flops(alike), rel=0.02)  # priced alike: the same cut as a FLOPs budget
+
+
+def test_a_correction_past_the_models_floor_measures_the_floor() -> None:
+    """A round measured over the budget asks for a higher calibration, under which the model predicts no cut reaches
+    the aim; the cut nearest the model's floor is measured instead of giving up, once."""
+    x = torch.randn(1, 3, 8, 8)
+    wide, narrow = (fxmorph.trace(nn.Sequential(nn.Conv2d(3, c, 3), nn.ReLU()), (x,)) for c in (8, 2))
+    tried: list[float] = []
+
+    def cut(latency: LatencyBudget) -> tuple[str, fx.GraphModule]:
+        tried.append(latency.scale)
+        if latency.scale > 1.0:  # the model's floor, as this calibration predicts it, is over the aim
+            raise fxmorph.BudgetError("below what this model can reach")
+        return "floor", narrow
+
+    profile = RuntimeProfile("fake", {}, {}, 1e-6)
+    outcome = LatencyOutcome("fake", 1.5, 5.0, 5.0, 0.0)
+    outcome.steps.append(LatencyStep(1.4, 2.0, CostModel(build_channel_graph(wide)).flops(), 0))
+    result, small, scale, _ = _corrected_cut(cut, LatencyBudget(1400.0, profile), [0.9], outcome, 1.4)
+    assert (result, small) == ("floor", narrow) and scale <= 1.0 < tried[0]  # relaxed from the correction
+    assert tried[0] == pytest.approx(0.9 * 2.0 / 1.4)
+    outcome.steps.append(LatencyStep(1.4, 1.8, CostModel(build_channel_graph(narrow)).flops(), 0))
+    with pytest.raises(fxmorph.BudgetError):  # the floor was measured already: the rounds end
+        _corrected_cut(cut, LatencyBudget(1400.0, profile), [0.9, scale], outcome, 1.4)

@@ -125,6 +125,11 @@ class Costs:
         """FLOPs as a :class:`Resource` of this object's variables."""
         return self._flops
 
+    @property
+    def spends_flops(self) -> bool:
+        """Whether the budget measures FLOPs (no :meth:`priced` resource)."""
+        return self._budget is self._flops
+
     def priced(self, resource: Resource) -> Self:
         """A copy whose budget measures ``resource`` (a function of this object's variables)."""
         out = copy.copy(self)

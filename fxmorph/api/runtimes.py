@@ -26,11 +26,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Timing:
-    """One model's measured latency: its median in milliseconds and its time over the first model's, round by
-    round (``paired_ratio``: the median of per-round ratios of models run interleaved)."""
+    """One model's measured latency: its median in milliseconds, and its time over the first model's as the runtime
+    measures it with the models run interleaved (onnxruntime: the ratio of their 10th percentiles,
+    :attr:`fxmorph.io.latency.ModelLatency.steady_ratio`)."""
 
     median_ms: float
-    paired_ratio: float
+    ratio: float
+    median_ratio: float = math.nan
+    """The median over rounds of its time over the first model's in the same round, where the runtime has rounds
+    (for reports: ``ratio`` is what a budget is met in)."""
 
 
 @runtime_checkable
@@ -84,7 +88,7 @@ def runtime_for(runtime: str | LatencyRuntime, threads: int) -> LatencyRuntime:
         ) from exc
 
 
-BUSY = 1.15
+BUSY = 1.1
 """A measurement whose first model ran this much slower than its fastest measurement so far was taken while the
 machine was busy (:class:`SteadyTimer`)."""
 RETAKES = 4

@@ -6,7 +6,12 @@ by ``r``, so slow drift of the machine (frequency scaling, other processes, ther
 all models alike instead of whichever happened to be measured last. Each model's samples give its
 median, 90th percentile and minimum; ``ratio`` is its median over the first (baseline) model's median
 and ``paired_ratio`` the median over rounds of its time over the baseline's time in the same round,
-which cancels drift further.
+which cancels drift further. ``steady_ratio`` is its 10th-percentile time over the baseline's: on a shared
+machine whose neighbours take memory bandwidth and cores for seconds at a time, both models run slower in those
+seconds and not alike, and the median of per-round ratios moves with how much of the measurement they cover (a cut
+of mobilenet_v2 at a third of its latency: 0.362 to 0.372 over eight quiet measurements, 0.337 to 0.368 over six
+in a busy minute), where the ratio of the fast tails holds (0.361 to 0.363, and 0.358 to 0.370). Like ``timeit``'s
+advice to read the fastest runs, it measures what the model costs, not what the neighbours cost it.
 
 Idle onnxruntime workers normally spin for a while after a run, waiting for more work. With several
 sessions interleaved that is unfair: the workers of the model that just ran still occupy cores while
@@ -14,12 +19,19 @@ the next model starts. On a 2-core machine, timing resnet18 interleaved with two
 median of 24 to 30 ms with spinning against 3.7 ms without (about 3 ms alone), and shifted a
 mobilenet's ratio to it from about 0.3 to 0.04. Spinning is therefore off by default
 (``allow_spinning=False``); absolute times may be slightly higher than an ORT default session's.
+
+Where a session's buffers land in memory changes its speed by a few percent, for as long as it lives: a cut of
+mobilenet_v2 measured 0.508 to 0.524 of the original over eight pairs of fresh sessions, and 0.519 to 0.523 over
+eight measurements of one pair. ``sessions=k`` loads every model ``k`` times and the rounds take the copies in
+turn; a model's ``paired_ratio`` is then the mean over copies of each copy's median ratio, so that it measures the
+model rather than one placement.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import platform
 import time
@@ -56,6 +68,10 @@ class ModelLatency:
     ratio: float
     paired_ratio: float
     samples_ms: tuple[float, ...]
+    p10_ms: float = math.nan
+    """The 10th percentile of the samples: the model's time while nothing else holds the machine."""
+    steady_ratio: float = math.nan
+    """``p10_ms`` over the baseline's (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,8 @@ class LatencyReport:
     ort_version: str
     provider: str
     machine: str
+    sessions: int = 1
+    """How many copies of every model's session the rounds took in turn."""
 
     def __getitem__(self, name: str) -> ModelLatency:
         for m in self.models:
@@ -94,7 +112,8 @@ class LatencyReport:
             f"onnxruntime {self.ort_version} {self.provider}, {self.threads} intra-op thread(s), "
             f"{self.inter_op_threads} inter-op, {self.graph_optimization}, "
             f"spinning {'on' if self.allow_spinning else 'off'}, warm-up {self.warmup}, "
-            f"{self.rounds} interleaved rounds x {self.repeats_per_round}",
+            f"{self.rounds} interleaved rounds x {self.repeats_per_round}"
+            + (f" over {self.sessions} sessions each" if self.sessions > 1 else ""),
             f"{'model':<{width}}  {'median ms':>10}  {'p90 ms':>10}  {'min ms':>10}  {'ratio':>7}  {'paired':>7}",
         ]
         for m in self.models:
@@ -184,6 +203,7 @@ def measure_latency(
     repeats_per_round: int = 1,
     graph_optimization: ort.GraphOptimizationLevel | str = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     allow_spinning: bool = False,
+    sessions: int = 1,
 ) -> LatencyReport:
     """Time every ONNX model of ``models`` (name to path, bytes or :class:`ExportResult`) on ``inputs``.
 
@@ -192,23 +212,26 @@ def measure_latency(
     baseline of the ratios. ``threads`` is the intra-op thread count (default: every core); the
     inter-op count is 1. Each model first runs ``warmup`` times (at least once, which also checks the
     inputs), then ``rounds`` interleaved rounds time ``repeats_per_round`` consecutive runs each and
-    keep their mean as one sample. ``allow_spinning=True`` lets idle workers spin (see the module
-    docstring for why it is off by default). Raises :class:`fxmorph.errors.InputError` for a file
-    onnxruntime cannot load or inputs a model cannot run on.
+    keep their mean as one sample. ``allow_spinning=True`` lets idle workers spin, and ``sessions`` loads
+    every model that many times, the rounds taking the copies in turn (see the module docstring for both).
+    Raises :class:`fxmorph.errors.InputError` for a file onnxruntime cannot load or inputs a model cannot run
+    on.
     """
     _check_models(models)
     check_count("warmup", warmup, 0)
     check_count("rounds", rounds, 1)
     check_count("repeats_per_round", repeats_per_round, 1)
+    check_count("sessions", sessions, 1)
     threads = check_count("threads", threads, 1) if threads is not None else os.cpu_count() or 1
     level = _level(graph_optimization)
     options = session_options(threads, level, allow_spinning)
     names = list(models)
-    sessions = {n: _session(n, models[n], options) for n in names}
-    feeds = {n: _feed(n, sessions[n], inputs) for n in names}
-    _warm_up(sessions, feeds, warmup)
-    samples = _interleaved(sessions, feeds, rounds, repeats_per_round)
-    results = _summaries(samples)
+    copies = [{n: _session(n, models[n], options) for n in names} for _ in range(sessions)]
+    feeds = {n: _feed(n, copies[0][n], inputs) for n in names}
+    for copy in copies:
+        _warm_up(copy, feeds, warmup)
+    samples = _interleaved(copies, feeds, rounds, repeats_per_round)
+    results = _summaries(samples, len(copies))
     return LatencyReport(
         models=tuple(results),
         baseline=names[0],
@@ -222,6 +245,7 @@ def measure_latency(
         ort_version=ort.__version__,
         provider="CPUExecutionProvider",
         machine=f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cores",
+        sessions=sessions,
     )
 
 
@@ -264,14 +288,17 @@ def _warm_up(sessions: dict[str, ort.InferenceSession], feeds: dict[str, Any], w
 
 
 def _interleaved(
-    sessions: dict[str, ort.InferenceSession], feeds: dict[str, Any], rounds: int, repeats: int
+    copies: list[dict[str, ort.InferenceSession]], feeds: dict[str, Any], rounds: int, repeats: int
 ) -> dict[str, list[float]]:
     """Milliseconds per run of each model, one sample per round; the models take turns, starting one
-    later each round, so drift in the machine's speed (heat, other load) falls on all of them alike."""
-    names = list(sessions)
+    later each round, so drift in the machine's speed (heat, other load) falls on all of them alike. Round ``r``
+    runs the sessions of copy ``r % len(copies)``, and the order turns once all copies have run in it, so that every
+    copy runs in every order (a model run just after a large one finds the caches cold)."""
+    names = list(feeds)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        shift = r % len(names)
+        shift = (r // len(copies)) % len(names)
+        sessions = copies[r % len(copies)]
         for n in names[shift:] + names[:shift]:
             session, feed = sessions[n], feeds[n]
             # One clock read around all repeats: the timer's own cost is not in each run.
@@ -282,15 +309,19 @@ def _interleaved(
     return samples
 
 
-def _summaries(samples: dict[str, list[float]]) -> list[ModelLatency]:
-    """Median, spread and ratios of each model; the first model is the baseline."""
+def _summaries(samples: dict[str, list[float]], copies: int = 1) -> list[ModelLatency]:
+    """Median, spread and ratios of each model; the first model is the baseline. With several ``copies`` of
+    the sessions (taken in turn by the rounds), the paired ratio is the mean over copies of each one's."""
     names = list(samples)
     base = np.asarray(samples[names[0]])
     base_median = float(np.median(base))
+    base_p10 = float(np.percentile(base, 10))
     results = []
     for n in names:
         s = np.asarray(samples[n])
         median = float(np.median(s))
+        per_round = s / base  # per round: the models ran side by side
+        paired = np.mean([np.median(per_round[c::copies]) for c in range(min(copies, len(s)))])
         results.append(
             ModelLatency(
                 name=n,
@@ -299,8 +330,10 @@ def _summaries(samples: dict[str, list[float]]) -> list[ModelLatency]:
                 min_ms=float(s.min()),
                 mean_ms=float(s.mean()),
                 ratio=median / base_median,
-                paired_ratio=float(np.median(s / base)),  # per round: the models ran side by side
+                paired_ratio=float(paired),
                 samples_ms=tuple(float(v) for v in s),
+                p10_ms=float(np.percentile(s, 10)),
+                steady_ratio=float(np.percentile(s, 10)) / base_p10,
             )
         )
         logger.info("%s: median %.3f ms, p90 %.3f ms, ratio %.3f", n, median, results[-1].p90_ms, results[-1].ratio)

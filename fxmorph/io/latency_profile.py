@@ -45,8 +45,13 @@ _MEMORY_SIZES = ((16, 7), (16, 14), (64, 28), (128, 56), (256, 56))
 """(channels, side) of the tensors each memory-bound op is timed on: 784 to 800 K elements."""
 _PRODUCTS = ((12, 197, 64, 197), (1, 197, 768, 768))
 """(batch, M, K, N) of the batched products that give the FLOP rate (a ViT-B's attention and projection)."""
-_MEASURE_S = 3.0
-"""Seconds a measurement of whole models aims at (30 rounds at least)."""
+_MEASURE_S = 4.0
+"""Seconds a measurement of whole models aims at (:data:`_MIN_ROUNDS` at least)."""
+_MIN_ROUNDS = 40
+"""Rounds a measurement takes at least: four below its 10th percentile."""
+_SESSIONS = 3
+"""Sessions of each model a measurement takes in turn: one session's placement in memory moves its speed by a few
+percent for as long as it lives (:mod:`fxmorph.io.latency`), and the mean over three halves that."""
 _BLOCK_PROBE = (16, 24, 32)
 """Output widths of the 1x1 convolution that tells the channel block (:meth:`OnnxRuntimeCPU._block`)."""
 _WARMUP = 2
@@ -206,15 +211,19 @@ class OnnxRuntimeCPU:
         return 16 if t32 > t16 and (t24 - t16) > 0.75 * (t32 - t16) else 1
 
     def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
-        """Export every model to ONNX (checked against torch) and time them interleaved: 30 rounds, or as many as
-        fit in about :data:`_MEASURE_S` seconds (at most 300), so that fast models get steadier medians."""
+        """Export every model to ONNX (checked against torch) and time them interleaved over :data:`_SESSIONS`
+        sessions of each: :data:`_MIN_ROUNDS` rounds, or as many as fit in about :data:`_MEASURE_S` seconds (at most
+        300), so that fast models get steadier tails. A model's ratio is its 10th-percentile time over the first
+        model's (:attr:`~fxmorph.io.latency.ModelLatency.steady_ratio`)."""
         with tempfile.TemporaryDirectory(prefix="fxmorph-latency-") as workdir:
             exported = {n: export_onnx(m, example_inputs, Path(workdir) / f"{n}.onnx") for n, m in models.items()}
             probe = measure_latency(exported, example_inputs, threads=self.threads, rounds=3, warmup=3)
             per_round = sum(m.median_ms for m in probe.models) / 1e3
-            rounds = min(300, max(30, int(_MEASURE_S / max(per_round, 1e-6))))
-            report = measure_latency(exported, example_inputs, threads=self.threads, rounds=rounds, warmup=5)
-        return {m.name: Timing(m.median_ms, m.paired_ratio) for m in report.models}
+            rounds = min(300, max(_MIN_ROUNDS, int(_MEASURE_S / max(per_round, 1e-6))))
+            report = measure_latency(
+                exported, example_inputs, threads=self.threads, rounds=rounds, warmup=5, sessions=_SESSIONS
+            )
+        return {m.name: Timing(m.median_ms, m.steady_ratio, m.paired_ratio) for m in report.models}
 
 
 def _op_micros(trace: Path, warmup: int) -> float:

@@ -93,27 +93,48 @@ def _deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndar
     return np.abs(cost.spent_steps(w, cands) - cost.spent(w)).astype(np.float64)
 
 
+def _taken(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], spent: np.ndarray) -> np.ndarray:
+    """What each candidate step takes of the model, in FLOPs: the FLOPs it changes, or where it changes none (an
+    op priced by its memory alone), its share of the budgeted resource in FLOPs."""
+    if cost.spends_flops or not cands:
+        return spent
+    flops = np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
+    return np.where(flops > 0, flops, spent * _flops_per_unit(cost, w))
+
+
+def _flops_per_unit(cost: Costs, w: np.ndarray) -> float:
+    """FLOPs per unit of the budgeted resource at ``w`` (1 where the budget is in FLOPs)."""
+    spent = cost.spent(w)
+    return 1.0 if cost.spends_flops or spent <= 0 else cost.flops(w) / spent
+
+
 def _weighed(
-    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray, param_cost: float
+    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], spent: np.ndarray, param_cost: float
 ) -> np.ndarray:
-    """``flops`` (what each step changes) plus ``param_cost`` per parameter it changes."""
+    """What each step saves of the budgeted resource, in FLOPs (scaled by the model's FLOPs per unit of it), plus
+    ``param_cost`` per parameter it changes."""
+    weighed = spent * _flops_per_unit(cost, w)
     if not param_cost or not cands:
-        return flops
+        return weighed
     params = np.abs(cost.params_steps(w, cands) - cost.params(w)).astype(np.float64)
-    return flops + param_cost * params
+    return weighed + param_cost * params
 
 
 def _ratios(
-    normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], flops: np.ndarray, weighed: np.ndarray
+    normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], taken: np.ndarray, weighed: np.ndarray
 ) -> np.ndarray:
     """Value per unit of weighed cost of each candidate step: the mean value of the channels it moves,
-    times the share of FLOPs in its weighed cost (1 without a parameter cost). A step that moves no
-    FLOPs is worth infinitely much (never cut, nothing gained by it)."""
+    times the FLOPs it takes of the model over its weighed cost (1 for a FLOPs budget without a parameter
+    cost). A step that saves nothing is worth infinitely much (never cut, nothing gained by it).
+
+    Under a latency budget a step's weighed cost is the time it saves, so of two steps whose channels score
+    alike, the one that takes fewer FLOPs per microsecond goes first: the cut keeps the FLOPs that run fast on the
+    runtime (wide kernels) and gives up those that run slow (thin and memory-bound ones)."""
     out = np.full(len(cands), np.inf)
     for j, (g, width) in enumerate(cands):
         lo, hi = sorted((width, int(w[g])))
-        if flops[j] > 0:
-            out[j] = (normed[g][hi] - normed[g][lo]) / (hi - lo) * flops[j] / weighed[j]
+        if taken[j] > 0 and weighed[j] > 0:
+            out[j] = (normed[g][hi] - normed[g][lo]) / (hi - lo) * taken[j] / weighed[j]
     return out
 
 
@@ -126,10 +147,12 @@ def _ranked(
     param_cost: float,
     down: bool,
 ) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
-    """The next step of every group (down or up), the FLOPs each changes, and its value per weighed cost."""
+    """The next step of every group (down or up), what each changes of the budgeted resource, and its value per
+    weighed cost."""
     cands = _candidates(w, groups, allowed, down=down)
-    flops = _deltas(cost, w, cands)
-    return cands, flops, _ratios(normed, w, cands, flops, _weighed(cost, w, cands, flops, param_cost))
+    spent = _deltas(cost, w, cands)
+    taken = _taken(cost, w, cands, spent)
+    return cands, spent, _ratios(normed, w, cands, taken, _weighed(cost, w, cands, spent, param_cost))
 
 
 def _cumulative(scores: Mapping[int, np.ndarray], balance: float = 0.0) -> dict[int, np.ndarray]:
@@ -170,7 +193,9 @@ def greedy_widths(
     group thin in proportion; uneven scores move the cuts to where they matter least. What a step
     saves also counts ``param_cost`` FLOPs per parameter (see :data:`DEFAULT_PARAM_COST`; 0 ranks by
     FLOPs alone), so weight-bound layers, which cost latency their FLOPs do not show, give way first;
-    the budget is met in FLOPs all the same. Each round takes the best steps down (one per group, all
+    the budget is met in FLOPs all the same. Where ``cost`` is priced in another resource (a latency
+    model), a step's value is weighed against what it saves of that resource instead: the steps that
+    take the fewest FLOPs per microsecond saved go first. Each round takes the best steps down (one per group, all
     within 2% of the best ratio, covering at most ``step`` of the remaining gap) and re-ranks. No
     group loses more than ``max_prune`` of its channels. Once under the budget, steps up are added
     back greedily (most value per cost first) while the budget still holds, and while the result is
