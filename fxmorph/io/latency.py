@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 import platform
 import time
@@ -67,11 +66,11 @@ class ModelLatency:
     mean_ms: float
     ratio: float
     paired_ratio: float
-    samples_ms: tuple[float, ...]
-    p10_ms: float = math.nan
+    p10_ms: float
     """The 10th percentile of the samples: the model's time while nothing else holds the machine."""
-    steady_ratio: float = math.nan
+    steady_ratio: float
     """``p10_ms`` over the baseline's (see the module docstring)."""
+    samples_ms: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -114,12 +113,13 @@ class LatencyReport:
             f"spinning {'on' if self.allow_spinning else 'off'}, warm-up {self.warmup}, "
             f"{self.rounds} interleaved rounds x {self.repeats_per_round}"
             + (f" over {self.sessions} sessions each" if self.sessions > 1 else ""),
-            f"{'model':<{width}}  {'median ms':>10}  {'p90 ms':>10}  {'min ms':>10}  {'ratio':>7}  {'paired':>7}",
+            f"{'model':<{width}}  {'median ms':>10}  {'p90 ms':>10}  {'min ms':>10}  {'ratio':>7}  {'paired':>7}  "
+            f"{'steady':>7}",
         ]
         for m in self.models:
             lines.append(
                 f"{m.name:<{width}}  {m.median_ms:>10.3f}  {m.p90_ms:>10.3f}  {m.min_ms:>10.3f}  "
-                f"{m.ratio:>7.3f}  {m.paired_ratio:>7.3f}"
+                f"{m.ratio:>7.3f}  {m.paired_ratio:>7.3f}  {m.steady_ratio:>7.3f}"
             )
         return "\n".join(lines)
 
