@@ -51,7 +51,7 @@ _MIN_ROUNDS = 40
 """Rounds a measurement takes at least: four below its 10th percentile."""
 _SESSIONS = 3
 """Sessions of each model a measurement takes in turn: one session's placement in memory moves its speed by a few
-percent for as long as it lives (:mod:`fxmorph.io.latency`), and the mean over three halves that."""
+percent for as long as it lives (:mod:`fxmorph.io.latency`), and a measurement averages three placements."""
 _BLOCK_PROBE = (16, 24, 32)
 """Output widths of the 1x1 convolution that tells the channel block (:meth:`OnnxRuntimeCPU._block`)."""
 _WARMUP = 2

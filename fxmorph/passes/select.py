@@ -93,31 +93,32 @@ def _deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndar
     return np.abs(cost.spent_steps(w, cands) - cost.spent(w)).astype(np.float64)
 
 
-def _taken(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], spent: np.ndarray) -> np.ndarray:
+def _taken(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray) -> np.ndarray:
     """What each candidate step takes of the model, in FLOPs: the FLOPs it changes, or where it changes none (an
-    op priced by its memory alone), its share of the budgeted resource in FLOPs."""
+    op priced by its memory alone) what it saves of the budgeted resource, ``saved`` (in FLOPs)."""
     if cost.spends_flops or not cands:
-        return spent
+        return saved
     flops = np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
-    return np.where(flops > 0, flops, spent * _flops_per_unit(cost, w))
+    return np.where(flops > 0, flops, saved)
 
 
 def _flops_per_unit(cost: Costs, w: np.ndarray) -> float:
     """FLOPs per unit of the budgeted resource at ``w`` (1 where the budget is in FLOPs)."""
+    if cost.spends_flops:
+        return 1.0
     spent = cost.spent(w)
-    return 1.0 if cost.spends_flops or spent <= 0 else cost.flops(w) / spent
+    return 1.0 if spent <= 0 else cost.flops(w) / spent
 
 
 def _weighed(
-    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], spent: np.ndarray, param_cost: float
+    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray, param_cost: float
 ) -> np.ndarray:
-    """What each step saves of the budgeted resource, in FLOPs (scaled by the model's FLOPs per unit of it), plus
-    ``param_cost`` per parameter it changes."""
-    weighed = spent * _flops_per_unit(cost, w)
+    """What each step saves of the budgeted resource, ``saved`` (in FLOPs), plus ``param_cost`` per parameter it
+    changes."""
     if not param_cost or not cands:
-        return weighed
+        return saved
     params = np.abs(cost.params_steps(w, cands) - cost.params(w)).astype(np.float64)
-    return weighed + param_cost * params
+    return saved + param_cost * params
 
 
 def _ratios(
@@ -151,8 +152,9 @@ def _ranked(
     weighed cost."""
     cands = _candidates(w, groups, allowed, down=down)
     spent = _deltas(cost, w, cands)
-    taken = _taken(cost, w, cands, spent)
-    return cands, spent, _ratios(normed, w, cands, taken, _weighed(cost, w, cands, spent, param_cost))
+    saved = spent * _flops_per_unit(cost, w)  # in FLOPs: the model's FLOPs per unit of the budgeted resource
+    taken = _taken(cost, w, cands, saved)
+    return cands, spent, _ratios(normed, w, cands, taken, _weighed(cost, w, cands, saved, param_cost))
 
 
 def _cumulative(scores: Mapping[int, np.ndarray], balance: float = 0.0) -> dict[int, np.ndarray]:
