@@ -313,7 +313,7 @@ def _assert_growth_budget(cost: CostModel, cg: ChannelGraph, w: np.ndarray, budg
     assert cost.flops(w) <= budget
     steps = {}
     for g in range(len(cg.groups)):
-        options = growth_options(int(cost.sizes[g]), round_to, MAX_FACTOR)
+        options = growth_options(int(cost.sizes[g]), round_to, MAX_FACTOR, int(cost.spans[g]), int(cost.copies[g]))
         if g not in candidates:
             assert w[g] == cost.sizes[g], f"group {g} cannot grow but did"
             continue

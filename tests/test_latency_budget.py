@@ -36,7 +36,7 @@ from fxmorph.analysis.latency import (
     kernels_of,
 )
 from fxmorph.api.budget import parse_latency
-from fxmorph.api.latency_budget import LatencyOutcome, LatencyStep, _corrected_cut, _step
+from fxmorph.api.latency_budget import LatencyOutcome, LatencyStep, _Rounds, _step
 from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.latency_cache import CacheKey, LatencyCache
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
@@ -517,9 +517,11 @@ def test_a_correction_past_the_models_floor_measures_the_floor() -> None:
     profile = RuntimeProfile("fake", {}, {}, 1e-6)
     outcome = LatencyOutcome("fake", 1.5, 5.0, 5.0, 0.0)
     outcome.steps.append(LatencyStep(1.4, 2.0, CostModel(build_channel_graph(wide)).flops(), 0))
-    result, small, scale, _ = _corrected_cut(cut, LatencyBudget(1400.0, profile), [0.9], outcome, 1.4)
+    rounds = _Rounds(cut, LatencyBudget(1400.0, profile), 1.4, outcome, [0.9])
+    result, small, scale, _ = rounds.corrected_cut()
     assert (result, small) == ("floor", narrow) and scale <= 1.0 < tried[0]  # relaxed from the correction
     assert tried[0] == pytest.approx(0.9 * 2.0 / 1.4)
     outcome.steps.append(LatencyStep(1.4, 1.8, CostModel(build_channel_graph(narrow)).flops(), 0))
+    rounds.scales.append(scale)
     with pytest.raises(fxmorph.BudgetError):  # the floor was measured already: the rounds end
-        _corrected_cut(cut, LatencyBudget(1400.0, profile), [0.9, scale], outcome, 1.4)
+        rounds.corrected_cut()

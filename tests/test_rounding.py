@@ -108,6 +108,50 @@ def test_grid_steps_count_the_channels_an_element_spans(size: int, span: int, fi
     assert widths[-1] == size and all(w % whole == 0 for w in widths[:-1])
 
 
+@pytest.mark.parametrize(
+    ("size", "copies", "grid", "step"),
+    [(64, 12, Grid(16), 4), (64, 36, Grid(16), 4), (64, 12, Grid(8), 2), (64, 16, Grid(16), 1), (64, 12, Grid(1), 1),
+     (4, 12, Grid(16, 64), 2)],
+)  # fmt: skip
+def test_grid_steps_count_the_copies_one_axis_holds(size: int, copies: int, grid: Grid, step: int) -> None:
+    """An embedding that 12 heads split is held 12 times by the residual stream: its step is the fewest elements
+    whose channels fill whole blocks (4 x 12 = 48), not 16 elements (192 channels, a quarter of a ViT-B)."""
+    assert grid.step(size, 1, copies) == step
+    assert all(w % step == 0 for w in allowed_widths(size, grid, 1, 1, copies)[:-1])
+
+
+class _Encoder(nn.Module):
+    """One post-norm encoder layer around ``nn.MultiheadAttention``: the embedding is tied to the heads' width."""
+
+    def __init__(self, dim: int = 96, heads: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        y = self.norm(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.head(y + self.mlp(y))
+
+
+def test_multihead_embedding_steps_by_whole_blocks_of_the_residual_stream() -> None:
+    """The embedding group of an ``nn.MultiheadAttention`` model counts its copies from the layouts (12 heads; 36
+    in the packed q/k/v projection), so every width it may take keeps the residual stream a multiple of 16."""
+    torch.manual_seed(0)
+    model, x = _Encoder().eval(), torch.randn(2, 10, 16)
+    cg = fxmorph.analyze(model, x)
+    embedding = next(g for g in cg.groups if g.size == 8)
+    assert embedding.copies == 36 and embedding.span == 1
+    cost = fxmorph.CostModel(cg)
+    assert list(allowed_widths(8, Grid(16), 1, 1, int(cost.copies[embedding.id]))) == [4, 8]
+    small = fxmorph.resize(cg, {embedding.id: fxmorph.GroupPlan(keep=(0, 2, 5, 7))})
+    assert small.attn.embed_dim == 48 and small.attn.num_heads == 12
+    check_prune(cg, random_plan(cg, seed=0), x)
+
+
 def test_cli_accepts_auto_and_integers() -> None:
     from fxmorph.cli.main import _round_to
 

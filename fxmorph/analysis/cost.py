@@ -116,6 +116,8 @@ class Costs:
     """The original width of every variable."""
     spans: np.ndarray
     """The channels each element of every variable stands for (:attr:`Group.span`: a head's width, or 1)."""
+    copies: np.ndarray
+    """The times one axis holds every variable's channels (:attr:`Group.copies`: the heads an embedding feeds, or 1)."""
     _flops: Polynomial
     _params: Polynomial
     _budget: Resource
@@ -184,6 +186,7 @@ class CostModel(Costs):
         self.cg = cg
         self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
         self.spans = np.array([g.span for g in cg.groups], dtype=np.int64)
+        self.copies = np.array([g.copies for g in cg.groups], dtype=np.int64)
         self._flops = Polynomial(len(cg.groups))
         self._free_terms = Polynomial(len(cg.groups))
         for term in cg.costs:
@@ -270,6 +273,7 @@ class TiedCosts(Costs):
         onto[np.arange(n), self.unit_of] = self.ratio
         self.sizes = cost.sizes[leads]
         self.spans = cost.spans[leads]
+        self.copies = cost.copies[leads]
         self._flops = cost._flops.projected(onto)
         self._params = cost._params.projected(onto)
         self._budget = self._flops if cost._budget is cost._flops else cost._budget.projected(onto)

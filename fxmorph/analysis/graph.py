@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from fxmorph.analysis.atoms import AtomTable, Layout, Pin
 from fxmorph.analysis.context import Binding, CostTerm, Rewrite, Role, RuleContext
+from fxmorph.analysis.kernels import KernelKind
 from fxmorph.analysis.ops import lookup
 from fxmorph.capture.config_sizes import ConfigSizes
 from fxmorph.errors import AnalysisError
@@ -46,6 +47,10 @@ class Group:
         grow_pins: why channels cannot be added to the group without changing the function.
         span: how many channels of the layers each of the group's elements stands for: 1 for plain channels,
             the head width for a group of whole attention heads (the fewest any parameter holds it by).
+        copies: how many times one axis holds the group's channels, the most over its members: the embedding that
+            ``nn.MultiheadAttention`` splits into heads is held once per head (and per projection in ``in_proj``),
+            so one element is that many channels of the axis; the rounding grid counts those channels. 1 where a
+            grouped convolution reads the group: it blocks each of its groups' channels apart.
     """
 
     id: int
@@ -55,6 +60,7 @@ class Group:
     pins: list[Pin] = field(default_factory=list)
     grow_pins: list[Pin] = field(default_factory=list)
     span: int = 1
+    copies: int = 1
 
     @property
     def growable(self) -> bool:
@@ -269,6 +275,15 @@ def _collect(ctx: RuleContext) -> ChannelGraph:
             spans[gid] = min(spans.get(gid, inner), inner)
     for gid, span in spans.items():
         groups[gid].span = span
+    layouts = [layout for value in spaces.values() for _, _, layout in _walk_spaces("", value)]
+    for layout in [*layouts, *(b.layout for b in ctx.bindings.values())]:
+        _count_copies(atoms, layout, group_for)
+    for term in ctx.costs:
+        if term.kernel is not None and term.kernel.kind is KernelKind.CONV and term.kernel.groups > 1:
+            # a grouped convolution blocks each of its groups' channels apart: a copy per group counts alone
+            for axis in term.axes:
+                for atom, _ in () if isinstance(axis, int) else atoms.expand(axis):
+                    group_for(atom).copies = 1
     # the cost model indexes every factor by group, so a class only a cost term names needs an id too
     for term in ctx.costs:
         for layout in term.factors:
@@ -293,6 +308,19 @@ def _same_width_classes(cg: ChannelGraph, requests: list[list[Layout]]) -> list[
         if len(ids) > 1 and len({cg.groups[g].size for g in ids}) == 1:
             classes.append(ids)
     return classes
+
+
+def _count_copies(atoms: AtomTable, layout: Layout, group_for: Any) -> None:
+    """Raise each group's :attr:`Group.copies` to the times ``layout`` holds its channels."""
+    held: dict[int, int] = {}
+    groups: dict[int, Group] = {}
+    for atom, _ in atoms.expand(layout):
+        group = group_for(atom)
+        groups[group.id] = group
+        # every atom of a group has the group's size: each piece is one full copy of its channels
+        held[group.id] = held.get(group.id, 0) + atoms.size(atom)
+    for gid, channels in held.items():
+        groups[gid].copies = max(groups[gid].copies, channels // max(groups[gid].size, 1))
 
 
 def _add_members(atoms: AtomTable, layout: Layout, group_for: Any, member: Member, graph: nx.Graph) -> None:

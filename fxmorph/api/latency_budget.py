@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from torch import fx
 
@@ -149,59 +149,64 @@ _NUDGES = 3
 """How often a correction whose cut repeats a measured one is pushed further before it is measured anyway."""
 
 
-def _next_cut(
-    cut: Callable[[LatencyBudget], tuple[Cut, fx.GraphModule]],
-    aim: LatencyBudget,
-    scales: list[float],
-    outcome: LatencyOutcome,
-    goal: float,
-) -> tuple[Cut, fx.GraphModule, float, CostModel]:
-    """The next round's cut, its calibration and its cost model. Widths move in blocks, so a corrected calibration
-    can give back a cut already measured; measuring it again would spend a round learning nothing, so the
-    calibration is pushed on, halfway to the round measured on the goal's other side (or 3% where there is none),
-    until the cut changes."""
-    measured = [s.measured_ms for s in outcome.steps]
-    scale = _next_scale(scales, measured, goal)
-    for _ in range(_NUDGES):
-        result, small = cut(replace(aim, scale=scale))
-        cost = _cost(small)
-        same = [k for k, s in enumerate(outcome.steps) if s.flops == cost.flops()]
-        if not same:
-            break
-        k = same[-1]
-        if measured[k] < goal:  # that cut was too small: a lower calibration predicts less, and keeps more
-            other = [scales[j] for j, m in enumerate(measured) if m > goal]
-            scale = (scale + max(other)) / 2 if other else scale * 0.97
-        else:
-            other = [scales[j] for j, m in enumerate(measured) if m < goal]
-            scale = (scale + min(other)) / 2 if other else scale * 1.03
-    else:
-        result, small = cut(replace(aim, scale=scale))
-        cost = _cost(small)
-    return result, small, scale, cost
+@dataclass
+class _Rounds(Generic[Cut]):
+    """What the rounds after the first steer by: the cut (``cut(latency)`` gives it and its model), its aim, the
+    goal in milliseconds, and each round's calibration (``scales``) beside what it measured (``outcome.steps``)."""
 
+    cut: Callable[[LatencyBudget], tuple[Cut, fx.GraphModule]]
+    aim: LatencyBudget
+    goal: float
+    outcome: LatencyOutcome
+    scales: list[float] = field(default_factory=list)
 
-def _corrected_cut(
-    cut: Callable[[LatencyBudget], tuple[Cut, fx.GraphModule]],
-    aim: LatencyBudget,
-    scales: list[float],
-    outcome: LatencyOutcome,
-    goal: float,
-) -> tuple[Cut, fx.GraphModule, float, CostModel]:
-    """The next round's cut (:func:`_next_cut`) or, where the correction asks for less than the model predicts any
-    cut reaches, the cut nearest that floor (:func:`_first_cut` from the corrected calibration). The correction
-    carries the model's error where the rounds measured, and its error on the smallest cuts differs (a mobilenet_v2
-    cut to a quarter of its FLOPs measured 13% under its prediction), so the floor is measured before the rounds
-    give up; a floor already measured ends them (:class:`BudgetError`)."""
-    try:
-        return _next_cut(cut, aim, scales, outcome, goal)
-    except BudgetError:
-        scale = _next_scale(scales, [s.measured_ms for s in outcome.steps], goal)
-        result, small, scale, _ = _first_cut(cut, aim.micros, aim.profile, scale)
-        cost = _cost(small)
-        if any(s.flops == cost.flops() for s in outcome.steps):
-            raise
+    @property
+    def measured(self) -> list[float]:
+        """What each round measured, in milliseconds."""
+        return [s.measured_ms for s in self.outcome.steps]
+
+    def _trial(self, scale: float) -> tuple[Cut, fx.GraphModule, CostModel]:
+        """The cut to the aim under calibration ``scale``, its model and its cost model."""
+        result, small = self.cut(replace(self.aim, scale=scale))
+        return result, small, _cost(small)
+
+    def next_cut(self) -> tuple[Cut, fx.GraphModule, float, CostModel]:
+        """The next round's cut, its calibration and its cost model. Widths move in blocks, so a corrected
+        calibration can give back a cut already measured; measuring it again would spend a round learning nothing,
+        so the calibration is pushed on, halfway to the round measured on the goal's other side (or 3% where there is
+        none), until the cut changes."""
+        measured, scales = self.measured, self.scales
+        scale = _next_scale(scales, measured, self.goal)
+        for _ in range(_NUDGES):
+            result, small, cost = self._trial(scale)
+            same = [k for k, s in enumerate(self.outcome.steps) if s.flops == cost.flops()]
+            if not same:
+                return result, small, scale, cost
+            k = same[-1]
+            if measured[k] < self.goal:  # that cut was too small: a lower calibration predicts less, and keeps more
+                other = [scales[j] for j, m in enumerate(measured) if m > self.goal]
+                scale = (scale + max(other)) / 2 if other else scale * 0.97
+            else:
+                other = [scales[j] for j, m in enumerate(measured) if m < self.goal]
+                scale = (scale + min(other)) / 2 if other else scale * 1.03
+        result, small, cost = self._trial(scale)
         return result, small, scale, cost
+
+    def corrected_cut(self) -> tuple[Cut, fx.GraphModule, float, CostModel]:
+        """The next round's cut (:meth:`next_cut`) or, where the correction asks for less than the model predicts any
+        cut reaches, the cut nearest that floor (:func:`_first_cut` from the corrected calibration). The correction
+        carries the model's error where the rounds measured, and its error on the smallest cuts differs (a
+        mobilenet_v2 cut to a quarter of its FLOPs measured 13% under its prediction), so the floor is measured
+        before the rounds give up; a floor already measured ends them (:class:`BudgetError`)."""
+        try:
+            return self.next_cut()
+        except BudgetError:
+            scale = _next_scale(self.scales, self.measured, self.goal)
+            result, small, scale, _ = _first_cut(self.cut, self.aim.micros, self.aim.profile, scale)
+            cost = _cost(small)
+            if any(s.flops == cost.flops() for s in self.outcome.steps):
+                raise
+            return result, small, scale, cost
 
 
 _RELAX = 0.85
@@ -249,20 +254,18 @@ def meet_latency(
     outcome = LatencyOutcome(runtime.describe(), budget_ms, original_ms, predicted / 1e3, seconds)
     goal = budget_ms * (1.0 - TOLERANCE / 2)  # the middle of the window: noise either side still lands in it
     calibrated = scale = original_ms * 1e3 / predicted  # the model then predicts the original's measured time
-    scales: list[float] = []
-    measured: list[float] = []
+    rounds: _Rounds[Cut] = _Rounds(cut, LatencyBudget(goal * 1e3, profile), goal, outcome)
     results: list[Cut] = []
     refused: BudgetError | None = None
     for _ in range(ROUNDS):
         try:
-            if not scales:
+            if not rounds.scales:
                 result, small, scale, refused = _first_cut(cut, goal * 1e3, profile, scale)
                 small_cost = _cost(small)
             else:
-                aim = LatencyBudget(goal * 1e3, profile)
-                result, small, scale, small_cost = _corrected_cut(cut, aim, scales, outcome, goal)
+                result, small, scale, small_cost = rounds.corrected_cut()
         except BudgetError as exc:
-            if not scales:
+            if not rounds.scales:
                 raise _below_reach(budget, budget_ms, outcome, exc) from exc
             break  # the corrections pushed the cut out of the model's reach: what was measured decides
         # what the model calibrated on the original predicts for the cut (the rounds' scales only steer the cuts)
@@ -272,11 +275,11 @@ def meet_latency(
         step = _step(predicted_ms, runs, small_cost, budget_ms)
         outcome.steps.append(step)
         results.append(result)
-        scales.append(scale)
-        measured.append(step.measured_ms)
+        rounds.scales.append(scale)
         logger.info("budget %.2f ms: predicted %.2f ms, measured %s ms", budget_ms, predicted_ms, runs)
         if step.confirmed:
             break
+    measured = rounds.measured
     under = [k for k, s in enumerate(outcome.steps) if s.measured_ms <= budget_ms]
     if not under:
         if refused is not None and min(measured) > budget_ms:  # even the smallest cut measured above the budget

@@ -39,16 +39,22 @@ __all__ = [
 ]
 
 
-def growth_options(size: int, round_to: RoundTo | Grid, max_factor: float, span: int = 1) -> np.ndarray:
-    """Sorted widths a group of ``size`` elements of ``span`` channels may take when growing (``size`` first)."""
-    step = as_grid(round_to).step(size, span)
+def growth_options(
+    size: int, round_to: RoundTo | Grid, max_factor: float, span: int = 1, copies: int = 1
+) -> np.ndarray:
+    """Sorted widths a group of ``size`` elements of ``span`` channels, held ``copies`` times by one axis, may take
+    when growing (``size`` first)."""
+    step = as_grid(round_to).step(size, span, copies)
     first = (size // step + 1) * step
     cap = max(int(np.floor(max_factor * size)), first)
     return np.concatenate([[size], np.arange(first, cap + 1, step)]).astype(np.int64)
 
 
 def _options(cost: Costs, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float) -> dict[int, np.ndarray]:
-    return {g: growth_options(int(cost.sizes[g]), round_to, max_factor, int(cost.spans[g])) for g in groups}
+    return {
+        g: growth_options(int(cost.sizes[g]), round_to, max_factor, int(cost.spans[g]), int(cost.copies[g]))
+        for g in groups
+    }
 
 
 def max_grow_flops(cost: Costs, groups: Sequence[int], round_to: RoundTo | Grid, max_factor: float) -> int:

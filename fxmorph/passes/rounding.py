@@ -12,12 +12,17 @@ takes the first one under which the budget can be reached (:data:`AUTO_GRIDS`):
    of a power of two, a quarter of their width or less (20 channels: steps of 4; 50: steps of 8);
 3. any width.
 
+A step counts the channels of the axis that holds a group (:meth:`Grid.step`): a group of whole attention heads
+steps by heads, and a group one axis holds several times (torchvision's ViT holds its embedding group once per
+head in the residual stream: ``Group.copies``) by the fewest elements that fill whole steps there.
+
 An integer ``round_to`` is one fixed grid (1 lands within 1% of any budget). The report says which
 grid was used (:meth:`Grid.describe`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,16 +54,21 @@ class Grid:
     block: int
     fine_below: int = 0
 
-    def step(self, size: int, span: int = 1) -> int:
+    def step(self, size: int, span: int = 1, copies: int = 1) -> int:
         """The width step of a group of ``size`` elements of ``span`` channels each (whole attention heads are
-        elements of their head width): the grid's step in channels, as a whole number of elements."""
-        channels = size * span
+        elements of their head width), held ``copies`` times by one axis: the grid's step in channels, as a whole
+        number of elements."""
+        channels = size * span * copies
         if channels >= self.fine_below:
             step = self.block
         else:
             quarter = channels // 4
             # The largest power of two <= channels // 4 (1 for groups of fewer than 8 channels).
             step = min(self.block, 1 << (quarter.bit_length() - 1)) if quarter else 1
+        if copies > 1:
+            # An element is span * copies channels of the axis that holds the copies (a residual stream of
+            # 12 heads: 12 channels), so the fewest elements whose channels fill whole steps: 4 for 12 and 16.
+            return step // math.gcd(step, span * copies)
         return -(-step // span)  # whole elements: a head of 16 channels or more is a step of its own
 
     def describe(self) -> str:

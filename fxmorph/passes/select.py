@@ -50,10 +50,11 @@ DEFAULT_MAX_PRUNE = 0.9
 Cumulative = Mapping[int, np.ndarray]
 
 
-def allowed_widths(size: int, round_to: RoundTo | Grid, min_width: int, span: int = 1) -> np.ndarray:
-    """Sorted allowed widths of a group of ``size`` elements of ``span`` channels (``min_width`` in channels)."""
+def allowed_widths(size: int, round_to: RoundTo | Grid, min_width: int, span: int = 1, copies: int = 1) -> np.ndarray:
+    """Sorted allowed widths of a group of ``size`` elements of ``span`` channels, held ``copies`` times by one
+    axis (``min_width`` in channels)."""
     floor = max(-(-min_width // span), 1)
-    step = as_grid(round_to).step(size, span)
+    step = as_grid(round_to).step(size, span, copies)
     steps = np.arange(step, size + 1, step)
     steps = steps[steps >= floor]
     return np.unique(np.append(steps, size))
@@ -62,7 +63,7 @@ def allowed_widths(size: int, round_to: RoundTo | Grid, min_width: int, span: in
 def _bounded(cost: Costs, g: int, round_to: RoundTo | Grid, min_width: int, max_prune: float) -> np.ndarray:
     size, span = int(cost.sizes[g]), int(cost.spans[g])
     floor = max(-(-min_width // span), int(np.ceil(size * (1.0 - max_prune))))
-    return allowed_widths(size, round_to, floor * span, span)
+    return allowed_widths(size, round_to, floor * span, span, int(cost.copies[g]))
 
 
 def smallest_widths(
@@ -387,11 +388,13 @@ def uniform_widths(
     def widths_at(m: float) -> np.ndarray:
         w = cost.widths()
         for g in groups:
-            opts = allowed_widths(int(sizes[g]), round_to, min_width, int(cost.spans[g]))
+            opts = allowed_widths(int(sizes[g]), round_to, min_width, int(cost.spans[g]), int(cost.copies[g]))
             w[g] = opts[np.argmin(np.abs(opts - m * sizes[g]))]
         return w
 
     lo = largest_multiplier(lambda m: cost.spent(widths_at(m)) <= budget, 0.0, 1.0)
     flat = _cumulative({g: np.ones(int(sizes[g])) for g in groups})
-    allowed = {g: allowed_widths(int(sizes[g]), round_to, min_width, int(cost.spans[g])) for g in groups}
+    allowed = {
+        g: allowed_widths(int(sizes[g]), round_to, min_width, int(cost.spans[g]), int(cost.copies[g])) for g in groups
+    }
     return _add_back(cost, widths_at(lo), groups, allowed=allowed, normed=flat, budget=budget)
