@@ -260,7 +260,7 @@ def meet_latency(
     for _ in range(ROUNDS):
         try:
             if not rounds.scales:
-                result, small, scale, refused = _first_cut(cut, goal * 1e3, profile, scale)
+                result, small, scale, refused = _first_cut(cut, rounds.aim.micros, profile, scale)
                 small_cost = _cost(small)
             else:
                 result, small, scale, small_cost = rounds.corrected_cut()
