@@ -20,6 +20,7 @@ __all__ = [
     "META_ATTR",
     "MORPH_KEY",
     "REGIONS_KEY",
+    "REMOVED_KEY",
     "REPORT_KEY",
     "TRAIN_READERS_KEY",
     "UNREACHED_KEY",
@@ -59,6 +60,9 @@ GROW_KEY = "fxmorph.grow"
 :class:`~fxmorph.api.report.GrowReport` in the result of :func:`fxmorph.grow`."""
 DROP_KEY = "fxmorph.dropped_inputs"
 """``{"linear", "features", "kept", "constant", "unimportant"}`` (feature indices) of drop-inputs."""
+REMOVED_KEY = "fxmorph.removed_modules"
+"""Paths of the modules that surgery removed with groups removed whole (:mod:`fxmorph.analysis.removal`), the
+top-most whose every call went: write-back takes them out of the user's class too."""
 REPORT_KEY = "fxmorph.report"
 """The :class:`~fxmorph.api.report.ShrinkReport` of the shrink that made the model."""
 MORPH_KEY = "fxmorph.morph"

@@ -149,6 +149,8 @@ _NORM_FUNCTIONS: dict[Any, tuple[str, ...]] = {
 def _kept(x: torch.Tensor, dim: int, mask: torch.Tensor, fn: Any, bound: dict[str, Any]) -> torch.Tensor:
     """``fn`` applied to the kept channels of ``x`` along ``dim`` (removed positions stay zero)."""
     idx = torch.nonzero(mask).flatten()
+    if not len(idx):  # a group removed whole: the op goes with it, and its output is all zeros
+        return torch.zeros_like(x)
     sub = x.index_select(dim, idx)
     w, b = (bound.get(k) for k in ("weight", "bias"))
     w = w.index_select(0, idx) if w is not None else None

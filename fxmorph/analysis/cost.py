@@ -5,7 +5,8 @@ A budget may measure another :class:`Resource` of the same widths (:meth:`Costs.
 
 Built once from the channel graph. Each counted op contributes ``coef * prod(width(factor))`` where a
 factor's width is a linear form in the group widths; ops whose cost cannot change (every channel they
-touch is pinned) are folded into a constant, taken from the FLOPs counted at trace time. After surgery
+touch is pinned) are folded into a constant, taken from the FLOPs counted at trace time. The terms of ops that
+go when a group is removed whole (:mod:`fxmorph.analysis.removal`) vanish at that group's width 0. After surgery
 the counted FLOPs equal :meth:`CostModel.flops` of the plan exactly.
 """
 
@@ -18,6 +19,7 @@ from typing import Protocol, Self
 import numpy as np
 
 from fxmorph.analysis import ChannelGraph, Layout
+from fxmorph.analysis.removal import joint_sets, node_gates, tensor_gates
 from fxmorph.meta import FLOPS_KEY
 
 __all__ = ["CostModel", "Costs", "Polynomial", "Resource", "TiedCosts"]
@@ -26,7 +28,8 @@ __all__ = ["CostModel", "Costs", "Polynomial", "Resource", "TiedCosts"]
 class Polynomial:
     """``const + sum_t coef_t * prod_k (A[idx[t, k]] @ w)`` with exact int64 arithmetic.
 
-    Each row of ``A`` is a linear form: the width of one layout as a function of the group widths ``w``.
+    Each row of ``A`` is a linear form: the width of one layout as a function of the group widths ``w``; a gate's
+    row is one group's width, clipped to 1, so that a term with gates vanishes where one of their groups is at 0.
     Build with :meth:`form` and :meth:`term`, then :meth:`freeze` once before evaluating.
     """
 
@@ -35,6 +38,7 @@ class Polynomial:
         self._n = n_groups
         self._exact = exact
         self._rows: list[np.ndarray] = []
+        self._gate_rows: list[int] = []
         self._terms: list[tuple[int, list[int]]] = []
         self.const: float = 0
 
@@ -46,9 +50,17 @@ class Polynomial:
         self._rows.append(row)
         return len(self._rows) - 1
 
-    def term(self, coef: int, forms: list[int]) -> None:
-        """Add ``coef`` times the product of the forms at row indices ``forms``."""
-        self._terms.append((coef, forms))
+    def term(self, coef: float, forms: list[int], gates: Collection[int] = ()) -> None:
+        """Add ``coef`` times the product of the forms at row indices ``forms``, where every group of ``gates`` has
+        a width (the term of an op that goes when one of them is removed whole, :mod:`fxmorph.analysis.removal`)."""
+        rows = []
+        for gid in sorted(gates):
+            row = np.zeros(self._n, dtype=np.int64)
+            row[gid] = 1
+            self._rows.append(row)
+            self._gate_rows.append(len(self._rows) - 1)
+            rows.append(len(self._rows) - 1)
+        self._terms.append((coef, [*forms, *rows]))
 
     def freeze(self) -> None:
         """Pack the terms into arrays. A last row of zeros is the constant 1 (its value is set to 1 on every
@@ -64,11 +76,13 @@ class Polynomial:
         self._idx = np.full((len(self._terms), max(width, 1)), one, dtype=np.int64)
         for t, (_, forms) in enumerate(self._terms):
             self._idx[t, : len(forms)] = forms
+        self._gates = np.asarray(self._gate_rows, dtype=np.int64)
 
     def __call__(self, widths: np.ndarray) -> int | float:
         """The value at group widths ``widths``."""
         values = self._a @ widths
         values[-1] = 1
+        values[self._gates] = np.minimum(values[self._gates], 1)  # a gate is 1 while its group has a width, else 0
         total = (self._coef * values[self._idx].prod(axis=1)).sum()
         return int(self.const + int(total)) if self._exact else float(self.const + total)
 
@@ -82,6 +96,7 @@ class Polynomial:
         # the forms are linear: changing group g by delta moves every form by its column A[:, g] * delta
         changed = values[:, None] + self._a[:, groups] * delta[None, :]
         changed[-1, :] = 1
+        changed[self._gates] = np.minimum(changed[self._gates], 1)
         return self.const + self._coef @ changed[self._idx].prod(axis=1)
 
     def projected(self, onto: np.ndarray) -> Polynomial:
@@ -118,6 +133,10 @@ class Costs:
     """The channels each element of every variable stands for (:attr:`Group.span`: a head's width, or 1)."""
     copies: np.ndarray
     """The times one axis holds every variable's channels (:attr:`Group.copies`: the heads an embedding feeds, or 1)."""
+    removable: np.ndarray
+    """Whether every variable may go to width 0, its groups removed whole (:mod:`fxmorph.analysis.removal`)."""
+    joint: tuple[frozenset[int], ...]
+    """Sets of removable variables that may not all be at width 0 at once: together they fill a tensor alone."""
     _flops: Polynomial
     _params: Polynomial
     _budget: Resource
@@ -187,10 +206,15 @@ class CostModel(Costs):
         self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
         self.spans = np.array([g.span for g in cg.groups], dtype=np.int64)
         self.copies = np.array([g.copies for g in cg.groups], dtype=np.int64)
+        self.removable = np.array([cg.removal(g.id).possible for g in cg.groups], dtype=bool)
+        self.joint = joint_sets(cg)
         self._flops = Polynomial(len(cg.groups))
         self._free_terms = Polynomial(len(cg.groups))
+        self.gates = node_gates(cg)
+        """Per node that a group's removal takes with it, the groups whose removal alone takes it."""
         for term in cg.costs:
-            self._flops.term(term.coef, [self._flops.form(cg, f) for f in term.factors])
+            gates = self.gates.get(term.node, ())
+            self._flops.term(term.coef, [self._flops.form(cg, f) for f in term.factors], gates)
             # the terms touching a free group: the FLOPs a plan can change (prunable_share)
             if any(not cg.groups[g].pins for f in term.factors for g, _ in cg.layout_groups(f)):
                 self._free_terms.term(term.coef, [self._free_terms.form(cg, f) for f in term.factors])
@@ -212,10 +236,11 @@ class CostModel(Costs):
         bound: dict[str, dict[int, Layout]] = {}
         for (target, dim), binding in cg.bindings.items():
             bound.setdefault(target, {})[dim] = binding.layout
+        gates = tensor_gates(cg, self.gates)
         for name, p in cg.gm.named_parameters():
             dims = bound.get(name, {})
             coef = int(np.prod([n for d, n in enumerate(p.shape) if d not in dims], dtype=np.int64))
-            poly.term(coef, [poly.form(cg, layout) for layout in dims.values()])
+            poly.term(coef, [poly.form(cg, layout) for layout in dims.values()], gates.get(name, ()))
         poly.freeze()
         return poly
 
@@ -274,6 +299,13 @@ class TiedCosts(Costs):
         self.sizes = cost.sizes[leads]
         self.spans = cost.spans[leads]
         self.copies = cost.copies[leads]
+        # a unit of several groups stays: their removal together is not known to be exact
+        self.removable = np.array([len(m) == 1 and cost.removable[m[0]] for m in self.members], dtype=bool)
+        self.joint = tuple(
+            frozenset(int(self.unit_of[g]) for g in s)
+            for s in cost.joint
+            if all(self.removable[self.unit_of[g]] for g in s)
+        )
         self._flops = cost._flops.projected(onto)
         self._params = cost._params.projected(onto)
         self._budget = self._flops if cost._budget is cost._flops else cost._budget.projected(onto)

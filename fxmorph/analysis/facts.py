@@ -129,6 +129,10 @@ class OpFacts:
     """Whether CPU runtimes fuse the op into a convolution that alone feeds it, so that it costs no time of its
     own: onnxruntime folds a batch norm into the weights, runs ReLU, Clip, Sigmoid, Tanh, LeakyReLU and
     HardSigmoid as the convolution's activation, and adds a residual as its blocked kernel's sum."""
+    joins: bool = False
+    """Whether the op joins the tensors of its first argument (a list) along one dim (``dim``, the second argument,
+    0 by default): an input without channels along that dim can be left out of the list, which is how a group
+    removed whole leaves the concatenations it fed (:mod:`fxmorph.analysis.removal`)."""
 
     @property
     def pointwise(self) -> bool:

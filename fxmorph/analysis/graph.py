@@ -14,6 +14,7 @@ from fxmorph.analysis.atoms import AtomTable, Layout, Pin
 from fxmorph.analysis.context import Binding, CostTerm, Rewrite, Role, RuleContext
 from fxmorph.analysis.kernels import KernelKind
 from fxmorph.analysis.ops import lookup
+from fxmorph.analysis.removal import Removal, find_removals
 from fxmorph.capture.config_sizes import ConfigSizes
 from fxmorph.errors import AnalysisError
 from fxmorph.meta import CONFIG_SIZES_KEY, TRAIN_READERS_KEY
@@ -113,10 +114,18 @@ class ChannelGraph:
     """Classes of groups (of one size) that the model's class states as one width (the pieces of
     ``split(x, self.width)``): width selection keeps each class at one width, so the result comes back as the
     class. Not a constraint of the graph: any plan is a valid graph."""
+    removals: dict[int, Removal] = field(default_factory=dict, repr=False, compare=False)
+    """What removing each group whole takes with it, found for every group on first asking (:meth:`removal`)."""
 
     def layout_groups(self, layout: Layout) -> list[tuple[int, int]]:
         """``(group id, inner)`` for every piece of a layout, in order."""
         return [(self.group_of[self.atoms.find(a)], inner) for a, inner in self.atoms.expand(layout)]
+
+    def removal(self, gid: int) -> Removal:
+        """What removing group ``gid`` whole takes with it, or why it cannot go (:mod:`fxmorph.analysis.removal`)."""
+        if not self.removals:
+            self.removals = find_removals(self)
+        return self.removals[gid]
 
     @property
     def free_groups(self) -> list[Group]:

@@ -217,10 +217,15 @@ class LatencyFunction:
         forms: list[np.ndarray] = []
         offsets: list[int] = []
         self._ops: dict[Kernel, list[list[int]]] = {}  # per kernel: per op, the form index of each axis
+        gates: dict[Kernel, list[np.ndarray]] = {}  # per kernel: per op, the groups whose removal takes it
         for term in cg.costs:
+            gated = cost.gates.get(term.node, frozenset())
             if term.kernel is None or term.kernel not in profile.tables:  # no table: its FLOPs at the runtime's rate
-                self._rest.term(term.coef * profile.flop_us, [self._rest.form(cg, f) for f in term.factors])
+                self._rest.term(term.coef * profile.flop_us, [self._rest.form(cg, f) for f in term.factors], gated)
                 continue
+            row = np.zeros(n, dtype=np.int64)
+            row[list(gated)] = 1
+            gates.setdefault(term.kernel, []).append(row)
             axes = []
             for axis in term.axes:
                 row = np.zeros(n, dtype=np.int64)
@@ -237,12 +242,14 @@ class LatencyFunction:
         self._a = np.vstack(forms) if forms else np.zeros((0, n), dtype=np.int64)
         self._b = np.asarray(offsets, dtype=np.int64)
         self._index = {k: np.asarray(ops, dtype=np.int64).T for k, ops in self._ops.items()}  # (axes, ops)
-        self._add_memory(cg, profile)
+        self._gates = {k: np.vstack(rows) for k, rows in gates.items()}  # (ops, groups)
+        self._add_memory(cost, profile)
         self._rest.freeze()
 
-    def _add_memory(self, cg: ChannelGraph, profile: RuntimeProfile) -> None:
+    def _add_memory(self, cost: CostModel, profile: RuntimeProfile) -> None:
         """A fixed and a per-element term for every op priced by its memory (see :func:`memory_class`), per element
-        of its largest tensor (:func:`_largest_tensor`)."""
+        of its largest tensor (:func:`_largest_tensor`); both go with the op where a group's removal takes it."""
+        cg = cost.cg
         skip = {t.node for t in cg.costs} | fused_nodes(cg)
         for node in cg.gm.graph.nodes:
             kind = memory_class(node, cg.gm, skip)
@@ -252,11 +259,15 @@ class LatencyFunction:
             shape = tensor_shape(tensor)
             assert shape is not None  # the node's own shape is known, and another is chosen only for a larger one
             price = profile.memory[kind]
-            self._rest.const += price.fixed_us
+            gated = cost.gates.get(node.name, frozenset())
+            if gated:
+                self._rest.term(price.fixed_us, [], gated)
+            else:
+                self._rest.const += price.fixed_us
             spaces = cg.spaces.get(tensor.name)
             bound = spaces if isinstance(spaces, dict) else {}
             fixed = math.prod(s for d, s in enumerate(shape) if d not in bound)
-            self._rest.term(price.element_us * fixed, [self._rest.form(cg, lay) for lay in bound.values()])
+            self._rest.term(price.element_us * fixed, [self._rest.form(cg, lay) for lay in bound.values()], gated)
 
     def __call__(self, widths: np.ndarray) -> float:
         """Predicted microseconds at group widths ``widths``."""
@@ -273,17 +284,21 @@ class LatencyFunction:
     def _tabled(self, columns: np.ndarray) -> np.ndarray:
         """Microseconds of the ops with tables, for every column of group widths (unscaled)."""
         values = self._a @ columns + self._b[:, None]  # every axis width, per column
+        gone = (columns == 0).astype(np.int64)  # the groups at width 0, per column
         total = np.zeros(columns.shape[1])
         for kernel, index in self._index.items():
             table = self._tables[kernel]
             at = values[index]  # (axes, ops, columns)
-            total += table.at(at.reshape(len(index), -1)).reshape(at.shape[1:]).sum(axis=0)
+            live = self._gates[kernel] @ gone == 0  # (ops, columns): no group whose removal takes the op is gone
+            total += (table.at(at.reshape(len(index), -1)).reshape(at.shape[1:]) * live).sum(axis=0)
         return total
 
     def projected(self, onto: np.ndarray) -> LatencyFunction:
         """The same function of unit widths ``u``, where the group widths are ``onto @ u``."""
         out = copy.copy(self)
         out._a = self._a @ onto
+        # a unit is gone where its groups are: an op's gate counts the units holding its gate groups
+        out._gates = {k: gates @ (onto > 0).astype(np.int64) for k, gates in self._gates.items()}
         out._rest = self._rest.projected(onto)
         return out
 

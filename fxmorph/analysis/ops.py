@@ -218,7 +218,7 @@ FUNCTION_OPS: dict[Any, OpFacts] = {
     **dict.fromkeys((torch.flatten, torch.reshape), view(rs.reshape)),
     torch.permute: move(rs.permute), **dict.fromkeys((torch.transpose, torch.swapaxes), move(rs.transpose)),
     torch.unsqueeze: view(rs.unsqueeze), torch.squeeze: view(rs.squeeze),
-    **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), move(rs.cat)),
+    **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), move(rs.cat).replace(joins=True)),
     torch.split: move(rs.split), torch.chunk: move(rs.chunk), torch.unbind: move(rs.unbind),
     torch.tensor_split: move(rs.tensor_split), torch.repeat_interleave: move(rs.repeat_interleave),
     getattr: OpFacts(rs.getattr_rule, OpKind.SHAPE),

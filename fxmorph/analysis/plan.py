@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fxmorph.analysis import ChannelGraph, Layout
+from fxmorph.analysis.removal import Removal, combined
 from fxmorph.errors import PlanError
 
 __all__ = ["GroupPlan", "WidthPlan"]
@@ -102,10 +103,17 @@ class WidthPlan(Mapping[int, GroupPlan]):
                     "write GroupPlan(keep=(0, 1, ...), new=0)"
                 )
             _check_group(cg, gid, plan)
+        removal = self.removal(cg)
+        if not removal.possible:
+            raise PlanError(f"groups {sorted(removal.groups)} cannot all be removed whole: {removal.refused}")
         # init is checked once every group is known to be sound, so structural errors are reported first
         names = dict.fromkeys([*dict(cg.gm.named_parameters()), *dict(cg.gm.named_buffers())])  # in model order
         for gid, plan in self._groups.items():
             _check_init(names, gid, plan)
+
+    def removal(self, cg: ChannelGraph) -> Removal:
+        """What the groups this plan leaves at width 0 take with them (:mod:`fxmorph.analysis.removal`)."""
+        return combined(cg, [g for g, p in self._groups.items() if p.width == 0])
 
     def measure(self, cg: ChannelGraph) -> MeasureFn:
         """A function giving the width of any layout of ``cg`` under this plan."""
@@ -135,8 +143,11 @@ def _check_group(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
         raise PlanError(f"group {gid}: keep indices repeat")
     if plan.new < 0:
         raise PlanError(f"group {gid}: cannot add a negative number of channels")
-    if plan.width < 1:
-        raise PlanError(f"group {gid} would have no channels left: keep at least one")
+    if plan.width < 1 and not cg.removal(gid).possible:
+        raise PlanError(
+            f"group {gid} would have no channels left, and it cannot be removed whole ({cg.removal(gid).refused}): "
+            "keep at least one"
+        )
     # a pinned group may still be named, as long as its plan is the identity (a plan listing every group)
     if group.pins and (plan.new or tuple(keep.tolist()) != tuple(range(group.size))):
         raise PlanError(f"group {gid} is pinned ({group.pinned}) and cannot change")

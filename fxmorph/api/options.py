@@ -133,8 +133,11 @@ class ShrinkOptions(Options):
             raise InputError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}.")
         if not check_round_to(self.round_to):
             raise InputError(f"round_to must be 'auto' or a positive integer, got round_to={self.round_to!r}.")
-        if isinstance(self.min_width, bool) or not isinstance(self.min_width, int) or self.min_width < 1:
-            raise InputError(f"min_width must be a positive integer, got min_width={self.min_width!r}.")
+        if isinstance(self.min_width, bool) or not isinstance(self.min_width, int) or self.min_width < 0:
+            raise InputError(
+                f"min_width must be a non-negative integer, got min_width={self.min_width!r}: 1 keeps every group, "
+                "0 also lets the groups that can go whole go (a dense layer's new features)."
+            )
         if not (isinstance(self.max_prune, str) and self.max_prune == AUTO):
             check_number("max_prune", self.max_prune, low=0.0, high=1.0, open_low=True)
         check_callable("loss_fn", self.loss_fn)

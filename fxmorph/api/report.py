@@ -108,7 +108,9 @@ class ShrinkReport:
             lines.append(f"{r.id:>5}  {r.made_by:<{width}}  {r.before:>6}  {r.after:>6}  {r.pinned or ''}")
         pinned = sum(1 for r in self.groups if r.pinned)
         changed = sum(1 for r in self.groups if r.before != r.after)
-        lines.append(f"{len(self.groups)} groups: {changed} changed, {pinned} pinned")
+        gone = sum(1 for r in self.groups if r.after == 0)
+        removed = f" ({gone} to width 0, removed with the ops that computed them)" if gone else ""
+        lines.append(f"{len(self.groups)} groups: {changed} changed{removed}, {pinned} pinned")
         return "\n".join(lines)
 
 

@@ -81,6 +81,16 @@ def _bound_tensor(model: nn.Module, path: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _module_gone(model: nn.Module, path: str) -> bool:
+    """Whether the module holding the tensor at ``path`` is no longer in ``model``."""
+    owner = path.rpartition(".")[0]
+    try:
+        model.get_submodule(owner)
+    except AttributeError:
+        return True
+    return False
+
+
 def _rows(cg: ChannelGraph, new: nn.Module) -> list[GroupRow]:
     rows = []
     for g in cg.groups:
@@ -94,6 +104,13 @@ def _rows(cg: ChannelGraph, new: nn.Module) -> list[GroupRow]:
             if tensor is not None and m.dim < tensor.dim() and all(gid == g.id for gid, _ in pieces):
                 after = tensor.shape[m.dim] // sum(inner for _, inner in pieces)
                 break
+        own = [
+            m
+            for m in g.producers
+            if {gid for gid, _ in cg.layout_groups(cg.bindings[(m.name, m.dim)].layout)} == {g.id}
+        ]
+        if own and all(_module_gone(new, m.name) for m in own):
+            after = 0  # removed whole with the modules making it alone (or gone with a group removed whole)
         made_by = ", ".join(dict.fromkeys(p.name.rsplit(".", 1)[0] for p in g.producers)) or "-"
         rows.append(GroupRow(g.id, made_by[:60], g.size, after, g.pinned))
     return rows
@@ -177,7 +194,13 @@ def shrink(
             default) uses 16 where the budget can be reached that way, and otherwise finer steps, first in
             groups narrower than 64 channels, then everywhere (:mod:`fxmorph.passes.rounding`); the report's
             ``settings["rounding"]`` says which.
-        min_width: no group goes below this many channels.
+        min_width: no group goes below this many channels. 0 also lets a group go whole where that is exact: its
+            channels reach the rest of the model only through concatenations (a dense layer's new features), and
+            the ops that compute them go with it (the dense layer), the concatenations leaving them out
+            (:mod:`fxmorph.analysis.removal`). The result comes back as the model's class where its containers
+            can drop the modules that went (torchvision's dense blocks). Under a latency budget a group goes where
+            the fixed and memory-bound costs of the ops that go with it save more than thinning; under a FLOPs
+            budget only once thinning costs more (:func:`~fxmorph.passes.select_steps.whole_values`).
         max_prune: no group loses more than this share of its channels (``strategy="prune"``). ``"auto"``
             (the default) is 0.9, unless the budget cannot be reached that way on any grid: then only
             ``min_width`` binds (small models cut 25x, such as LeNet-5).

@@ -18,12 +18,12 @@ from torch import fx, nn
 from fxmorph.capture.symbolic import trace_graph
 from fxmorph.errors import TraceError
 
-__all__ = ["train_only_readers"]
+__all__ = ["module_paths", "train_only_readers"]
 
 logger = logging.getLogger(__name__)
 
 
-def _paths(node: fx.Node) -> list[str]:
+def module_paths(node: fx.Node) -> list[str]:
     """The module paths a node runs in: its ``nn_module_stack`` and, for a call, the module it calls."""
     stack = [str(v[0]) for v in (node.meta.get("nn_module_stack") or {}).values()]
     return [*stack, str(node.target)] if node.op == "call_module" else stack
@@ -31,7 +31,7 @@ def _paths(node: fx.Node) -> list[str]:
 
 def _owner(node: fx.Node, unreached: tuple[str, ...]) -> str | None:
     """The unreached module ``node`` runs in, if any."""
-    for path in _paths(node):
+    for path in module_paths(node):
         for module in unreached:
             if path == module or path.startswith(module + "."):
                 return module

@@ -60,15 +60,20 @@ def _round_to(text: str) -> RoundTo:
     return AUTO if text.strip().lower() == AUTO else _positive_int(text)
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: ``text`` as an int of at least 1."""
+def _positive_int(text: str, least: int = 1) -> int:
+    """An argparse type: ``text`` as an int of at least ``least``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
     return value
+
+
+def _min_width(text: str) -> int:
+    """``--min-width``: a whole number of at least 0."""
+    return _positive_int(text, least=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="widths are multiples of N, or 'auto': multiples of 16 (onnxruntime's CPU channel block) where the "
         "budget allows, finer steps for narrow groups where it needs them (default auto)",
+    )
+    parser.add_argument(
+        "--min-width",
+        type=_min_width,
+        default=1,
+        metavar="N",
+        help="no group goes below N channels (default 1); 0 also lets the groups that can go whole go, with the ops "
+        "that compute them (a dense layer's new features, with the layer)",
     )
     parser.add_argument("--criterion", choices=CRITERIA, default="l1", help="channel importance (default l1)")
     parser.add_argument(

@@ -272,6 +272,7 @@ def _cut_options(args: argparse.Namespace) -> dict[str, Any]:
         "criterion": args.criterion,
         "strategy": args.strategy,
         "round_to": args.round_to,
+        "min_width": args.min_width,
         "uniform_blocks": args.uniform_blocks,
         "capture": args.capture,
     }

@@ -27,7 +27,7 @@ import numpy as np
 
 from fxmorph.analysis.cost import Costs
 from fxmorph.passes.rounding import Grid, RoundTo, as_grid
-from fxmorph.passes.select import largest_multiplier
+from fxmorph.passes.select_uniform import largest_multiplier
 
 __all__ = [
     "extend_spectrum",

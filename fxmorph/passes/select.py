@@ -18,17 +18,18 @@ import numpy as np
 
 from fxmorph.analysis.cost import CostModel, Costs
 from fxmorph.passes.rounding import AUTO, Grid, RoundTo, as_grid
+from fxmorph.passes.select_steps import Cumulative, ranked_steps, step_candidates, step_deltas, whole_values
 from fxmorph.passes.uniform import coarse_cumulative, per_unit
 
 __all__ = [
     "DEFAULT_MAX_PRUNE",
     "DEFAULT_PARAM_COST",
     "DEFAULT_ROUND_TO",
+    "add_back_steps",
     "allowed_widths",
+    "cumulative_values",
     "greedy_widths",
-    "largest_multiplier",
     "smallest_widths",
-    "uniform_widths",
 ]
 
 DEFAULT_PARAM_COST = 50.0
@@ -47,23 +48,26 @@ DEFAULT_MAX_PRUNE = 0.9
 """The share of its channels a group may lose by default, unless the budget needs more (see
 ``fxmorph.shrink``'s ``max_prune="auto"``)."""
 
-Cumulative = Mapping[int, np.ndarray]
 
-
-def allowed_widths(size: int, round_to: RoundTo | Grid, min_width: int, span: int = 1, copies: int = 1) -> np.ndarray:
+def allowed_widths(
+    size: int, round_to: RoundTo | Grid, min_width: int, span: int = 1, copies: int = 1, removable: bool = False
+) -> np.ndarray:
     """Sorted allowed widths of a group of ``size`` elements of ``span`` channels, held ``copies`` times by one
-    axis (``min_width`` in channels)."""
+    axis (``min_width`` in channels), with 0 first where ``min_width`` is 0 and the group is ``removable`` whole."""
     floor = max(-(-min_width // span), 1)
     step = as_grid(round_to).step(size, span, copies)
     steps = np.arange(step, size + 1, step)
     steps = steps[steps >= floor]
-    return np.unique(np.append(steps, size))
+    widths = np.unique(np.append(steps, size))
+    return np.concatenate([[0], widths]) if removable and min_width == 0 else widths
 
 
 def _bounded(cost: Costs, g: int, round_to: RoundTo | Grid, min_width: int, max_prune: float) -> np.ndarray:
+    """The allowed widths of variable ``g``: ``max_prune`` bounds how far a group thins, not whether it goes whole."""
     size, span = int(cost.sizes[g]), int(cost.spans[g])
     floor = max(-(-min_width // span), int(np.ceil(size * (1.0 - max_prune))))
-    return allowed_widths(size, round_to, floor * span, span, int(cost.copies[g]))
+    widths = allowed_widths(size, round_to, max(floor, 1) * span, span, int(cost.copies[g]))
+    return np.concatenate([[0], widths]) if min_width == 0 and cost.removable[g] else widths
 
 
 def smallest_widths(
@@ -76,89 +80,7 @@ def smallest_widths(
     return w
 
 
-def _candidates(w: np.ndarray, groups: list[int], allowed: dict[int, np.ndarray], down: bool) -> list[tuple[int, int]]:
-    out = []
-    for g in groups:
-        opts = allowed[g]
-        k = int(np.searchsorted(opts, w[g]))
-        nxt = k - 1 if down else k + 1
-        if 0 <= nxt < len(opts):
-            out.append((g, int(opts[nxt])))
-    return out
-
-
-def _deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
-    """What each candidate step changes of the budgeted resource (FLOPs, or predicted microseconds)."""
-    if not cands:
-        return np.zeros(0)
-    return np.abs(cost.spent_steps(w, cands) - cost.spent(w)).astype(np.float64)
-
-
-def _taken(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray) -> np.ndarray:
-    """What each candidate step takes of the model, in FLOPs: the FLOPs it changes, or where it changes none (an
-    op priced by its memory alone) what it saves of the budgeted resource, ``saved`` (in FLOPs)."""
-    if cost.spends_flops or not cands:
-        return saved
-    flops = np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
-    return np.where(flops > 0, flops, saved)
-
-
-def _flops_per_unit(cost: Costs, w: np.ndarray) -> float:
-    """FLOPs per unit of the budgeted resource at ``w`` (1 where the budget is in FLOPs)."""
-    if cost.spends_flops:
-        return 1.0
-    spent = cost.spent(w)
-    return 1.0 if spent <= 0 else cost.flops(w) / spent
-
-
-def _weighed(
-    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray, param_cost: float
-) -> np.ndarray:
-    """What each step saves of the budgeted resource, ``saved`` (in FLOPs), plus ``param_cost`` per parameter it
-    changes."""
-    if not param_cost or not cands:
-        return saved
-    params = np.abs(cost.params_steps(w, cands) - cost.params(w)).astype(np.float64)
-    return saved + param_cost * params
-
-
-def _ratios(
-    normed: Cumulative, w: np.ndarray, cands: list[tuple[int, int]], taken: np.ndarray, weighed: np.ndarray
-) -> np.ndarray:
-    """Value per unit of weighed cost of each candidate step: the mean value of the channels it moves,
-    times the FLOPs it takes of the model over its weighed cost (1 for a FLOPs budget without a parameter
-    cost). A step that saves nothing is worth infinitely much (never cut, nothing gained by it).
-
-    Under a latency budget a step's weighed cost is the time it saves, so of two steps whose channels score
-    alike, the one that takes fewer FLOPs per microsecond goes first: the cut keeps the FLOPs that run fast on the
-    runtime (wide kernels) and gives up those that run slow (thin and memory-bound ones)."""
-    out = np.full(len(cands), np.inf)
-    for j, (g, width) in enumerate(cands):
-        lo, hi = sorted((width, int(w[g])))
-        if taken[j] > 0 and weighed[j] > 0:
-            out[j] = (normed[g][hi] - normed[g][lo]) / (hi - lo) * taken[j] / weighed[j]
-    return out
-
-
-def _ranked(
-    cost: Costs,
-    w: np.ndarray,
-    groups: list[int],
-    allowed: dict[int, np.ndarray],
-    normed: Cumulative,
-    param_cost: float,
-    down: bool,
-) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
-    """The next step of every group (down or up), what each changes of the budgeted resource, and its value per
-    weighed cost."""
-    cands = _candidates(w, groups, allowed, down=down)
-    spent = _deltas(cost, w, cands)
-    saved = spent * _flops_per_unit(cost, w)  # in FLOPs: the model's FLOPs per unit of the budgeted resource
-    taken = _taken(cost, w, cands, saved)
-    return cands, spent, _ratios(normed, w, cands, taken, _weighed(cost, w, cands, saved, param_cost))
-
-
-def _cumulative(scores: Mapping[int, np.ndarray], balance: float = 0.0) -> dict[int, np.ndarray]:
+def cumulative_values(scores: Mapping[int, np.ndarray], balance: float = 0.0) -> dict[int, np.ndarray]:
     """Per group, the cumulative sum of channel values from the top down.
 
     A channel's value is its score over the group's mean score, times ``(size / rank) ** balance``
@@ -192,7 +114,7 @@ def greedy_widths(
     A channel's value is its score over its group's mean score times the FLOPs one of the group's
     channels costs now, so a step's value per FLOP saved is the mean relative score of the channels
     it removes: on flat scores no group is cheaper to cut than another, and ``balance`` (a group's
-    remaining channels weigh ``(size / rank) ** balance`` more, see ``_cumulative``) makes every
+    remaining channels weigh ``(size / rank) ** balance`` more, see ``cumulative_values``) makes every
     group thin in proportion; uneven scores move the cuts to where they matter least. What a step
     saves also counts ``param_cost`` FLOPs per parameter (see :data:`DEFAULT_PARAM_COST`; 0 ranks by
     FLOPs alone), so weight-bound layers, which cost latency their FLOPs do not show, give way first;
@@ -212,7 +134,7 @@ def greedy_widths(
     groups step together, saving their FLOPs summed, and a step's value per FLOP is the mean over the
     members of their relative scores (the value per FLOP of each member's own step).
     """
-    normed = _cumulative(scores, balance)
+    normed = cumulative_values(scores, balance)
     if not classes:
         return _greedy(cost, normed, budget, round_to, min_width, max_prune, step, param_cost)
     tied = cost.tied(classes)
@@ -230,13 +152,14 @@ def _greedy(
     step: float,
     param_cost: float,
 ) -> np.ndarray:
-    """:func:`greedy_widths` over the variables of ``cost`` valued by ``normed`` (cumulative values)."""
+    """:func:`greedy_widths` over the variables of ``cost`` valued by ``normed`` (cumulative values); a variable
+    removed whole loses the mean value of its channels (see :func:`_ratios`)."""
     groups = sorted(normed)
+    whole = whole_values(cost, normed)
     allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
-    remove = functools.partial(
-        _remove, cost, allowed=allowed, normed=normed, budget=budget, step=step, param_cost=param_cost
-    )
-    add_back = functools.partial(_add_back, cost, allowed=allowed, normed=normed, budget=budget, param_cost=param_cost)
+    valued = {"normed": normed, "whole": whole, "param_cost": param_cost}
+    remove = functools.partial(_remove, cost, allowed=allowed, budget=budget, step=step, **valued)
+    add_back = functools.partial(add_back_steps, cost, allowed=allowed, budget=budget, **valued)
     w = remove(cost.widths(), groups)
     w = add_back(w, groups)
     return _refine(cost, w, groups, allowed, budget, remove, add_back)
@@ -253,6 +176,7 @@ def _remove(
     step: float,
     param_cost: float = 0.0,
     slack: float = 0.02,
+    whole: Mapping[int, float] | None = None,
 ) -> np.ndarray:
     """Take steps down in ``groups``, best (importance lost / cost saved) first, until under budget.
     A round takes the best steps, up to ``step`` of the gap left, among those within ``slack`` of the
@@ -260,7 +184,7 @@ def _remove(
     w = w.copy()
     current = cost.spent(w)
     while current > budget:
-        cands, saved, ratios = _ranked(cost, w, groups, allowed, normed, param_cost, down=True)
+        cands, saved, ratios = ranked_steps(cost, w, groups, allowed, normed, param_cost, True, whole)
         if not cands:
             break
         order = np.argsort(ratios, kind="stable")
@@ -272,6 +196,8 @@ def _remove(
             if not np.isfinite(ratios[j]) or (taken and ratios[j] > ratios[order[0]] * (1.0 + slack)):
                 break  # only steps about as good as the best share a round (and none that saves no FLOPs)
             g, width = cands[j]
+            if width == 0 and any(s <= set(np.flatnonzero(w == 0).tolist()) | {g} for s in cost.joint):
+                continue  # a step of this round already took the last other group of a concatenation
             w[g] = width
             taken += saved[j]
             if taken >= target:
@@ -280,7 +206,7 @@ def _remove(
     return w
 
 
-def _add_back(
+def add_back_steps(
     cost: Costs,
     w: np.ndarray,
     groups: list[int],
@@ -289,13 +215,14 @@ def _add_back(
     normed: Cumulative,
     budget: float,
     param_cost: float = 0.0,
+    whole: Mapping[int, float] | None = None,
 ) -> np.ndarray:
     """Take steps up, most importance per cost first, while the FLOPs budget holds: several per
     round while the room left is large, then one at a time."""
     w = w.copy()
     current = cost.spent(w)
     while True:
-        cands, added, gains = _ranked(cost, w, groups, allowed, normed, param_cost, down=False)
+        cands, added, gains = ranked_steps(cost, w, groups, allowed, normed, param_cost, False, whole)
         room = budget - current
         fits = sorted((j for j in range(len(cands)) if added[j] <= room), key=lambda j: -gains[j])
         if not fits:
@@ -357,44 +284,10 @@ def _trials(
     """Width vectors one coarse step (larger than ``gap``) away from ``w``, largest steps first."""
     trials = []
     for down in (True, False):
-        cands = _candidates(w, groups, allowed, down=down)
-        sizes = _deltas(cost, w, cands)
+        cands = step_candidates(cost, w, groups, allowed, down=down)
+        sizes = step_deltas(cost, w, cands)
         for j in [j for j in np.argsort(-sizes) if sizes[j] > gap][:count]:
             trial = w.copy()
             trial[cands[j][0]] = cands[j][1]
             trials.append(trial)
     return trials
-
-
-def largest_multiplier(fits: Callable[[float], bool], lo: float, hi: float, steps: int = 40) -> float:
-    """The largest multiplier in ``[lo, hi]`` that ``fits`` (by bisection; ``lo`` is assumed to fit)."""
-    if fits(hi):
-        return hi
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def uniform_widths(
-    cost: Costs, groups: list[int], budget: float, round_to: RoundTo | Grid = 1, min_width: int = 1
-) -> np.ndarray:
-    """The largest uniform multiplier (by bisection) whose rounded widths fit ``budget``, topped up."""
-    sizes = cost.sizes
-
-    def widths_at(m: float) -> np.ndarray:
-        w = cost.widths()
-        for g in groups:
-            opts = allowed_widths(int(sizes[g]), round_to, min_width, int(cost.spans[g]), int(cost.copies[g]))
-            w[g] = opts[np.argmin(np.abs(opts - m * sizes[g]))]
-        return w
-
-    lo = largest_multiplier(lambda m: cost.spent(widths_at(m)) <= budget, 0.0, 1.0)
-    flat = _cumulative({g: np.ones(int(sizes[g])) for g in groups})
-    allowed = {
-        g: allowed_widths(int(sizes[g]), round_to, min_width, int(cost.spans[g]), int(cost.copies[g])) for g in groups
-    }
-    return _add_back(cost, widths_at(lo), groups, allowed=allowed, normed=flat, budget=budget)

@@ -27,7 +27,7 @@ from fxmorph.passes.grow_select import max_grow_flops, uniform_grow_widths
 from fxmorph.passes.protect import grow_candidates
 from fxmorph.passes.prune import BudgetPass
 from fxmorph.passes.rounding import Grid, RoundTo, as_grid
-from fxmorph.passes.select import uniform_widths
+from fxmorph.passes.select_uniform import uniform_widths
 from fxmorph.passes.uniform import in_units, width_classes
 
 __all__ = ["MAX_FACTOR", "WidthPass", "width_reach"]

@@ -18,7 +18,9 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.context import ArgSlot, Binding, ModuleAttr, Rewrite, Role, ScaleKeptRows, ScaleRows
 from fxmorph.analysis.plan import WidthPlan
+from fxmorph.analysis.removal import Removal, removed_modules
 from fxmorph.errors import PlanError, SurgeryError
+from fxmorph.meta import REMOVED_KEY
 from fxmorph.surgery.defaults import new_channel_default, new_channel_values
 from fxmorph.surgery.indices import axis_map
 
@@ -261,7 +263,9 @@ def apply_plan(gm: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, *, seed: i
             for name in (path, *(alias for alias, first in cg.ties.items() if first == path)):
                 owner, leaf = _split_path(name)
                 _set_tensor(_rebuilt(out, owner) if owner else out, leaf, stored)
-        _rewrite_constants(out, cg, plan)
+        removal = plan.removal(cg)
+        _rewrite_constants(out, cg, plan, removal.dead)
+        _remove_dead(out, removal)
         out.recompile()
     except PlanError:  # a bad init shape names its group already: pass it on unwrapped
         raise
@@ -280,8 +284,29 @@ def _lookup_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
     return module._buffers.get(leaf)
 
 
-def _rewrite_constants(out: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan) -> None:
-    """Recompute every width-dependent constant (module attributes, graph arguments, scaled rows) in ``out``."""
+def _remove_dead(out: fx.GraphModule, removal: Removal) -> None:
+    """Leave the tensors of the groups removed whole out of the concatenations that stay, and erase every node that
+    goes with them (:mod:`fxmorph.analysis.removal`), and the modules no node calls any more (recorded for
+    write-back)."""
+    if not removal.dead:
+        return
+    out.meta[REMOVED_KEY] = (*out.meta.get(REMOVED_KEY, ()), *removed_modules(out, removal.dead))
+    for node in out.graph.nodes:
+        # the removal is refused unless every op that stays and reads a node that goes joins a list of tensors
+        items = node.args[0] if node.args and node.name not in removal.dead else None
+        if isinstance(items, list | tuple) and any(isinstance(a, fx.Node) and a.name in removal.dead for a in items):
+            kept = [a for a in items if not (isinstance(a, fx.Node) and a.name in removal.dead)]
+            node.args = (type(items)(kept), *node.args[1:])
+    for node in reversed(list(out.graph.nodes)):  # readers first: a node is erased once nothing reads it
+        if node.name in removal.dead:
+            out.graph.erase_node(node)
+    out.delete_all_unused_submodules()
+    logger.debug("surgery removed groups %s whole, with %d nodes", sorted(removal.groups), len(removal.dead))
+
+
+def _rewrite_constants(out: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan, dead: frozenset[str]) -> None:
+    """Recompute every width-dependent constant (module attributes, graph arguments, scaled rows) in ``out``, but
+    those of the nodes ``dead`` (which go with a group removed whole)."""
     measure = plan.measure(cg)
     nodes = {n.name: n for n in out.graph.nodes}
     rebuilt: set[str] = set()
@@ -291,6 +316,8 @@ def _rewrite_constants(out: fx.GraphModule, cg: ChannelGraph, plan: WidthPlan) -
     # Rewrites run in the order the rules recorded them. A called module is rebuilt once, before its first rewrite,
     # so that an attribute set on it lands on a module object of its own.
     for rw in cg.rewrites:
+        if rw.node in dead:
+            continue
         node = nodes[rw.node]
         if node.op == "call_module" and str(node.target) not in rebuilt:
             _rebuilt(out, str(node.target))

@@ -16,7 +16,7 @@ from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.context import ArgSlot, RuleContext, Spaces
 from fxmorph.analysis.rules._util import norm_dim
 
-__all__ = ["cat", "chunk", "split", "tensor_split", "unbind"]
+__all__ = ["cat", "chunk", "join_dim", "split", "tensor_split", "unbind"]
 
 
 def _dim_arg(node: fx.Node, position: int, default: int = 0) -> int:
@@ -24,6 +24,11 @@ def _dim_arg(node: fx.Node, position: int, default: int = 0) -> int:
     if len(node.args) > position:
         return int(node.args[position])
     return int(node.kwargs.get("dim", default))
+
+
+def join_dim(node: fx.Node) -> int:
+    """The dim a ``cat`` node joins along, as given (possibly negative)."""
+    return _dim_arg(node, 1)
 
 
 def _unify_other_dims(ctx: RuleContext, parts: list[Spaces], skip: int, ndim: int) -> Spaces:
