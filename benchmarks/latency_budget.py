@@ -7,7 +7,9 @@
 For each torchvision model (random weights, 1x3x224x224, onnxruntime's CPU provider with 2 threads):
 
 1. the latency model's tables are built into an empty cache and then read from it, both timed;
-2. ``fxmorph.shrink(budget_latency=b)`` for every budget ``b``: each round's predicted and measured latency;
+2. ``fxmorph.shrink(budget_latency=b, min_width=0)`` for every budget ``b``: each round's predicted and measured
+   latency (``min_width=0`` lets groups go whole where that is exact: densenet121's dense layers; none of the other
+   five models has such a group, ``--min-width 1`` keeps every group);
 3. FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) at 20..90% of the FLOPs, and Torch-Pruning
    (``MagnitudePruner``, one ratio for every layer, :mod:`benchmarks.tp_adapter`) at ratios 0.1..0.6;
 4. everything exported to ONNX and measured together, interleaved (30 rounds after 10 warm-up runs; a model's
@@ -66,14 +68,21 @@ def _profile_seconds(model: nn.Module, x: torch.Tensor, cache: Path) -> dict[str
     return out
 
 
-def _latency_cut(model: nn.Module, x: torch.Tensor, budget: float, cache: Path) -> tuple[nn.Module, dict[str, Any]]:
+def _latency_cut(
+    model: nn.Module, x: torch.Tensor, budget: float, cache: Path, min_width: int
+) -> tuple[nn.Module, dict[str, Any]]:
     start = time.perf_counter()
     runtime = OnnxRuntimeCPU(threads=THREADS, cache_dir=cache)
-    small, report = fxmorph.shrink(model, example_inputs=x, budget_latency=budget, runtime=runtime, return_report=True)
+    small, report = fxmorph.shrink(
+        model, example_inputs=x, budget_latency=budget, runtime=runtime, min_width=min_width, return_report=True
+    )
     outcome = report.latency
     assert outcome is not None
     row = {
         "budget": budget,
+        "min_width": min_width,
+        "removed": sum(1 for r in report.groups if r.after == 0),
+        "class": type(small).__name__,
         "seconds": round(time.perf_counter() - start, 1),
         "original_ms": outcome.original_ms,
         "predicted_original_ms": outcome.predicted_original_ms,
@@ -112,7 +121,7 @@ def _verify(model: nn.Module, small: nn.Module, x: torch.Tensor) -> dict[str, fl
     }
 
 
-def run_model(name: str, budgets: tuple[float, ...], cache: Path) -> dict[str, Any]:
+def run_model(name: str, budgets: tuple[float, ...], cache: Path, min_width: int = 0) -> dict[str, Any]:
     """Every cut of ``name`` and their latencies, measured together."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
@@ -123,7 +132,7 @@ def run_model(name: str, budgets: tuple[float, ...], cache: Path) -> dict[str, A
     row["unreachable"] = []
     for b in budgets:
         try:
-            small, cut = _latency_cut(model, x, b, cache)
+            small, cut = _latency_cut(model, x, b, cache, min_width)
         except fxmorph.BudgetError as exc:  # below what the model can reach, as its latency model predicts
             row["unreachable"].append({"budget": b, "error": str(exc)})
             logger.info("%s latency %.2f: %s", name, b, exc)
@@ -189,11 +198,13 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "there). For the comparison, every cut of a model (the latency results, FLOPs-budget cuts at 20..90% and "
         "Torch-Pruning at ratios 0.1..0.6) is measured in one interleaved run (40 rounds, 10th percentiles), and the "
         "FLOPs and parameters of the FLOPs-budget and Torch-Pruning cuts are interpolated along their curves at the "
-        "latency result's latency in that run (-: outside the curve).",
+        "latency result's latency in that run (-: outside the curve). The latency cuts take `min_width=0`: a group may "
+        "go whole where that is exact (*gone*: groups at width 0, with the ops that computed them; densenet121's dense "
+        "layers, two groups each), and none of the other models has such a group.",
         "",
-        "| model | budget | measured | median | in loop | rounds | FLOPs kept: latency / FLOPs budget / TP | "
+        "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "
         "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",
-        "|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     errors, first_errors, misses, median_misses = [], [], 0, 0
     for row in rows:
@@ -218,6 +229,7 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
             lines.append(
                 f"| {row['model']} | {cut['budget']:.0%} | {ratio:.1%}{'' if ok else ' (miss)'} | "
                 f"{median:.1%}{'' if median_ok else ' (miss)'} | {cut['in_loop_ratio']:.1%} | {len(cut['rounds'])} | "
+                f"{cut.get('removed', 0)} | "
                 f"{_pcts(kept)} | {_pcts(params)} | "
                 f"{first:.1%} | {cut['seconds']:.0f} |"
             )
@@ -300,6 +312,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="*", type=float, default=BUDGETS)
     parser.add_argument("--json", type=Path, default=HERE / "latency_budget.json")
     parser.add_argument("--summarize", action="store_true", help="only write LATENCY_BUDGET.md and the plot")
+    parser.add_argument("--min-width", type=int, default=0, help="min_width of the latency cuts (default 0)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if not args.summarize:
@@ -307,7 +320,7 @@ def main() -> None:
         rows = [r for r in rows if r["model"] not in args.models]
         with tempfile.TemporaryDirectory(prefix="fxmorph-latency-cache-") as cache:
             for name in args.models:
-                rows.append(run_model(name, tuple(args.budgets), Path(cache)))
+                rows.append(run_model(name, tuple(args.budgets), Path(cache), args.min_width))
                 args.json.write_text(json.dumps({"threads": THREADS, "rows": rows}, indent=1))
     rows = json.loads(args.json.read_text())["rows"]
     order = {m: k for k, m in enumerate(MODELS)}

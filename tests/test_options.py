@@ -48,7 +48,7 @@ def test_options_are_frozen_and_normalised() -> None:
         ({"criterion": "magic"}, "unknown criterion 'magic'"),
         ({"strategy": "magic"}, "unknown strategy"),
         ({"round_to": True}, "round_to=True"),
-        ({"min_width": 0}, "min_width must be a positive integer"),
+        ({"min_width": -1}, "min_width must be a non-negative integer"),
         ({"max_prune": "0.5"}, "max_prune"),
         ({"loss_fn": "ce"}, "loss_fn must be callable"),
         ({"param_cost": -1.0}, "param_cost"),
