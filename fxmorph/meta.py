@@ -12,6 +12,7 @@ __all__ = [
     "BLOCKS_KEY",
     "CAPTURE_KEY",
     "CONFIG_SIZES_KEY",
+    "CONTAINERS_KEY",
     "DROP_KEY",
     "FACTORS_KEY",
     "FLOPS_KEY",
@@ -39,6 +40,10 @@ tracing when some module is unreached); the analysis pins their channels."""
 BLOCKS_KEY = "fxmorph.blocks"
 """Module paths of the traced model's repeated blocks (written by tracing, see :mod:`fxmorph.capture.blocks`);
 ``uniform_blocks`` keeps the groups playing one role in each at one width."""
+CONTAINERS_KEY = "fxmorph.containers"
+"""Module paths of the traced model's containers (``Sequential``, ``ModuleList``, ``ModuleDict``; written by tracing,
+see :func:`~fxmorph.capture.blocks.container_paths`): a module removed with a group is taken out of its container
+by write-back, and selection removes only modules so held."""
 CONFIG_SIZES_KEY = "fxmorph.config_sizes"
 """The :class:`~fxmorph.capture.config_sizes.ConfigSizes` of a model with a configuration object (written by
 tracing; absent without one): which config fields size which tensor dims, so that ``uniform_blocks`` keeps a

@@ -75,15 +75,27 @@ class _Branches(nn.Module):
         return self.out(torch.cat([self.a(h), self.b(t)], 1))
 
 
+class _HeldBranches(nn.Module):
+    """The same two branches, held in a ModuleDict whose entries the forward runs in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branches = nn.ModuleDict({"a": nn.Conv2d(8, 4, 1), "b": nn.Conv2d(8, 4, 3, padding=1)})
+        self.out = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.out(torch.cat([branch(h) for branch in self.branches.values()], 1))
+
+
 def _input(side: int = 16) -> torch.Tensor:
     return torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
 
 
-def _growth(cg: fxmorph.ChannelGraph, layer: str) -> int:
-    """The group of ``layer``'s new features (its conv2's output channels)."""
-    return next(
-        g.id for g in cg.groups if any(p.name == f"layers.{layer}.conv2.weight" and p.dim == 0 for p in g.params)
-    )
+def _made_by(cg: fxmorph.ChannelGraph, path: str) -> int:
+    """The group of the output channels of the layer at ``path``."""
+    return next(g.id for g in cg.groups if any(p.name == f"{path}.weight" and p.dim == 0 for p in g.params))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +124,11 @@ def test_removed_dense_layers_match_the_mask_oracle_and_the_cost_model() -> None
     cg = fxmorph.analyze(model, x)
     plans = dict(random_plan(cg, seed=3).items())
     for layer in ("layer1", "layer3"):
-        plans[_growth(cg, layer)] = GroupPlan(())
+        plans[_made_by(cg, f"layers.{layer}.conv2")] = GroupPlan(())
+    bottleneck = next(iter(cg.removal(_made_by(cg, "layers.layer3.conv2")).vanished))
+    with pytest.raises(fxmorph.PlanError, match=f"group {bottleneck} would have no channels left"):
+        fxmorph.resize(cg, WidthPlan({bottleneck: GroupPlan(())}))  # alone, its layer's conv2 would read nothing
+    plans[bottleneck] = GroupPlan(())  # with the layer's new features, it goes with the layer
     plan = WidthPlan(plans)
     cost = CostModel(cg)
     widths = cost.widths({g: p.width for g, p in plan.items()})
@@ -140,35 +156,46 @@ def test_densenet121_without_layers_exports_to_onnx(densenet121: fxmorph.Channel
 def test_a_group_that_cannot_go_whole_says_why() -> None:
     model, x = _Branches().eval(), _input()
     cg = fxmorph.analyze(model, x)
-    stem = next(g.id for g in cg.groups if any(p.name == "stem.weight" for p in g.params))
+    stem = _made_by(cg, "stem")
     with pytest.raises(fxmorph.PlanError, match="cannot be removed whole \\(no concatenation joins"):
         fxmorph.resize(cg, WidthPlan({stem: GroupPlan(())}))
-    head = next(g for g in cg.groups if any(p.name == "out.weight" and p.dim == 0 for p in g.params))
-    assert head.pins or "returns" in (cg.removal(head.id).refused or "")
+    assert "pinned" in (cg.removal(_made_by(cg, "out")).refused or "")  # the model's output
 
 
 def test_groups_that_fill_a_concatenation_together_go_one_at_a_time() -> None:
-    model, x = _Branches().eval(), _input()
+    model, x = _HeldBranches().eval(), _input()
     cg = fxmorph.analyze(model, x)
-    a, b = (
-        next(g.id for g in cg.groups if any(p.name == f"{n}.weight" and p.dim == 0 for p in g.params)) for n in "ab"
-    )
+    a, b = _made_by(cg, "branches.a"), _made_by(cg, "branches.b")
     cost = CostModel(cg)
     assert cost.removable[[a, b]].all() and frozenset({a, b}) in cost.joint
     with pytest.raises(fxmorph.PlanError, match="leave 'cat' with no channels"):
         fxmorph.resize(cg, WidthPlan({a: GroupPlan(()), b: GroupPlan(())}))
-    with pytest.warns(fxmorph.WriteBackWarning):  # the forward calls self.a by name: it cannot run without it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxmorph.WriteBackWarning)
         small = fxmorph.resize(cg, WidthPlan({a: GroupPlan(())}))
+    assert isinstance(small, _HeldBranches) and list(small.branches) == ["b"]
     assert torch.allclose(run_double(small, x), masked_reference(cg, WidthPlan({a: GroupPlan(())}), x))
     scores = {g: np.ones(int(cost.sizes[g])) for g in (a, b)}
-    widths = greedy_widths(cost, scores, 0, 1, 0)
-    assert not (widths[a] == 0 and widths[b] == 0)
+    widths = greedy_widths(cost, scores, 0, 1, 0)  # a budget of nothing: every step it may take
+    assert min(widths[a], widths[b]) == 0 and max(widths[a], widths[b]) > 0
+
+
+def test_a_branch_the_forward_calls_by_name_goes_only_when_asked() -> None:
+    model, x = _Branches().eval(), _input()
+    cg = fxmorph.analyze(model, x)
+    a, b = _made_by(cg, "a"), _made_by(cg, "b")
+    assert cg.removal(a).possible and not cg.removal(a).droppable  # exact, but the class cannot run without self.a
+    cost = CostModel(cg)
+    assert not cost.removable[[a, b]].any()  # so selection keeps it
+    with pytest.warns(fxmorph.WriteBackWarning):
+        small = fxmorph.resize(cg, WidthPlan({a: GroupPlan(())}))  # resize removes it, as a GraphModule
+    assert torch.allclose(run_double(small, x), masked_reference(cg, WidthPlan({a: GroupPlan(())}), x))
 
 
 def test_an_op_that_writes_into_a_tensor_that_stays_keeps_its_group() -> None:
     model, x = _Branches(inplace=True).eval(), _input()
     cg = fxmorph.analyze(model, x)
-    b = next(g.id for g in cg.groups if any(p.name == "b.weight" and p.dim == 0 for p in g.params))
+    b = _made_by(cg, "b")
     with pytest.raises(fxmorph.PlanError, match="cannot be removed whole \\('relu_' writes in place into 'stem'"):
         fxmorph.resize(cg, WidthPlan({b: GroupPlan(())}))
 

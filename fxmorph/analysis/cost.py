@@ -39,7 +39,7 @@ class Polynomial:
         self._exact = exact
         self._rows: list[np.ndarray] = []
         self._gate_rows: list[int] = []
-        self._terms: list[tuple[int, list[int]]] = []
+        self._terms: list[tuple[float, list[int]]] = []
         self.const: float = 0
 
     def form(self, cg: ChannelGraph, layout: Layout) -> int:
@@ -134,7 +134,8 @@ class Costs:
     copies: np.ndarray
     """The times one axis holds every variable's channels (:attr:`Group.copies`: the heads an embedding feeds, or 1)."""
     removable: np.ndarray
-    """Whether every variable may go to width 0, its groups removed whole (:mod:`fxmorph.analysis.removal`)."""
+    """Whether every variable may go to width 0, its groups removed whole, with their modules taken out of the
+    containers holding them (:attr:`~fxmorph.analysis.removal.Removal.droppable`)."""
     joint: tuple[frozenset[int], ...]
     """Sets of removable variables that may not all be at width 0 at once: together they fill a tensor alone."""
     _flops: Polynomial
@@ -206,7 +207,8 @@ class CostModel(Costs):
         self.sizes = np.array([g.size for g in cg.groups], dtype=np.int64)
         self.spans = np.array([g.span for g in cg.groups], dtype=np.int64)
         self.copies = np.array([g.copies for g in cg.groups], dtype=np.int64)
-        self.removable = np.array([cg.removal(g.id).possible for g in cg.groups], dtype=bool)
+        # selection removes a group whole only where write-back can take its modules out of the user's class
+        self.removable = np.array([cg.removal(g.id).droppable for g in cg.groups], dtype=bool)
         self.joint = joint_sets(cg)
         self._flops = Polynomial(len(cg.groups))
         self._free_terms = Polynomial(len(cg.groups))

@@ -106,14 +106,22 @@ class WidthPlan(Mapping[int, GroupPlan]):
         removal = self.removal(cg)
         if not removal.possible:
             raise PlanError(f"groups {sorted(removal.groups)} cannot all be removed whole: {removal.refused}")
+        for gid, plan in self._groups.items():
+            # a group at 0 that cannot go alone may go with another (a dense layer's bottleneck, with its features)
+            if plan.width < 1 and gid not in removal.groups | removal.vanished:
+                raise PlanError(
+                    f"group {gid} would have no channels left, and it cannot be removed whole "
+                    f"({cg.removal(gid).refused}): keep at least one"
+                )
         # init is checked once every group is known to be sound, so structural errors are reported first
         names = dict.fromkeys([*dict(cg.gm.named_parameters()), *dict(cg.gm.named_buffers())])  # in model order
         for gid, plan in self._groups.items():
             _check_init(names, gid, plan)
 
     def removal(self, cg: ChannelGraph) -> Removal:
-        """What the groups this plan leaves at width 0 take with them (:mod:`fxmorph.analysis.removal`)."""
-        return combined(cg, [g for g, p in self._groups.items() if p.width == 0])
+        """What the groups this plan leaves at width 0 that can go whole take with them (the others at 0 must be
+        among what they take: :meth:`validate`; :mod:`fxmorph.analysis.removal`)."""
+        return combined(cg, [g for g, p in self._groups.items() if p.width == 0 and cg.removal(g).possible])
 
     def measure(self, cg: ChannelGraph) -> MeasureFn:
         """A function giving the width of any layout of ``cg`` under this plan."""
@@ -143,11 +151,6 @@ def _check_group(cg: ChannelGraph, gid: int, plan: GroupPlan) -> None:
         raise PlanError(f"group {gid}: keep indices repeat")
     if plan.new < 0:
         raise PlanError(f"group {gid}: cannot add a negative number of channels")
-    if plan.width < 1 and not cg.removal(gid).possible:
-        raise PlanError(
-            f"group {gid} would have no channels left, and it cannot be removed whole ({cg.removal(gid).refused}): "
-            "keep at least one"
-        )
     # a pinned group may still be named, as long as its plan is the identity (a plan listing every group)
     if group.pins and (plan.new or tuple(keep.tolist()) != tuple(range(group.size))):
         raise PlanError(f"group {gid} is pinned ({group.pinned}) and cannot change")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from torch import fx
@@ -34,7 +34,7 @@ from fxmorph.analysis.ops import node_facts
 from fxmorph.analysis.rules._util import norm_dim
 from fxmorph.analysis.rules.cat_split import join_dim
 from fxmorph.capture.train_mode import module_paths
-from fxmorph.meta import tensor_shape
+from fxmorph.meta import CONTAINERS_KEY, tensor_shape
 
 if TYPE_CHECKING:
     from fxmorph.analysis.graph import ChannelGraph
@@ -56,6 +56,10 @@ class Removal:
     """The other groups all of whose tensors go with them (their widths no longer matter)."""
     refused: str | None = None
     """Why the groups cannot go whole (``None`` where they can)."""
+    droppable: bool = False
+    """Whether every module that goes (:func:`removed_modules`) sits in a container (``ModuleDict``, ``ModuleList``,
+    ``Sequential``) whose forward may run without it, so that write-back can take it out of the user's class;
+    selection removes only such groups (:attr:`~fxmorph.analysis.cost.Costs.removable`)."""
 
     @property
     def possible(self) -> bool:
@@ -167,13 +171,44 @@ def find_removals(cg: ChannelGraph) -> dict[int, Removal]:
                     else:
                         alone.setdefault(g, {})[name] = dim
     out = {}
+    index = _ModuleIndex.of(cg.gm)
     for group in cg.groups:
         gid = group.id
         reason = _refusal(cg, gid)
         if reason is None and gid in split:
             reason = f"'{split[gid]}' splits its channels off into a tensor of their own"
-        out[gid] = Removal(frozenset({gid}), refused=reason) if reason else _removal(cg, gid, alone.get(gid, {}))
+        removal = Removal(frozenset({gid}), refused=reason) if reason else _removal(cg, gid, alone.get(gid, {}))
+        if removal.possible:
+            removal = replace(removal, droppable=index.in_containers(index.removed(removal.dead)))
+        out[gid] = removal
     return out
+
+
+@dataclass(frozen=True)
+class _ModuleIndex:
+    """Per module path of a graph, the nodes that run in its forward or call it, and its class where known."""
+
+    nodes: dict[str, list[str]]
+    containers: frozenset[str]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> _ModuleIndex:
+        nodes: dict[str, list[str]] = {}
+        for node in gm.graph.nodes:
+            for owner in {owner for path in module_paths(node) for owner in _owners(path)}:
+                nodes.setdefault(owner, []).append(node.name)
+        # tracing recorded them: the GraphModule's own containers are plain modules
+        return cls(nodes, frozenset(gm.meta.get(CONTAINERS_KEY, ())))
+
+    def removed(self, dead: frozenset[str]) -> tuple[str, ...]:
+        """The top-most module paths all of whose nodes are among ``dead``."""
+        gone = {path for path, names in self.nodes.items() if all(n in dead for n in names)}
+        # a path goes whole where no module above it does
+        return tuple(sorted(p for p in gone if not any(o in gone for o in _owners(p)[1:])))
+
+    def in_containers(self, paths: tuple[str, ...]) -> bool:
+        """Whether every path's parent is a container (:data:`~fxmorph.meta.CONTAINERS_KEY`)."""
+        return bool(paths) and all(p.rpartition(".")[0] in self.containers for p in paths)
 
 
 def _removal(cg: ChannelGraph, gid: int, empty: dict[str, int]) -> Removal:
@@ -263,10 +298,4 @@ def removed_modules(gm: fx.GraphModule, dead: frozenset[str]) -> tuple[str, ...]
     """The top-most module paths of ``gm`` all of whose nodes (the calls of it and of the modules under it, and the
     ops its ``forward`` runs) are among the nodes ``dead``: a dense layer whose every op goes, rather than each of its
     norms and convolutions, but not a dense block whose final concatenation stays."""
-    calls: dict[str, list[str]] = {}  # module path -> the nodes that run in its forward or call it
-    for node in gm.graph.nodes:
-        for owner in {owner for path in module_paths(node) for owner in _owners(path)}:
-            calls.setdefault(owner, []).append(node.name)
-    gone = {path for path, names in calls.items() if all(n in dead for n in names)}
-    # a path goes whole where no module above it does
-    return tuple(sorted(p for p in gone if not any(o in gone for o in _owners(p)[1:])))
+    return _ModuleIndex.of(gm).removed(dead)

@@ -21,9 +21,9 @@ from collections.abc import Collection
 
 from torch import fx, nn
 
-from fxmorph.meta import BLOCKS_KEY
+from fxmorph.meta import BLOCKS_KEY, CONTAINERS_KEY
 
-__all__ = ["CONTAINERS", "block_pattern", "repeated_blocks"]
+__all__ = ["CONTAINERS", "block_pattern", "container_paths", "repeated_blocks"]
 
 CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 """Module types whose children are indexed blocks (by position or by key)."""
@@ -44,6 +44,14 @@ def repeated_blocks(model: nn.Module) -> tuple[str, ...]:
         kinds = Counter(type(child) for _, child in blocks)
         found += [f"{path}.{name}" if path else name for name, child in blocks if kinds[type(child)] > 1]
     return tuple(found)
+
+
+def container_paths(model: nn.Module) -> tuple[str, ...]:
+    """The module paths of ``model``'s containers (:data:`CONTAINERS`; ``""`` for the model itself), whose forward
+    may run whatever they hold. A GraphModule that fxmorph traced answers from its metadata."""
+    if isinstance(model, fx.GraphModule) and CONTAINERS_KEY in model.meta:
+        return tuple(model.meta[CONTAINERS_KEY])
+    return tuple(path for path, module in model.named_modules() if isinstance(module, CONTAINERS))
 
 
 def block_pattern(name: str, blocks: Collection[str]) -> str:

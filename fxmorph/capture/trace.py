@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxmorph.capture.blocks import repeated_blocks
+from fxmorph.capture.blocks import container_paths, repeated_blocks
 from fxmorph.capture.config_sizes import config_of, config_sizes, unread_tensors
 from fxmorph.capture.export import CAPTURES, Capture, export_graph
 from fxmorph.capture.flops import flop_counter
@@ -33,6 +33,7 @@ from fxmorph.meta import (
     BLOCKS_KEY,
     CAPTURE_KEY,
     CONFIG_SIZES_KEY,
+    CONTAINERS_KEY,
     FLOPS_KEY,
     INTERFACE_KEY,
     REGIONS_KEY,
@@ -327,6 +328,7 @@ def trace(
     # modules outside the regions are the record's opaque ones, which run: none is unreached in train mode's sense
     gm.meta[UNREACHED_KEY] = unreached_modules(model, gm) if gm.meta[CAPTURE_KEY] != "regions" else ()
     gm.meta[BLOCKS_KEY] = repeated_blocks(model)
+    gm.meta[CONTAINERS_KEY] = container_paths(model)
     # a bundle of regions leaves the opaque modules' tensors out: those are unread by design, and keep their widths
     unread = unread_tensors(model, gm) if config_of(model) is not None and gm.meta[CAPTURE_KEY] != "regions" else ()
     sizes = config_sizes(model, unread)
