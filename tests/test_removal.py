@@ -187,9 +187,11 @@ def test_a_branch_the_forward_calls_by_name_goes_only_when_asked() -> None:
     assert cg.removal(a).possible and not cg.removal(a).droppable  # exact, but the class cannot run without self.a
     cost = CostModel(cg)
     assert not cost.removable[[a, b]].any()  # so selection keeps it
-    with pytest.warns(fxmorph.WriteBackWarning):
+    with pytest.warns(fxmorph.WriteBackWarning, match="'a' went with a group removed whole, and _Branches's forward"):
         small = fxmorph.resize(cg, WidthPlan({a: GroupPlan(())}))  # resize removes it, as a GraphModule
     assert torch.allclose(run_double(small, x), masked_reference(cg, WidthPlan({a: GroupPlan(())}), x))
+    with pytest.raises(fxmorph.WriteBackError, match="calls it by name"):
+        fxmorph.resize(cg, WidthPlan({a: GroupPlan(())}), keep_class=True)
 
 
 def test_an_op_that_writes_into_a_tensor_that_stays_keeps_its_group() -> None:

@@ -32,7 +32,8 @@ from fxmorph.capture.again import capture_again
 from fxmorph.capture.compare import Difference, DiffKind, compare_graphs, source_line
 from fxmorph.capture.layers import layer_sizes
 from fxmorph.errors import TraceError, WriteBackError
-from fxmorph.meta import CAPTURE_KEY, REMOVED_KEY
+from fxmorph.meta import CAPTURE_KEY
+from fxmorph.surgery.removed import drop_removed
 
 __all__ = ["AttributeChange", "WrittenBack", "write_back"]
 
@@ -110,25 +111,6 @@ def _substitutions(model: nn.Module, result: fx.GraphModule) -> dict[int, Any]:
             # (a tie it could not keep), the comparison finds the path whose tensor is not the result's
             memo.setdefault(id(old), tensor)
     return memo
-
-
-def _drop_removed(copied: nn.Module, result: fx.GraphModule) -> None:
-    """Take the modules surgery removed (:data:`~fxmorph.meta.REMOVED_KEY`) out of their containers in the copy,
-    keeping the other entries' names: a container whose forward runs what it holds (torchvision's dense block)
-    then runs without them, and the comparison proves it."""
-    for path in result.meta.get(REMOVED_KEY, ()):
-        owner, _, leaf = path.rpartition(".")
-        parent = _module_at(copied, owner)
-        if parent is not None:
-            parent._modules.pop(leaf, None)
-
-
-def _module_at(model: nn.Module, path: str) -> nn.Module | None:
-    """The submodule of ``model`` at ``path`` (``model`` for ``""``), or None where there is none."""
-    try:
-        return model.get_submodule(path) if path else model
-    except AttributeError:
-        return None
 
 
 def _restate_sizes(copied: nn.Module, memo: dict[int, Any]) -> list[AttributeChange]:
@@ -430,7 +412,7 @@ def write_back(model: nn.Module, result: fx.GraphModule, leaf_modules: Iterable[
     memo = _substitutions(model, result)
     copied = copy.deepcopy(model, dict(memo))  # a copy of the memo: deepcopy adds every object it copies
     _restore_modes(model, copied)
-    _drop_removed(copied, result)
+    drop_removed(copied, result)
     sizes = _restate_sizes(copied, memo) + _restate_layers(copied)
     search = _Search(model, copied, result, leaf_modules)
     changes = sizes + _settle(search)
