@@ -13,7 +13,9 @@ concatenation's input reaches the layers after it as the channel left out does (
 
 Refused, with the reason: a pinned group, a group kept at one width with others, a tensor of the group that the
 model returns, that a split divides, or that an op reads and would outlive (a convolution reading it would be left
-with no input channels); an in-place op that would go while the tensor it writes stays.
+with no input channels); an in-place op that would go while the tensor it writes stays. A removal is ``droppable``
+where every module that goes sits in a container (``Sequential``, ``ModuleList``, ``ModuleDict``): write-back can
+then take it out of the user's class, and selection removes only such groups.
 
 Several groups removed together take the union of what each takes alone (:func:`combined`); an op that goes only
 when several go together (a branch all of whose inputs were removed) stays, unread, so that the cost model, which
@@ -96,9 +98,8 @@ def _joins_along(cg: ChannelGraph, user: fx.Node, dim: int, node: fx.Node) -> bo
     return norm_dim(join_dim(user), len(shape)) == dim
 
 
-def _readers_left(cg: ChannelGraph, empty: dict[str, int], dead: set[str]) -> str | None:
+def _readers_left(cg: ChannelGraph, empty: dict[str, int], dead: set[str], nodes: dict[str, fx.Node]) -> str | None:
     """Why an empty tensor would be read by an op that stays (``None`` where every reader goes or joins)."""
-    nodes = {n.name: n for n in cg.gm.graph.nodes}
     for name, dim in empty.items():
         node = nodes[name]
         if node.op == "placeholder":
@@ -172,12 +173,13 @@ def find_removals(cg: ChannelGraph) -> dict[int, Removal]:
                         alone.setdefault(g, {})[name] = dim
     out = {}
     index = _ModuleIndex.of(cg.gm)
+    nodes = {n.name: n for n in cg.gm.graph.nodes}
     for group in cg.groups:
         gid = group.id
         reason = _refusal(cg, gid)
         if reason is None and gid in split:
             reason = f"'{split[gid]}' splits its channels off into a tensor of their own"
-        removal = Removal(frozenset({gid}), refused=reason) if reason else _removal(cg, gid, alone.get(gid, {}))
+        removal = Removal(frozenset({gid}), refused=reason) if reason else _removal(cg, gid, alone.get(gid, {}), nodes)
         if removal.possible:
             removal = replace(removal, droppable=index.in_containers(index.removed(removal.dead)))
         out[gid] = removal
@@ -186,7 +188,7 @@ def find_removals(cg: ChannelGraph) -> dict[int, Removal]:
 
 @dataclass(frozen=True)
 class _ModuleIndex:
-    """Per module path of a graph, the nodes that run in its forward or call it, and its class where known."""
+    """Per module path of a graph, the nodes that run in its forward or call it; and the paths of its containers."""
 
     nodes: dict[str, list[str]]
     containers: frozenset[str]
@@ -211,17 +213,17 @@ class _ModuleIndex:
         return bool(paths) and all(p.rpartition(".")[0] in self.containers for p in paths)
 
 
-def _removal(cg: ChannelGraph, gid: int, empty: dict[str, int]) -> Removal:
-    """What removing group ``gid`` takes with it, where ``empty`` are the tensors holding it alone."""
+def _removal(cg: ChannelGraph, gid: int, empty: dict[str, int], nodes: dict[str, fx.Node]) -> Removal:
+    """What removing group ``gid`` takes with it, where ``empty`` are the tensors holding it alone (``nodes``: the
+    graph's nodes by name)."""
     gone = frozenset({gid})
     if not empty:
         return Removal(gone, refused="no tensor holds its channels alone")
-    nodes = {n.name: n for n in cg.gm.graph.nodes}
     # cheap first: without an op joining its channels with others, the group's channels reach the output or a layer
     if not any(_joins_along(cg, u, dim, nodes[name]) for name, dim in empty.items() for u in nodes[name].users):
         return Removal(gone, refused="no concatenation joins its channels with others (only one can leave them out)")
     dead = _goes(cg, empty)
-    reason = _readers_left(cg, empty, dead) or _writes_kept(cg, dead)
+    reason = _readers_left(cg, empty, dead, nodes) or _writes_kept(cg, dead)
     if reason is not None:
         return Removal(gone, refused=reason)
     return Removal(gone, frozenset(dead), _vanished(cg, gone, dead))

@@ -122,7 +122,9 @@ def greedy_widths(
     model), a step's value is weighed against what it saves of that resource instead: the steps that
     take the fewest FLOPs per microsecond saved go first. Each round takes the best steps down (one per group, all
     within 2% of the best ratio, covering at most ``step`` of the remaining gap) and re-ranks. No
-    group loses more than ``max_prune`` of its channels. Once under the budget, steps up are added
+    group loses more than ``max_prune`` of its channels, but with ``min_width`` 0 a group that can go whole
+    (:attr:`Costs.removable`) may go, valued as :func:`~fxmorph.passes.select_steps.whole_values` says, and never
+    the last of a concatenation (:attr:`Costs.joint`). Once under the budget, steps up are added
     back greedily (most value per cost first) while the budget still holds, and while the result is
     more than 1% under the budget, coarse steps are traded for fine ones where that lands closer.
 
