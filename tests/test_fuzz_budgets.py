@@ -54,6 +54,7 @@ from fxmorph.passes.grow_init import DATA_INITS, INITS
 from fxmorph.passes.grow_select import growth_options, max_grow_flops
 from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.protect import free_group_ids, grow_candidates
+from fxmorph.passes.rounding import as_grid
 from fxmorph.passes.select import smallest_widths
 from fxmorph.testing import masked_reference, run_double
 from tests.conftest import assert_close_trees
@@ -262,11 +263,13 @@ def test_shrink_meets_random_budgets(
     assert achieved == report.flops_after == recorded == fxmorph.count_flops(small, (x,))
     assert achieved <= budget_flops
     assert all(w[g.id] == g.size for g in cg.free_groups if g.id not in free), "a protected group changed"
+    # the grid counts channels: a group of heads steps by the heads whose channels fill a multiple of round_to
+    grid = {g: as_grid(round_to).step(int(cost.sizes[g]), int(cost.spans[g]), int(cost.copies[g])) for g in free}
     for g in free:
         size, width = int(cost.sizes[g]), int(w[g])
-        floor = min(size, max(min_width, math.ceil(size * (1.0 - cap))))
-        assert width == size or (width % round_to == 0 and width >= floor), f"group {g}: width {width} of {size}"
-    steps = {g: n for g in free if (n := _allowed_next(int(w[g]), int(cost.sizes[g]), round_to)) is not None}
+        floor = min(size, max(-(-min_width // int(cost.spans[g])), math.ceil(size * (1.0 - cap))))
+        assert width == size or (width % grid[g] == 0 and width >= floor), f"group {g}: width {width} of {size}"
+    steps = {g: n for g in free if (n := _allowed_next(int(w[g]), int(cost.sizes[g]), grid[g])) is not None}
     finest = _assert_no_step_fits(cost, w, steps, budget_flops)
     if round_to == 1:  # README: within 1% of the budget, wherever one more channel costs at most 1% of it
         assert achieved >= 0.99 * budget_flops or finest > 0.01 * budget_flops
