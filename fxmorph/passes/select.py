@@ -18,7 +18,14 @@ import numpy as np
 
 from fxmorph.analysis.cost import CostModel, Costs
 from fxmorph.passes.rounding import AUTO, Grid, RoundTo, as_grid
-from fxmorph.passes.select_steps import Cumulative, ranked_steps, step_candidates, step_deltas, whole_values
+from fxmorph.passes.select_steps import (
+    Cumulative,
+    empties_a_join,
+    ranked_steps,
+    step_candidates,
+    step_deltas,
+    whole_values,
+)
 from fxmorph.passes.uniform import coarse_cumulative, per_unit
 
 __all__ = [
@@ -198,7 +205,7 @@ def _remove(
             if not np.isfinite(ratios[j]) or (taken and ratios[j] > ratios[order[0]] * (1.0 + slack)):
                 break  # only steps about as good as the best share a round (and none that saves no FLOPs)
             g, width = cands[j]
-            if width == 0 and any(s <= set(np.flatnonzero(w == 0).tolist()) | {g} for s in cost.joint):
+            if width == 0 and empties_a_join(cost, w, g):
                 continue  # a step of this round already took the last other group of a concatenation
             w[g] = width
             taken += saved[j]

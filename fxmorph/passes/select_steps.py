@@ -13,7 +13,7 @@ import numpy as np
 
 from fxmorph.analysis.cost import Costs
 
-__all__ = ["Cumulative", "ranked_steps", "step_candidates", "step_deltas", "whole_values"]
+__all__ = ["Cumulative", "empties_a_join", "ranked_steps", "step_candidates", "step_deltas", "whole_values"]
 
 Cumulative = Mapping[int, np.ndarray]
 """Per group, the cumulative value of its best channels: ``values[g][k]`` is what its ``k`` best are worth."""
@@ -25,17 +25,23 @@ def step_candidates(
     """The next allowed width of every group, down or up; a group goes whole only where the groups already gone
     leave no tensor empty with it (:attr:`Costs.joint`)."""
     out = []
-    gone = set(np.flatnonzero(w == 0).tolist())
     for g in groups:
         opts = allowed[g]
         k = int(np.searchsorted(opts, w[g]))
         nxt = k - 1 if down else k + 1
         if not 0 <= nxt < len(opts):
             continue
-        if opts[nxt] == 0 and any(s <= gone | {g} for s in cost.joint):
+        if opts[nxt] == 0 and empties_a_join(cost, w, g):
             continue
         out.append((g, int(opts[nxt])))
     return out
+
+
+def empties_a_join(cost: Costs, w: np.ndarray, g: int) -> bool:
+    """Whether removing variable ``g`` whole, beside those already at 0 in ``w``, leaves a tensor empty (it would be
+    the last of a concatenation's groups, :attr:`Costs.joint`)."""
+    gone = set(np.flatnonzero(w == 0).tolist()) | {g}
+    return any(s <= gone for s in cost.joint)
 
 
 def step_deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.ndarray:
