@@ -20,9 +20,12 @@ import torchvision
 from torch import nn
 
 import fxmorph
+from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.latency import LatencyFunction, kernels_of
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
+from fxmorph.api.containers import confirm_containers
+from fxmorph.meta import CONTAINERS_KEY
 from fxmorph.passes.select import greedy_widths
 from fxmorph.testing import masked_reference, random_plan, run_double
 from tests.test_latency_budget import FakeRuntime
@@ -252,3 +255,54 @@ def test_min_width_zero_is_accepted_and_a_negative_one_is_not() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     small = fxmorph.shrink(model, budget_flops=0.5, example_inputs=x, min_width=0)
     assert fxmorph.count_flops(small, x) <= fxmorph.count_flops(model, x) / 2
+
+
+class _Zipped(nn.Module):
+    """Branches held in a ModuleList that the forward zips with the chunks of a split by position (as timm's Res2Net
+    blocks and mixed convolutions do): without one of them, the class would feed the next one its chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.width = nn.Conv2d(3, 16, 3, padding=1), 4
+        self.convs = nn.ModuleList(nn.Conv2d(4, 8, 3, padding=1) for _ in range(4))
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(self.stem(x), self.width, 1)
+        return self.head(torch.cat([conv(chunks[i]) for i, conv in enumerate(self.convs)], 1))
+
+
+def test_a_container_the_class_cannot_run_without_a_module_keeps_its_groups() -> None:
+    torch.manual_seed(0)
+    model, x = _Zipped().eval(), _input(64)  # the fake runtime takes 0.05 ms whatever runs: a cut needs FLOPs
+    gm = fxmorph.trace(model, (x,))
+    branches = [g.id for g in build_channel_graph(gm).groups if g.size == 8]
+    assert len(branches) == 4 and all(build_channel_graph(gm).removal(g).droppable for g in branches)
+    confirm_containers(model, gm)  # the trial removes one branch: write-back refuses the class without it
+    assert "convs" not in gm.meta[CONTAINERS_KEY]
+    cg = build_channel_graph(gm)
+    assert all(cg.removal(g).possible and not cg.removal(g).droppable for g in branches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxmorph.WriteBackWarning)
+        small, report = fxmorph.shrink(
+            model, example_inputs=x, budget_latency="90%", runtime=FakeRuntime(), return_report=True
+        )
+    assert isinstance(small, _Zipped) and len(small.convs) == 4
+    assert report.settings["min_width"] == 0 and all(r.after > 0 for r in report.groups)
+
+
+def test_a_latency_budget_lets_groups_go_whole_by_default_and_a_flops_budget_does_not() -> None:
+    torch.manual_seed(0)
+    model, x = _Dense().eval(), _input(64)
+    gm = fxmorph.trace(model, (x,))
+    confirm_containers(model, gm)  # torchvision-style containers run what they hold: the record stays
+    assert "layers" in gm.meta[CONTAINERS_KEY]
+    _, latency = fxmorph.shrink(
+        model, example_inputs=x, budget_latency="90%", runtime=FakeRuntime(), return_report=True
+    )
+    _, flops = fxmorph.shrink(model, example_inputs=x, budget_flops="50%", return_report=True)
+    assert latency.settings["min_width"] == 0 and flops.settings["min_width"] == 1
+    _, explicit = fxmorph.shrink(
+        model, example_inputs=x, budget_latency="90%", runtime=FakeRuntime(), min_width=1, return_report=True
+    )
+    assert explicit.settings["min_width"] == 1 and all(r.after > 0 for r in explicit.groups)

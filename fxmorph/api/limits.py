@@ -42,7 +42,7 @@ def cut_limits(cg: ChannelGraph, budget: int, options: ShrinkOptions, latency: L
     :data:`DEFAULT_MAX_PRUNE`, then any share (only ``min_width`` binds) once no grid reaches the budget.
     Explicit values are hard limits. Raises BudgetError when nothing allowed reaches the budget (a budget
     above the model's FLOPs is the width pass's to check, in its ``requires``)."""
-    round_to, max_prune, min_width = options.round_to, options.max_prune, options.min_width
+    round_to, max_prune, min_width = options.round_to, options.max_prune, options.floor
     grids = AUTO_GRIDS if round_to == AUTO else (as_grid(round_to),)
     if options.strategy == "width":  # one multiplier for every group: max_prune does not apply
         prunes: tuple[float, ...] = (1.0,)
@@ -74,7 +74,7 @@ def cut_limits(cg: ChannelGraph, budget: int, options: ShrinkOptions, latency: L
 
 
 def _settings(options: ShrinkOptions) -> str:
-    return f"round_to={options.round_to!r}, min_width={options.min_width}, max_prune={options.max_prune!r}"
+    return f"round_to={options.round_to!r}, min_width={options.floor}, max_prune={options.max_prune!r}"
 
 
 def _pinned(cg: ChannelGraph) -> str:

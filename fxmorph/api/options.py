@@ -120,7 +120,9 @@ class ShrinkOptions(Options):
     """The runtime's intra-op threads for a latency budget (None: every core)."""
     criterion: str = "l1"
     strategy: Strategy = "prune"
-    min_width: int = 1
+    min_width: int | None = None
+    """No group goes below this many channels; 0 lets the groups that can go whole go. None (the default): 0 under a
+    latency budget (a removal saves the fixed time of the ops that go with it), 1 otherwise (:attr:`floor`)."""
     max_prune: float | Literal["auto"] = AUTO
     param_cost: float = DEFAULT_PARAM_COST
     calibrate: bool = False
@@ -133,10 +135,13 @@ class ShrinkOptions(Options):
             raise InputError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}.")
         if not check_round_to(self.round_to):
             raise InputError(f"round_to must be 'auto' or a positive integer, got round_to={self.round_to!r}.")
-        if isinstance(self.min_width, bool) or not isinstance(self.min_width, int) or self.min_width < 0:
+        if self.min_width is not None and (
+            isinstance(self.min_width, bool) or not isinstance(self.min_width, int) or self.min_width < 0
+        ):
             raise InputError(
                 f"min_width must be a non-negative integer, got min_width={self.min_width!r}: 1 keeps every group, "
-                "0 also lets the groups that can go whole go (a dense layer's new features)."
+                "0 also lets the groups that can go whole go (a dense layer's new features); None (the default) is 0 "
+                "under a latency budget and 1 otherwise."
             )
         if not (isinstance(self.max_prune, str) and self.max_prune == AUTO):
             check_number("max_prune", self.max_prune, low=0.0, high=1.0, open_low=True)
@@ -158,6 +163,14 @@ class ShrinkOptions(Options):
             _check_positive_int("latency_threads", self.latency_threads)
 
     @property
+    def floor(self) -> int:
+        """The width no group goes below: ``min_width``, or where it is None, 0 under a latency budget (groups may go
+        whole) and 1 otherwise."""
+        if self.min_width is not None:
+            return self.min_width
+        return 0 if self.budget_latency is not None else 1
+
+    @property
     def cuts_with_data(self) -> bool:
         """Whether the cut reads ``data``: Taylor importance, or gradient-chosen growth (width, a loss)."""
         uses = self.criterion == "taylor" or (self.strategy == "width" and self.loss_fn is not None)
@@ -169,7 +182,7 @@ class ShrinkOptions(Options):
         shared = {
             "criterion": self.criterion,
             "round_to": grid,
-            "min_width": self.min_width,
+            "min_width": self.floor,
             "protect": self.protect,
             "uniform_blocks": self.uniform_blocks,
             "latency": latency,
@@ -194,7 +207,7 @@ class ShrinkOptions(Options):
             "criterion": self.criterion,
             "strategy": self.strategy,
             "round_to": self.round_to,
-            "min_width": self.min_width,
+            "min_width": self.floor,
             "max_prune": self.max_prune,
             "rounding": rounding,
             "param_cost": self.param_cost,

@@ -22,6 +22,7 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.latency import LatencyBudget
 from fxmorph.api.budget import parse_any_budget, parse_budget
+from fxmorph.api.containers import confirm_containers
 from fxmorph.api.cut import FACTOR_ROUNDS, Cut, best_cut, run_pipeline
 from fxmorph.api.deliver import deliver
 from fxmorph.api.latency_budget import LatencyOutcome, meet_latency
@@ -147,7 +148,7 @@ def shrink(
     criterion: str = "l1",
     strategy: str = "prune",
     round_to: RoundTo = DEFAULT_ROUND_TO,
-    min_width: int = 1,
+    min_width: int | None = None,
     max_prune: float | str = AUTO,
     param_cost: float = DEFAULT_PARAM_COST,
     protect: Sequence[str] = (),
@@ -194,13 +195,16 @@ def shrink(
             default) uses 16 where the budget can be reached that way, and otherwise finer steps, first in
             groups narrower than 64 channels, then everywhere (:mod:`fxmorph.passes.rounding`); the report's
             ``settings["rounding"]`` says which.
-        min_width: no group goes below this many channels. 0 also lets a group go whole where that is exact: its
+        min_width: no group goes below this many channels; None (the default) is 0 under a latency budget and 1
+            otherwise. 0 also lets a group go whole where that is exact: its
             channels reach the rest of the model only through concatenations (a dense layer's new features), and
             the ops that compute them go with it (the dense layer), the concatenations leaving them out
             (:mod:`fxmorph.analysis.removal`). The result comes back as the model's class where its containers
-            can drop the modules that went (torchvision's dense blocks). Under a latency budget a group goes where
-            the fixed and memory-bound costs of the ops that go with it save more than thinning; under a FLOPs
-            budget only once thinning costs more (:func:`~fxmorph.passes.select_steps.whole_values`).
+            can drop the modules that went (torchvision's dense blocks); groups whose modules sit in containers
+            that cannot (timm's Res2Net blocks) are kept (:mod:`fxmorph.api.containers`). Under a latency budget
+            a group goes where the fixed and memory-bound costs of the ops that go with it save more than
+            thinning; under a FLOPs budget only once thinning costs more
+            (:func:`~fxmorph.passes.select_steps.whole_values`).
         max_prune: no group loses more than this share of its channels (``strategy="prune"``). ``"auto"``
             (the default) is 0.9, unless the budget cannot be reached that way on any grid: then only
             ``min_width`` binds (small models cut 25x, such as LeNet-5).
@@ -317,6 +321,8 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
     start = time.perf_counter()
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules=options.leaf_modules, capture=options.capture)
+    if options.floor == 0 and options.keep_class is not False:  # groups go whole only where the class runs without
+        confirm_containers(model, gm, options.leaf_modules)
     inputs = bundle_inputs(gm, inputs, options.data)
     rounds = 1 if options.factorize in (False, ()) else FACTOR_ROUNDS
     data = _check_data(model, options, rounds)

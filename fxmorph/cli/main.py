@@ -117,10 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--min-width",
         type=_min_width,
-        default=1,
+        default=None,
         metavar="N",
-        help="no group goes below N channels (default 1); 0 also lets the groups that can go whole go, with the ops "
-        "that compute them (a dense layer's new features, with the layer)",
+        help="no group goes below N channels (default: 0 with --budget-latency, else 1); 0 also lets the groups that "
+        "can go whole go, with the ops that compute them (a dense layer's new features, with the layer)",
     )
     parser.add_argument("--criterion", choices=CRITERIA, default="l1", help="channel importance (default l1)")
     parser.add_argument(
