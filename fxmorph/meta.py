@@ -16,8 +16,10 @@ __all__ = [
     "DROP_KEY",
     "FACTORS_KEY",
     "FLOPS_KEY",
+    "FOLDED_KEY",
     "GROW_KEY",
     "INTERFACE_KEY",
+    "KEPT_MODULES_KEY",
     "META_ATTR",
     "MORPH_KEY",
     "REGIONS_KEY",
@@ -44,6 +46,12 @@ CONTAINERS_KEY = "fxmorph.containers"
 """Module paths of the traced model's containers (``Sequential``, ``ModuleList``, ``ModuleDict``; written by tracing,
 see :func:`~fxmorph.capture.blocks.container_paths`): a module removed with a group is taken out of its container
 by write-back, and selection removes only modules so held."""
+KEPT_MODULES_KEY = "fxmorph.kept_modules"
+"""Module paths that write-back was found by trial not to take out of the user's class
+(:mod:`fxmorph.api.removals`): selection removes no group whose removal takes one."""
+FOLDED_KEY = "fxmorph.folded_modules"
+"""Paths of the modules that surgery replaced by a :class:`~fxmorph.surgery.constant.Constant` (a residual branch
+left constant by a group removed whole): write-back puts the result's in their place."""
 CONFIG_SIZES_KEY = "fxmorph.config_sizes"
 """The :class:`~fxmorph.capture.config_sizes.ConfigSizes` of a model with a configuration object (written by
 tracing; absent without one): which config fields size which tensor dims, so that ``uniform_blocks`` keeps a

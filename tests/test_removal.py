@@ -24,8 +24,8 @@ from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.latency import LatencyFunction, kernels_of
 from fxmorph.analysis.plan import GroupPlan, WidthPlan
-from fxmorph.api.containers import confirm_containers
-from fxmorph.meta import CONTAINERS_KEY
+from fxmorph.api.removals import confirm_removals
+from fxmorph.meta import KEPT_MODULES_KEY
 from fxmorph.passes.select import greedy_widths
 from fxmorph.testing import masked_reference, random_plan, run_double
 from tests.test_latency_budget import FakeRuntime
@@ -160,7 +160,8 @@ def test_a_group_that_cannot_go_whole_says_why() -> None:
     model, x = _Branches().eval(), _input()
     cg = fxmorph.analyze(model, x)
     stem = _made_by(cg, "stem")
-    with pytest.raises(fxmorph.PlanError, match="cannot be removed whole \\(no concatenation joins"):
+    # its branches would compute their biases, which the concatenation would not take at one value per channel
+    with pytest.raises(fxmorph.PlanError, match="cannot be removed whole \\('a' would read no channels"):
         fxmorph.resize(cg, WidthPlan({stem: GroupPlan(())}))
     assert "pinned" in (cg.removal(_made_by(cg, "out")).refused or "")  # the model's output
 
@@ -278,8 +279,8 @@ def test_a_container_the_class_cannot_run_without_a_module_keeps_its_groups() ->
     gm = fxmorph.trace(model, (x,))
     branches = [g.id for g in build_channel_graph(gm).groups if g.size == 8]
     assert len(branches) == 4 and all(build_channel_graph(gm).removal(g).droppable for g in branches)
-    confirm_containers(model, gm)  # the trial removes one branch: write-back refuses the class without it
-    assert "convs" not in gm.meta[CONTAINERS_KEY]
+    confirm_removals(model, gm)  # the trial removes one branch: write-back refuses the class without it
+    assert gm.meta[KEPT_MODULES_KEY] == ("convs.0", "convs.1", "convs.2", "convs.3")
     cg = build_channel_graph(gm)
     assert all(cg.removal(g).possible and not cg.removal(g).droppable for g in branches)
     with warnings.catch_warnings():
@@ -295,8 +296,8 @@ def test_a_latency_budget_lets_groups_go_whole_by_default_and_a_flops_budget_doe
     torch.manual_seed(0)
     model, x = _Dense().eval(), _input(64)
     gm = fxmorph.trace(model, (x,))
-    confirm_containers(model, gm)  # torchvision-style containers run what they hold: the record stays
-    assert "layers" in gm.meta[CONTAINERS_KEY]
+    confirm_removals(model, gm)  # torchvision-style containers run what they hold: every layer may go
+    assert gm.meta[KEPT_MODULES_KEY] == ()
     _, latency = fxmorph.shrink(
         model, example_inputs=x, budget_latency="90%", runtime=FakeRuntime(), return_report=True
     )

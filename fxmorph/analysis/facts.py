@@ -129,10 +129,22 @@ class OpFacts:
     """Whether CPU runtimes fuse the op into a convolution that alone feeds it, so that it costs no time of its
     own: onnxruntime folds a batch norm into the weights, runs ReLU, Clip, Sigmoid, Tanh, LeakyReLU and
     HardSigmoid as the convolution's activation, and adds a residual as its blocked kernel's sum."""
+    broadcasts: bool = False
+    """Whether the op, applied to a tensor whose dims of size 1 stand for any size, gives the op of the full tensor
+    broadcast (a permute or transpose: positions move, sizes with them). Pointwise ops and batch norms do so too
+    (:attr:`commutes_with_broadcast`); a reshape or a pooling does not. A group removed whole that leaves a residual
+    branch constant computes the branch's ops after the constant on one value per channel
+    (:mod:`fxmorph.analysis.removal_constant`)."""
     joins: bool = False
     """Whether the op joins the tensors of its first argument (a list) along one dim (``dim``, the second argument,
     0 by default): an input without channels along that dim can be left out of the list, which is how a group
     removed whole leaves the concatenations it fed (:mod:`fxmorph.analysis.removal`)."""
+
+    @property
+    def commutes_with_broadcast(self) -> bool:
+        """Whether the op of a tensor whose unit dims stand for any size is the op of the full tensor, broadcast:
+        elementwise ops (their other operands broadcast alike), batch norms in eval mode, and :attr:`broadcasts`."""
+        return self.broadcasts or self.pointwise or self.kind is OpKind.BATCH_NORM
 
     @property
     def pointwise(self) -> bool:

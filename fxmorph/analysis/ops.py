@@ -216,7 +216,9 @@ FUNCTION_OPS: dict[Any, OpFacts] = {
     torch.prelu: act(rf.prelu),  # F.prelu is torch.prelu; its slopes are graph values, not known here
     operator.getitem: view(rs.getitem), torch.index_select: move(rs.index_select),
     **dict.fromkeys((torch.flatten, torch.reshape), view(rs.reshape)),
-    torch.permute: move(rs.permute), **dict.fromkeys((torch.transpose, torch.swapaxes), move(rs.transpose)),
+    # a permute of a tensor whose unit dims stand for any size is the permute of the full tensor, broadcast
+    torch.permute: move(rs.permute).replace(broadcasts=True),
+    **dict.fromkeys((torch.transpose, torch.swapaxes), move(rs.transpose).replace(broadcasts=True)),
     torch.unsqueeze: view(rs.unsqueeze), torch.squeeze: view(rs.squeeze),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), move(rs.cat).replace(joins=True)),
     torch.split: move(rs.split), torch.chunk: move(rs.chunk), torch.unbind: move(rs.unbind),
@@ -288,10 +290,12 @@ METHOD_OPS: dict[str, OpFacts] = {
     # casts to integers and booleans: per element, zero stays zero, and no gradient flows through them
     **dict.fromkeys(("long", "int", "short", "byte", "char", "bool"), pointwise(rc.passthrough, 0.0)),
     "detach": pointwise(rc.passthrough, 0.0),  # the identity, but no gradient flows through it
-    **{name: move(getattr(rs, name)) for name in ("index_select", "permute", "transpose", "split", "chunk", "unbind",
-                                                   "tensor_split", "repeat_interleave")},
+    **{name: move(getattr(rs, name)) for name in ("index_select", "split", "chunk", "unbind", "tensor_split",
+                                                   "repeat_interleave")},
+    **{name: move(getattr(rs, name)).replace(broadcasts=True) for name in ("permute", "transpose")},
     **{name: view(getattr(rs, name)) for name in ("unsqueeze", "squeeze", "expand")},
-    **dict.fromkeys(("view", "reshape", "flatten"), view(rs.reshape)), "swapaxes": move(rs.transpose),
+    **dict.fromkeys(("view", "reshape", "flatten"), view(rs.reshape)),
+    "swapaxes": move(rs.transpose).replace(broadcasts=True),
     "reshape_as": OpFacts(rf.reshape_as), "view_as": OpFacts(rf.reshape_as),
     "size": OpFacts(rs.size, OpKind.SHAPE), "dim": OpFacts(shape_only, OpKind.SHAPE),
     **dict.fromkeys(("matmul", "bmm"), OpFacts(rc.matmul)),

@@ -33,15 +33,25 @@ from typing import TYPE_CHECKING
 from torch import fx
 
 from fxmorph.analysis.ops import node_facts
+from fxmorph.analysis.removal_constant import ConstantChain, Fold, constant_chain, fold_points
 from fxmorph.analysis.rules._util import norm_dim
 from fxmorph.analysis.rules.cat_split import join_dim
 from fxmorph.capture.train_mode import module_paths
-from fxmorph.meta import CONTAINERS_KEY, tensor_shape
+from fxmorph.meta import CONTAINERS_KEY, KEPT_MODULES_KEY, tensor_shape
 
 if TYPE_CHECKING:
     from fxmorph.analysis.graph import ChannelGraph
 
-__all__ = ["Removal", "combined", "find_removals", "joint_sets", "node_gates", "removed_modules", "tensor_gates"]
+__all__ = [
+    "Fold",
+    "Removal",
+    "combined",
+    "find_removals",
+    "joint_sets",
+    "node_gates",
+    "removed_modules",
+    "tensor_gates",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +68,11 @@ class Removal:
     """The other groups all of whose tensors go with them (their widths no longer matter)."""
     refused: str | None = None
     """Why the groups cannot go whole (``None`` where they can)."""
+    sources: tuple[tuple[str, int], ...] = ()
+    """The layers left reading no channels, which compute their bias (node name, the dim of its channels): the
+    residual branch they close becomes a constant (:mod:`fxmorph.analysis.removal_constant`)."""
+    folds: tuple[Fold, ...] = ()
+    """Where that constant enters the graph again."""
     droppable: bool = False
     """Whether every module that goes (:func:`removed_modules`) sits in a container (``ModuleDict``, ``ModuleList``,
     ``Sequential``) whose forward may run without it, so that write-back can take it out of the user's class;
@@ -114,9 +129,10 @@ def _readers_left(cg: ChannelGraph, empty: dict[str, int], dead: set[str], nodes
     return None
 
 
-def _goes(cg: ChannelGraph, empty: dict[str, int]) -> set[str]:
-    """The nodes that go: the empty tensors, then (walking back) every node all of whose readers go."""
-    dead = set(empty)
+def _goes(cg: ChannelGraph, start: Iterable[str]) -> set[str]:
+    """The nodes that go: ``start`` (the empty tensors, the ops left constant), then (walking back) every node all
+    of whose readers go."""
+    dead = set(start)
     for node in reversed(cg.gm.graph.nodes):
         if node.op in ("output", "placeholder") or node.name in dead:
             continue
@@ -179,9 +195,11 @@ def find_removals(cg: ChannelGraph) -> dict[int, Removal]:
         reason = _refusal(cg, gid)
         if reason is None and gid in split:
             reason = f"'{split[gid]}' splits its channels off into a tensor of their own"
-        removal = Removal(frozenset({gid}), refused=reason) if reason else _removal(cg, gid, alone.get(gid, {}), nodes)
+        removal = (
+            Removal(frozenset({gid}), refused=reason) if reason else _removal(cg, gid, alone.get(gid, {}), nodes, index)
+        )
         if removal.possible:
-            removal = replace(removal, droppable=index.in_containers(index.removed(removal.dead)))
+            removal = replace(removal, droppable=index.droppable(removal))
         out[gid] = removal
     return out
 
@@ -192,6 +210,8 @@ class _ModuleIndex:
 
     nodes: dict[str, list[str]]
     containers: frozenset[str]
+    kept: frozenset[str]
+    """Module paths write-back was found by trial not to take out (:data:`~fxmorph.meta.KEPT_MODULES_KEY`)."""
 
     @classmethod
     def of(cls, gm: fx.GraphModule) -> _ModuleIndex:
@@ -200,7 +220,7 @@ class _ModuleIndex:
             for owner in {owner for path in module_paths(node) for owner in _owners(path)}:
                 nodes.setdefault(owner, []).append(node.name)
         # tracing recorded them: the GraphModule's own containers are plain modules
-        return cls(nodes, frozenset(gm.meta.get(CONTAINERS_KEY, ())))
+        return cls(nodes, frozenset(gm.meta.get(CONTAINERS_KEY, ())), frozenset(gm.meta.get(KEPT_MODULES_KEY, ())))
 
     def removed(self, dead: frozenset[str]) -> tuple[str, ...]:
         """The top-most module paths all of whose nodes are among ``dead``."""
@@ -208,25 +228,54 @@ class _ModuleIndex:
         # a path goes whole where no module above it does
         return tuple(sorted(p for p in gone if not any(o in gone for o in _owners(p)[1:])))
 
-    def in_containers(self, paths: tuple[str, ...]) -> bool:
-        """Whether every path's parent is a container (:data:`~fxmorph.meta.CONTAINERS_KEY`)."""
-        return bool(paths) and all(p.rpartition(".")[0] in self.containers for p in paths)
+    def droppable(self, removal: Removal) -> bool:
+        """Whether write-back can take what ``removal`` takes out of the user's class: every top-most module that
+        goes sits in a container (:data:`~fxmorph.meta.CONTAINERS_KEY`), or returns a constant (replaced by one),
+        or, beside such a module, is skipped; and none was found by trial not to be (:data:`KEPT_MODULES_KEY`)."""
+        paths = self.removed(removal.dead)
+        folded = {f.module for f in removal.folds}
+        if not paths or None in folded or any(p in self.kept for p in paths):
+            return False
+        if folded:
+            # beside a module replaced by the constant, the modules that fed only it are skipped (a transformer's
+            # norm before its MLP): the forward calls them, and what they return goes nowhere
+            return True
+        return all(p.rpartition(".")[0] in self.containers for p in paths)
 
 
-def _removal(cg: ChannelGraph, gid: int, empty: dict[str, int], nodes: dict[str, fx.Node]) -> Removal:
+def _removal(
+    cg: ChannelGraph, gid: int, empty: dict[str, int], nodes: dict[str, fx.Node], index: _ModuleIndex
+) -> Removal:
     """What removing group ``gid`` takes with it, where ``empty`` are the tensors holding it alone (``nodes``: the
     graph's nodes by name)."""
     gone = frozenset({gid})
     if not empty:
         return Removal(gone, refused="no tensor holds its channels alone")
-    # cheap first: without an op joining its channels with others, the group's channels reach the output or a layer
-    if not any(_joins_along(cg, u, dim, nodes[name]) for name, dim in empty.items() for u in nodes[name].users):
+    joined = {u.name for name, dim in empty.items() for u in nodes[name].users if _joins_along(cg, u, dim, nodes[name])}
+    found = constant_chain(cg, empty, joined)
+    if isinstance(found, str):
+        return Removal(gone, refused=found)
+    # cheap first: without a concatenation or a layer left constant, the channels reach the output or a layer
+    if not joined and not found.sources:
         return Removal(gone, refused="no concatenation joins its channels with others (only one can leave them out)")
-    dead = _goes(cg, empty)
+    dead, folds = _constant_dead(cg, empty, found, index)
     reason = _readers_left(cg, empty, dead, nodes) or _writes_kept(cg, dead)
     if reason is not None:
         return Removal(gone, refused=reason)
-    return Removal(gone, frozenset(dead), _vanished(cg, gone, dead))
+    return Removal(gone, frozenset(dead), _vanished(cg, gone, dead), sources=tuple(found.sources.items()), folds=folds)
+
+
+def _constant_dead(
+    cg: ChannelGraph, empty: dict[str, int], found: ConstantChain, index: _ModuleIndex
+) -> tuple[set[str], tuple[Fold, ...]]:
+    """The nodes that go with the empty tensors and the ops they leave constant, and where the constant enters the
+    graph again: the ops of the chain outside every module that goes stay (they compute on the constant)."""
+    dead = _goes(cg, (*empty, *found.chain))
+    if not found.chain:
+        return dead, ()
+    removed = {path: index.nodes[path] for path in index.removed(frozenset(dead))}
+    folds, kept = fold_points(cg.gm.graph, found.chain, dead, removed)
+    return (_goes(cg, (*empty, *(found.chain - kept))) if kept else dead), folds
 
 
 def joint_sets(cg: ChannelGraph) -> tuple[frozenset[int], ...]:
@@ -258,7 +307,16 @@ def combined(cg: ChannelGraph, gids: Iterable[int]) -> Removal:
         reason = f"together they leave '{left[0]}' with no channels, which none of them takes alone"
     if reason is not None:
         return Removal(gone, refused=reason)
-    return Removal(gone, frozenset(dead), _vanished(cg, gone, dead))
+    sources = tuple(sorted({s for p in parts for s in p.sources}))
+    # a constant that another of the removals takes with it (no reader of it stays) folds nowhere
+    folds = tuple(sorted({f for p in parts for f in p.folds if _read_by_kept(cg, f, dead)}, key=lambda f: f.node))
+    return Removal(gone, frozenset(dead), _vanished(cg, gone, dead), sources=sources, folds=folds)
+
+
+def _read_by_kept(cg: ChannelGraph, fold: Fold, dead: set[str]) -> bool:
+    """Whether a node that stays reads the value of ``fold``."""
+    node = next(n for n in cg.gm.graph.nodes if n.name == fold.node)
+    return any(u.name not in dead for u in node.users)
 
 
 def node_gates(cg: ChannelGraph) -> dict[str, frozenset[int]]:

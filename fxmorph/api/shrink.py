@@ -22,12 +22,12 @@ from torch import fx, nn
 from fxmorph.analysis import ChannelGraph
 from fxmorph.analysis.latency import LatencyBudget
 from fxmorph.api.budget import parse_any_budget, parse_budget
-from fxmorph.api.containers import confirm_containers
 from fxmorph.api.cut import FACTOR_ROUNDS, Cut, best_cut, run_pipeline
 from fxmorph.api.deliver import deliver
 from fxmorph.api.latency_budget import LatencyOutcome, meet_latency
 from fxmorph.api.options import ShrinkOptions
 from fxmorph.api.regions import bundle_inputs, region_budget, whole_flops
+from fxmorph.api.removals import confirm_removals
 from fxmorph.api.report import GroupRow, ShrinkReport
 from fxmorph.api.runtimes import LatencyRuntime, runtime_for
 from fxmorph.capture.counting import count_params
@@ -201,7 +201,7 @@ def shrink(
             the ops that compute them go with it (the dense layer), the concatenations leaving them out
             (:mod:`fxmorph.analysis.removal`). The result comes back as the model's class where its containers
             can drop the modules that went (torchvision's dense blocks); groups whose modules sit in containers
-            that cannot (timm's Res2Net blocks) are kept (:mod:`fxmorph.api.containers`). Under a latency budget
+            that cannot (timm's Res2Net blocks) are kept (:mod:`fxmorph.api.removals`). Under a latency budget
             a group goes where the fixed and memory-bound costs of the ops that go with it save more than
             thinning; under a FLOPs budget only once thinning costs more
             (:func:`~fxmorph.passes.select_steps.whole_values`).
@@ -322,7 +322,7 @@ def run_shrink(model: nn.Module, example_inputs: Any, options: ShrinkOptions) ->
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs, leaf_modules=options.leaf_modules, capture=options.capture)
     if options.floor == 0 and options.keep_class is not False:  # groups go whole only where the class runs without
-        confirm_containers(model, gm, options.leaf_modules)
+        confirm_removals(model, gm, options.leaf_modules)
     inputs = bundle_inputs(gm, inputs, options.data)
     rounds = 1 if options.factorize in (False, ()) else FACTOR_ROUNDS
     data = _check_data(model, options, rounds)

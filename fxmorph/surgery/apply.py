@@ -21,6 +21,7 @@ from fxmorph.analysis.plan import WidthPlan
 from fxmorph.analysis.removal import Removal, removed_modules
 from fxmorph.errors import PlanError, SurgeryError
 from fxmorph.meta import REMOVED_KEY
+from fxmorph.surgery.constant import fold_constants
 from fxmorph.surgery.defaults import new_channel_default, new_channel_values
 from fxmorph.surgery.indices import axis_map
 
@@ -291,6 +292,7 @@ def _remove_dead(out: fx.GraphModule, removal: Removal) -> None:
     if not removal.dead:
         return
     out.meta[REMOVED_KEY] = (*out.meta.get(REMOVED_KEY, ()), *removed_modules(out, removal.dead))
+    fold_constants(out, removal)  # a residual branch left constant: its value goes where its module was
     for node in out.graph.nodes:
         # the removal is refused unless every op that stays and reads a node that goes joins a list of tensors
         items = node.args[0] if node.args and node.name not in removal.dead else None

@@ -33,7 +33,7 @@ from fxmorph.capture.compare import Difference, DiffKind, compare_graphs, source
 from fxmorph.capture.layers import layer_sizes
 from fxmorph.errors import TraceError, WriteBackError
 from fxmorph.meta import CAPTURE_KEY
-from fxmorph.surgery.removed import drop_removed
+from fxmorph.surgery.removed import computes_alike, drop_removed
 
 __all__ = ["AttributeChange", "WrittenBack", "write_back"]
 
@@ -416,5 +416,6 @@ def write_back(model: nn.Module, result: fx.GraphModule, leaf_modules: Iterable[
     sizes = _restate_sizes(copied, memo) + _restate_layers(copied)
     search = _Search(model, copied, result, leaf_modules)
     changes = sizes + _settle(search)
+    computes_alike(copied, result)
     logger.debug("write-back: %d attribute(s) set, %d trace(s)", len(changes), search.traces)
     return WrittenBack(copied, tuple(changes), search.traces)
