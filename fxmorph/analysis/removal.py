@@ -11,11 +11,19 @@ The model without those ops computes what the model computes with the group's ch
 holds them: every op left reads the channels only where a concatenation put them, and a zeroed channel of a
 concatenation's input reaches the layers after it as the channel left out does (the mask oracle).
 
+A layer that reads such a tensor and nothing else (the projection closing an inverted residual, the second Linear
+of a transformer's MLP) is left reading no channels: it computes its bias, and the residual branch it closes folds
+into one value per channel, which the residual ``add`` takes broadcast (:mod:`fxmorph.analysis.removal_constant`;
+``sources`` and ``folds``).
+
 Refused, with the reason: a pinned group, a group kept at one width with others, a tensor of the group that the
-model returns, that a split divides, or that an op reads and would outlive (a convolution reading it would be left
-with no input channels); an in-place op that would go while the tensor it writes stays. A removal is ``droppable``
-where every module that goes sits in a container (``Sequential``, ``ModuleList``, ``ModuleDict``): write-back can
-then take it out of the user's class, and selection removes only such groups.
+model returns, that a split divides, or that an op reads and would outlive (a layer reading it beside other values);
+a constant that an op cannot take at one value per channel (a layer, a reshape, a pooling, the output); an in-place
+op that would go while the tensor it writes stays. A removal is ``droppable`` where write-back can express it in the
+user's class: every module that goes sits in a container (``Sequential``, ``ModuleList``, ``ModuleDict``) and is
+taken out of it, or returns a constant and is replaced by it, or fed only such a branch and is skipped; and no trial
+found otherwise (:data:`~fxmorph.meta.KEPT_MODULES_KEY`, :mod:`fxmorph.api.removals`). Selection removes only such
+groups.
 
 Several groups removed together take the union of what each takes alone (:func:`combined`); an op that goes only
 when several go together (a branch all of whose inputs were removed) stays, unread, so that the cost model, which
@@ -74,9 +82,8 @@ class Removal:
     folds: tuple[Fold, ...] = ()
     """Where that constant enters the graph again."""
     droppable: bool = False
-    """Whether every module that goes (:func:`removed_modules`) sits in a container (``ModuleDict``, ``ModuleList``,
-    ``Sequential``) whose forward may run without it, so that write-back can take it out of the user's class;
-    selection removes only such groups (:attr:`~fxmorph.analysis.cost.Costs.removable`)."""
+    """Whether write-back can take what goes out of the user's class (see the module docstring); selection removes
+    only such groups (:attr:`~fxmorph.analysis.cost.Costs.removable`)."""
 
     @property
     def possible(self) -> bool:
@@ -252,7 +259,7 @@ def _removal(
     if not empty:
         return Removal(gone, refused="no tensor holds its channels alone")
     joined = {u.name for name, dim in empty.items() for u in nodes[name].users if _joins_along(cg, u, dim, nodes[name])}
-    found = constant_chain(cg, empty, joined)
+    found = constant_chain(cg, empty, joined | _goes(cg, empty))  # a squeeze-excitation on the group goes with it
     if isinstance(found, str):
         return Removal(gone, refused=found)
     # cheap first: without a concatenation or a layer left constant, the channels reach the output or a layer

@@ -105,14 +105,15 @@ def _absorbs(cg: ChannelGraph, node: fx.Node, chain: set[str], static: set[str])
     return None
 
 
-def constant_chain(cg: ChannelGraph, empty: Mapping[str, int], joined: set[str]) -> ConstantChain | str:
+def constant_chain(cg: ChannelGraph, empty: Mapping[str, int], skip: set[str]) -> ConstantChain | str:
     """The ops a removal leaves constant, given the tensors it empties (``empty``: node name -> dim) and the
-    readers of them that join them with others (``joined``, which leave them out); or why they cannot fold."""
+    readers of them that are not left reading nothing (``skip``: those that join them with others and leave them
+    out, and those that go with them); or why they cannot fold."""
     nodes = {n.name: n for n in cg.gm.graph.nodes}
     sources: dict[str, int] = {}
     for name in empty:
         for user in nodes[name].users:
-            if user.name in empty or user.name in joined:
+            if user.name in empty or user.name in skip:
                 continue
             dim = _source_dim(cg, user, name)
             if dim is not None:
