@@ -196,12 +196,15 @@ def shrink(
             groups narrower than 64 channels, then everywhere (:mod:`fxmorph.passes.rounding`); the report's
             ``settings["rounding"]`` says which.
         min_width: no group goes below this many channels; None (the default) is 0 under a latency budget and 1
-            otherwise. 0 also lets a group go whole where that is exact: its
-            channels reach the rest of the model only through concatenations (a dense layer's new features), and
-            the ops that compute them go with it (the dense layer), the concatenations leaving them out
-            (:mod:`fxmorph.analysis.removal`). The result comes back as the model's class where its containers
-            can drop the modules that went (torchvision's dense blocks); groups whose modules sit in containers
-            that cannot (timm's Res2Net blocks) are kept (:mod:`fxmorph.api.removals`). Under a latency budget
+            otherwise. 0 also lets a group go whole where that is exact: its channels reach the rest of the model
+            only through concatenations (a dense layer's new features), the ops that compute them going with it
+            and the concatenations leaving them out; or they feed a layer that reads nothing else, which then
+            computes its bias, and the residual branch it closes folds into one value per channel (an inverted
+            residual, a squeeze-excitation, a transformer's MLP; :mod:`fxmorph.analysis.removal`). The result
+            comes back as the model's class where it runs without what went (torchvision's dense blocks,
+            ``MobileNetV2``, ``VisionTransformer``); shrink tries one removal of each kind first and keeps the
+            groups of kinds that do not (a ResNet block, timm's Res2Net; :mod:`fxmorph.api.removals`). Under a
+            latency budget
             a group goes where the fixed and memory-bound costs of the ops that go with it save more than
             thinning; under a FLOPs budget only once thinning costs more
             (:func:`~fxmorph.passes.select_steps.whole_values`).
