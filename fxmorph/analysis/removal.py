@@ -50,16 +50,7 @@ from fxmorph.meta import CONTAINERS_KEY, KEPT_MODULES_KEY, tensor_shape
 if TYPE_CHECKING:
     from fxmorph.analysis.graph import ChannelGraph
 
-__all__ = [
-    "Fold",
-    "Removal",
-    "combined",
-    "find_removals",
-    "joint_sets",
-    "node_gates",
-    "removed_modules",
-    "tensor_gates",
-]
+__all__ = ["Removal", "combined", "find_removals", "joint_sets", "node_gates", "removed_modules", "tensor_gates"]
 
 logger = logging.getLogger(__name__)
 
