@@ -250,13 +250,14 @@ def _removal(
     if not empty:
         return Removal(gone, refused="no tensor holds its channels alone")
     joined = {u.name for name, dim in empty.items() for u in nodes[name].users if _joins_along(cg, u, dim, nodes[name])}
-    found = constant_chain(cg, empty, joined | _goes(cg, empty))  # a squeeze-excitation on the group goes with it
+    walked = _goes(cg, empty)
+    found = constant_chain(cg, empty, joined | walked)  # a squeeze-excitation on the group goes with it
     if isinstance(found, str):
         return Removal(gone, refused=found)
     # cheap first: without a concatenation or a layer left constant, the channels reach the output or a layer
     if not joined and not found.sources:
         return Removal(gone, refused="no concatenation joins its channels with others (only one can leave them out)")
-    dead, folds = _constant_dead(cg, empty, found, index)
+    dead, folds = _constant_dead(cg, empty, found, index) if found.chain else (walked, ())
     reason = _readers_left(cg, empty, dead, nodes) or _writes_kept(cg, dead)
     if reason is not None:
         return Removal(gone, refused=reason)
@@ -269,8 +270,6 @@ def _constant_dead(
     """The nodes that go with the empty tensors and the ops they leave constant, and where the constant enters the
     graph again: the ops of the chain outside every module that goes stay (they compute on the constant)."""
     dead = _goes(cg, (*empty, *found.chain))
-    if not found.chain:
-        return dead, ()
     removed = {path: index.nodes[path] for path in index.removed(frozenset(dead))}
     folds, kept = fold_points(cg.gm.graph, found.chain, dead, removed)
     return (_goes(cg, (*empty, *(found.chain - kept))) if kept else dead), folds

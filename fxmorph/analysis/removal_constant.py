@@ -155,7 +155,7 @@ def fold_points(
     buffer of the root (:attr:`Fold.module` None)."""
     inside = {name: path for path, names in removed.items() for name in names}
     kept = frozenset(c for c in chain if c not in inside)
-    points: dict[str, list[str]] = {}  # node -> the module it leaves ("" for none)
+    points: dict[str, list[str]] = {}  # module path -> the nodes of the chain that leave it
     for node in graph.nodes:
         if node.name not in chain or node.name in kept:
             continue

@@ -167,7 +167,7 @@ def _search(
     return None
 
 
-def _same_outputs(a: nn.Module, b: nn.Module, inputs: tuple[Any, ...]) -> bool:
+def same_outputs(a: nn.Module, b: nn.Module, inputs: tuple[Any, ...]) -> bool:
     """Whether two models compute bit for bit the same on ``inputs`` (a cache switched off where there is one)."""
     with torch.no_grad():
         out_a, _ = tree_flatten(switched(a)(*inputs))
@@ -222,7 +222,7 @@ def restate_config(
             if callable(getattr(candidate, "validate", None)):
                 candidate.validate()  # the checks save_pretrained makes (hidden size a multiple of the heads)
             with frozen_mode(model):  # compared in eval mode; the result keeps the mode the user's model had
-                return _same_outputs(_rebuilt(cls, candidate, model), model, inputs)
+                return same_outputs(_rebuilt(cls, candidate, model), model, inputs)
         except Exception as exc:  # a config that builds on meta may still fail to validate, load or run
             logger.debug("config candidate rejected: %s", exc)
             refused.append(f"{type(exc).__name__}: {exc}".splitlines()[-1].strip())

@@ -10,13 +10,13 @@ output in place (``result += input``), which a trace records as a plain ``add``.
 
 from __future__ import annotations
 
-import torch
 from torch import fx, nn
 
 from fxmorph.capture.blocks import CONTAINERS
 from fxmorph.capture.export import probe_inputs
 from fxmorph.errors import WriteBackError
 from fxmorph.meta import FOLDED_KEY, REMOVED_KEY
+from fxmorph.surgery.config import same_outputs
 from fxmorph.surgery.constant import Skipped
 
 __all__ = ["computes_alike", "drop_removed"]
@@ -54,32 +54,20 @@ def computes_alike(copied: nn.Module, result: fx.GraphModule) -> None:
     if not result.meta.get(FOLDED_KEY):
         return
     inputs = probe_inputs(result)
-    with torch.no_grad():
-        for _ in range(2):
-            try:
-                ours, theirs = result(*inputs), copied(*inputs)
-            except Exception as exc:  # the user's forward on the constant: an in-place broadcast, most often
-                raise WriteBackError(
-                    f"cannot give the result back as {type(copied).__name__}: its forward fails on a residual branch "
-                    f"left constant ({type(exc).__name__}: {exc}); the class may write into the branch's output in "
-                    "place (`out += x`)."
-                ) from exc
-            if not _alike(ours, theirs):
-                raise WriteBackError(
-                    f"cannot give the result back as {type(copied).__name__}: with a residual branch left constant, "
-                    "it computes other values than the result's graph."
-                )
-
-
-def _alike(a: object, b: object) -> bool:
-    """Whether two outputs (tensors, or tuples, lists and dicts of them) hold the same values."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_alike(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_alike(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
+    for _ in range(2):
+        try:
+            alike = same_outputs(result, copied, inputs)
+        except Exception as exc:  # the user's forward on the constant: an in-place broadcast, most often
+            raise WriteBackError(
+                f"cannot give the result back as {type(copied).__name__}: its forward fails on a residual branch "
+                f"left constant ({type(exc).__name__}: {exc}); the class may write into the branch's output in "
+                "place (`out += x`)."
+            ) from exc
+        if not alike:
+            raise WriteBackError(
+                f"cannot give the result back as {type(copied).__name__}: with a residual branch left constant, "
+                "it computes other values than the result's graph."
+            )
 
 
 def _module_at(model: nn.Module, path: str) -> nn.Module | None:
