@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Mapping
 from itertools import product
 from typing import Any
@@ -36,7 +37,7 @@ from fxmorph.analysis.latency import (
     kernels_of,
 )
 from fxmorph.api.budget import parse_latency
-from fxmorph.api.latency_budget import LatencyOutcome, LatencyStep, _Rounds, _step
+from fxmorph.api.latency_budget import LatencyOutcome, LatencyStep, _corrected_aim, _next_scale, _Rounds, _step
 from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.latency_cache import CacheKey, LatencyCache
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
@@ -520,8 +521,35 @@ def test_a_correction_past_the_models_floor_measures_the_floor() -> None:
     rounds = _Rounds(cut, LatencyBudget(1400.0, profile), 1.4, outcome, [0.9])
     result, small, scale, _ = rounds.corrected_cut()
     assert (result, small) == ("floor", narrow) and scale <= 1.0 < tried[0]  # relaxed from the correction
-    assert tried[0] == pytest.approx(0.9 * 2.0 / 1.4)
+    # the round predicted 28% of the original and measured 40%: the aim that measures 28% under that power
+    assert tried[0] == pytest.approx(0.9 * 0.28 / 0.28 ** (math.log(0.28) / math.log(0.4)))
     outcome.steps.append(LatencyStep(1.4, 1.8, CostModel(build_channel_graph(narrow)).flops(), 0))
     rounds.scales.append(scale)
     with pytest.raises(fxmorph.BudgetError):  # the floor was measured already: the rounds end
         rounds.corrected_cut()
+
+
+def test_a_correction_follows_an_error_that_grows_with_the_cut() -> None:
+    """A runtime whose cuts measure ``predicted ** 1.3`` (the original alike): one round deep under the model's
+    prediction gives the aim that lands on the goal, where scaling by the round's miss overshoots the window."""
+    power = 1.3
+    predicted, goal = 0.2925, 0.2925
+    measured = predicted**power  # 0.20: a 30% budget's first round, well under the window
+    aim = _corrected_aim(predicted, measured, goal)
+    assert aim**power == pytest.approx(goal)
+    by_miss = predicted * goal / measured
+    assert by_miss**power > 0.30  # the old correction lands over a 30% budget
+    # as a calibration: the next cut aims at ``aim`` where the round, under scale 1, landed at ``predicted``
+    assert _next_scale([1.0], [predicted], [measured], goal) == pytest.approx(predicted / aim)
+
+
+def test_a_correction_near_the_original_scales_by_the_miss_and_stays_bounded() -> None:
+    near = _corrected_aim(0.73, 0.745, 0.73)
+    assert near == pytest.approx(0.73 * 0.73 / 0.745, rel=0.005)  # alike near the original
+    assert _corrected_aim(1.0, 1.02, 0.73) == pytest.approx(0.73 / 1.02)  # no cut to fit a power to: the miss
+    # a deep cut measured about as slow as the original: the power is held, the aim stays a usable share
+    assert _corrected_aim(0.5, 0.99, 0.5) == pytest.approx(0.5**2.0)
+
+
+def test_rounds_on_both_sides_of_the_goal_interpolate_their_calibrations() -> None:
+    assert _next_scale([1.0, 2.0], [0.4, 0.3], [0.5, 0.3], 0.4) == pytest.approx(1.5)
