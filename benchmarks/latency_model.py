@@ -1,0 +1,193 @@
+"""Where the latency model errs (issue 17): its tables against the ops' time inside the model, original and cut.
+
+    python -m benchmarks.latency_model                               # mobilenet_v2 and efficientnet_b0
+    python -m benchmarks.latency_model --models resnet50 --levels 0.5
+
+For each torchvision model (random weights, 1x3x224x224, onnxruntime's CPU provider, 2 threads), the original and
+its FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) are
+
+1. predicted by the latency model (:class:`~fxmorph.analysis.latency.LatencyFunction`, tables measured op by op),
+   as a share of the original's prediction;
+2. measured together, interleaved (:meth:`~fxmorph.io.latency_profile.OnnxRuntimeCPU.measure`, twice, the mean of
+   the two ratios);
+3. run with onnxruntime's profiler, whose kernel times are summed per kind of op (depthwise and other convolutions
+   by kernel size, products with a weight, everything else) beside what the tables predict for the same ops.
+
+A model whose prediction for a cut is too slow shows where in the per-kind rows: the ops whose time inside the
+model falls further than their tables do. Written to ``LATENCY_MODEL.md`` and ``latency_model.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import fx, nn
+
+import fxmorph
+from benchmarks.common import build
+from fxmorph.analysis import build_channel_graph
+from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.kernels import Kernel, KernelKind
+from fxmorph.analysis.latency import LatencyFunction, RuntimeProfile, kernels_of
+from fxmorph.io.latency import session_options
+from fxmorph.io.latency_profile import OnnxRuntimeCPU
+
+HERE = Path(__file__).parent
+THREADS = 2
+PROFILED_RUNS = 40
+logger = logging.getLogger("benchmarks.latency_model")
+
+
+def _kind(kernel: Kernel | None) -> str:
+    """The row a table's op is summed in."""
+    if kernel is None:
+        return "other"
+    if kernel.kind is KernelKind.GEMM:
+        return "product"
+    size = "x".join(map(str, kernel.kernel))
+    return f"depthwise {size}" if kernel.kind is KernelKind.DEPTHWISE else f"conv {size}"
+
+
+def _event_kind(args: dict[str, Any]) -> str:
+    """The row an onnxruntime kernel event is summed in (its op and the shapes of its inputs)."""
+    shapes = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
+    op = args.get("op_name")
+    if op == "Conv" and len(shapes) >= 2 and len(shapes[1]) == 4:
+        x, w = shapes[0], shapes[1]
+        size = f"{w[2]}x{w[3]}"
+        return f"depthwise {size}" if w[1] == 1 and x[1] > 1 else f"conv {size}"
+    if op in ("Gemm", "MatMul", "FusedMatMul") and len(shapes) >= 2 and len(shapes[1]) == 2:
+        return "product"
+    return "other"
+
+
+def _width(cost: CostModel, layout: Any) -> int:
+    """The channels of a table axis laid out over groups, at their full widths."""
+    return sum(cost.cg.groups[g].size * inner for g, inner in cost.cg.layout_groups(layout))
+
+
+def predicted_by_kind(gm: fx.GraphModule, profile: RuntimeProfile) -> dict[str, float]:
+    """The tables' microseconds per kind of op, and the rest of the model's prediction as ``other``."""
+    cost = CostModel(build_channel_graph(gm))
+    total = LatencyFunction(cost, profile)(cost.widths())
+    out: dict[str, float] = defaultdict(float)
+    for term in cost.cg.costs:
+        if term.kernel is None or term.kernel not in profile.tables:
+            continue
+        sizes = [a if isinstance(a, int) else _width(cost, a) for a in term.axes]
+        out[_kind(term.kernel)] += float(profile.tables[term.kernel].at(np.asarray(sizes, dtype=float)[:, None])[0])
+    out["other"] = total - sum(out.values())
+    return dict(out)
+
+
+def profiled_by_kind(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """onnxruntime's kernel microseconds per run and kind of op (the median run of each node)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fxmorph.export_onnx(model, (x,), Path(tmp) / "m.onnx").path
+        options = session_options(THREADS, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        for _ in range(PROFILED_RUNS):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = defaultdict(list)
+    kinds: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            per_node[e["name"]].append(float(e["dur"]))
+            kinds[e["name"]] = _event_kind(e["args"])
+    out: dict[str, float] = defaultdict(float)
+    for name, times in per_node.items():
+        out[kinds[name]] += float(np.median(times[PROFILED_RUNS // 5 :]))  # past the first runs' allocations
+    return dict(out)
+
+
+def run_model(name: str, levels: tuple[float, ...]) -> dict[str, Any]:
+    """The predicted and measured shares of every cut, and the per-kind times of the original and each cut."""
+    torch.manual_seed(0)
+    model, x = build(name), torch.randn(1, 3, 224, 224)
+    runtime = OnnxRuntimeCPU(threads=THREADS)
+    models: dict[str, nn.Module] = {"original": fxmorph.trace(model, (x,))}
+    for level in levels:
+        models[f"flops {level:g}"] = fxmorph.trace(fxmorph.shrink(model, example_inputs=x, budget_flops=level), (x,))
+    profile = runtime.profile(kernels_of(build_channel_graph(models["original"])))  # covers every cut's widths
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for _ in range(2):
+        for key, timing in runtime.measure(models, (x,)).items():
+            ratios[key].append(timing.ratio)
+    rows = []
+    for key, gm in models.items():
+        logger.info("%s %s: profiling", name, key)
+        rows.append(
+            {
+                "variant": key,
+                "measured": float(np.mean(ratios[key])),
+                "predicted_us": predicted_by_kind(gm, profile),
+                "profiled_us": profiled_by_kind(gm, x),
+            }
+        )
+    return {"model": name, "rows": rows}
+
+
+def summarize(results: list[dict[str, Any]], out: Path) -> None:
+    """``LATENCY_MODEL.md``: per model, each cut's predicted and measured share, then per kind of op the tables'
+    time and the profiled time, and what share of the original's each keeps in the deepest cut."""
+    lines = [
+        "# The latency model's tables against the ops' time inside the model",
+        "",
+        "Command: `python -m benchmarks.latency_model` (raw numbers in `latency_model.json`; how they are taken in "
+        "the script's docstring). *Predicted* is the latency model's time for the cut over its time for the "
+        "original; *measured*, the two models' ratio in an interleaved measurement. Per kind of op: the tables' "
+        "microseconds and onnxruntime's profiled kernel microseconds (a profiled run is slower than a plain one), "
+        "for the original and the deepest cut, and the share of the original's time each keeps.",
+        "",
+    ]
+    for result in results:
+        rows = result["rows"]
+        original, deepest = rows[0], rows[-1]
+        total = sum(original["predicted_us"].values())
+        lines += [f"## {result['model']}", "", "| cut | predicted | measured | error |", "|---|---:|---:|---:|"]
+        for row in rows[1:]:
+            predicted = sum(row["predicted_us"].values()) / total
+            error = (predicted - row["measured"]) / row["measured"]
+            lines.append(f"| {row['variant']} | {predicted:.3f} | {row['measured']:.3f} | {error:+.1%} |")
+        lines += [
+            "",
+            f"| ops | tables, original us | in the model, original us | tables keep in {deepest['variant']} "
+            "| in the model keeps |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for kind in sorted(set(original["predicted_us"]) | set(original["profiled_us"])):
+            p0, m0 = original["predicted_us"].get(kind, 0.0), original["profiled_us"].get(kind, 0.0)
+            p1, m1 = deepest["predicted_us"].get(kind, 0.0), deepest["profiled_us"].get(kind, 0.0)
+            keep_p = f"{p1 / p0:.2f}" if p0 > 0 else "-"
+            keep_m = f"{m1 / m0:.2f}" if m0 > 0 else "-"
+            lines.append(f"| {kind} | {p0:.0f} | {m0:.0f} | {keep_p} | {keep_m} |")
+        lines.append("")
+    out.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=("mobilenet_v2", "efficientnet_b0"))
+    parser.add_argument("--levels", nargs="*", type=float, default=(0.7, 0.5, 0.3))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    results = [run_model(name, tuple(args.levels)) for name in args.models]
+    (HERE / "latency_model.json").write_text(json.dumps(results, indent=1))
+    summarize(results, HERE / "LATENCY_MODEL.md")
+
+
+if __name__ == "__main__":
+    main()
