@@ -14,7 +14,14 @@ its FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) are
    by kernel size, products with a weight, everything else) beside what the tables predict for the same ops.
 
 A model whose prediction for a cut is too slow shows where in the per-kind rows: the ops whose time inside the
-model falls further than their tables do. Written to ``LATENCY_MODEL.md`` and ``latency_model.json``.
+model falls further than their tables do. *Per kind* predicts the cuts again with every kind's tables scaled to its
+time inside the original (what calibrating the tables op by op on the original would give).
+
+``--param-costs`` adds what pricing the weights beside the tables does to the cut a latency budget selects: for each
+cost (FLOPs per parameter, as ``fxmorph.shrink``'s ``param_cost``; a latency budget uses 0), the widths
+:func:`~fxmorph.passes.select.greedy_widths` chooses at ``--shares`` of the original's predicted latency (no
+correction rounds), measured with FLOPs-budget cuts at 30..80% and compared with them at equal measured latency.
+Written to ``LATENCY_MODEL.md`` and ``latency_model.json``.
 """
 
 from __future__ import annotations
@@ -37,13 +44,20 @@ from benchmarks.common import build
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.kernels import Kernel, KernelKind
-from fxmorph.analysis.latency import LatencyFunction, RuntimeProfile, kernels_of
+from fxmorph.analysis.latency import LatencyBudget, LatencyFunction, RuntimeProfile, kernels_of
 from fxmorph.io.latency import session_options
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
+from fxmorph.passes.importance import importance
+from fxmorph.passes.keep import keep_best
+from fxmorph.passes.protect import free_group_ids
+from fxmorph.passes.select import DEFAULT_ROUND_TO, greedy_widths
+from fxmorph.passes.uniform import width_classes
+from fxmorph.surgery.apply import apply_plan
 
 HERE = Path(__file__).parent
 THREADS = 2
 PROFILED_RUNS = 40
+FLOPS_LEVELS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 logger = logging.getLogger("benchmarks.latency_model")
 
 
@@ -122,17 +136,14 @@ def run_model(name: str, levels: tuple[float, ...]) -> dict[str, Any]:
     for level in levels:
         models[f"flops {level:g}"] = fxmorph.trace(fxmorph.shrink(model, example_inputs=x, budget_flops=level), (x,))
     profile = runtime.profile(kernels_of(build_channel_graph(models["original"])))  # covers every cut's widths
-    ratios: dict[str, list[float]] = defaultdict(list)
-    for _ in range(2):
-        for key, timing in runtime.measure(models, (x,)).items():
-            ratios[key].append(timing.ratio)
+    ratios = _measured(models, x, runtime)
     rows = []
     for key, gm in models.items():
         logger.info("%s %s: profiling", name, key)
         rows.append(
             {
                 "variant": key,
-                "measured": float(np.mean(ratios[key])),
+                "measured": ratios[key],
                 "predicted_us": predicted_by_kind(gm, profile),
                 "profiled_us": profiled_by_kind(gm, x),
             }
@@ -140,7 +151,108 @@ def run_model(name: str, levels: tuple[float, ...]) -> dict[str, Any]:
     return {"model": name, "rows": rows}
 
 
-def summarize(results: list[dict[str, Any]], out: Path) -> None:
+def _measured(models: dict[str, nn.Module], x: torch.Tensor, runtime: OnnxRuntimeCPU) -> dict[str, float]:
+    """Every model's ratio to the first, the mean of two interleaved measurements."""
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for _ in range(2):
+        for key, timing in runtime.measure(models, (x,)).items():
+            ratios[key].append(timing.ratio)
+    return {key: float(np.mean(values)) for key, values in ratios.items()}
+
+
+def param_costs(name: str, costs: tuple[float, ...], shares: tuple[float, ...]) -> list[dict[str, Any]]:
+    """The latency selection at every parameter cost and share, and the FLOPs-budget cuts, measured together."""
+    if not costs:
+        return []
+    torch.manual_seed(0)
+    model, x = build(name), torch.randn(1, 3, 224, 224)
+    runtime = OnnxRuntimeCPU(threads=THREADS)
+    gm = fxmorph.trace(model, (x,))
+    cg = build_channel_graph(gm)
+    cost = CostModel(cg)
+    profile = runtime.profile(kernels_of(cg))
+    total, flops, params = LatencyFunction(cost, profile)(cost.widths()), cost.flops(), cost.params()
+    scores = importance(cg, "l1", seed=0)
+    classes, free = width_classes(cg, free_group_ids(cg, ()), False)
+    models: dict[str, nn.Module] = {"original": gm}
+    points: dict[str, tuple[float, float]] = {}
+    for param_cost in costs:
+        for share in shares:
+            priced, budget = LatencyBudget(share * total, profile).priced(cost, flops)
+            widths = greedy_widths(
+                priced,
+                {g: scores[g] for g in free},
+                budget,
+                DEFAULT_ROUND_TO,
+                0,
+                param_cost=param_cost,
+                classes=classes,
+            )
+            key = f"latency {param_cost:g} {share:g}"
+            models[key] = apply_plan(gm, cg, keep_best(cg, widths, scores), seed=0)
+            points[key] = (cost.flops(widths) / flops, cost.params(widths) / params)
+    for level in FLOPS_LEVELS:
+        small = fxmorph.shrink(model, example_inputs=x, budget_flops=level)
+        models[f"flops {level:g}"] = small
+        points[f"flops {level:g}"] = (fxmorph.count_flops(small, (x,)) / flops, _params(small) / params)
+    ratios = _measured(models, x, runtime)
+    curve = sorted((ratios[k], *points[k]) for k in points if k.startswith("flops"))
+    out = []
+    for key in (k for k in points if k.startswith("latency")):
+        _, param_cost, share = key.split()
+        ratio = ratios[key]
+        out.append(
+            {
+                "model": name,
+                "param_cost": float(param_cost),
+                "share": float(share),
+                "measured": ratio,
+                "flops": points[key][0],
+                "params": points[key][1],
+                "flops_budget_flops": _interp(curve, ratio, 1),
+                "flops_budget_params": _interp(curve, ratio, 2),
+            }
+        )
+    return out
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _interp(curve: list[tuple[float, float, float]], ratio: float, column: int) -> float | None:
+    """Column ``column`` of the FLOPs-budget curve at measured ``ratio`` (None outside it)."""
+    if not curve[0][0] <= ratio <= curve[-1][0]:
+        return None
+    return float(np.interp(ratio, [c[0] for c in curve], [c[column] for c in curve]))
+
+
+def _kind_factors(original: dict[str, Any]) -> dict[str, float]:
+    """Per kind of op, its time inside the original over its tables' time."""
+    predicted, profiled = original["predicted_us"], original["profiled_us"]
+    return {k: profiled[k] / v for k, v in predicted.items() if v > 0 and profiled.get(k, 0.0) > 0}
+
+
+def _param_cost_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``--param-costs`` table: each latency selection beside the FLOPs-budget curve at its measured latency."""
+    lines = [
+        "## Pricing the weights beside the tables",
+        "",
+        "| model | param_cost | share aimed | measured | FLOPs kept: latency / FLOPs budget | params kept: latency / "
+        "FLOPs budget |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        fb = "-" if r["flops_budget_flops"] is None else f"{r['flops_budget_flops']:.1%}"
+        pb = "-" if r["flops_budget_params"] is None else f"{r['flops_budget_params']:.1%}"
+        lines.append(
+            f"| {r['model']} | {r['param_cost']:g} | {r['share']:.0%} | {r['measured']:.1%} | {r['flops']:.1%} / {fb} "
+            f"| {r['params']:.1%} / {pb} |"
+        )
+    return [*lines, ""]
+
+
+def summarize(results: list[dict[str, Any]], out: Path, costs: list[dict[str, Any]] | None = None) -> None:
     """``LATENCY_MODEL.md``: per model, each cut's predicted and measured share, then per kind of op the tables'
     time and the profiled time, and what share of the original's each keeps in the deepest cut."""
     lines = [
@@ -157,11 +269,22 @@ def summarize(results: list[dict[str, Any]], out: Path) -> None:
         rows = result["rows"]
         original, deepest = rows[0], rows[-1]
         total = sum(original["predicted_us"].values())
-        lines += [f"## {result['model']}", "", "| cut | predicted | measured | error |", "|---|---:|---:|---:|"]
+        factors = _kind_factors(original)
+        calibrated_total = sum(v * factors.get(k, 1.0) for k, v in original["predicted_us"].items())
+        lines += [
+            f"## {result['model']}",
+            "",
+            "| cut | measured | predicted | error | per kind | error |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for row in rows[1:]:
+            measured = row["measured"]
             predicted = sum(row["predicted_us"].values()) / total
-            error = (predicted - row["measured"]) / row["measured"]
-            lines.append(f"| {row['variant']} | {predicted:.3f} | {row['measured']:.3f} | {error:+.1%} |")
+            calibrated = sum(v * factors.get(k, 1.0) for k, v in row["predicted_us"].items()) / calibrated_total
+            lines.append(
+                f"| {row['variant']} | {measured:.3f} | {predicted:.3f} | {(predicted - measured) / measured:+.1%} "
+                f"| {calibrated:.3f} | {(calibrated - measured) / measured:+.1%} |"
+            )
         lines += [
             "",
             f"| ops | tables, original us | in the model, original us | tables keep in {deepest['variant']} "
@@ -175,6 +298,8 @@ def summarize(results: list[dict[str, Any]], out: Path) -> None:
             keep_m = f"{m1 / m0:.2f}" if m0 > 0 else "-"
             lines.append(f"| {kind} | {p0:.0f} | {m0:.0f} | {keep_p} | {keep_m} |")
         lines.append("")
+    if costs:
+        lines += _param_cost_lines(costs)
     out.write_text("\n".join(lines))
 
 
@@ -182,11 +307,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=("mobilenet_v2", "efficientnet_b0"))
     parser.add_argument("--levels", nargs="*", type=float, default=(0.7, 0.5, 0.3))
+    parser.add_argument("--param-costs", nargs="*", type=float, default=())
+    parser.add_argument("--shares", nargs="*", type=float, default=(0.5, 0.6, 0.73))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     results = [run_model(name, tuple(args.levels)) for name in args.models]
-    (HERE / "latency_model.json").write_text(json.dumps(results, indent=1))
-    summarize(results, HERE / "LATENCY_MODEL.md")
+    costs = [r for name in args.models for r in param_costs(name, tuple(args.param_costs), tuple(args.shares))]
+    (HERE / "latency_model.json").write_text(json.dumps({"cuts": results, "param_costs": costs}, indent=1))
+    summarize(results, HERE / "LATENCY_MODEL.md", costs)
 
 
 if __name__ == "__main__":
