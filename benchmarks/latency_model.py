@@ -72,14 +72,18 @@ def _kind(kernel: Kernel | None) -> str:
 
 
 def _event_kind(args: dict[str, Any]) -> str:
-    """The row an onnxruntime kernel event is summed in (its op and the shapes of its inputs)."""
+    """The row an onnxruntime kernel event is summed in (its op and the shapes of its inputs; a weight the kernel
+    packed ahead is not listed)."""
     shapes = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
     op = args.get("op_name")
     if op == "Conv" and len(shapes) >= 2 and len(shapes[1]) == 4:
         x, w = shapes[0], shapes[1]
         size = f"{w[2]}x{w[3]}"
-        return f"depthwise {size}" if w[1] == 1 and x[1] > 1 else f"conv {size}"
-    if op in ("Gemm", "MatMul", "FusedMatMul") and len(shapes) >= 2 and len(shapes[1]) == 2:
+        if w[1] == 1 and x[1] > 1:
+            # a batch norm the runtime could not fold runs as a 1x1 convolution per channel: a memory-bound op
+            return "other" if size == "1x1" else f"depthwise {size}"
+        return f"conv {size}"
+    if op == "Gemm" or (op in ("MatMul", "FusedMatMul") and (len(shapes) == 1 or len(shapes[1]) == 2)):
         return "product"
     return "other"
 
