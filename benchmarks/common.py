@@ -1,14 +1,18 @@
-"""What the benchmarks share: building zoo models, their inputs, and timing with peak memory."""
+"""What the benchmarks share: building zoo models, their inputs, counting them, reading curves of cuts, and timing
+with peak memory."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torchvision
+
+import fxmorph
 
 T = TypeVar("T")
 
@@ -57,3 +61,17 @@ def peak_memory(fn: Callable[[], T]) -> tuple[int, T]:
         return -1, fn()
     result = fn()
     return max(_status("VmHWM") - before, 0), result
+
+
+def count(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """The model's FLOPs on ``x`` and its parameters."""
+    return {"flops": fxmorph.count_flops(model, (x,)), "params": fxmorph.count_params(model)}
+
+
+def at_latency(points: list[dict[str, Any]], ratio: float, key: str) -> float | None:
+    """``key`` (FLOPs or parameters) of a curve of cuts (each with its latency ``ratio``) interpolated at latency
+    ``ratio``; None outside it."""
+    pts = sorted((p["ratio"], p[key]) for p in points)
+    if not pts or not pts[0][0] <= ratio <= pts[-1][0]:
+        return None
+    return float(np.interp(ratio, [p[0] for p in pts], [p[1] for p in pts]))

@@ -37,6 +37,7 @@ from torch import nn
 
 import fxmorph
 from benchmarks import tp_adapter
+from benchmarks.common import at_latency, count
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.latency import kernels_of
 from fxmorph.api.runtimes import SteadyTimer
@@ -50,10 +51,6 @@ TP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 THREADS = 2
 
 logger = logging.getLogger("benchmarks.latency_budget")
-
-
-def _count(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    return {"flops": fxmorph.count_flops(model, (x,)), "params": fxmorph.count_params(model)}
 
 
 def _profile_seconds(model: nn.Module, x: torch.Tensor, cache: Path) -> dict[str, float]:
@@ -100,7 +97,7 @@ def _latency_cut(
         "retaken": outcome.retaken,
         "in_loop_ratio": outcome.measured_ms / outcome.original_ms,
         **_verify(model, small, x),
-        **_count(small, x),
+        **count(small, x),
     }
     return small, row
 
@@ -126,7 +123,7 @@ def run_model(name: str, budgets: tuple[float, ...], cache: Path, min_width: int
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
-    row: dict[str, Any] = {"model": name, **_count(model, x), "profile": _profile_seconds(model, x, cache)}
+    row: dict[str, Any] = {"model": name, **count(model, x), "profile": _profile_seconds(model, x, cache)}
     cuts: dict[str, nn.Module] = {"original": model}
     row["latency_cuts"] = []
     row["unreachable"] = []
@@ -144,13 +141,13 @@ def run_model(name: str, budgets: tuple[float, ...], cache: Path, min_width: int
     for f in FLOPS_LEVELS:
         small = fxmorph.shrink(model, f, x)
         cuts[f"flops {f:g}"] = small
-        row["flops_cuts"].append({"level": f, **_count(small, x)})
+        row["flops_cuts"].append({"level": f, **count(small, x)})
     row["tp_cuts"] = []
     if tp_adapter.available():
         for r in TP_RATIOS:
             small = tp_adapter.prune(model, x, r, None)
             cuts[f"tp {r:g}"] = small
-            row["tp_cuts"].append({"ratio": r, **_count(small, x)})
+            row["tp_cuts"].append({"ratio": r, **count(small, x)})
     ratios = _measure(cuts, x)
     for cut in row["latency_cuts"]:  # beside the curves, in the one measurement they share
         cut["curve_ratio"] = ratios[f"latency {cut['budget']:g}"]
@@ -172,14 +169,6 @@ def _measure(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
     out = {m.name: m.steady_ratio for m in report.models}
     out["original_ms"] = report["original"].median_ms
     return out
-
-
-def _at_latency(points: list[dict[str, Any]], ratio: float, key: str) -> float | None:
-    """``key`` (FLOPs or parameters) of a curve of cuts interpolated at latency ``ratio``; None outside it."""
-    pts = sorted((p["ratio"], p[key]) for p in points)
-    if not pts or not pts[0][0] <= ratio <= pts[-1][0]:
-        return None
-    return float(np.interp(ratio, [p[0] for p in pts], [p[1] for p in pts]))
 
 
 def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
@@ -218,8 +207,8 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
             kept = [cut["flops"] / row["flops"]]
             params = [cut["params"] / row["params"]]
             for curve in ("flops_cuts", "tp_cuts"):
-                f = _at_latency(row[curve], at, "flops")
-                p = _at_latency(row[curve], at, "params")
+                f = at_latency(row[curve], at, "flops")
+                p = at_latency(row[curve], at, "params")
                 kept.append(None if f is None else f / row["flops"])
                 params.append(None if p is None else p / row["params"])
             r0 = cut["rounds"][0]

@@ -40,11 +40,11 @@ import torch
 from torch import fx, nn
 
 import fxmorph
-from benchmarks.common import build
+from benchmarks.common import at_latency, build, count
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.kernels import Kernel, KernelKind
-from fxmorph.analysis.latency import LatencyBudget, LatencyFunction, RuntimeProfile, kernels_of
+from fxmorph.analysis.latency import LatencyBudget, LatencyFunction, RuntimeProfile, kernels_of, layout_width
 from fxmorph.io.latency import session_options
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
 from fxmorph.passes.importance import importance
@@ -88,11 +88,6 @@ def _event_kind(args: dict[str, Any]) -> str:
     return "other"
 
 
-def _width(cost: CostModel, layout: Any) -> int:
-    """The channels of a table axis laid out over groups, at their full widths."""
-    return sum(cost.cg.groups[g].size * inner for g, inner in cost.cg.layout_groups(layout))
-
-
 def predicted_by_kind(gm: fx.GraphModule, profile: RuntimeProfile) -> dict[str, float]:
     """The tables' microseconds per kind of op, and the rest of the model's prediction as ``other``."""
     cost = CostModel(build_channel_graph(gm))
@@ -101,7 +96,7 @@ def predicted_by_kind(gm: fx.GraphModule, profile: RuntimeProfile) -> dict[str, 
     for term in cost.cg.costs:
         if term.kernel is None or term.kernel not in profile.tables:
             continue
-        sizes = [a if isinstance(a, int) else _width(cost, a) for a in term.axes]
+        sizes = [a if isinstance(a, int) else layout_width(cost.cg, a) for a in term.axes]
         out[_kind(term.kernel)] += float(profile.tables[term.kernel].at(np.asarray(sizes, dtype=float)[:, None])[0])
     out["other"] = total - sum(out.values())
     return dict(out)
@@ -179,7 +174,7 @@ def param_costs(name: str, costs: tuple[float, ...], shares: tuple[float, ...]) 
     scores = importance(cg, "l1", seed=0)
     classes, free = width_classes(cg, free_group_ids(cg, ()), False)
     models: dict[str, nn.Module] = {"original": gm}
-    points: dict[str, tuple[float, float]] = {}
+    points: dict[str, dict[str, float]] = {}
     for param_cost in costs:
         for share in shares:
             priced, budget = LatencyBudget(share * total, profile).priced(cost, flops)
@@ -194,13 +189,14 @@ def param_costs(name: str, costs: tuple[float, ...], shares: tuple[float, ...]) 
             )
             key = f"latency {param_cost:g} {share:g}"
             models[key] = apply_plan(gm, cg, keep_best(cg, widths, scores), seed=0)
-            points[key] = (cost.flops(widths) / flops, cost.params(widths) / params)
+            points[key] = {"flops": cost.flops(widths) / flops, "params": cost.params(widths) / params}
     for level in FLOPS_LEVELS:
         small = fxmorph.shrink(model, example_inputs=x, budget_flops=level)
         models[f"flops {level:g}"] = small
-        points[f"flops {level:g}"] = (fxmorph.count_flops(small, (x,)) / flops, _params(small) / params)
+        counted = count(small, x)
+        points[f"flops {level:g}"] = {"flops": counted["flops"] / flops, "params": counted["params"] / params}
     ratios = _measured(models, x, runtime)
-    curve = sorted((ratios[k], *points[k]) for k in points if k.startswith("flops"))
+    curve = [{"ratio": ratios[k], **points[k]} for k in points if k.startswith("flops")]
     out = []
     for key in (k for k in points if k.startswith("latency")):
         _, param_cost, share = key.split()
@@ -211,24 +207,12 @@ def param_costs(name: str, costs: tuple[float, ...], shares: tuple[float, ...]) 
                 "param_cost": float(param_cost),
                 "share": float(share),
                 "measured": ratio,
-                "flops": points[key][0],
-                "params": points[key][1],
-                "flops_budget_flops": _interp(curve, ratio, 1),
-                "flops_budget_params": _interp(curve, ratio, 2),
+                **points[key],
+                "flops_budget_flops": at_latency(curve, ratio, "flops"),
+                "flops_budget_params": at_latency(curve, ratio, "params"),
             }
         )
     return out
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _interp(curve: list[tuple[float, float, float]], ratio: float, column: int) -> float | None:
-    """Column ``column`` of the FLOPs-budget curve at measured ``ratio`` (None outside it)."""
-    if not curve[0][0] <= ratio <= curve[-1][0]:
-        return None
-    return float(np.interp(ratio, [c[0] for c in curve], [c[column] for c in curve]))
 
 
 def _kind_factors(original: dict[str, Any]) -> dict[str, float]:

@@ -43,6 +43,7 @@ __all__ = [
     "fused_nodes",
     "grid_points",
     "kernels_of",
+    "layout_width",
     "memory_class",
 ]
 
@@ -167,13 +168,14 @@ def kernels_of(cg: ChannelGraph) -> dict[Kernel, tuple[int, ...]]:
     for term in cg.costs:
         if term.kernel is None:
             continue
-        sizes = tuple(a if isinstance(a, int) else _layout_size(cg, a) for a in term.axes)
+        sizes = tuple(a if isinstance(a, int) else layout_width(cg, a) for a in term.axes)
         old = widest.get(term.kernel, sizes)
         widest[term.kernel] = tuple(max(a, b) for a, b in zip(old, sizes, strict=True))
     return widest
 
 
-def _layout_size(cg: ChannelGraph, layout: Layout) -> int:
+def layout_width(cg: ChannelGraph, layout: Layout) -> int:
+    """The channels of a table axis laid out over groups, at the groups' full widths."""
     return sum(cg.groups[g].size * inner for g, inner in cg.layout_groups(layout))
 
 
