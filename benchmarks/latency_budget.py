@@ -40,6 +40,7 @@ from benchmarks import tp_adapter
 from benchmarks.common import at_latency, count
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.latency import kernels_of
+from fxmorph.api.latency_budget import CONFIRMATIONS
 from fxmorph.api.runtimes import SteadyTimer
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
 
@@ -104,17 +105,19 @@ def _latency_cut(
 
 def _verify(model: nn.Module, small: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """The result's latency over the original's, measured again after shrink returned, as shrink measures before it
-    accepts a round: the mean of two measurements of the two alone, interleaved over three sessions of each (as many
-    rounds as fit in about 4 s, 40 to 300), taken again while the machine is busy (``SteadyTimer``). ``ratio`` is the
-    ratio of 10th percentiles, which shrink meets the budget in; ``median_ratio`` the median of per-round ratios."""
+    accepts a round: the median of three measurements of the two alone, each interleaved over three sessions of each
+    (as many rounds as fit in about 4 s, 40 to 300), taken again while the machine is busy (``SteadyTimer``).
+    ``ratio`` is the ratio of 10th percentiles, which shrink meets the budget in; ``median_ratio`` the median of
+    per-round ratios; ``ratios`` every measurement's ratio."""
     timer = SteadyTimer(OnnxRuntimeCPU(threads=THREADS))
     for _ in range(2):
         timer.measure({"original": model}, (x,))
     pair = {"original": model, "result": small}
-    timings = [timer.measure(pair, (x,))["result"] for _ in range(2)]
+    timings = [timer.measure(pair, (x,))["result"] for _ in range(CONFIRMATIONS)]
     return {
-        "ratio": float(np.mean([t.ratio for t in timings])),
-        "median_ratio": float(np.mean([t.median_ratio for t in timings])),
+        "ratio": float(np.median([t.ratio for t in timings])),
+        "median_ratio": float(np.median([t.median_ratio for t in timings])),
+        "ratios": [t.ratio for t in timings],
     }
 
 
@@ -176,20 +179,21 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
     lines = [
         "# Latency budgets: measured in onnxruntime, and what each method keeps at equal latency",
         "",
-        "Command: `python -m benchmarks.latency_budget` (raw rows in `latency_budget.json`). torchvision models with "
-        f"random weights at 1x3x224x224, onnxruntime CPU provider, {THREADS} threads. *Measured* is the result's time "
-        "over the original's, measured again after shrink returned as shrink measures before it accepts a round: the "
-        "mean of two measurements, each interleaved over three sessions of each model (as many rounds as fit in about "
-        "4 s, 40 to 300), taken again while the machine is busy (the original more than 10% slower than its fastest). "
-        "It is the ratio of the two models' 10th-percentile times, which shrink meets the budget in; *median* is the "
-        "median of per-round ratios of the same measurements. *In loop* is what shrink's returned round measured (a "
-        "round landing in the window 1% of the budget inside its edges is measured twice, and accepted if both land "
-        "there). For the comparison, every cut of a model (the latency results, FLOPs-budget cuts at 20..90% and "
-        "Torch-Pruning at ratios 0.1..0.6) is measured in one interleaved run (40 rounds, 10th percentiles), and the "
-        "FLOPs and parameters of the FLOPs-budget and Torch-Pruning cuts are interpolated along their curves at the "
-        "latency result's latency in that run (-: outside the curve). The latency cuts take `min_width=0`: a group may "
-        "go whole where that is exact (*gone*: groups at width 0, with the ops that computed them; densenet121's dense "
-        "layers, two groups each), and none of the other models has such a group.",
+        "Command: `python -m benchmarks.latency_budget` (raw rows in `latency_budget.json`). torchvision models "
+        f"with random weights at 1x3x224x224, onnxruntime CPU provider, {THREADS} threads. *Measured* is the "
+        "result's time over the original's, measured again after shrink returned as shrink measures before it "
+        "accepts a round: the median of three measurements, each interleaved over three sessions of each model "
+        "(as many rounds as fit in about 4 s, 40 to 300), taken again while the machine is busy (the original "
+        "more than 10% slower than its fastest). It is the ratio of the two models' 10th-percentile times, which "
+        "shrink meets the budget in; *median* is the median of per-round ratios of the same measurements. *In "
+        "loop* is what shrink's returned round measured (a round landing in the window 1% of the budget inside "
+        "its edges is measured twice more, and accepted if the median of the three lands there). For the "
+        "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 20..90% and Torch-Pruning at"
+        " ratios 0.1..0.6) is measured in one interleaved run (40 rounds, 10th percentiles), and the FLOPs and "
+        "parameters of the FLOPs-budget and Torch-Pruning cuts are interpolated along their curves at the latency"
+        " result's latency in that run (-: outside the curve). The latency cuts take `min_width=0`: a group may "
+        "go whole where that is exact (*gone*: groups at width 0, with the ops that computed them; densenet121's "
+        "dense layers, two groups each), and none of the other models has such a group.",
         "",
         "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "
         "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",

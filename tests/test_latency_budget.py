@@ -36,7 +36,15 @@ from fxmorph.analysis.latency import (
     kernels_of,
 )
 from fxmorph.api.budget import parse_latency
-from fxmorph.api.latency_budget import LatencyOutcome, LatencyStep, _corrected_aim, _next_scale, _Rounds, _step
+from fxmorph.api.latency_budget import (
+    CONFIRMATIONS,
+    LatencyOutcome,
+    LatencyStep,
+    _corrected_aim,
+    _next_scale,
+    _Rounds,
+    _step,
+)
 from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.latency_cache import CacheKey, LatencyCache
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
@@ -147,15 +155,17 @@ def test_latency_budget_is_met_and_measured_within_five_percent(resnet: tuple[nn
     assert "latency" in report.table() and "round 1" in report.table()
 
 
-def test_a_round_in_the_window_is_confirmed_by_a_second_measurement(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+def test_a_round_in_the_window_is_confirmed_by_a_median_of_three_measurements(
+    resnet: tuple[nn.Module, torch.Tensor],
+) -> None:
     model, x = resnet
     _, report = fxmorph.shrink(model, example_inputs=x, budget_latency="60%", runtime=FakeRuntime(), return_report=True)
     outcome = report.latency
     chosen = outcome.steps[outcome.chosen] if outcome is not None else None
-    assert chosen is not None and chosen.runs == 2 and chosen.confirmed and chosen.spread_ms == 0.0
+    assert chosen is not None and chosen.runs == CONFIRMATIONS == 3 and chosen.confirmed and chosen.spread_ms == 0.0
     assert 0.96 * outcome.budget_ms <= chosen.measured_ms <= 0.99 * outcome.budget_ms  # GUARD inside both edges
     assert all(s.runs == 1 for s in outcome.steps[:-1])  # earlier rounds missed the window: measured once
-    assert "(mean of 2, 0.00 ms apart)" in report.table()
+    assert "(median of 3, 0.00 ms apart)" in report.table()
 
 
 def _latency_shrink(
@@ -170,7 +180,7 @@ def _latency_shrink(
 
 class SecondLooksSlower(FakeRuntime):
     """A fake runtime that reads a result 15% slower when it measures the same result twice in a row: a first
-    measurement in the window may be noise, and the round is accepted only if the second lands there too."""
+    measurement in the window may be noise, and the round is accepted only if the median of three lands there too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -190,7 +200,7 @@ def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
 ) -> None:
     _, outcome, _ = _latency_shrink(resnet, SecondLooksSlower())
     assert outcome.measured_ms <= outcome.budget_ms
-    refuted = [s for s in outcome.steps if s.runs == 2 and not s.confirmed]
+    refuted = [s for s in outcome.steps if s.runs == 3 and not s.confirmed]
     assert refuted and all(s.spread_ms > 0 for s in refuted)  # landed in the window once, then outside it
     assert not any(s.confirmed for s in outcome.steps[:-1])  # the loop goes on past every unconfirmed round
     assert len({s.flops for s in outcome.steps}) == len(outcome.steps)  # no round measures a cut already measured
@@ -200,18 +210,20 @@ def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
 @pytest.mark.parametrize(
     ("runs", "confirmed"),
     [
-        ((0.97, 0.975), True),
-        ((0.995, 0.995), False),  # in the window, but at its edge: a later measurement falls out half the time
-        ((0.955, 0.97), False),  # one run near the lower edge
-        ((0.97, 1.01), False),  # one run over the budget
+        ((0.97, 0.975, 0.98), True),
+        ((0.995, 0.995, 0.995), False),  # in the window, but at its edge: a later measurement falls out half the time
+        ((0.97, 1.04, 0.975), True),  # one odd run over the budget: the median sets it aside
+        ((0.97, 1.01, 1.02), False),  # two runs over the budget
+        ((0.955, 0.97, 0.95), False),  # the median near the lower edge
     ],
 )
 def test_a_round_is_confirmed_only_well_inside_the_window(
-    resnet: tuple[nn.Module, torch.Tensor], runs: tuple[float, float], confirmed: bool
+    resnet: tuple[nn.Module, torch.Tensor], runs: tuple[float, float, float], confirmed: bool
 ) -> None:
     cost = CostModel(build_channel_graph(fxmorph.trace(*resnet)))
     step = _step(1.0, [10.0 * r for r in runs], cost, budget_ms=10.0)
-    assert step.confirmed is confirmed and step.runs == 2 and step.measured_ms == pytest.approx(5 * sum(runs))
+    assert step.confirmed is confirmed and step.runs == 3 and step.measured_ms == pytest.approx(10 * sorted(runs)[1])
+    assert step.spread_ms == pytest.approx(10 * (max(runs) - min(runs)))
 
 
 class BusyEverySecond(FakeRuntime):
