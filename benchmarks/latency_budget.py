@@ -89,6 +89,7 @@ def _latency_cut(
                 "predicted_ms": s.predicted_ms,
                 "measured_ms": s.measured_ms,
                 "runs": s.runs,
+                "spread_ms": s.spread_ms,
                 "flops": s.flops,
                 "params": s.params,
             }

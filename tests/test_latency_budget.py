@@ -373,6 +373,32 @@ def test_onnxruntime_profile_is_monotone_and_cached(tmp_path: Any, monkeypatch: 
     assert all(np.array_equal(again.tables[k].micros, profile.tables[k].micros) for k in kernels)
 
 
+def test_a_stall_in_one_measurement_of_the_memory_costs_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def timed(stall_on: int | None) -> Any:
+        def _time(self: OnnxRuntimeCPU, points: list[Any], rounds: int | None = None) -> dict[str, float]:
+            assert rounds is not None and rounds >= 60  # the memory costs' points take many rounds
+            calls.append(len(points))
+            slow = 3.0 if len(calls) == stall_on else 1.0  # the machine stalled through this measurement
+            times = {}
+            for p in points:
+                channels, side = (int(v) for v in p.key.split("|")[1].split("x"))
+                times[p.key] = slow * (5.0 + 1e-4 * channels * side * side)
+            return times
+
+        return _time
+
+    monkeypatch.setattr(OnnxRuntimeCPU, "_time", timed(None))
+    steady = OnnxRuntimeCPU(threads=1)._memory_costs()
+    calls.clear()
+    monkeypatch.setattr(OnnxRuntimeCPU, "_time", timed(2))
+    stalled = OnnxRuntimeCPU(threads=1)._memory_costs()
+    assert set(stalled) == set(MemoryClass) and len(calls) == 3 * len(MemoryClass)
+    assert all(stalled[k] == pytest.approx(steady[k]) for k in MemoryClass)
+    assert all(fixed == pytest.approx(5.0, rel=0.05) for fixed, _ in steady.values())
+
+
 def test_command_line_latency_budget_reports_rounds_and_the_flops_comparison(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,9 +22,10 @@ __all__ = ["CacheKey", "LatencyCache", "cpu_model", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3
 """The file format (and measuring method) version: a change measures everything again. 2: memory costs fitted
-for relative error from 784 elements up, and the convolutions' channel block."""
+for relative error from 784 elements up, and the convolutions' channel block. 3: the memory costs' points timed
+together over many rounds."""
 
 
 def cpu_model() -> str:

@@ -54,6 +54,15 @@ _SESSIONS = 3
 percent for as long as it lives (:mod:`fxmorph.io.latency`), and a measurement averages three placements."""
 _BLOCK_PROBE = (16, 24, 32)
 """Output widths of the 1x1 convolution that tells the channel block (:meth:`OnnxRuntimeCPU._block`)."""
+_MEMORY_ROUNDS = 60
+"""Interleaved rounds of a memory-bound kind's points. Their smallest sizes run in 5 to 20 us, and a kind timed over
+:attr:`OnnxRuntimeCPU.rounds` rounds was measured in a few milliseconds, where one stall of the machine moves its
+fixed time: densenet121's batch norm measured 5.3 to 11.0 us over five builds of 9 rounds. What removing a dense
+layer saves is mostly those fixed times, and it moved with them: densenet121 cut to half its predicted latency kept
+22 to 81% of its parameters over four builds of its tables."""
+_MEMORY_REPEATS = 3
+"""Times each memory-bound kind is measured (:data:`_MEMORY_ROUNDS` rounds each); the median of the repeats is
+fitted, so that one stall during one of them moves nothing."""
 _WARMUP = 2
 """Runs of each point before the timed rounds (the first run allocates)."""
 _REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
@@ -140,7 +149,7 @@ class OnnxRuntimeCPU:
                     cache.save()
                     bar.update(len(points))
             if extra:
-                cache.extra["memory"] = {c.value: self._memory_cost(c) for c in MemoryClass}
+                cache.extra["memory"] = {c.value: cost for c, cost in self._memory_costs().items()}
                 bar.update(len(MemoryClass) * len(_MEMORY_SIZES))
                 cache.extra["flop_us"] = self._flop_us()
                 bar.update(len(_PRODUCTS))
@@ -149,8 +158,9 @@ class OnnxRuntimeCPU:
                 cache.save()
         logger.info("profiled in %.1f s", time.perf_counter() - start)
 
-    def _time(self, points: list[_Point]) -> dict[str, float]:
-        """Median microseconds of every point's op, run interleaved ``rounds`` times after a warm-up.
+    def _time(self, points: list[_Point], rounds: int | None = None) -> dict[str, float]:
+        """Median microseconds of every point's op, run interleaved ``rounds`` times (:attr:`rounds` by default) after
+        a warm-up.
 
         The time is onnxruntime's own profile of the op's kernels (:func:`_op_micros`): the layout reorders an
         isolated blocked convolution needs at its input and output, which a whole model pays once rather than per
@@ -169,25 +179,30 @@ class OnnxRuntimeCPU:
                     session.run(None, feed)
                 sessions.append(session)
                 feeds.append(feed)
-            for r in range(self.rounds):
+            for r in range(rounds or self.rounds):
                 for j in _rotated(len(points), r):
                     sessions[j].run(None, feeds[j])
             return {p.key: _op_micros(Path(s.end_profiling()), _WARMUP) for p, s in zip(points, sessions, strict=True)}
 
-    def _memory_cost(self, kind: MemoryClass) -> tuple[float, float]:
-        """A fixed time and a time per element for ``kind``, fitted to its times at five sizes."""
-        elements, points = [], []
-        for channels, side in _MEMORY_SIZES:
-            model, shapes, count = memory_graph(kind, channels, side)
-            points.append(_Point(f"{kind.value}|{channels}x{side}", model, shapes))
-            elements.append(count)
-        times = self._time(points)
-        x = np.asarray(elements, dtype=np.float64)
-        y = np.array([times[p.key] for p in points])
-        # fitted for relative error: absolute least squares follows the largest sizes and leaves the fixed time
-        # (what a narrow cut's many small ops pay) to chance, three times too high on a 2-core EPYC
-        slope, fixed = np.polyfit(x, y, 1, w=1.0 / np.maximum(y, 1e-3))
-        return max(float(fixed), 0.0), max(float(slope), 0.0)
+    def _memory_costs(self) -> dict[MemoryClass, tuple[float, float]]:
+        """A fixed time and a time per element for every kind of memory-bound op, fitted to its times at five
+        sizes: each kind's points timed together, :data:`_MEMORY_REPEATS` times over :data:`_MEMORY_ROUNDS` rounds,
+        and the median of the repeats taken."""
+        out = {}
+        for kind in MemoryClass:
+            elements, points = [], []
+            for channels, side in _MEMORY_SIZES:
+                model, shapes, count = memory_graph(kind, channels, side)
+                points.append(_Point(f"{kind.value}|{channels}x{side}", model, shapes))
+                elements.append(count)
+            repeats = [self._time(points, max(self.rounds, _MEMORY_ROUNDS)) for _ in range(_MEMORY_REPEATS)]
+            x = np.asarray(elements, dtype=np.float64)
+            y = np.array([np.median([times[p.key] for times in repeats]) for p in points])
+            # fitted for relative error: absolute least squares follows the largest sizes and leaves the fixed time
+            # (what a narrow cut's many small ops pay) to chance, three times too high on a 2-core EPYC
+            slope, fixed = np.polyfit(x, y, 1, w=1.0 / np.maximum(y, 1e-3))
+            out[kind] = (max(float(fixed), 0.0), max(float(slope), 0.0))
+        return out
 
     def _flop_us(self) -> float:
         """Microseconds per FLOP of batched products of two activations (the median of two shapes)."""
