@@ -57,9 +57,10 @@ _BLOCK_PROBE = (16, 24, 32)
 _MEMORY_ROUNDS = 60
 """Interleaved rounds of a memory-bound kind's points. Their smallest sizes run in 5 to 20 us, and a kind timed over
 :attr:`OnnxRuntimeCPU.rounds` rounds was measured in a few milliseconds, where one stall of the machine moves its
-fixed time: densenet121's batch norm measured 5.3 to 11.0 us over five builds of 9 rounds. What removing a dense
-layer saves is mostly those fixed times, and it moved with them: densenet121 cut to half its predicted latency kept
-22 to 81% of its parameters over four builds of its tables."""
+fixed time: batch norm's measured 5.3 to 11.0 us over five measurements of 9 rounds, and 5.8 to 6.8 us over nine of
+three repeats of 60 (elementwise ops' 4.8 to 7.2 us over those nine, and 9.5 in a tenth). What removing a dense layer
+saves is mostly such fixed times, and densenet121 cut to half its predicted latency kept 22 to 81% of its parameters
+over four builds of its tables, and 26 to 52% with these costs: the convolutions' tables move it too."""
 _MEMORY_REPEATS = 3
 """Times each memory-bound kind is measured (:data:`_MEMORY_ROUNDS` rounds each); the median of the repeats is
 fitted, so that one stall during one of them moves nothing."""
