@@ -21,7 +21,10 @@ time inside the original (what calibrating the tables op by op on the original w
 cost (FLOPs per parameter, as ``fxmorph.shrink``'s ``param_cost``; a latency budget uses 0), the widths
 :func:`~fxmorph.passes.select.greedy_widths` chooses at ``--shares`` of the original's predicted latency (no
 correction rounds), measured with FLOPs-budget cuts at 30..80% and compared with them at equal measured latency.
-Written to ``LATENCY_MODEL.md`` and ``latency_model.json``.
+``--param-values`` does the same for what the weights a step takes count for beside its FLOPs (``param_value``, as a
+share of the model's FLOPs per parameter; a latency budget uses
+:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`). Written to ``LATENCY_MODEL.md`` and ``latency_model.json``; a
+run keeps the sections it does not measure (``--levels`` alone, with no level, profiles no cuts).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import logging
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -59,6 +62,9 @@ THREADS = 2
 PROFILED_RUNS = 40
 FLOPS_LEVELS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 logger = logging.getLogger("benchmarks.latency_model")
+
+Knob = Literal["param_cost", "param_value"]
+"""The setting ``--param-costs`` and ``--param-values`` vary (:func:`~fxmorph.passes.select.greedy_widths`)."""
 
 
 def _kind(kernel: Kernel | None) -> str:
@@ -159,9 +165,9 @@ def _measured(models: dict[str, nn.Module], x: torch.Tensor, runtime: OnnxRuntim
     return {key: float(np.mean(values)) for key, values in ratios.items()}
 
 
-def param_costs(name: str, costs: tuple[float, ...], shares: tuple[float, ...]) -> list[dict[str, Any]]:
-    """The latency selection at every parameter cost and share, and the FLOPs-budget cuts, measured together."""
-    if not costs:
+def selections(name: str, knob: Knob, values: tuple[float, ...], shares: tuple[float, ...]) -> list[dict[str, Any]]:
+    """The latency selection at every value of ``knob`` and share, and the FLOPs-budget cuts, measured together."""
+    if not values:
         return []
     torch.manual_seed(0)
     model, x = build(name), torch.randn(1, 3, 224, 224)
@@ -175,21 +181,17 @@ def param_costs(name: str, costs: tuple[float, ...], shares: tuple[float, ...]) 
     classes, free = width_classes(cg, free_group_ids(cg, ()), False)
     models: dict[str, nn.Module] = {"original": gm}
     points: dict[str, dict[str, float]] = {}
-    for param_cost in costs:
+    for value in values:
+        # the knob set, the other at what a latency budget uses: no parameter cost, no parameter value
+        knobs = {"param_cost": 0.0, "param_value": 0.0, knob: value}
         for share in shares:
             priced, budget = LatencyBudget(share * total, profile).priced(cost, flops)
-            widths = greedy_widths(
-                priced,
-                {g: scores[g] for g in free},
-                budget,
-                DEFAULT_ROUND_TO,
-                0,
-                param_cost=param_cost,
-                classes=classes,
-            )
-            key = f"latency {param_cost:g} {share:g}"
+            scored = {g: scores[g] for g in free}
+            widths = greedy_widths(priced, scored, budget, DEFAULT_ROUND_TO, 0, classes=classes, **knobs)
+            key = f"latency {value:g} {share:g}"
             models[key] = apply_plan(gm, cg, keep_best(cg, widths, scores), seed=0)
             points[key] = {"flops": cost.flops(widths) / flops, "params": cost.params(widths) / params}
+            points[key]["gone"] = int((widths == 0).sum())
     for level in FLOPS_LEVELS:
         small = fxmorph.shrink(model, example_inputs=x, budget_flops=level)
         models[f"flops {level:g}"] = small
@@ -199,12 +201,12 @@ def param_costs(name: str, costs: tuple[float, ...], shares: tuple[float, ...]) 
     curve = [{"ratio": ratios[k], **points[k]} for k in points if k.startswith("flops")]
     out = []
     for key in (k for k in points if k.startswith("latency")):
-        _, param_cost, share = key.split()
+        _, value, share = key.split()
         ratio = ratios[key]
         out.append(
             {
                 "model": name,
-                "param_cost": float(param_cost),
+                knob: float(value),
                 "share": float(share),
                 "measured": ratio,
                 **points[key],
@@ -221,26 +223,34 @@ def _kind_factors(original: dict[str, Any]) -> dict[str, float]:
     return {k: profiled[k] / v for k, v in predicted.items() if v > 0 and profiled.get(k, 0.0) > 0}
 
 
-def _param_cost_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The ``--param-costs`` table: each latency selection beside the FLOPs-budget curve at its measured latency."""
+_TITLES: dict[Knob, str] = {
+    "param_cost": "## Pricing the weights beside the tables",
+    "param_value": "## Valuing the weights a step takes",
+}
+
+
+def _selection_lines(rows: list[dict[str, Any]], knob: Knob) -> list[str]:
+    """The ``--param-costs`` or ``--param-values`` table: each latency selection beside the FLOPs-budget curve at its
+    measured latency."""
     lines = [
-        "## Pricing the weights beside the tables",
+        _TITLES[knob],
         "",
-        "| model | param_cost | share aimed | measured | FLOPs kept: latency / FLOPs budget | params kept: latency / "
-        "FLOPs budget |",
-        "|---|---:|---:|---:|---|---|",
+        f"| model | {knob} | share aimed | measured | FLOPs kept: latency / FLOPs budget | params kept: latency / "
+        "FLOPs budget | gone |",
+        "|---|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         fb = "-" if r["flops_budget_flops"] is None else f"{r['flops_budget_flops']:.1%}"
         pb = "-" if r["flops_budget_params"] is None else f"{r['flops_budget_params']:.1%}"
+        gone = r.get("gone", "-")  # not recorded before param values were
         lines.append(
-            f"| {r['model']} | {r['param_cost']:g} | {r['share']:.0%} | {r['measured']:.1%} | {r['flops']:.1%} / {fb} "
-            f"| {r['params']:.1%} / {pb} |"
+            f"| {r['model']} | {r[knob]:g} | {r['share']:.0%} | {r['measured']:.1%} | {r['flops']:.1%} / {fb} "
+            f"| {r['params']:.1%} / {pb} | {gone} |"
         )
     return [*lines, ""]
 
 
-def summarize(results: list[dict[str, Any]], out: Path, costs: list[dict[str, Any]] | None = None) -> None:
+def summarize(results: list[dict[str, Any]], out: Path, selected: dict[Knob, list[dict[str, Any]]]) -> None:
     """``LATENCY_MODEL.md``: per model, each cut's predicted and measured share, then per kind of op the tables'
     time and the profiled time, and what share of the original's each keeps in the deepest cut."""
     lines = [
@@ -286,8 +296,9 @@ def summarize(results: list[dict[str, Any]], out: Path, costs: list[dict[str, An
             keep_m = f"{m1 / m0:.2f}" if m0 > 0 else "-"
             lines.append(f"| {kind} | {p0:.0f} | {m0:.0f} | {keep_p} | {keep_m} |")
         lines.append("")
-    if costs:
-        lines += _param_cost_lines(costs)
+    for knob, rows in selected.items():
+        if rows:
+            lines += _selection_lines(rows, knob)
     out.write_text("\n".join(lines))
 
 
@@ -296,13 +307,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=("mobilenet_v2", "efficientnet_b0"))
     parser.add_argument("--levels", nargs="*", type=float, default=(0.7, 0.5, 0.3))
     parser.add_argument("--param-costs", nargs="*", type=float, default=())
+    parser.add_argument("--param-values", nargs="*", type=float, default=())
     parser.add_argument("--shares", nargs="*", type=float, default=(0.5, 0.6, 0.73))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    results = [run_model(name, tuple(args.levels)) for name in args.models]
-    costs = [r for name in args.models for r in param_costs(name, tuple(args.param_costs), tuple(args.shares))]
-    (HERE / "latency_model.json").write_text(json.dumps({"cuts": results, "param_costs": costs}, indent=1))
-    summarize(results, HERE / "LATENCY_MODEL.md", costs)
+    path = HERE / "latency_model.json"
+    # a run keeps the sections it does not measure (``--levels`` with no level: no cuts profiled)
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    results = [run_model(name, tuple(args.levels)) for name in args.models] if args.levels else kept.get("cuts", [])
+    selected: dict[Knob, list[dict[str, Any]]] = {}
+    for knob, values in (("param_cost", args.param_costs), ("param_value", args.param_values)):
+        rows = [r for name in args.models for r in selections(name, knob, tuple(values), tuple(args.shares))]
+        selected[knob] = rows or kept.get(f"{knob}s", [])
+    path.write_text(json.dumps({"cuts": results, **{f"{k}s": v for k, v in selected.items()}}, indent=1))
+    summarize(results, HERE / "LATENCY_MODEL.md", selected)
 
 
 if __name__ == "__main__":

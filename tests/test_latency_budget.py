@@ -373,30 +373,47 @@ def test_onnxruntime_profile_is_monotone_and_cached(tmp_path: Any, monkeypatch: 
     assert all(np.array_equal(again.tables[k].micros, profile.tables[k].micros) for k in kernels)
 
 
-def test_a_stall_in_one_measurement_of_the_memory_costs_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
+def _fake_micros(key: str) -> float:
+    """A point's time by its key alone: memory-bound ops 5 us plus 0.1 ns per element, everything else a time set by
+    its widths."""
+    kind, shape = key.split("|")[0], key.split("|")[-1]
+    sizes = [int(v) for v in shape.split("x") if v.isdigit()]
+    if kind in {c.value for c in MemoryClass}:
+        channels, side = sizes
+        return 5.0 + 1e-4 * channels * side * side
+    return 2.0 + 1e-3 * float(np.prod(sizes))
 
-    def timed(stall_on: int | None) -> Any:
+
+def test_a_stall_through_one_pass_of_a_profile_moves_nothing(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every point is timed once per pass; a machine three times slower through one whole pass moves no table, no
+    memory cost, no FLOP rate and no channel block: each point keeps its median over the passes."""
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(24 * 8 * 8, 10))
+    kernels = kernels_of(build_channel_graph(fxmorph.trace(model.eval(), (torch.randn(1, 3, 8, 8),))))
+    timed: dict[str, int] = {}
+
+    def profiled(stalled_pass: int | None) -> RuntimeProfile:
+        calls: list[int] = []
+
         def _time(self: OnnxRuntimeCPU, points: list[Any], rounds: int | None = None) -> dict[str, float]:
-            assert rounds is not None and rounds >= 60  # the memory costs' points take many rounds
+            if points[0].key.split("|")[0] in {c.value for c in MemoryClass}:
+                assert rounds is not None and rounds >= 60  # the memory-bound points take many rounds
             calls.append(len(points))
-            slow = 3.0 if len(calls) == stall_on else 1.0  # the machine stalled through this measurement
-            times = {}
             for p in points:
-                channels, side = (int(v) for v in p.key.split("|")[1].split("x"))
-                times[p.key] = slow * (5.0 + 1e-4 * channels * side * side)
-            return times
+                timed[p.key] = timed.get(p.key, 0) + 1
+            # a pass is one call per list of points: the calls of the stalled pass run three times slower
+            slow = 3.0 if stalled_pass is not None and (len(calls) - 1) // per_pass == stalled_pass else 1.0
+            return {p.key: slow * _fake_micros(p.key) for p in points}
 
-        return _time
+        monkeypatch.setattr(OnnxRuntimeCPU, "_time", _time)
+        return OnnxRuntimeCPU(threads=1, cache_dir=tmp_path / str(stalled_pass)).profile(kernels)
 
-    monkeypatch.setattr(OnnxRuntimeCPU, "_time", timed(None))
-    steady = OnnxRuntimeCPU(threads=1)._memory_costs()
-    calls.clear()
-    monkeypatch.setattr(OnnxRuntimeCPU, "_time", timed(2))
-    stalled = OnnxRuntimeCPU(threads=1)._memory_costs()
-    assert set(stalled) == set(MemoryClass) and len(calls) == 3 * len(MemoryClass)
-    assert all(stalled[k] == pytest.approx(steady[k]) for k in MemoryClass)
-    assert all(fixed == pytest.approx(5.0, rel=0.05) for fixed, _ in steady.values())
+    per_pass = len(kernels) + len(MemoryClass) + 2  # the tables, the memory-bound kinds, the products, the block
+    steady = profiled(None)
+    assert set(timed.values()) == {3}  # every point, three times
+    stalled = profiled(1)
+    assert all(np.array_equal(stalled.tables[k].micros, steady.tables[k].micros) for k in kernels)
+    assert stalled.memory == steady.memory and stalled.flop_us == steady.flop_us
+    assert all(cost.fixed_us == pytest.approx(5.0, rel=0.05) for cost in steady.memory.values())
 
 
 def test_command_line_latency_budget_reports_rounds_and_the_flops_comparison(

@@ -204,8 +204,7 @@ def shrink(
             comes back as the model's class where it runs without what went (torchvision's dense blocks,
             ``MobileNetV2``, ``VisionTransformer``); shrink tries one removal of each kind first and keeps the
             groups of kinds that do not (a ResNet block, timm's Res2Net; :mod:`fxmorph.api.removals`). Under a
-            latency budget
-            a group goes where the fixed and memory-bound costs of the ops that go with it save more than
+            latency budget a group goes where the fixed and memory-bound costs of the ops that go with it save more than
             thinning; under a FLOPs budget only once thinning costs more
             (:func:`~fxmorph.passes.select_steps.whole_values`).
         max_prune: no group loses more than this share of its channels (``strategy="prune"``). ``"auto"``
@@ -215,7 +214,11 @@ def shrink(
             (``strategy="prune"``): the default (50) makes weight-bound layers, which cost batch-1 latency
             their FLOPs do not show, give way first; 0 ranks by FLOPs alone, the better choice when the goal
             is accuracy at a FLOPs count rather than latency (LeNet-5 on MNIST at 10x fewer FLOPs: 99.14%
-            with 0, 98.81% with 50, ``benchmarks/RESULTS.md``). The budget is in FLOPs either way.
+            with 0, 98.81% with 50, ``benchmarks/RESULTS.md``). The budget is in FLOPs either way. Under a
+            latency budget, whose tables time the weights' reads, it is not used: there the parameters a cut takes
+            count beside its FLOPs in what it takes of the model
+            (:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), so that of two cuts that run alike, the one that
+            keeps more weights wins.
         protect: module path prefixes whose groups are left alone.
         factorize: first split Linear and convolution layers into two through an SVD of their weight
             (:class:`~fxmorph.passes.factorize.FactorizePass`, exact up to rounding), so that the pruning

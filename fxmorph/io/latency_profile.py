@@ -3,8 +3,9 @@
 :meth:`OnnxRuntimeCPU.profile` measures every kernel a graph runs on a grid of widths
 (:func:`~fxmorph.analysis.latency.grid_points`), each point a small ONNX graph (:mod:`fxmorph.io.onnx_kernels`) in
 its own session with the settings of :func:`fxmorph.io.latency.measure_latency` (the thread count, every graph
-optimisation, no spinning). A table's points run interleaved, round after round, and each keeps its median; the
-cache (:mod:`fxmorph.io.latency_cache`) keeps every point, so the second shrink on a machine measures nothing.
+optimisation, no spinning). A table's points run interleaved, round after round, in three passes over every point
+the profile measures, and each keeps its median over the passes; the cache (:mod:`fxmorph.io.latency_cache`) keeps
+every point, so the second shrink on a machine measures nothing.
 Memory-bound ops get a fixed time and a time per element, fitted over five sizes; products without a table the time
 of a FLOP of two batched products; blocked convolutions the channel block they pad widths to.
 :meth:`OnnxRuntimeCPU.measure` exports whole models and times them interleaved.
@@ -53,17 +54,20 @@ _SESSIONS = 3
 """Sessions of each model a measurement takes in turn: one session's placement in memory moves its speed by a few
 percent for as long as it lives (:mod:`fxmorph.io.latency`), and a measurement averages three placements."""
 _BLOCK_PROBE = (16, 24, 32)
-"""Output widths of the 1x1 convolution that tells the channel block (:meth:`OnnxRuntimeCPU._block`)."""
+"""Output widths of the 1x1 convolution that tells the channel block (:func:`_block`)."""
 _MEMORY_ROUNDS = 60
 """Interleaved rounds of a memory-bound kind's points. Their smallest sizes run in 5 to 20 us, and a kind timed over
 :attr:`OnnxRuntimeCPU.rounds` rounds was measured in a few milliseconds, where one stall of the machine moves its
 fixed time: batch norm's measured 5.3 to 11.0 us over five measurements of 9 rounds, and 5.8 to 6.8 us over nine of
 three repeats of 60 (elementwise ops' 4.8 to 7.2 us over those nine, and 9.5 in a tenth). What removing a dense layer
-saves is mostly such fixed times, and densenet121 cut to half its predicted latency kept 22 to 81% of its parameters
-over four builds of its tables, and 26 to 52% with these costs: the convolutions' tables move it too."""
-_MEMORY_REPEATS = 3
-"""Times each memory-bound kind is measured (:data:`_MEMORY_ROUNDS` rounds each); the median of the repeats is
-fitted, so that one stall during one of them moves nothing."""
+saves is mostly such fixed times."""
+_PASSES = 3
+"""Passes over every point a profile measures (the tables', the memory-bound kinds', the products' and the block
+probe's); each point keeps its median over the passes. Timed in one pass, one slow spell of the machine (seconds
+long, and more than a table's few rounds take) lifted whole tables: densenet121's predicted time moved from 34.4 to
+47.1 ms over five builds of its tables, one 1x1 convolution's widest point from 1.0 to 1.9 ms. In three passes it
+moved from 34.6 to 36.8 ms, and from 36.4 to 40.0 ms in five builds on a busier hour; a first profile takes three
+times as long."""
 _WARMUP = 2
 """Runs of each point before the timed rounds (the first run allocates)."""
 _REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
@@ -77,6 +81,8 @@ class _Point:
     key: str
     model: bytes
     shapes: list[tuple[int, ...]]
+    elements: int = 0
+    """The elements a memory-bound op's point moves (0 for a table's)."""
 
 
 @dataclass(frozen=True)
@@ -133,30 +139,34 @@ class OnnxRuntimeCPU:
     def _measure_missing(
         self, cache: LatencyCache, grids: Mapping[Kernel, tuple[tuple[int, ...], ...]], missing: set[str], extra: bool
     ) -> None:
-        """Measure the points ``missing`` (and the memory costs and FLOP rate where ``extra``), saving as it goes."""
-        total = len(missing) + (len(MemoryClass) * len(_MEMORY_SIZES) + len(_PRODUCTS) + 3 if extra else 0)
+        """Measure the points ``missing`` (and the memory costs, FLOP rate and channel block where ``extra``) in
+        :data:`_PASSES` passes over all of them, and save every point's median over the passes."""
+        tables = [points for points in (_missing_points(k, g, missing) for k, g in grids.items()) if points]
+        memory = _memory_points() if extra else {}
+        probes = [_product_points(), _block_points()] if extra else []
+        # the memory-bound ops' smallest sizes run in 5 to 20 us: they take more rounds than the other points
+        jobs = [(points, self.rounds) for points in [*tables, *probes]]
+        jobs += [(points, max(self.rounds, _MEMORY_ROUNDS)) for points in memory.values()]
+        total = _PASSES * sum(len(points) for points, _ in jobs)
         logger.info("profiling %s: %d measurements (cached for the next run)", self.describe(), total)
         start = time.perf_counter()
+        runs: dict[str, list[float]] = {}
         # no bar where stderr is not a terminal (CI logs): the log lines say as much
         with tqdm(total=total, desc="latency profile", unit="graph", leave=False, disable=None) as bar:
-            for kernel, grid in grids.items():
-                points = [
-                    _Point(key, kernel_graph(kernel, w), input_shapes(kernel, w))
-                    for w in product(*grid)
-                    if (key := _point_key(kernel, w)) in missing
-                ]
-                if points:
-                    cache.points.update(self._time(points))
-                    cache.save()
+            for _ in range(_PASSES):
+                # a pass times every point once: a slow spell of the machine falls on the points of one pass, and
+                # their median over the passes sets it aside
+                for points, rounds in jobs:
+                    for key, micros in self._time(points, rounds).items():
+                        runs.setdefault(key, []).append(micros)
                     bar.update(len(points))
-            if extra:
-                cache.extra["memory"] = {c.value: cost for c, cost in self._memory_costs().items()}
-                bar.update(len(MemoryClass) * len(_MEMORY_SIZES))
-                cache.extra["flop_us"] = self._flop_us()
-                bar.update(len(_PRODUCTS))
-                cache.extra["block"] = self._block()
-                bar.update(3)
-                cache.save()
+        medians = {key: float(np.median(values)) for key, values in runs.items()}
+        cache.points.update({p.key: medians[p.key] for points in tables for p in points})
+        if extra:
+            cache.extra["memory"] = {kind.value: _fitted(points, medians) for kind, points in memory.items()}
+            cache.extra["flop_us"] = _flop_us(probes[0], medians)
+            cache.extra["block"] = _block(probes[1], medians)
+        cache.save()
         logger.info("profiled in %.1f s", time.perf_counter() - start)
 
     def _time(self, points: list[_Point], rounds: int | None = None) -> dict[str, float]:
@@ -185,47 +195,6 @@ class OnnxRuntimeCPU:
                     sessions[j].run(None, feeds[j])
             return {p.key: _op_micros(Path(s.end_profiling()), _WARMUP) for p, s in zip(points, sessions, strict=True)}
 
-    def _memory_costs(self) -> dict[MemoryClass, tuple[float, float]]:
-        """A fixed time and a time per element for every kind of memory-bound op, fitted to its times at five
-        sizes: each kind's points timed together, :data:`_MEMORY_REPEATS` times over :data:`_MEMORY_ROUNDS` rounds,
-        and the median of the repeats taken."""
-        out = {}
-        for kind in MemoryClass:
-            elements, points = [], []
-            for channels, side in _MEMORY_SIZES:
-                model, shapes, count = memory_graph(kind, channels, side)
-                points.append(_Point(f"{kind.value}|{channels}x{side}", model, shapes))
-                elements.append(count)
-            repeats = [self._time(points, max(self.rounds, _MEMORY_ROUNDS)) for _ in range(_MEMORY_REPEATS)]
-            x = np.asarray(elements, dtype=np.float64)
-            y = np.array([np.median([times[p.key] for times in repeats]) for p in points])
-            # fitted for relative error: absolute least squares follows the largest sizes and leaves the fixed time
-            # (what a narrow cut's many small ops pay) to chance, three times too high on a 2-core EPYC
-            slope, fixed = np.polyfit(x, y, 1, w=1.0 / np.maximum(y, 1e-3))
-            out[kind] = (max(float(fixed), 0.0), max(float(slope), 0.0))
-        return out
-
-    def _flop_us(self) -> float:
-        """Microseconds per FLOP of batched products of two activations (the median of two shapes)."""
-        points, flops = [], []
-        for b, m, k, n in _PRODUCTS:
-            node = helper.make_node("MatMul", ["x", "z"], ["y"])
-            model = onnx_model([node], [("x", (b, m, k)), ("z", (b, k, n))], [])
-            points.append(_Point(f"matmul|{b}x{m}x{k}x{n}", model, [(b, m, k), (b, k, n)]))
-            flops.append(2 * b * m * k * n)
-        times = self._time(points)
-        return float(np.median([times[p.key] / f for p, f in zip(points, flops, strict=True)]))
-
-    def _block(self) -> int:
-        """The channel block of the blocked (NCHWc) convolutions: 16 where a 1x1 convolution of 24 output channels
-        takes about as long as one of 32 (AVX-512), else 1 (AVX2's block of 8 divides the grid's multiples of 16,
-        and a runtime without blocks is linear: interpolating between grid points prices both)."""
-        kernel = Kernel(KernelKind.CONV, 1, (56, 56), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
-        widths = [(64, out) for out in _BLOCK_PROBE]
-        points = [_Point(f"block|{w[1]}", kernel_graph(kernel, w), input_shapes(kernel, w)) for w in widths]
-        t16, t24, t32 = (self._time(points)[p.key] for p in points)
-        return 16 if t32 > t16 and (t24 - t16) > 0.75 * (t32 - t16) else 1
-
     def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
         """Export every model to ONNX (checked against torch) and time them interleaved over :data:`_SESSIONS`
         sessions of each: :data:`_MIN_ROUNDS` rounds, or as many as fit in about :data:`_MEASURE_S` seconds (at most
@@ -240,6 +209,64 @@ class OnnxRuntimeCPU:
                 exported, example_inputs, threads=self.threads, rounds=rounds, warmup=5, sessions=_SESSIONS
             )
         return {m.name: Timing(m.median_ms, m.steady_ratio, m.paired_ratio) for m in report.models}
+
+
+def _memory_points() -> dict[MemoryClass, list[_Point]]:
+    """Every memory-bound kind's graphs at the sizes of :data:`_MEMORY_SIZES`."""
+    out = {}
+    for kind in MemoryClass:
+        out[kind] = []
+        for channels, side in _MEMORY_SIZES:
+            model, shapes, count = memory_graph(kind, channels, side)
+            out[kind].append(_Point(f"{kind.value}|{channels}x{side}", model, shapes, count))
+    return out
+
+
+def _missing_points(kernel: Kernel, grid: tuple[tuple[int, ...], ...], missing: set[str]) -> list[_Point]:
+    """The graphs of ``kernel``'s grid points that are ``missing``."""
+    keys = ((w, _point_key(kernel, w)) for w in product(*grid))
+    return [_Point(key, kernel_graph(kernel, w), input_shapes(kernel, w)) for w, key in keys if key in missing]
+
+
+def _product_points() -> list[_Point]:
+    """The batched products of two activations of :data:`_PRODUCTS`; ``elements`` holds their FLOPs."""
+    points = []
+    for b, m, k, n in _PRODUCTS:
+        node = helper.make_node("MatMul", ["x", "z"], ["y"])
+        model = onnx_model([node], [("x", (b, m, k)), ("z", (b, k, n))], [])
+        points.append(_Point(f"matmul|{b}x{m}x{k}x{n}", model, [(b, m, k), (b, k, n)], 2 * b * m * k * n))
+    return points
+
+
+def _flop_us(points: list[_Point], micros: Mapping[str, float]) -> float:
+    """Microseconds per FLOP of batched products of two activations (the median over :func:`_product_points`)."""
+    return float(np.median([micros[p.key] / p.elements for p in points]))
+
+
+def _block_points() -> list[_Point]:
+    """1x1 convolutions of 64 input channels at 56x56 to :data:`_BLOCK_PROBE` output channels."""
+    kernel = Kernel(KernelKind.CONV, 1, (56, 56), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
+    return [
+        _Point(f"block|{out}", kernel_graph(kernel, (64, out)), input_shapes(kernel, (64, out))) for out in _BLOCK_PROBE
+    ]
+
+
+def _block(points: list[_Point], micros: Mapping[str, float]) -> int:
+    """The channel block of the blocked (NCHWc) convolutions: 16 where a 1x1 convolution of 24 output channels
+    takes about as long as one of 32 (AVX-512), else 1 (AVX2's block of 8 divides the grid's multiples of 16, and a
+    runtime without blocks is linear: interpolating between grid points prices both)."""
+    t16, t24, t32 = (micros[p.key] for p in points)
+    return 16 if t32 > t16 and (t24 - t16) > 0.75 * (t32 - t16) else 1
+
+
+def _fitted(points: list[_Point], micros: Mapping[str, float]) -> tuple[float, float]:
+    """A memory-bound kind's fixed time and time per element, fitted to its points' times."""
+    x = np.array([p.elements for p in points], dtype=np.float64)
+    y = np.array([micros[p.key] for p in points])
+    # fitted for relative error: absolute least squares follows the largest sizes and leaves the fixed time (what a
+    # narrow cut's many small ops pay) to chance, three times too high on a 2-core EPYC
+    slope, fixed = np.polyfit(x, y, 1, w=1.0 / np.maximum(y, 1e-3))
+    return max(float(fixed), 0.0), max(float(slope), 0.0)
 
 
 def _op_micros(trace: Path, warmup: int) -> float:

@@ -22,7 +22,13 @@ from fxmorph.passes.importance import CRITERIA, importance
 from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import check_protect, free_group_ids
 from fxmorph.passes.rounding import Grid, RoundTo
-from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO, greedy_widths
+from fxmorph.passes.select import (
+    DEFAULT_MAX_PRUNE,
+    DEFAULT_PARAM_COST,
+    DEFAULT_PARAM_VALUE,
+    DEFAULT_ROUND_TO,
+    greedy_widths,
+)
 from fxmorph.passes.uniform import width_classes
 from fxmorph.surgery.apply import apply_plan
 
@@ -97,7 +103,9 @@ class PrunePass(BudgetPass):
     ``round_to`` (see :mod:`fxmorph.passes.rounding`), at least ``min_width``, and
     no group loses more than ``max_prune`` of its channels; ``balance`` weighs a group's remaining
     channels more the fewer they are, which keeps widths even where scores say little; ``param_cost``
-    counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first).
+    counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first), and under a
+    latency budget ``param_value`` what the parameters a step takes count for beside its FLOPs
+    (:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`).
     Does not preserve the function (it removes live channels); the mask oracle describes the result.
 
     Before/after (resnet50 with weights=None, ``budget_flops`` half of 8.18 GFLOPs, defaults):
@@ -110,6 +118,7 @@ class PrunePass(BudgetPass):
     max_prune: float = DEFAULT_MAX_PRUNE
     balance: float = 1.0
     param_cost: float = DEFAULT_PARAM_COST
+    param_value: float = DEFAULT_PARAM_VALUE
 
     def choose(
         self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]], budget: float
@@ -124,5 +133,7 @@ class PrunePass(BudgetPass):
             balance=self.balance,
             # a latency budget prices weights itself: its tables time the weights' reads
             param_cost=self.param_cost if self.latency is None else 0.0,
+            # and it values them instead: what a step takes of the model counts its weights beside its FLOPs
+            param_value=self.param_value,
             classes=classes,
         )

@@ -31,6 +31,7 @@ from fxmorph.passes.uniform import coarse_cumulative, per_unit
 __all__ = [
     "DEFAULT_MAX_PRUNE",
     "DEFAULT_PARAM_COST",
+    "DEFAULT_PARAM_VALUE",
     "DEFAULT_ROUND_TO",
     "add_back_steps",
     "allowed_widths",
@@ -46,6 +47,18 @@ convolutions of resnet50 and its pruned and narrowed variants gave about 2.2 us 
 0.12 us per thousand parameters (50 to 55 FLOPs per parameter). Without it, a FLOPs budget cuts
 vgg11_bn's 120 M-parameter classifier no more than its convolutions, and the model stays
 weight-bound. The budget itself stays in FLOPs; this only orders the cuts."""
+
+DEFAULT_PARAM_VALUE = 0.04
+"""Under a latency budget, what the parameters a step takes count for beside its FLOPs, as a share of the model's
+FLOPs per parameter: a step's take of the model is its share of the FLOPs plus 0.04 times its share of the
+parameters (the same at any input size, which moves FLOPs and not parameters). The latency tables price what weights
+cost; this values what they are. Without it, a step is valued by the FLOPs it takes per microsecond alone, and where
+two cuts run alike the tables' noise picks: densenet121 cut to half its predicted latency removed 24 to 35 of its
+dense layers' groups over five builds of its tables, keeping 27 to 38% of its parameters, against the 36% a FLOPs
+budget keeps at that latency. With it (28 FLOPs per parameter there): 12 to 18 groups and 54 to 63% of the
+parameters, for 46 to 48% of the FLOPs instead of 49 to 53%. On resnet50, convnext_tiny, mobilenet_v2 and
+efficientnet_b0 at 75 and 50% it kept 5 to 40 points more of the parameters for at most a point of the FLOPs
+(``benchmarks/LATENCY_MODEL.md``)."""
 
 DEFAULT_ROUND_TO: RoundTo = AUTO
 """Default rounding: multiples of onnxruntime's CPU channel block (16) where the budget allows, finer
@@ -114,6 +127,7 @@ def greedy_widths(
     step: float = 0.25,
     balance: float = 1.0,
     param_cost: float = DEFAULT_PARAM_COST,
+    param_value: float = 0.0,
     classes: Sequence[Sequence[int]] = (),
 ) -> np.ndarray:
     """Remove the least important channels per FLOP saved until under ``budget``, then add back.
@@ -144,11 +158,21 @@ def greedy_widths(
     members of their relative scores (the value per FLOP of each member's own step).
     """
     normed = cumulative_values(scores, balance)
+    params = (param_cost, _param_flops(cost, param_value))
     if not classes:
-        return _greedy(cost, normed, budget, round_to, min_width, max_prune, step, param_cost)
+        return _greedy(cost, normed, budget, round_to, min_width, max_prune, step, params)
     tied = cost.tied(classes)
     units = per_unit(tied, normed, lambda values: np.mean(values, axis=0), coarse_cumulative)
-    return tied.expand(_greedy(tied, units, budget, round_to, min_width, max_prune, step, param_cost))
+    return tied.expand(_greedy(tied, units, budget, round_to, min_width, max_prune, step, params))
+
+
+def _param_flops(cost: CostModel, param_value: float) -> float:
+    """What one parameter a step takes counts for in FLOPs under a latency budget: ``param_value`` times the
+    model's FLOPs per parameter (0 under a FLOPs budget, or for a model without parameters)."""
+    params = cost.params()
+    if cost.spends_flops or not param_value or params <= 0:
+        return 0.0
+    return param_value * cost.flops() / params
 
 
 def _greedy(
@@ -159,14 +183,15 @@ def _greedy(
     min_width: int,
     max_prune: float,
     step: float,
-    param_cost: float,
+    params: tuple[float, float],
 ) -> np.ndarray:
     """:func:`greedy_widths` over the variables of ``cost`` valued by ``normed`` (cumulative values); a variable
-    removed whole loses the mean value of its channels (see :func:`_ratios`)."""
+    removed whole loses the mean value of its channels (see :func:`_ratios`). ``params``: what a parameter costs
+    and what it counts for, in FLOPs."""
     groups = sorted(normed)
     whole = whole_values(cost, normed)
     allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
-    valued = {"normed": normed, "whole": whole, "param_cost": param_cost}
+    valued = {"normed": normed, "whole": whole, "param_cost": params[0], "param_value": params[1]}
     remove = functools.partial(_remove, cost, allowed=allowed, budget=budget, step=step, **valued)
     add_back = functools.partial(add_back_steps, cost, allowed=allowed, budget=budget, **valued)
     w = remove(cost.widths(), groups)
@@ -184,6 +209,7 @@ def _remove(
     budget: float,
     step: float,
     param_cost: float = 0.0,
+    param_value: float = 0.0,
     slack: float = 0.02,
     whole: Mapping[int, float] | None = None,
 ) -> np.ndarray:
@@ -193,7 +219,7 @@ def _remove(
     w = w.copy()
     current = cost.spent(w)
     while current > budget:
-        cands, saved, ratios = ranked_steps(cost, w, groups, allowed, normed, param_cost, True, whole)
+        cands, saved, ratios = ranked_steps(cost, w, groups, allowed, normed, param_cost, True, whole, param_value)
         if not cands:
             break
         order = np.argsort(ratios, kind="stable")
@@ -224,6 +250,7 @@ def add_back_steps(
     normed: Cumulative,
     budget: float,
     param_cost: float = 0.0,
+    param_value: float = 0.0,
     whole: Mapping[int, float] | None = None,
 ) -> np.ndarray:
     """Take steps up, most importance per cost first, while the FLOPs budget holds: several per
@@ -231,7 +258,7 @@ def add_back_steps(
     w = w.copy()
     current = cost.spent(w)
     while True:
-        cands, added, gains = ranked_steps(cost, w, groups, allowed, normed, param_cost, False, whole)
+        cands, added, gains = ranked_steps(cost, w, groups, allowed, normed, param_cost, False, whole, param_value)
         room = budget - current
         fits = sorted((j for j in range(len(cands)) if added[j] <= room), key=lambda j: -gains[j])
         if not fits:

@@ -51,13 +51,19 @@ def step_deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.
     return np.abs(cost.spent_steps(w, cands) - cost.spent(w)).astype(np.float64)
 
 
-def _taken(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray) -> np.ndarray:
+def _taken(
+    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray, param_value: float
+) -> np.ndarray:
     """What each candidate step takes of the model, in FLOPs: the FLOPs it changes, or where it changes none (an
-    op priced by its memory alone) what it saves of the budgeted resource, ``saved`` (in FLOPs)."""
+    op priced by its memory alone) what it saves of the budgeted resource, ``saved`` (in FLOPs); under a latency
+    budget, plus ``param_value`` FLOPs per parameter it changes."""
     if cost.spends_flops or not cands:
         return saved
     flops = np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
-    return np.where(flops > 0, flops, saved)
+    taken = np.where(flops > 0, flops, saved)
+    if not param_value:
+        return taken
+    return taken + param_value * np.abs(cost.params_steps(w, cands) - cost.params(w)).astype(np.float64)
 
 
 def _flops_per_unit(cost: Costs, w: np.ndarray) -> float:
@@ -117,13 +123,15 @@ def ranked_steps(
     param_cost: float,
     down: bool,
     whole: Mapping[int, float] | None = None,
+    param_value: float = 0.0,
 ) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
     """The next step of every group (down or up), what each changes of the budgeted resource, and its value per
-    weighed cost."""
+    weighed cost (``param_value``: FLOPs a parameter counts for in what a step takes of the model, under a latency
+    budget)."""
     cands = step_candidates(cost, w, groups, allowed, down=down)
     spent = step_deltas(cost, w, cands)
     saved = spent * _flops_per_unit(cost, w)  # in FLOPs: the model's FLOPs per unit of the budgeted resource
-    taken = _taken(cost, w, cands, saved)
+    taken = _taken(cost, w, cands, saved, param_value)
     return cands, spent, _ratios(normed, w, cands, taken, _weighed(cost, w, cands, saved, param_cost), whole)
 
 

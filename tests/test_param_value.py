@@ -1,0 +1,75 @@
+"""What the parameters a step takes count for under a latency budget (``param_value``).
+
+A latency budget values a step by the FLOPs it takes of the model per microsecond it saves; ``param_value`` adds the
+parameters it takes, as a share of the model's FLOPs per parameter. Selection runs against a latency-like resource
+made of formulas, so nothing here depends on the machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxmorph
+from fxmorph.analysis import build_channel_graph
+from fxmorph.analysis.cost import CostModel
+from fxmorph.passes.prune import PrunePass
+from fxmorph.passes.select import DEFAULT_PARAM_VALUE, greedy_widths
+from tests.test_latency_budget import DearGroup
+
+
+class WideHead(nn.Module):
+    """Two convolutions at 16x16, then two 1x1 convolutions at 2x2 whose weights are most of the model's and whose
+    FLOPs are few."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.early = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.late = nn.Sequential(nn.ReLU(), nn.Conv2d(32, 256, 1), nn.ReLU(), nn.Conv2d(256, 256, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(256 * 4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.late(self.pool(self.early(x))))
+
+
+@pytest.fixture(scope="module")
+def costs() -> tuple[CostModel, CostModel, dict[int, np.ndarray]]:
+    """The model's costs, the same priced by a latency-like resource that runs every FLOP alike (so that steps tie
+    on the time they save per FLOP and only their parameters tell them apart), and flat scores for every free
+    group."""
+    cg = build_channel_graph(fxmorph.trace(WideHead().eval(), (torch.randn(1, 3, 16, 16),)))
+    cost = CostModel(cg)
+    scores = {g.id: np.ones(g.size) for g in cg.groups if not g.pinned}
+    return cost, cost.priced(DearGroup(cost, 0, 1.0)), scores
+
+
+@pytest.mark.parametrize("share", [0.75, 0.5])
+@pytest.mark.parametrize("value", [DEFAULT_PARAM_VALUE, 0.5])
+def test_valuing_the_parameters_keeps_more_of_them_within_the_same_latency(
+    costs: tuple[CostModel, CostModel, dict[int, np.ndarray]], value: float, share: float
+) -> None:
+    cost, latency, scores = costs
+    budget = share * latency.spent()
+    plain = greedy_widths(latency, scores, budget, 1, 1, param_cost=0.0, param_value=0.0)
+    valued = greedy_widths(latency, scores, budget, 1, 1, param_cost=0.0, param_value=value)
+    assert latency.spent(plain) <= budget and latency.spent(valued) <= budget
+    assert cost.params(valued) > 1.1 * cost.params(plain)
+    assert cost.flops(valued) == pytest.approx(cost.flops(plain), rel=0.02)  # the FLOPs run alike here
+    late = [g for g in scores if cost.sizes[g] == 256]
+    assert all(valued[g] > plain[g] for g in late)  # the weights are in the late layers
+
+
+def test_a_flops_budget_ignores_the_parameter_value(costs: tuple[CostModel, CostModel, dict[int, np.ndarray]]) -> None:
+    """Under a FLOPs budget the parameters are priced (``param_cost``), never valued: the cut is the same."""
+    cost, _, scores = costs
+    half = cost.flops() // 2
+    assert np.array_equal(
+        greedy_widths(cost, scores, half, 1, 1, param_value=0.5), greedy_widths(cost, scores, half, 1, 1)
+    )
+
+
+def test_the_prune_pass_values_parameters_by_default() -> None:
+    assert PrunePass(1000).param_value == DEFAULT_PARAM_VALUE > 0
