@@ -102,7 +102,9 @@ def _ratios(
 
     Under a latency budget a step's weighed cost is the time it saves, so of two steps whose channels score
     alike, the one that takes fewer FLOPs per microsecond goes first: the cut keeps the FLOPs that run fast on the
-    runtime (wide kernels) and gives up those that run slow (thin and memory-bound ones)."""
+    runtime (wide kernels) and gives up those that run slow (thin and memory-bound ones). What a step takes counts
+    its parameters too (``param_value``, :data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), so that of two steps
+    that save alike, the one that takes fewer weights goes first."""
     out = np.full(len(cands), np.inf)
     for j, (g, width) in enumerate(cands):
         lo, hi = sorted((width, int(w[g])))
