@@ -194,7 +194,9 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "parameters of the FLOPs-budget and Torch-Pruning cuts are interpolated along their curves at the latency"
         " result's latency in that run (-: outside the curve). The latency cuts take `min_width=0`: a group may "
         "go whole where that is exact (*gone*: groups at width 0, with the ops that computed them; densenet121's "
-        "dense layers, two groups each), and none of the other models has such a group.",
+        "dense layers, two groups each; residual branches and squeeze-excitations in mobilenet_v2 and "
+        "efficientnet_b0, `fxmorph/analysis/removal.py`). Under the latency budget a step's parameters count "
+        "beside its FLOPs (`DEFAULT_PARAM_VALUE`).",
         "",
         "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "
         "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",

@@ -59,7 +59,9 @@ layers' groups over five builds of its tables, keeping 27 to 38% of its paramete
 keeps at that latency. Cut to half its predicted latency and measured (``benchmarks/LATENCY_MODEL.md``,
 ``--param-values``): 52.5% of its FLOPs and 40.5% of its parameters at 50.9% of the latency with 0.04, against 57.5%
 and 17.6% at 51.4% without, and the FLOPs budget's 42% and 36%. On mobilenet_v2, efficientnet_b0, resnet50 and
-convnext_tiny at 75, 50 and 30% it moved the FLOPs kept by -0.6 to +0.8 points and the parameters by +0.2 to +7."""
+convnext_tiny at 75, 50 and 30% it moved the FLOPs kept by -0.6 to +0.8 points and the parameters by +0.2 to
++6.9. What it costs is densenet121's FLOPs: shrunk to half its latency it kept 47.1% of them and 46.8% of its
+parameters, where it had kept 50.4% and 28.8% without (``benchmarks/RESULTS.md``, sessions 15 and 16)."""
 
 DEFAULT_ROUND_TO: RoundTo = AUTO
 """Default rounding: multiples of onnxruntime's CPU channel block (16) where the budget allows, finer

@@ -153,7 +153,8 @@ def whole_values(cost: Costs, normed: Cumulative) -> dict[int, float]:
     with the group (a dense layer's norm and activation over its whole input, its concatenation), and a group goes
     where those savings beat thinning's. densenet121 at half its latency (onnxruntime, 2 threads, 224x224) kept
     49% of its FLOPs with 27 of its 58 layers removed; 41% at the mean balanced value (two removed), 40% without
-    removal."""
+    removal (before a step's parameters counted in what it takes: :data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`
+    keeps more of them at a few points of its FLOPs)."""
     if cost.spends_flops:
         return {g: float(values[-1]) / max(len(values) - 1, 1) for g, values in normed.items()}
     return dict.fromkeys(normed, 1.0)
