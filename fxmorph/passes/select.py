@@ -144,8 +144,10 @@ def greedy_widths(
     FLOPs alone), so weight-bound layers, which cost latency their FLOPs do not show, give way first;
     the budget is met in FLOPs all the same. Where ``cost`` is priced in another resource (a latency
     model), a step's value is weighed against what it saves of that resource instead: the steps that
-    take the fewest FLOPs per microsecond saved go first. Each round takes the best steps down (one per group, all
-    within 2% of the best ratio, covering at most ``step`` of the remaining gap) and re-ranks. No
+    take the fewest FLOPs per microsecond saved go first, a step's parameters counting ``param_value`` times the
+    model's FLOPs per parameter each in what it takes (:data:`DEFAULT_PARAM_VALUE`). Each round takes the best
+    steps down (one per group, all within 2% of the best ratio, covering at most ``step`` of the remaining gap) and
+    re-ranks. No
     group loses more than ``max_prune`` of its channels, but with ``min_width`` 0 a group that can go whole
     (:attr:`Costs.removable`) may go, valued as :func:`~fxmorph.passes.select_steps.whole_values` says, and never
     the last of a concatenation (:attr:`Costs.joint`). Once under the budget, steps up are added
@@ -161,12 +163,12 @@ def greedy_widths(
     members of their relative scores (the value per FLOP of each member's own step).
     """
     normed = cumulative_values(scores, balance)
-    params = (param_cost, _param_flops(cost, param_value))
+    valued = {"param_cost": param_cost, "param_flops": _param_flops(cost, param_value)}
     if not classes:
-        return _greedy(cost, normed, budget, round_to, min_width, max_prune, step, params)
+        return _greedy(cost, normed, budget, round_to, min_width, max_prune, step, **valued)
     tied = cost.tied(classes)
     units = per_unit(tied, normed, lambda values: np.mean(values, axis=0), coarse_cumulative)
-    return tied.expand(_greedy(tied, units, budget, round_to, min_width, max_prune, step, params))
+    return tied.expand(_greedy(tied, units, budget, round_to, min_width, max_prune, step, **valued))
 
 
 def _param_flops(cost: CostModel, param_value: float) -> float:
@@ -186,15 +188,17 @@ def _greedy(
     min_width: int,
     max_prune: float,
     step: float,
-    params: tuple[float, float],
+    *,
+    param_cost: float,
+    param_flops: float,
 ) -> np.ndarray:
     """:func:`greedy_widths` over the variables of ``cost`` valued by ``normed`` (cumulative values); a variable
-    removed whole loses the mean value of its channels (see :func:`_ratios`). ``params``: what a parameter costs
-    and what it counts for, in FLOPs."""
+    removed whole loses the mean value of its channels (see :func:`_ratios`). ``param_cost`` and ``param_flops``:
+    what a parameter costs and what it counts for, in FLOPs."""
     groups = sorted(normed)
     whole = whole_values(cost, normed)
     allowed = {g: _bounded(cost, g, round_to, min_width, max_prune) for g in groups}
-    valued = {"normed": normed, "whole": whole, "param_cost": params[0], "param_value": params[1]}
+    valued = {"normed": normed, "whole": whole, "param_cost": param_cost, "param_flops": param_flops}
     remove = functools.partial(_remove, cost, allowed=allowed, budget=budget, step=step, **valued)
     add_back = functools.partial(add_back_steps, cost, allowed=allowed, budget=budget, **valued)
     w = remove(cost.widths(), groups)
@@ -212,7 +216,7 @@ def _remove(
     budget: float,
     step: float,
     param_cost: float = 0.0,
-    param_value: float = 0.0,
+    param_flops: float = 0.0,
     slack: float = 0.02,
     whole: Mapping[int, float] | None = None,
 ) -> np.ndarray:
@@ -222,7 +226,7 @@ def _remove(
     w = w.copy()
     current = cost.spent(w)
     while current > budget:
-        cands, saved, ratios = ranked_steps(cost, w, groups, allowed, normed, param_cost, True, whole, param_value)
+        cands, saved, ratios = ranked_steps(cost, w, groups, allowed, normed, param_cost, True, whole, param_flops)
         if not cands:
             break
         order = np.argsort(ratios, kind="stable")
@@ -253,7 +257,7 @@ def add_back_steps(
     normed: Cumulative,
     budget: float,
     param_cost: float = 0.0,
-    param_value: float = 0.0,
+    param_flops: float = 0.0,
     whole: Mapping[int, float] | None = None,
 ) -> np.ndarray:
     """Take steps up, most importance per cost first, while the FLOPs budget holds: several per
@@ -261,7 +265,7 @@ def add_back_steps(
     w = w.copy()
     current = cost.spent(w)
     while True:
-        cands, added, gains = ranked_steps(cost, w, groups, allowed, normed, param_cost, False, whole, param_value)
+        cands, added, gains = ranked_steps(cost, w, groups, allowed, normed, param_cost, False, whole, param_flops)
         room = budget - current
         fits = sorted((j for j in range(len(cands)) if added[j] <= room), key=lambda j: -gains[j])
         if not fits:

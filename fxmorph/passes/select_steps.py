@@ -52,18 +52,18 @@ def step_deltas(cost: Costs, w: np.ndarray, cands: list[tuple[int, int]]) -> np.
 
 
 def _taken(
-    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray, param_value: float
+    cost: Costs, w: np.ndarray, cands: list[tuple[int, int]], saved: np.ndarray, param_flops: float
 ) -> np.ndarray:
     """What each candidate step takes of the model, in FLOPs: the FLOPs it changes, or where it changes none (an
     op priced by its memory alone) what it saves of the budgeted resource, ``saved`` (in FLOPs); under a latency
-    budget, plus ``param_value`` FLOPs per parameter it changes."""
+    budget, plus ``param_flops`` FLOPs per parameter it changes."""
     if cost.spends_flops or not cands:
         return saved
     flops = np.abs(cost.flops_steps(w, cands) - cost.flops(w)).astype(np.float64)
     taken = np.where(flops > 0, flops, saved)
-    if not param_value:
+    if not param_flops:
         return taken
-    return taken + param_value * np.abs(cost.params_steps(w, cands) - cost.params(w)).astype(np.float64)
+    return taken + param_flops * np.abs(cost.params_steps(w, cands) - cost.params(w)).astype(np.float64)
 
 
 def _flops_per_unit(cost: Costs, w: np.ndarray) -> float:
@@ -103,7 +103,7 @@ def _ratios(
     Under a latency budget a step's weighed cost is the time it saves, so of two steps whose channels score
     alike, the one that takes fewer FLOPs per microsecond goes first: the cut keeps the FLOPs that run fast on the
     runtime (wide kernels) and gives up those that run slow (thin and memory-bound ones). What a step takes counts
-    its parameters too (``param_value``, :data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), so that of two steps
+    its parameters too (``param_flops``, :data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), so that of two steps
     that save alike, the one that takes fewer weights goes first."""
     out = np.full(len(cands), np.inf)
     for j, (g, width) in enumerate(cands):
@@ -125,15 +125,15 @@ def ranked_steps(
     param_cost: float,
     down: bool,
     whole: Mapping[int, float] | None = None,
-    param_value: float = 0.0,
+    param_flops: float = 0.0,
 ) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
     """The next step of every group (down or up), what each changes of the budgeted resource, and its value per
-    weighed cost (``param_value``: FLOPs a parameter counts for in what a step takes of the model, under a latency
+    weighed cost (``param_flops``: FLOPs a parameter counts for in what a step takes of the model, under a latency
     budget)."""
     cands = step_candidates(cost, w, groups, allowed, down=down)
     spent = step_deltas(cost, w, cands)
     saved = spent * _flops_per_unit(cost, w)  # in FLOPs: the model's FLOPs per unit of the budgeted resource
-    taken = _taken(cost, w, cands, saved, param_value)
+    taken = _taken(cost, w, cands, saved, param_flops)
     return cands, spent, _ratios(normed, w, cands, taken, _weighed(cost, w, cands, saved, param_cost), whole)
 
 
