@@ -26,7 +26,6 @@ from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.kernels import Kernel, KernelKind
 from fxmorph.analysis.latency import (
-    LatencyBudget,
     LatencyFunction,
     MemoryClass,
     MemoryCost,
@@ -39,10 +38,6 @@ from fxmorph.api.budget import parse_latency
 from fxmorph.api.latency_budget import (
     CONFIRMATIONS,
     LatencyOutcome,
-    LatencyStep,
-    _corrected_aim,
-    _next_scale,
-    _Rounds,
     _step,
 )
 from fxmorph.api.runtimes import Timing, register_runtime
@@ -482,7 +477,6 @@ def test_a_kernel_without_a_table_is_priced_by_its_flops(resnet: tuple[nn.Module
 
 
 def test_conv_kernels_read_plain_settings_and_leave_the_rest_to_flops() -> None:
-    from torch import fx
 
     from fxmorph.analysis.kernels import conv_kernel
 
@@ -554,60 +548,3 @@ def test_a_latency_budget_cuts_first_where_the_runtime_is_slow_per_flop() -> Non
     assert slow[dear] < alike[dear] and all(slow[g] >= alike[g] for g in free[1:])
     flat = cost.flops(greedy_widths(cost, scores, cost.flops(alike), 1, 1, param_cost=0.0))
     assert flat == pytest.approx(cost.flops(alike), rel=0.02)  # priced alike: the same cut as a FLOPs budget
-
-
-def test_a_correction_past_the_models_floor_measures_the_floor() -> None:
-    """A round measured over the budget asks for a higher calibration, under which the model predicts no cut reaches
-    the aim; the cut nearest the model's floor is measured instead of giving up, once."""
-    x = torch.randn(1, 3, 8, 8)
-    wide, narrow = (fxmorph.trace(nn.Sequential(nn.Conv2d(3, c, 3), nn.ReLU()), (x,)) for c in (8, 2))
-    tried: list[float] = []
-
-    def cut(latency: LatencyBudget) -> tuple[str, fx.GraphModule]:
-        tried.append(latency.scale)
-        if latency.scale > 1.0:  # the model's floor, as this calibration predicts it, is over the aim
-            raise fxmorph.BudgetError("below what this model can reach")
-        return "floor", narrow
-
-    profile = RuntimeProfile("fake", {}, {}, 1e-6)
-    outcome = LatencyOutcome("fake", 1.5, 5.0, 5.0, 0.0)
-    outcome.steps.append(LatencyStep(1.4, 2.0, CostModel(build_channel_graph(wide)).flops(), 0))
-    rounds = _Rounds(cut, LatencyBudget(1400.0, profile), 1.4, outcome, [0.9])
-    result, small, scale, _ = rounds.corrected_cut()
-    assert (result, small) == ("floor", narrow) and scale <= 1.0 < tried[0]  # relaxed from the correction
-    assert tried[0] == pytest.approx(0.9 * 2.0 / 1.4)  # measured slower than predicted: by the miss
-    outcome.steps.append(LatencyStep(1.4, 1.8, CostModel(build_channel_graph(narrow)).flops(), 0))
-    rounds.scales.append(scale)
-    with pytest.raises(fxmorph.BudgetError):  # the floor was measured already: the rounds end
-        rounds.corrected_cut()
-
-
-def test_a_correction_follows_an_error_that_grows_with_the_cut() -> None:
-    """A runtime whose cuts measure ``predicted ** 1.3`` (the original alike): one round deep under the model's
-    prediction gives the aim that lands on the goal, where scaling by the round's miss overshoots the window."""
-    power = 1.3
-    predicted, goal = 0.2925, 0.2925
-    measured = predicted**power  # 0.20: a 30% budget's first round, well under the window
-    aim = _corrected_aim(predicted, measured, goal)
-    assert aim**power == pytest.approx(goal)
-    by_miss = predicted * goal / measured
-    assert aim < by_miss and by_miss**power > 0.30  # the miss alone aims shallower, and lands over a 30% budget
-    # as a calibration: the next cut aims at ``aim`` where the round, under scale 1, landed at ``predicted``
-    assert _next_scale([1.0], [predicted], [measured], goal) == pytest.approx(predicted / aim)
-
-
-def test_a_correction_near_the_original_or_over_its_prediction_scales_by_the_miss() -> None:
-    near = _corrected_aim(0.73, 0.72, 0.73)
-    assert near == pytest.approx(0.73 * 0.73 / 0.72, rel=0.005)  # the power is alike near the original
-    assert _corrected_aim(0.8, 0.97, 0.877) == pytest.approx(0.8 * 0.877 / 0.97)  # slower than predicted: the miss
-    assert _corrected_aim(1.0, 1.02, 0.73) == pytest.approx(0.73 / 1.02)  # no cut to fit a power to
-    # far under the prediction: the power is held at 2, the aim a usable share
-    assert _corrected_aim(0.5, 0.05, 0.5) == pytest.approx(0.5**0.5)
-
-
-def test_rounds_on_both_sides_of_the_goal_interpolate_their_calibrations() -> None:
-    assert _next_scale([1.0, 2.0], [0.4, 0.3], [0.5, 0.3], 0.4) == pytest.approx(1.5)
-
-
-def test_a_round_predicted_at_nothing_corrects_by_its_miss() -> None:
-    assert _next_scale([1.0], [0.0], [0.4], 0.28) == pytest.approx(0.4 / 0.28)

@@ -4,13 +4,15 @@
 measures the model, and calibrates the model's prediction to that measurement (``scale``). Each round then cuts to
 the budget as predicted, measures the result beside the original (interleaved: the ratio of the two cancels the
 machine's drift) and, where the measured latency misses the window ``[budget * (1 - tolerance), budget]``, corrects
-``scale`` from what the rounds measured (:func:`_next_scale`) and cuts again, a few rounds at most. Each round aims
-at the middle of the window, so that measuring noise on either side still lands in it, and a round that lands in
-the window (:data:`GUARD` inside its edges) is measured twice more, and accepted only if the median of the three
-lands there too: the ratio of two models measured on a shared machine moves between runs by a point or two of the
-original (the window's width at a 30% budget), now and then by more while a neighbour holds the machine, and a
-median of three is what one such measurement cannot move. Where the model predicts the budget out of reach, the
-nearest cut it allows is measured before refusing (:func:`_first_cut`).
+``scale`` from what the rounds measured (:mod:`fxmorph.api.latency_corrections`) and cuts again, a few rounds at
+most. Each round aims at the middle of the window, so that measuring noise on either side still lands in it, and a
+round that lands in the window (:data:`GUARD` inside its edges) is measured twice more, and accepted only if the
+median of the three lands there too: the ratio of two models measured on a shared machine moves between runs by a
+point or two of the original (the window's width at a 30% budget), now and then by more while a neighbour holds the
+machine, and a median of three is what one such measurement cannot move. A round measured once that two later rounds
+could not get past is measured twice more too (:func:`_look_again`), since one such measurement steers every
+correction after it. Where the model predicts the budget out of reach, the nearest cut it allows is measured before
+refusing (:func:`_first_cut`).
 The result is the confirmed round or, where the rounds ran out first, the round closest to the budget at or under
 it; no round under it is a :class:`~fxmorph.errors.BudgetError`, never a model that misses silently.
 """
@@ -18,7 +20,6 @@ it; no round under it is a :class:`~fxmorph.errors.BudgetError`, never a model t
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.graph import ChannelGraph
 from fxmorph.analysis.latency import LatencyBudget, LatencyFunction, RuntimeProfile, kernels_of
 from fxmorph.api.budget import parse_latency
+from fxmorph.api.latency_corrections import next_scale, stalled_end
 from fxmorph.api.runtimes import LatencyRuntime, SteadyTimer
 from fxmorph.errors import BudgetError
 
@@ -138,52 +140,6 @@ def _cost(gm: fx.GraphModule) -> CostModel:
     return CostModel(build_channel_graph(gm))
 
 
-_GAMMA_MAX = 2.0
-"""The largest power :func:`_corrected_aim` fits: one round far under its prediction says little more."""
-
-
-def _next_scale(scales: list[float], predicted: list[float], measured: list[float], goal: float) -> float:
-    """The calibration of the next cut, so that its measured latency lands on ``goal`` (every time here a share of
-    the original's measured time). A larger scale predicts every cut slower, so the cut to the same aim is smaller
-    and measures faster: interpolate between the closest rounds on either side of the goal, or, where all rounds
-    fell on one side, correct the closest round's calibration by how far it missed (:func:`_corrected_aim`)."""
-    below = [k for k, m in enumerate(measured) if m <= goal]
-    above = [k for k, m in enumerate(measured) if m > goal]
-    if below and above:
-        lo = max(below, key=lambda k: measured[k])
-        hi = min(above, key=lambda k: measured[k])
-        if measured[hi] > measured[lo]:
-            t = (goal - measured[lo]) / (measured[hi] - measured[lo])
-            return scales[lo] + t * (scales[hi] - scales[lo])
-    c = min(range(len(scales)), key=lambda k: abs(measured[k] - goal))
-    aim = _corrected_aim(predicted[c], measured[c], goal)
-    if predicted[c] <= 0.0 or aim <= 0.0:  # a model that predicted nothing: only the miss tells
-        return scales[c] * measured[c] / goal
-    # the round landed at ``predicted[c]`` under ``scales[c]``: aiming the same way at another predicted share takes
-    # the calibration that predicts that much less (or more)
-    return scales[c] * predicted[c] / aim
-
-
-def _corrected_aim(predicted: float, measured: float, goal: float) -> float:
-    """The predicted share of the original a cut should have to measure ``goal``, from one round that was predicted
-    at ``predicted`` and measured ``measured``.
-
-    Where the round measured faster than predicted, the model's error grows with the depth of the cut: it is
-    calibrated on the original, which every round measures alike, and a cut's tensors and weights fit the caches
-    better the smaller it is, which the tables (each op timed alone) do not see (efficientnet_b0 cut to a predicted
-    29% measured 20%; ``benchmarks/LATENCY_MODEL.md``). So that error is taken as a power of the predicted share,
-    anchored at the original (1 predicts 1): ``measured = predicted ** gamma``, with ``gamma`` from the round, at
-    most :data:`_GAMMA_MAX`. Replayed over the 31 later rounds of sessions 12 and 13's latency benchmark (each
-    round's measured share predicted from its predicted share and the earlier round this function would pick), this
-    erred by 3.3% on average and 15% at worst, where scaling by the round's miss (``predicted * goal / measured``,
-    alike near the original) erred by 3.9% and 25%; both medians were 1.8%. Where the round measured slower than
-    predicted (a fixed cost the model misses), or is not under the original, the miss scales."""
-    if 0.0 < measured < predicted < 0.99:
-        gamma = min(math.log(measured) / math.log(predicted), _GAMMA_MAX)
-        return goal ** (1.0 / gamma)
-    return predicted * goal / measured if measured > 0.0 else predicted
-
-
 _NUDGES = 3
 """How often a correction whose cut repeats a measured one is pushed further before it is measured anyway."""
 
@@ -205,10 +161,11 @@ class _Rounds(Generic[Cut]):
         return [s.measured_ms for s in self.outcome.steps]
 
     def _next_scale(self) -> float:
-        """:func:`_next_scale` of the rounds so far, in shares of the original's measured time."""
+        """:func:`~fxmorph.api.latency_corrections.next_scale` of the rounds so far, in shares of the original's
+        measured time."""
         original = self.outcome.original_ms
         predicted = [s.predicted_ms / original for s in self.outcome.steps]
-        return _next_scale(self.scales, predicted, [m / original for m in self.measured], self.goal / original)
+        return next_scale(self.scales, predicted, [m / original for m in self.measured], self.goal / original)
 
     def _trial(self, scale: float) -> tuple[Cut, fx.GraphModule, CostModel]:
         """The cut to the aim under calibration ``scale``, its model and its cost model."""
@@ -289,18 +246,16 @@ def meet_latency(
     cg = build_channel_graph(gm)
     profile = _profile(runtime, cg)
     seconds = time.perf_counter() - start
-    timer = SteadyTimer(runtime)
-    for _ in range(2):  # the faster of two: one may fall while the machine is busy
-        timer.measure({"original": gm}, inputs)
-    original_ms = timer.fastest_ms
-    budget_ms = parse_latency(budget, original_ms)
+    meter = _Meter(SteadyTimer(runtime), gm, inputs)
+    budget_ms = parse_latency(budget, meter.original_ms)
     cost = CostModel(cg)
     predicted = LatencyFunction(cost, profile)(cost.widths())
-    outcome = LatencyOutcome(runtime.describe(), budget_ms, original_ms, predicted / 1e3, seconds)
+    outcome = LatencyOutcome(runtime.describe(), budget_ms, meter.original_ms, predicted / 1e3, seconds)
     goal = budget_ms * (1.0 - TOLERANCE / 2)  # the middle of the window: noise either side still lands in it
-    calibrated = scale = original_ms * 1e3 / predicted  # the model then predicts the original's measured time
+    calibrated = scale = meter.original_ms * 1e3 / predicted  # the model then predicts the original's measured time
     rounds: _Rounds[Cut] = _Rounds(cut, LatencyBudget(goal * 1e3, profile), goal, outcome)
     results: list[Cut] = []
+    kept: list[tuple[fx.GraphModule, CostModel, list[float]]] = []  # each round's model, its cost and its runs
     refused: BudgetError | None = None
     for _ in range(ROUNDS):
         try:
@@ -315,14 +270,16 @@ def meet_latency(
             break  # the corrections pushed the cut out of the model's reach: what was measured decides
         # what the model calibrated on the original predicts for the cut (the rounds' scales only steer the cuts)
         predicted_ms = _predicted_us(small_cost, runtime, profile, calibrated) / 1e3
-        runs = _measured(timer, gm, small, inputs, original_ms, budget_ms)
-        outcome.retaken = timer.retaken
+        runs = meter.round(small, budget_ms)
         step = _step(predicted_ms, runs, small_cost, budget_ms)
         outcome.steps.append(step)
         results.append(result)
+        kept.append((small, small_cost, runs))
         rounds.scales.append(scale)
         logger.info("budget %.2f ms: predicted %.2f ms, measured %s ms", budget_ms, predicted_ms, runs)
-        if step.confirmed:
+        confirmed = step.confirmed or _look_again(outcome, kept, meter, goal)
+        outcome.retaken = meter.timer.retaken
+        if confirmed:
             break
     measured = rounds.measured
     under = [k for k, s in enumerate(outcome.steps) if s.measured_ms <= budget_ms]
@@ -354,24 +311,51 @@ def _in_band(measured_ms: float, budget_ms: float) -> bool:
     return budget_ms * (1.0 - TOLERANCE + GUARD) <= measured_ms <= budget_ms * (1.0 - GUARD)
 
 
-def _measured(
-    timer: SteadyTimer,
-    gm: fx.GraphModule,
-    small: fx.GraphModule,
-    inputs: tuple[Any, ...],
-    original_ms: float,
-    budget_ms: float,
-) -> list[float]:
-    """The measured milliseconds of ``small``: its ratio to ``gm`` as the runtime measures it (interleaved, so the
-    machine's drift falls on both) times the original's time; :data:`CONFIRMATIONS` times where the first lands in
-    the window's guarded band."""
-    runs: list[float] = []
-    for _ in range(CONFIRMATIONS):
-        ratio = timer.measure({"original": gm, "result": small}, inputs)["result"].ratio
-        runs.append(ratio * original_ms)
-        if not _in_band(runs[0], budget_ms):
-            break
-    return runs
+@dataclass
+class _Meter:
+    """Measures cuts beside the original ``gm`` on ``inputs``: each cut's ratio to it as the runtime measures them
+    interleaved (so the machine's drift falls on both), times the original's own time (the faster of two
+    measurements: one may fall while the machine is busy)."""
+
+    timer: SteadyTimer
+    gm: fx.GraphModule
+    inputs: tuple[Any, ...]
+    original_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        for _ in range(2):
+            self.timer.measure({"original": self.gm}, self.inputs)
+        self.original_ms = self.timer.fastest_ms
+
+    def once(self, small: fx.GraphModule) -> float:
+        """One measurement of ``small``, in milliseconds."""
+        timing = self.timer.measure({"original": self.gm, "result": small}, self.inputs)
+        return timing["result"].ratio * self.original_ms
+
+    def round(self, small: fx.GraphModule, budget_ms: float) -> list[float]:
+        """A round's measurements of ``small``: one, or :data:`CONFIRMATIONS` where the first lands in the window's
+        guarded band."""
+        runs = [self.once(small)]
+        if _in_band(runs[0], budget_ms):
+            runs += [self.once(small) for _ in range(CONFIRMATIONS - 1)]
+        return runs
+
+
+def _look_again(
+    outcome: LatencyOutcome, kept: list[tuple[fx.GraphModule, CostModel, list[float]]], meter: _Meter, goal: float
+) -> bool:
+    """Measure again the round whose single measurement stalled the rounds
+    (:func:`~fxmorph.api.latency_corrections.stalled_end`), up to :data:`CONFIRMATIONS` in all, and record the median;
+    whether that round is now confirmed in the window."""
+    steps = outcome.steps
+    k = stalled_end([s.measured_ms for s in steps], [s.runs for s in steps], goal)
+    if k is None:
+        return False
+    small, cost, runs = kept[k]
+    runs += [meter.once(small) for _ in range(CONFIRMATIONS - len(runs))]
+    steps[k] = _step(steps[k].predicted_ms, runs, cost, outcome.budget_ms)
+    logger.info("round %d stalled the rounds: measured again, %s ms", k + 1, runs)
+    return steps[k].confirmed
 
 
 def _below_reach(
