@@ -381,7 +381,7 @@ def _fake_micros(key: str) -> float:
 
 def test_a_stall_through_one_pass_of_a_profile_moves_nothing(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every point is timed once per pass; a machine three times slower through one whole pass moves no table, no
-    memory cost, no FLOP rate and no channel block: each point keeps its median over the passes."""
+    memory cost, no FLOP rate and no channel block: each point keeps the least of its passes."""
     model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(24 * 8 * 8, 10))
     kernels = kernels_of(build_channel_graph(fxmorph.trace(model.eval(), (torch.randn(1, 3, 8, 8),))))
     timed: dict[str, int] = {}
