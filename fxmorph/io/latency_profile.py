@@ -5,8 +5,7 @@
 its own session with the settings of :func:`fxmorph.io.latency.measure_latency` (the thread count, every graph
 optimisation, no spinning). A table's points run interleaved, round after round, in three passes over every point
 the profile measures; a point's time is the fast tail of its runs (:data:`_QUANTILE`), the least over the passes;
-the cache (:mod:`fxmorph.io.latency_cache`) keeps
-every point, so the second shrink on a machine measures nothing.
+the cache (:mod:`fxmorph.io.latency_cache`) keeps every point, so the second shrink on a machine measures nothing.
 Memory-bound ops get a fixed time and a time per element, fitted over five sizes; products without a table the time
 of a FLOP of two batched products; blocked convolutions the channel block they pad widths to.
 :meth:`OnnxRuntimeCPU.measure` exports whole models and times them interleaved.
