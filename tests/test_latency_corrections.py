@@ -1,10 +1,14 @@
 """The correction rounds of a latency budget: how a round's miss steers the next cut's calibration.
 
-These are the pure functions of :mod:`fxmorph.api.latency_budget` that turn the rounds measured so far into the
-next calibration, run on measured shares written down or made by a formula (no runtime, no clock).
+The functions of :mod:`fxmorph.api.latency_corrections` that turn the rounds measured so far into the next
+calibration, and the rounds of :mod:`fxmorph.api.latency_budget` that use them, run on measured shares written down,
+made by a formula or scripted (no clock).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -14,8 +18,18 @@ import fxmorph
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.latency import LatencyBudget, RuntimeProfile
-from fxmorph.api.latency_budget import CONFIRMATIONS, ROUNDS, TOLERANCE, LatencyOutcome, LatencyStep, _Rounds
+from fxmorph.api.latency_budget import (
+    CONFIRMATIONS,
+    ROUNDS,
+    TOLERANCE,
+    LatencyOutcome,
+    LatencyStep,
+    _look_again,
+    _Meter,
+    _Rounds,
+)
 from fxmorph.api.latency_corrections import corrected_aim, next_scale, stalled_end
+from fxmorph.api.runtimes import SteadyTimer, Timing
 
 
 def test_a_correction_past_the_models_floor_measures_the_floor() -> None:
@@ -131,3 +145,46 @@ def test_a_first_round_measured_off_by_a_busy_spell_does_not_hold_the_rounds(pow
         measured.append(predicted[-1] ** power)
         runs.append(1)
     assert landed(), list(zip(predicted, measured, strict=True))
+
+
+class ScriptedRuntime:
+    """A runtime whose original runs in 10 ms and whose results measure the ratios it is given, in order."""
+
+    def __init__(self, ratios: list[float]) -> None:
+        self.ratios = ratios
+
+    def describe(self) -> str:
+        return "scripted runtime"
+
+    def profile(self, kernels: Any) -> RuntimeProfile:
+        return RuntimeProfile("scripted", {}, {}, 1e-6)
+
+    def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
+        times = {"original": Timing(10.0, 1.0)}
+        if "result" in models:
+            ratio = self.ratios.pop(0)
+            times["result"] = Timing(10.0 * ratio, ratio)
+        return times
+
+
+def test_a_stalled_round_is_measured_again_and_accepted_where_its_median_lands() -> None:
+    """Round 1 measured once over the goal, rounds 2 and 3 under it: round 1 is measured twice more, its step holds
+    the median of the three, and the rounds stop where that median lands in the window's guarded band."""
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxmorph.trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), (x,))
+    cost = CostModel(build_channel_graph(gm))
+    runtime = ScriptedRuntime([0.48, 0.485])
+    meter = _Meter(SteadyTimer(runtime), gm, (x,))
+    assert meter.original_ms == 10.0
+    budget_ms = 5.0
+    outcome = LatencyOutcome("scripted", budget_ms, 10.0, 10.0, 0.0)
+    kept = []
+    for measured in (5.2, 4.5, 4.6):
+        outcome.steps.append(LatencyStep(4.9, measured, cost.flops(), cost.params()))
+        kept.append((gm, cost, [measured]))
+    goal = budget_ms * (1 - TOLERANCE / 2)
+    assert _look_again(outcome, kept, meter, goal)  # 4.85 ms: inside the band of 4.8 to 4.95 ms
+    assert not runtime.ratios  # measured twice more
+    first = outcome.steps[0]
+    assert (first.runs, first.measured_ms, first.confirmed) == (CONFIRMATIONS, pytest.approx(4.85), True)
+    assert not _look_again(outcome, kept, meter, goal)  # measured three times now: never again (nothing to pop)
