@@ -47,7 +47,9 @@ from fxmorph.io.latency_profile import OnnxRuntimeCPU
 HERE = Path(__file__).parent
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny", "vit_b_16")
 BUDGETS = (0.75, 0.5, 0.3)
-FLOPS_LEVELS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+FLOPS_LEVELS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+"""The FLOPs-budget curve the latency cuts are compared on; 0.1 reaches 30% of the latency where 0.2 does not
+(densenet121, mobilenet_v2, efficientnet_b0)."""
 TP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 THREADS = 2
 
@@ -143,7 +145,11 @@ def run_model(name: str, budgets: tuple[float, ...], cache: Path, min_width: int
         logger.info("%s latency %.2f: %s", name, b, {k: cut[k] for k in ("in_loop_ratio", "flops", "seconds")})
     row["flops_cuts"] = []
     for f in FLOPS_LEVELS:
-        small = fxmorph.shrink(model, f, x)
+        try:
+            small = fxmorph.shrink(model, f, x)
+        except fxmorph.BudgetError as exc:  # a level below what the model reaches: the curve ends above it
+            logger.info("%s FLOPs %.2f: %s", name, f, exc)
+            continue
         cuts[f"flops {f:g}"] = small
         row["flops_cuts"].append({"level": f, **count(small, x)})
     row["tp_cuts"] = []

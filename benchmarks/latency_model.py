@@ -23,7 +23,9 @@ cost (FLOPs per parameter, as ``fxmorph.shrink``'s ``param_cost``; a latency bud
 correction rounds), measured with FLOPs-budget cuts at 30..80% and compared with them at equal measured latency.
 ``--param-values`` does the same for what the weights a step takes count for beside its FLOPs (``param_value``, as a
 share of the model's FLOPs per parameter; a latency budget uses
-:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`). Written to ``LATENCY_MODEL.md`` and ``latency_model.json``; a
+:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), and ``--balances`` for how evenly it thins (``balance``,
+:data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`); the settings not varied are a latency budget's (the
+``--param-costs`` rows value no parameters). Written to ``LATENCY_MODEL.md`` and ``latency_model.json``; a
 run keeps the sections it does not measure (``--levels`` alone, with no level, profiles no cuts).
 """
 
@@ -53,7 +55,7 @@ from fxmorph.io.latency_profile import OnnxRuntimeCPU
 from fxmorph.passes.importance import importance
 from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import free_group_ids
-from fxmorph.passes.select import DEFAULT_ROUND_TO, greedy_widths
+from fxmorph.passes.select import DEFAULT_LATENCY_BALANCE, DEFAULT_PARAM_VALUE, DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.passes.uniform import width_classes
 from fxmorph.surgery.apply import apply_plan
 
@@ -63,8 +65,9 @@ PROFILED_RUNS = 40
 FLOPS_LEVELS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 logger = logging.getLogger("benchmarks.latency_model")
 
-Knob = Literal["param_cost", "param_value"]
-"""The setting ``--param-costs`` and ``--param-values`` vary (:func:`~fxmorph.passes.select.greedy_widths`)."""
+Knob = Literal["param_cost", "param_value", "balance"]
+"""The setting ``--param-costs``, ``--param-values`` and ``--balances`` vary
+(:func:`~fxmorph.passes.select.greedy_widths`)."""
 
 
 def _kind(kernel: Kernel | None) -> str:
@@ -182,8 +185,13 @@ def selections(name: str, knob: Knob, values: tuple[float, ...], shares: tuple[f
     models: dict[str, nn.Module] = {"original": gm}
     points: dict[str, dict[str, float]] = {}
     for value in values:
-        # the knob set, the other at what a latency budget uses: no parameter cost, no parameter value
-        knobs = {"param_cost": 0.0, "param_value": 0.0, knob: value}
+        # the knob set, the others at what a latency budget uses (a parameter cost's rows value no parameters)
+        knobs = {
+            "param_cost": 0.0,
+            "param_value": 0.0 if knob == "param_cost" else DEFAULT_PARAM_VALUE,
+            "balance": DEFAULT_LATENCY_BALANCE,
+            knob: value,
+        }
         for share in shares:
             priced, budget = LatencyBudget(share * total, profile).priced(cost, flops)
             scored = {g: scores[g] for g in free}
@@ -226,12 +234,13 @@ def _kind_factors(original: dict[str, Any]) -> dict[str, float]:
 _TITLES: dict[Knob, str] = {
     "param_cost": "## Pricing the weights beside the tables",
     "param_value": "## Valuing the weights a step takes",
+    "balance": "## How evenly a latency budget thins",
 }
 
 
 def _selection_lines(rows: list[dict[str, Any]], knob: Knob) -> list[str]:
-    """The ``--param-costs`` or ``--param-values`` table: each latency selection beside the FLOPs-budget curve at its
-    measured latency."""
+    """The ``--param-costs``, ``--param-values`` or ``--balances`` table: each latency selection beside the
+    FLOPs-budget curve at its measured latency."""
     lines = [
         _TITLES[knob],
         "",
@@ -308,6 +317,7 @@ def main() -> None:
     parser.add_argument("--levels", nargs="*", type=float, default=(0.7, 0.5, 0.3))
     parser.add_argument("--param-costs", nargs="*", type=float, default=())
     parser.add_argument("--param-values", nargs="*", type=float, default=())
+    parser.add_argument("--balances", nargs="*", type=float, default=())
     parser.add_argument("--shares", nargs="*", type=float, default=(0.5, 0.6, 0.73))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -316,7 +326,12 @@ def main() -> None:
     kept = json.loads(path.read_text()) if path.exists() else {}
     results = [run_model(name, tuple(args.levels)) for name in args.models] if args.levels else kept.get("cuts", [])
     selected: dict[Knob, list[dict[str, Any]]] = {}
-    for knob, values in (("param_cost", args.param_costs), ("param_value", args.param_values)):
+    knobs: tuple[tuple[Knob, list[float]], ...] = (
+        ("param_cost", args.param_costs),
+        ("param_value", args.param_values),
+        ("balance", args.balances),
+    )
+    for knob, values in knobs:
         rows = [r for name in args.models for r in selections(name, knob, tuple(values), tuple(args.shares))]
         selected[knob] = rows or kept.get(f"{knob}s", [])
     path.write_text(json.dumps({"cuts": results, **{f"{k}s": v for k, v in selected.items()}}, indent=1))

@@ -1,8 +1,9 @@
-"""What the parameters a step takes count for under a latency budget (``param_value``).
+"""How a latency budget values a step: the parameters it takes (``param_value``) and its balance.
 
 A latency budget values a step by the FLOPs it takes of the model per microsecond it saves; ``param_value`` adds the
-parameters it takes, as a share of the model's FLOPs per parameter. Selection runs against a latency-like resource
-made of formulas, so nothing here depends on the machine.
+parameters it takes, as a share of the model's FLOPs per parameter, and its own balance
+(:data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`) lets it thin unevenly. Selection runs against a latency-like
+resource made of formulas, so nothing here depends on the machine.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch import nn
 import fxmorph
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
+from fxmorph.analysis.latency import LatencyBudget
+from fxmorph.passes import prune
 from fxmorph.passes.prune import PrunePass
-from fxmorph.passes.select import DEFAULT_PARAM_VALUE, greedy_widths
-from tests.test_latency_budget import DearGroup
+from fxmorph.passes.select import DEFAULT_LATENCY_BALANCE, DEFAULT_PARAM_VALUE, greedy_widths
+from tests.test_latency_budget import DearGroup, TwoBranches
 
 
 class WideHead(nn.Module):
@@ -73,3 +76,38 @@ def test_a_flops_budget_ignores_the_parameter_value(costs: tuple[CostModel, Cost
 
 def test_the_prune_pass_values_parameters_by_default() -> None:
     assert PrunePass(1000).param_value == DEFAULT_PARAM_VALUE > 0
+
+
+def test_a_latency_budget_thins_unevenly_and_keeps_more_flops() -> None:
+    """One branch runs twice as slow per FLOP as the other: at the latency budget's own balance it is thinned further
+    than at a FLOPs budget's (1), the other less, and the cut keeps more FLOPs within the same latency."""
+    cg = build_channel_graph(fxmorph.trace(TwoBranches(), (torch.randn(1, 3, 16, 16),)))
+    cost = CostModel(cg)
+    free = [g for g in range(len(cg.groups)) if cost.sizes[g] == 64 and not cg.groups[g].pinned]
+    dear = free[0]
+    scores = {g: np.ones(int(cost.sizes[g])) for g in free}
+    priced = cost.priced(DearGroup(cost, dear, 2.0))
+    budget = 0.5 * priced.spent()
+    even, uneven = (
+        greedy_widths(priced, scores, budget, 1, 1, param_cost=0.0, balance=balance)
+        for balance in (1.0, DEFAULT_LATENCY_BALANCE)
+    )
+    assert priced.spent(even) <= budget and priced.spent(uneven) <= budget
+    assert uneven[dear] < even[dear] and all(uneven[g] >= even[g] for g in free[1:])
+    assert cost.flops(uneven) > cost.flops(even)
+
+
+@pytest.mark.parametrize("latency", [None, LatencyBudget(1000.0, None)])  # type: ignore[arg-type]
+def test_the_prune_pass_balances_each_budget_its_own_way(
+    monkeypatch: pytest.MonkeyPatch, latency: LatencyBudget | None
+) -> None:
+    """The pass hands the selection the FLOPs budget's balance, or under a latency budget its own."""
+    seen: dict[str, float] = {}
+
+    def spy(*args: object, balance: float, **kwargs: object) -> np.ndarray:
+        seen["balance"] = balance
+        return np.zeros(1, dtype=np.int64)
+
+    monkeypatch.setattr(prune, "greedy_widths", spy)
+    PrunePass(1000, latency=latency).choose(None, {}, [], 1.0)  # type: ignore[arg-type]
+    assert seen["balance"] == (1.0 if latency is None else DEFAULT_LATENCY_BALANCE)

@@ -23,6 +23,7 @@ from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import check_protect, free_group_ids
 from fxmorph.passes.rounding import Grid, RoundTo
 from fxmorph.passes.select import (
+    DEFAULT_LATENCY_BALANCE,
     DEFAULT_MAX_PRUNE,
     DEFAULT_PARAM_COST,
     DEFAULT_PARAM_VALUE,
@@ -102,7 +103,8 @@ class PrunePass(BudgetPass):
     channels are added back greedily while it still holds. Widths are on the rounding grid
     ``round_to`` (see :mod:`fxmorph.passes.rounding`), at least ``min_width``, and
     no group loses more than ``max_prune`` of its channels; ``balance`` weighs a group's remaining
-    channels more the fewer they are, which keeps widths even where scores say little; ``param_cost``
+    channels more the fewer they are, which keeps widths even where scores say little (``latency_balance`` under a
+    latency budget, :data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`); ``param_cost``
     counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first), and under a
     latency budget ``param_value`` what the parameters a step takes count for beside its FLOPs
     (:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`).
@@ -117,6 +119,7 @@ class PrunePass(BudgetPass):
     preserves_function: ClassVar[bool] = False
     max_prune: float = DEFAULT_MAX_PRUNE
     balance: float = 1.0
+    latency_balance: float = DEFAULT_LATENCY_BALANCE
     param_cost: float = DEFAULT_PARAM_COST
     param_value: float = DEFAULT_PARAM_VALUE
 
@@ -130,7 +133,8 @@ class PrunePass(BudgetPass):
             self.round_to,
             self.min_width,
             max_prune=self.max_prune,
-            balance=self.balance,
+            # a latency budget thins where the runtime spends its time, unevenly by design
+            balance=self.balance if self.latency is None else self.latency_balance,
             # a latency budget prices weights itself: its tables time the weights' reads
             param_cost=self.param_cost if self.latency is None else 0.0,
             # and it values them instead: what a step takes of the model counts its weights beside its FLOPs

@@ -29,6 +29,7 @@ from fxmorph.passes.select_steps import (
 from fxmorph.passes.uniform import coarse_cumulative, per_unit
 
 __all__ = [
+    "DEFAULT_LATENCY_BALANCE",
     "DEFAULT_MAX_PRUNE",
     "DEFAULT_PARAM_COST",
     "DEFAULT_PARAM_VALUE",
@@ -48,20 +49,32 @@ convolutions of resnet50 and its pruned and narrowed variants gave about 2.2 us 
 vgg11_bn's 120 M-parameter classifier no more than its convolutions, and the model stays
 weight-bound. The budget itself stays in FLOPs; this only orders the cuts."""
 
-DEFAULT_PARAM_VALUE = 0.04
+DEFAULT_PARAM_VALUE = 0.08
 """Under a latency budget, what the parameters a step takes count for beside its FLOPs, as a share of the model's
-FLOPs per parameter: a step's take of the model is its share of the FLOPs plus 0.04 times its share of the
+FLOPs per parameter: a step's take of the model is its share of the FLOPs plus 0.08 times its share of the
 parameters (the same at any input size, which moves FLOPs and not parameters; 28 FLOPs per parameter for
 densenet121 at 224x224, 5 for efficientnet_b0). The latency tables price what weights cost; this values what they
 are. Without it a step is valued by the FLOPs it takes per microsecond alone, and where two cuts run alike the
 tables' noise picks between them: densenet121 cut to half its predicted latency removed 24 to 34 of its dense
 layers' groups over five builds of its tables, keeping 27 to 38% of its parameters, against the 36% a FLOPs budget
-keeps at that latency. Cut to half its predicted latency and measured (``benchmarks/LATENCY_MODEL.md``,
-``--param-values``): 52.5% of its FLOPs and 40.5% of its parameters at 50.9% of the latency with 0.04, against 57.5%
-and 17.6% at 51.4% without, and the FLOPs budget's 42% and 36%. On mobilenet_v2, efficientnet_b0, resnet50 and
-convnext_tiny at 75, 50 and 30% it moved the FLOPs kept by -0.6 to +0.8 points and the parameters by +0.2 to
-+6.9. What it costs is densenet121's FLOPs: shrunk to half its latency it kept 47.1% of them and 46.8% of its
-parameters, where it had kept 50.4% and 28.8% without (``benchmarks/RESULTS.md``, sessions 15 and 16)."""
+keeps at that latency. With :data:`DEFAULT_LATENCY_BALANCE` (measured together, ``benchmarks/RESULTS.md``, session
+18): densenet121 cut to 48.75% of its predicted latency kept 48.7% of its FLOPs and 55.2% of its parameters at 49.8%
+measured, against 47.6% and 47.1% at 0.04 with a balance of 1, and the FLOPs budget's 40.1% and 35.2% at the same
+latency; cut to 29%, 26.6% and 44.4%, against 30.2% and 19.8% (the FLOPs budget: 18.5% and 18.0%)."""
+
+DEFAULT_LATENCY_BALANCE = 0.25
+"""Under a latency budget, the ``balance`` of :func:`cumulative_values`: how much more a group's last channels weigh
+than its first. A FLOPs budget thins every group in proportion where scores say little (a balance of 1); a latency
+budget's point is to thin unevenly, where the runtime spends time that FLOPs do not show (thin early convolutions,
+memory-bound stages, whole blocks), and a balance of 1 held it back: a group's channels weighed up to twice their
+score once it was halved, while a group removed whole loses its channels at their mean score
+(:func:`~fxmorph.passes.select_steps.whole_values`). Measured against a balance of 1 at 0.04 parameter value, cut to
+73, 48.75 and 29% of the predicted latency (``benchmarks/RESULTS.md``, session 18): convnext_tiny kept 75.2, 46.4
+and 23.6% of its FLOPs (68.3, 41.5 and 20.2% before; the FLOPs budget at the same latency 69.2, 42.2 and 20.8%),
+mobilenet_v2 69.6, 40.6 and 18.6% (66.0, 34.7 and 15.7%), efficientnet_b0 84.9, 54.9 and 29.2% (85.0, 47.8 and
+18.3%), with more parameters in every case; resnet50's FLOPs stayed within a point (its time follows its FLOPs).
+A balance of 0 kept more FLOPs still on convnext_tiny and densenet121, and mobilenet_v2 cut to 29% kept 7.9% of its
+parameters, no more than the FLOPs budget's 8.1%."""
 
 DEFAULT_ROUND_TO: RoundTo = AUTO
 """Default rounding: multiples of onnxruntime's CPU channel block (16) where the budget allows, finer
@@ -145,7 +158,8 @@ def greedy_widths(
     the budget is met in FLOPs all the same. Where ``cost`` is priced in another resource (a latency
     model), a step's value is weighed against what it saves of that resource instead: the steps that
     take the fewest FLOPs per microsecond saved go first, a step's parameters counting ``param_value`` times the
-    model's FLOPs per parameter each in what it takes (:data:`DEFAULT_PARAM_VALUE`). Each round takes the best
+    model's FLOPs per parameter each in what it takes (:data:`DEFAULT_PARAM_VALUE`); callers pass such a budget its own
+    ``balance`` (:data:`DEFAULT_LATENCY_BALANCE`), since its cuts are meant to be uneven. Each round takes the best
     steps down (one per group, all within 2% of the best ratio, covering at most ``step`` of the remaining gap) and
     re-ranks. No
     group loses more than ``max_prune`` of its channels, but with ``min_width`` 0 a group that can go whole
