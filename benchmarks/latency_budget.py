@@ -10,7 +10,7 @@ For each torchvision model (random weights, 1x3x224x224, onnxruntime's CPU provi
 2. ``fxmorph.shrink(budget_latency=b, min_width=0)`` for every budget ``b``: each round's predicted and measured
    latency (``min_width=0`` lets groups go whole where that is exact: densenet121's dense layers; none of the other
    five models has such a group, ``--min-width 1`` keeps every group);
-3. FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) at 20..90% of the FLOPs, and Torch-Pruning
+3. FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) at 10..90% of the FLOPs, and Torch-Pruning
    (``MagnitudePruner``, one ratio for every layer, :mod:`benchmarks.tp_adapter`) at ratios 0.1..0.6;
 4. everything exported to ONNX and measured together, interleaved (30 rounds after 10 warm-up runs; a model's
    latency is the median over rounds of its time over the original's in the same round).
@@ -195,14 +195,14 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "shrink meets the budget in; *median* is the median of per-round ratios of the same measurements. *In "
         "loop* is what shrink's returned round measured (a round landing in the window 1% of the budget inside "
         "its edges is measured twice more, and accepted if the median of the three lands there). For the "
-        "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 20..90% and Torch-Pruning at"
+        "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 10..90% and Torch-Pruning at"
         " ratios 0.1..0.6) is measured in one interleaved run (40 rounds, 10th percentiles), and the FLOPs and "
         "parameters of the FLOPs-budget and Torch-Pruning cuts are interpolated along their curves at the latency"
         " result's latency in that run (-: outside the curve). The latency cuts take `min_width=0`: a group may "
         "go whole where that is exact (*gone*: groups at width 0, with the ops that computed them; densenet121's "
         "dense layers, two groups each; residual branches and squeeze-excitations in mobilenet_v2 and "
         "efficientnet_b0, `fxmorph/analysis/removal.py`). Under the latency budget a step's parameters count "
-        "beside its FLOPs (`DEFAULT_PARAM_VALUE`).",
+        "beside its FLOPs (`DEFAULT_PARAM_VALUE`), and groups thin unevenly (`DEFAULT_LATENCY_BALANCE`).",
         "",
         "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "
         "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",
