@@ -22,11 +22,12 @@ cost (FLOPs per parameter, as ``fxmorph.shrink``'s ``param_cost``; a latency bud
 :func:`~fxmorph.passes.select.greedy_widths` chooses at ``--shares`` of the original's predicted latency (no
 correction rounds), measured with FLOPs-budget cuts at 30..80% and compared with them at equal measured latency.
 ``--param-values`` does the same for what the weights a step takes count for beside its FLOPs (``param_value``, as a
-share of the model's FLOPs per parameter; a latency budget uses
-:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), and ``--balances`` for how evenly it thins (``balance``,
-:data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`); the settings not varied are a latency budget's (the
-``--param-costs`` rows value no parameters). Written to ``LATENCY_MODEL.md`` and ``latency_model.json``; a
-run keeps the sections it does not measure (``--levels`` alone, with no level, profiles no cuts).
+share of the model's FLOPs per parameter; a latency budget selects at each of
+:data:`~fxmorph.passes.select_latency.DEFAULT_PARAM_VALUES`), and ``--balances`` for how evenly it thins
+(``balance``, :data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`); the settings not varied are a latency
+budget's, at a parameter value of :data:`PARAM_VALUE` (the ``--param-costs`` rows value no parameters). Written to
+``LATENCY_MODEL.md`` and ``latency_model.json``; a run keeps the sections it does not measure (``--levels`` alone,
+with no level, profiles no cuts).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from fxmorph.io.latency_profile import OnnxRuntimeCPU
 from fxmorph.passes.importance import importance
 from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import free_group_ids
-from fxmorph.passes.select import DEFAULT_LATENCY_BALANCE, DEFAULT_PARAM_VALUE, DEFAULT_ROUND_TO, greedy_widths
+from fxmorph.passes.select import DEFAULT_LATENCY_BALANCE, DEFAULT_ROUND_TO, greedy_widths
 from fxmorph.passes.uniform import width_classes
 from fxmorph.surgery.apply import apply_plan
 
@@ -63,6 +64,9 @@ HERE = Path(__file__).parent
 THREADS = 2
 PROFILED_RUNS = 40
 FLOPS_LEVELS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+PARAM_VALUE = 0.08
+"""The parameter value the rows of the other knobs hold (a latency budget selects at each of
+:data:`~fxmorph.passes.select_latency.DEFAULT_PARAM_VALUES` and keeps one: these rows show one selection)."""
 logger = logging.getLogger("benchmarks.latency_model")
 
 Knob = Literal["param_cost", "param_value", "balance"]
@@ -188,7 +192,7 @@ def selections(name: str, knob: Knob, values: tuple[float, ...], shares: tuple[f
         # the knob set, the others at what a latency budget uses (a parameter cost's rows value no parameters)
         knobs = {
             "param_cost": 0.0,
-            "param_value": 0.0 if knob == "param_cost" else DEFAULT_PARAM_VALUE,
+            "param_value": 0.0 if knob == "param_cost" else PARAM_VALUE,
             "balance": DEFAULT_LATENCY_BALANCE,
             knob: value,
         }

@@ -48,7 +48,7 @@ def test_a_correction_past_the_models_floor_measures_the_floor() -> None:
     profile = RuntimeProfile("fake", {}, {}, 1e-6)
     outcome = LatencyOutcome("fake", 1.5, 5.0, 5.0, 0.0)
     outcome.steps.append(LatencyStep(1.4, 2.0, CostModel(build_channel_graph(wide)).flops(), 0))
-    rounds = _Rounds(cut, LatencyBudget(1400.0, profile), 1.4, outcome, [0.9])
+    rounds = _Rounds(cut, LatencyBudget(1400.0, profile), 1.4, outcome, calibrated=0.9, scales=[0.9])
     result, small, scale, _ = rounds.corrected_cut()
     assert (result, small) == ("floor", narrow) and scale <= 1.0 < tried[0]  # relaxed from the correction
     assert tried[0] == pytest.approx(0.9 * 2.0 / 1.4)  # measured slower than predicted: by the miss
@@ -56,6 +56,20 @@ def test_a_correction_past_the_models_floor_measures_the_floor() -> None:
     rounds.scales.append(scale)
     with pytest.raises(fxmorph.BudgetError):  # the floor was measured already: the rounds end
         rounds.corrected_cut()
+
+
+def test_a_cut_the_flops_budget_bound_is_corrected_until_the_latency_binds() -> None:
+    """A cut both budgets made, bound by the FLOPs budget, was predicted 18% under the aim and measured 4% over it:
+    correcting its calibration by the 4% would select the same cut again; the next calibration predicts it what it
+    measured, so that the latency binds it."""
+    outcome = LatencyOutcome("fake", 1.09, 1.37, 1.37, 0.0)
+    outcome.steps.append(LatencyStep(0.82, 1.10, 10**6, 0))
+
+    def cut(latency: LatencyBudget) -> tuple[str, fx.GraphModule]:
+        raise AssertionError("not cut here")
+
+    rounds = _Rounds(cut, LatencyBudget(1060.0, RuntimeProfile("fake", {}, {}, 1e-6)), 1.06, outcome, 1.0, [1.0])
+    assert rounds._next_scale() == pytest.approx(1.10 / 0.82)
 
 
 def test_a_correction_follows_an_error_that_grows_with_the_cut() -> None:

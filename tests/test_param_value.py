@@ -19,7 +19,8 @@ from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.latency import LatencyBudget
 from fxmorph.passes import prune
 from fxmorph.passes.prune import PrunePass
-from fxmorph.passes.select import DEFAULT_LATENCY_BALANCE, DEFAULT_PARAM_VALUE, greedy_widths
+from fxmorph.passes.select import DEFAULT_LATENCY_BALANCE, DEFAULT_PARAM_COST, greedy_widths
+from fxmorph.passes.select_latency import DEFAULT_PARAM_VALUES
 from tests.test_latency_budget import DearGroup, TwoBranches
 
 
@@ -50,7 +51,7 @@ def costs() -> tuple[CostModel, CostModel, dict[int, np.ndarray]]:
 
 
 @pytest.mark.parametrize("share", [0.75, 0.5])
-@pytest.mark.parametrize("value", [DEFAULT_PARAM_VALUE, 0.5])
+@pytest.mark.parametrize("value", [0.08, 0.5])
 def test_valuing_the_parameters_keeps_more_of_them_within_the_same_latency(
     costs: tuple[CostModel, CostModel, dict[int, np.ndarray]], value: float, share: float
 ) -> None:
@@ -75,7 +76,7 @@ def test_a_flops_budget_ignores_the_parameter_value(costs: tuple[CostModel, Cost
 
 
 def test_the_prune_pass_values_parameters_by_default() -> None:
-    assert PrunePass(1000).param_value == DEFAULT_PARAM_VALUE > 0
+    assert PrunePass(1000).param_values == DEFAULT_PARAM_VALUES and min(DEFAULT_PARAM_VALUES) > 0
 
 
 def test_a_latency_budget_thins_unevenly_and_keeps_more_flops() -> None:
@@ -101,13 +102,24 @@ def test_a_latency_budget_thins_unevenly_and_keeps_more_flops() -> None:
 def test_the_prune_pass_balances_each_budget_its_own_way(
     monkeypatch: pytest.MonkeyPatch, latency: LatencyBudget | None
 ) -> None:
-    """The pass hands the selection the FLOPs budget's balance, or under a latency budget its own."""
-    seen: dict[str, float] = {}
+    """The pass hands the selection the FLOPs budget's balance and parameter cost, or under a latency budget its own
+    balance, no parameter cost and each of its parameter values, beside FLOPs-budget cuts to compare them with."""
+    seen: list[tuple[bool, float, float, float]] = []
 
-    def spy(*args: object, balance: float, **kwargs: object) -> np.ndarray:
-        seen["balance"] = balance
-        return np.zeros(1, dtype=np.int64)
+    def spy(cost: CostModel, *args: object, balance: float, param_cost: float, param_value: float, **kw: object):
+        seen.append((cost.spends_flops, balance, param_cost, param_value))
+        return greedy_widths(cost, *args, balance=balance, param_cost=param_cost, param_value=param_value, **kw)
 
+    cg = build_channel_graph(fxmorph.trace(TwoBranches(), (torch.randn(1, 3, 16, 16),)))
+    cost = CostModel(cg)
+    scores = {g: np.ones(int(cost.sizes[g])) for g in range(len(cg.groups)) if not cg.groups[g].pinned}
+    priced = cost if latency is None else cost.priced(DearGroup(cost, min(scores), 2.0))
     monkeypatch.setattr(prune, "greedy_widths", spy)
-    PrunePass(1000, latency=latency).choose(None, {}, [], 1.0)  # type: ignore[arg-type]
-    assert seen["balance"] == (1.0 if latency is None else DEFAULT_LATENCY_BALANCE)
+    PrunePass(cost.flops(), latency=latency).choose(priced, scores, [], 0.5 * priced.spent())
+    flops_budget = {(balance, param_cost, value) for spends, balance, param_cost, value in seen if spends}
+    assert flops_budget == {(1.0, DEFAULT_PARAM_COST, 0.0)}
+    latency_cuts = [(balance, param_cost, value) for spends, balance, param_cost, value in seen if not spends]
+    if latency is None:
+        assert not latency_cuts
+    else:
+        assert latency_cuts == [(DEFAULT_LATENCY_BALANCE, 0.0, value) for value in DEFAULT_PARAM_VALUES]

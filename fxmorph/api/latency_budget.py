@@ -153,6 +153,8 @@ class _Rounds(Generic[Cut]):
     aim: LatencyBudget
     goal: float
     outcome: LatencyOutcome
+    calibrated: float
+    """The calibration that predicts the original's measured time (the rounds' predictions are made under it)."""
     scales: list[float] = field(default_factory=list)
 
     @property
@@ -165,7 +167,16 @@ class _Rounds(Generic[Cut]):
         measured time."""
         original = self.outcome.original_ms
         predicted = [s.predicted_ms / original for s in self.outcome.steps]
-        return next_scale(self.scales, predicted, [m / original for m in self.measured], self.goal / original)
+        measured = [m / original for m in self.measured]
+        scale = next_scale(self.scales, predicted, measured, self.goal / original)
+        if all(m > self.goal for m in self.measured):
+            # a cut a FLOPs budget bound was predicted under the aim, and its calibration corrected by its miss still
+            # leaves it there (the same cut again); the calibration under which the round nearest the goal is
+            # predicted what it measured makes the latency bind (for a cut the latency bound, the same correction)
+            k = min(range(len(measured)), key=measured.__getitem__)
+            if predicted[k] > 0.0:
+                scale = max(scale, self.calibrated * measured[k] / predicted[k])
+        return scale
 
     def _trial(self, scale: float) -> tuple[Cut, fx.GraphModule, CostModel]:
         """The cut to the aim under calibration ``scale``, its model and its cost model."""
@@ -253,7 +264,7 @@ def meet_latency(
     outcome = LatencyOutcome(runtime.describe(), budget_ms, meter.original_ms, predicted / 1e3, seconds)
     goal = budget_ms * (1.0 - TOLERANCE / 2)  # the middle of the window: noise either side still lands in it
     calibrated = scale = meter.original_ms * 1e3 / predicted  # the model then predicts the original's measured time
-    rounds: _Rounds[Cut] = _Rounds(cut, LatencyBudget(goal * 1e3, profile), goal, outcome)
+    rounds: _Rounds[Cut] = _Rounds(cut, LatencyBudget(goal * 1e3, profile), goal, outcome, calibrated)
     results: list[Cut] = []
     kept: list[tuple[fx.GraphModule, CostModel, list[float]]] = []  # each round's model, its cost and its runs
     refused: BudgetError | None = None

@@ -216,9 +216,9 @@ def shrink(
             is accuracy at a FLOPs count rather than latency (LeNet-5 on MNIST at 10x fewer FLOPs: 99.14%
             with 0, 98.81% with 50, ``benchmarks/RESULTS.md``). The budget is in FLOPs either way. Under a
             latency budget, whose tables time the weights' reads, it is not used: there the parameters a cut takes
-            count beside its FLOPs in what it takes of the model
-            (:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), so that of two cuts that run alike, the one that
-            keeps more weights wins.
+            count beside its FLOPs in what it takes of the model, at several values, and of the cuts those give the
+            one that keeps the most FLOPs while keeping more weights than a FLOPs budget at the same predicted
+            latency is kept (:mod:`fxmorph.passes.select_latency`).
         protect: module path prefixes whose groups are left alone.
         factorize: first split Linear and convolution layers into two through an SVD of their weight
             (:class:`~fxmorph.passes.factorize.FactorizePass`, exact up to rounding), so that the pruning

@@ -26,10 +26,10 @@ from fxmorph.passes.select import (
     DEFAULT_LATENCY_BALANCE,
     DEFAULT_MAX_PRUNE,
     DEFAULT_PARAM_COST,
-    DEFAULT_PARAM_VALUE,
     DEFAULT_ROUND_TO,
     greedy_widths,
 )
+from fxmorph.passes.select_latency import DEFAULT_PARAM_VALUES, latency_widths
 from fxmorph.passes.uniform import width_classes
 from fxmorph.surgery.apply import apply_plan
 
@@ -105,9 +105,10 @@ class PrunePass(BudgetPass):
     no group loses more than ``max_prune`` of its channels; ``balance`` weighs a group's remaining
     channels more the fewer they are, which keeps widths even where scores say little (``latency_balance`` under a
     latency budget, :data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`); ``param_cost``
-    counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first), and under a
-    latency budget ``param_value`` what the parameters a step takes count for beside its FLOPs
-    (:data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`).
+    counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first). Under a
+    latency budget a step's parameters count beside its FLOPs, at each of ``param_values``, and the selection that
+    keeps the most FLOPs while keeping more parameters than a FLOPs budget at the same predicted latency is kept
+    (:mod:`fxmorph.passes.select_latency`; one value: that selection).
     Does not preserve the function (it removes live channels); the mask oracle describes the result.
 
     Before/after (resnet50 with weights=None, ``budget_flops`` half of 8.18 GFLOPs, defaults):
@@ -121,23 +122,59 @@ class PrunePass(BudgetPass):
     balance: float = 1.0
     latency_balance: float = DEFAULT_LATENCY_BALANCE
     param_cost: float = DEFAULT_PARAM_COST
-    param_value: float = DEFAULT_PARAM_VALUE
+    param_values: tuple[float, ...] = DEFAULT_PARAM_VALUES
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Those of :class:`BudgetPass`, and at least one parameter value, none negative."""
+        super().requires(gm, ctx)
+        values = self.param_values
+        if not values or any(not isinstance(v, int | float) or not v >= 0 for v in values):
+            raise InputError(
+                f"prune: param_values must be a non-empty tuple of numbers of 0 or more, got {values!r}: pass for "
+                "example (0.08,)."
+            )
 
     def choose(
         self, cost: CostModel, scores: Mapping[int, np.ndarray], classes: list[list[int]], budget: float
     ) -> np.ndarray:
+        if self.latency is None:
+            return self._widths(cost, scores, classes, budget, self.balance, self.param_cost)
+        # the cuts of a FLOPs budget (as budget_flops makes them: no group removed whole), in FLOPs: what a latency
+        # budget's cut must beat at the same latency
+        flops = cost.priced(cost.flops_function)
+        floor = max(self.min_width, 1)
+        return latency_widths(
+            cost,
+            # a latency budget thins where the runtime spends its time, unevenly by design; it prices weights
+            # itself (its tables time the weights' reads) and values them instead, at each of its values
+            lambda value: self._widths(cost, scores, classes, budget, self.latency_balance, 0.0, value),
+            lambda limit: self._widths(flops, scores, classes, limit, self.balance, self.param_cost, min_width=floor),
+            budget,
+            self.param_values,
+        )
+
+    def _widths(
+        self,
+        cost: CostModel,
+        scores: Mapping[int, np.ndarray],
+        classes: list[list[int]],
+        budget: float,
+        balance: float,
+        param_cost: float,
+        param_value: float = 0.0,
+        min_width: int | None = None,
+    ) -> np.ndarray:
+        """:func:`~fxmorph.passes.select.greedy_widths` with this pass's grid and ``max_prune``, and its floor unless
+        ``min_width`` is given."""
         return greedy_widths(
             cost,
             scores,
             budget,
             self.round_to,
-            self.min_width,
+            self.min_width if min_width is None else min_width,
             max_prune=self.max_prune,
-            # a latency budget thins where the runtime spends its time, unevenly by design
-            balance=self.balance if self.latency is None else self.latency_balance,
-            # a latency budget prices weights itself: its tables time the weights' reads
-            param_cost=self.param_cost if self.latency is None else 0.0,
-            # and it values them instead: what a step takes of the model counts its weights beside its FLOPs
-            param_value=self.param_value,
+            balance=balance,
+            param_cost=param_cost,
+            param_value=param_value,
             classes=classes,
         )

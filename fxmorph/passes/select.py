@@ -32,7 +32,6 @@ __all__ = [
     "DEFAULT_LATENCY_BALANCE",
     "DEFAULT_MAX_PRUNE",
     "DEFAULT_PARAM_COST",
-    "DEFAULT_PARAM_VALUE",
     "DEFAULT_ROUND_TO",
     "add_back_steps",
     "allowed_widths",
@@ -48,22 +47,6 @@ convolutions of resnet50 and its pruned and narrowed variants gave about 2.2 us 
 0.12 us per thousand parameters (50 to 55 FLOPs per parameter). Without it, a FLOPs budget cuts
 vgg11_bn's 120 M-parameter classifier no more than its convolutions, and the model stays
 weight-bound. The budget itself stays in FLOPs; this only orders the cuts."""
-
-DEFAULT_PARAM_VALUE = 0.08
-"""Under a latency budget, what the parameters a step takes count for beside its FLOPs, as a share of the model's
-FLOPs per parameter: a step's take of the model is its share of the FLOPs plus 0.08 times its share of the
-parameters (the same at any input size, which moves FLOPs and not parameters; 28 FLOPs per parameter for
-densenet121 at 224x224, 5 for efficientnet_b0). The latency tables price what weights cost; this values what they
-are. Without it a step is valued by the FLOPs it takes per microsecond alone, and where two cuts run alike the
-tables' noise picks between them: densenet121 cut to half its predicted latency removed 24 to 34 of its dense
-layers' groups over five builds of its tables, keeping 27 to 38% of its parameters, against the 36% a FLOPs budget
-keeps at that latency. With :data:`DEFAULT_LATENCY_BALANCE` (measured together, ``benchmarks/RESULTS.md``, session
-18): densenet121 cut to 48.75% of its predicted latency kept 48.7% of its FLOPs and 55.2% of its parameters at 49.8%
-measured, against 47.6% and 47.1% at 0.04 with a balance of 1, and the FLOPs budget's 40.1% and 35.2% at the same
-latency; cut to 29%, 26.6% and 44.4%, against 30.2% and 19.8% (the FLOPs budget: 18.5% and 18.0%). Which dense layers
-go still turns on the tables' noise: on the build of session 18's latency benchmark, densenet121 at half its latency
-lost 64 groups and kept 51.4% of its FLOPs with 31.8% of its parameters (the FLOPs budget: 40.5% and 35.3%); five
-other builds cut to 48.75% of their prediction lost 8 to 21 and kept 55 to 77% of the parameters."""
 
 DEFAULT_LATENCY_BALANCE = 0.25
 """Under a latency budget, the ``balance`` of :func:`cumulative_values`: how much more a group's last channels weigh
@@ -161,11 +144,11 @@ def greedy_widths(
     the budget is met in FLOPs all the same. Where ``cost`` is priced in another resource (a latency
     model), a step's value is weighed against what it saves of that resource instead: the steps that
     take the fewest FLOPs per microsecond saved go first, a step's parameters counting ``param_value`` times the
-    model's FLOPs per parameter each in what it takes (:data:`DEFAULT_PARAM_VALUE`); callers pass such a budget its own
-    ``balance`` (:data:`DEFAULT_LATENCY_BALANCE`), since its cuts are meant to be uneven. Each round takes the best
-    steps down (one per group, all within 2% of the best ratio, covering at most ``step`` of the remaining gap) and
-    re-ranks. No
-    group loses more than ``max_prune`` of its channels, but with ``min_width`` 0 a group that can go whole
+    model's FLOPs per parameter each in what it takes (:mod:`fxmorph.passes.select_latency` selects at several
+    values); callers pass such a budget its own ``balance`` (:data:`DEFAULT_LATENCY_BALANCE`), since its cuts are
+    meant to be uneven. Each round takes the best steps down (one per group, all within 2% of the best ratio,
+    covering at most ``step`` of the remaining gap) and re-ranks. No group loses more than ``max_prune`` of its
+    channels, but with ``min_width`` 0 a group that can go whole
     (:attr:`Costs.removable`) may go, valued as :func:`~fxmorph.passes.select_steps.whole_values` says, and never
     the last of a concatenation (:attr:`Costs.joint`). Once under the budget, steps up are added
     back greedily (most value per cost first) while the budget still holds, and while the result is

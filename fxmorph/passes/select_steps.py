@@ -103,8 +103,8 @@ def _ratios(
     Under a latency budget a step's weighed cost is the time it saves, so of two steps whose channels score
     alike, the one that takes fewer FLOPs per microsecond goes first: the cut keeps the FLOPs that run fast on the
     runtime (wide kernels) and gives up those that run slow (thin and memory-bound ones). What a step takes counts
-    its parameters too (``param_flops``, :data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`), so that of two steps
-    that save alike, the one that takes fewer weights goes first."""
+    its parameters too (``param_flops``, :data:`~fxmorph.passes.select_latency.DEFAULT_PARAM_VALUES`), so that of
+    two steps that save alike, the one that takes fewer weights goes first."""
     out = np.full(len(cands), np.inf)
     for j, (g, width) in enumerate(cands):
         lo, hi = sorted((width, int(w[g])))
@@ -153,8 +153,8 @@ def whole_values(cost: Costs, normed: Cumulative) -> dict[int, float]:
     with the group (a dense layer's norm and activation over its whole input, its concatenation), and a group goes
     where those savings beat thinning's. densenet121 at half its latency (onnxruntime, 2 threads, 224x224) kept
     49% of its FLOPs with 27 of its 58 layers removed; 41% at the mean balanced value (two removed), 40% without
-    removal (before a step's parameters counted in what it takes: :data:`~fxmorph.passes.select.DEFAULT_PARAM_VALUE`
-    keeps more of them at a few points of its FLOPs)."""
+    removal (before a step's parameters counted in what it takes, which keeps more of them at a few points of its
+    FLOPs: :data:`~fxmorph.passes.select_latency.DEFAULT_PARAM_VALUES`)."""
     if cost.spends_flops:
         return {g: float(values[-1]) / max(len(values) - 1, 1) for g, values in normed.items()}
     return dict.fromkeys(normed, 1.0)

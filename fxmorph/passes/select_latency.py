@@ -1,0 +1,148 @@
+"""Choosing among latency selections: the one that keeps the most FLOPs, and more parameters than a FLOPs budget.
+
+Under a latency budget a step's take of the model is its share of the FLOPs plus ``param_value`` times its share of
+the parameters (:func:`~fxmorph.passes.select.greedy_widths`), and which ``param_value`` serves a model best is not
+one number: where two kinds of cut run alike (densenet121's whole dense layers against thinner ones) the selection
+swings between them with a small change of the value, or of the latency tables' noise. Cut to 48.75% of its
+predicted latency, densenet121 kept 51.5% of its FLOPs and 21% of its parameters at a value of 0, 49.2% and 39% at
+0.05, 47.5% and 54% at 0.06; the FLOPs budget keeps 35% and 33% there. efficientnet_b0 cut to 29% kept 26.2% and 38%
+at 0.08 and 28.4% and 55% at 0.16, more of both.
+
+So a latency budget selects at every value of :data:`DEFAULT_PARAM_VALUES` and keeps the selection with the most
+FLOPs among those that keep as many parameters as the FLOPs budget does at the same latency (:func:`pick`): the FLOPs
+budget is what a latency budget must beat, and its FLOPs are what it is for. The FLOPs budget's cut at that latency
+is found by bisection over its budget (:func:`flops_reference`), with the pass's own FLOPs settings, where the model
+predicts it :data:`REFERENCE_OFFSET` slower than the selection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fxmorph.analysis.cost import CostModel
+
+__all__ = [
+    "DEFAULT_PARAM_VALUES",
+    "FLOPS_TIE",
+    "REFERENCE_OFFSET",
+    "Candidate",
+    "flops_reference",
+    "latency_widths",
+    "pick",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PARAM_VALUES = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.12, 0.16, 0.32)
+"""The parameter values a latency budget selects at (``param_value`` of
+:func:`~fxmorph.passes.select.greedy_widths`): denser where densenet121's cut turns from removing dense layers to
+thinning them (0.04 to 0.06)."""
+
+REFERENCE_OFFSET = 0.04
+"""The FLOPs budget's cut a selection is compared with is the one predicted this share of the original's predicted
+latency slower than the selection. The latency model predicts the FLOPs budget's evenly thinned cuts slower than they
+run, by about the same time whatever their size, as if each op's fixed time were a little too high: 1 to 4.5% of the
+original's time at 10 to 90% of the FLOPs on densenet121, mobilenet_v2 and efficientnet_b0, 1 to 2.3% on
+convnext_tiny, -1.7 to +1% on resnet50 (measured against session 18's and 19's latency benchmarks,
+``benchmarks/RESULTS.md``). Compared at the same prediction, densenet121 cut to 29% kept 17.7% of its parameters,
+which the model put 4.7 points above the FLOPs budget's, and 0.4 points under it as measured."""
+
+FLOPS_TIE = 0.01
+"""Selections whose FLOPs are this share of the model's apart keep the same FLOPs as far as the latency model can tell
+(its predictions err by a few percent): the one with more parameters is kept. mobilenet_v2 cut to 48.75% of its
+predicted latency kept 45.1% of its FLOPs and 41.5% of its parameters at a value of 0.03, 44.5% and 58.7% at 0.08;
+resnet50 cut to 29%, 25.5 to 25.7% of its FLOPs at every value from 0.04 up, and 30 to 67% of its parameters."""
+
+_BISECTIONS = 10
+"""Halvings of the FLOPs budget's bracket: its last interval is a thousandth of the model's FLOPs."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One selection: its parameter value, widths and predicted cost, and the shares of the model's FLOPs and
+    parameters it keeps beside the parameters the FLOPs budget keeps at the same latency (:data:`REFERENCE_OFFSET`)."""
+
+    param_value: float
+    widths: np.ndarray
+    spent: float
+    flops: float
+    params: float
+    reference_params: float
+
+    @property
+    def leads(self) -> bool:
+        """Whether it keeps as many parameters as the FLOPs budget."""
+        return self.params >= self.reference_params
+
+
+def pick(candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate with the most FLOPs among those that lead the FLOPs budget in parameters (within
+    :data:`FLOPS_TIE`, the one with more parameters), or, where none does, the one with the most parameters over the
+    FLOPs budget's."""
+    if not candidates:
+        raise ValueError("pick needs at least one candidate")  # a caller's bug: the pass always passes values
+    leading = [c for c in candidates if c.leads]
+    if not leading:
+        return max(candidates, key=lambda c: c.params / max(c.reference_params, 1e-12))
+    most = max(c.flops for c in leading)
+    return max((c for c in leading if c.flops >= most - FLOPS_TIE), key=lambda c: (c.params, c.flops))
+
+
+def flops_reference(
+    cost: CostModel, flops_widths: Callable[[float], np.ndarray], target: float
+) -> Callable[[float], float]:
+    """The share of the model's parameters the FLOPs budget keeps as a function of the predicted cost, about
+    ``target``: its cuts (``flops_widths(budget in FLOPs)``) at FLOPs budgets bisected until their predicted cost
+    (``cost.spent``) brackets ``target``, interpolated between them."""
+    total, params = float(cost.flops()), max(float(cost.params()), 1.0)  # a model without weights keeps none
+    points = {cost.spent(): 1.0}
+    low, high = 0.0, total
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        widths = flops_widths(middle)
+        spent = cost.spent(widths)
+        points[spent] = cost.params(widths) / params
+        if spent > target:
+            high = middle
+        else:
+            low = middle
+    spents = sorted(points)
+    kept = [points[s] for s in spents]
+    return lambda spent: float(np.interp(spent, spents, kept))
+
+
+def latency_widths(
+    cost: CostModel,
+    widths_at: Callable[[float], np.ndarray],
+    flops_widths: Callable[[float], np.ndarray],
+    budget: float,
+    param_values: Sequence[float] = DEFAULT_PARAM_VALUES,
+) -> np.ndarray:
+    """The widths :func:`pick` keeps among ``widths_at(value)`` for every value of ``param_values`` (``cost`` priced
+    in predicted latency, ``budget`` in its units), against the FLOPs budget's cuts ``flops_widths(budget in
+    FLOPs)``."""
+    if len(param_values) == 1:
+        return widths_at(param_values[0])
+    offset = REFERENCE_OFFSET * cost.spent()
+    reference = flops_reference(cost, flops_widths, budget + offset)
+    flops, params = max(float(cost.flops()), 1.0), max(float(cost.params()), 1.0)
+    candidates = []
+    for value in param_values:
+        widths = widths_at(value)
+        spent = cost.spent(widths)
+        kept = cost.flops(widths) / flops, cost.params(widths) / params
+        candidates.append(Candidate(value, widths, spent, *kept, reference(spent + offset)))
+    chosen = pick(candidates)
+    logger.info(
+        "latency selection at parameter value %g: %.1f%% of the FLOPs, %.1f%% of the parameters (the FLOPs budget "
+        "at the same latency: %.1f%% of the parameters)",
+        chosen.param_value,
+        100 * chosen.flops,
+        100 * chosen.params,
+        100 * chosen.reference_params,
+    )
+    return chosen.widths
