@@ -201,8 +201,10 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         " result's latency in that run (-: outside the curve). The latency cuts take `min_width=0`: a group may "
         "go whole where that is exact (*gone*: groups at width 0, with the ops that computed them; densenet121's "
         "dense layers, two groups each; residual branches and squeeze-excitations in mobilenet_v2 and "
-        "efficientnet_b0, `fxmorph/analysis/removal.py`). Under the latency budget a step's parameters count "
-        "beside its FLOPs (`DEFAULT_PARAM_VALUE`), and groups thin unevenly (`DEFAULT_LATENCY_BALANCE`).",
+        "efficientnet_b0, `fxmorph/analysis/removal.py`). Under the latency budget groups thin unevenly "
+        "(`DEFAULT_LATENCY_BALANCE`) and a step's parameters count beside its FLOPs, at several values; of the "
+        "cuts those give, the one with the most FLOPs that keeps as many parameters as the FLOPs budget at the same "
+        "latency is kept (`fxmorph/passes/select_latency.py`).",
         "",
         "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "
         "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",

@@ -107,7 +107,7 @@ class PrunePass(BudgetPass):
     latency budget, :data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`); ``param_cost``
     counts what a parameter costs in FLOPs when ranking cuts (weight-bound layers give way first). Under a
     latency budget a step's parameters count beside its FLOPs, at each of ``param_values``, and the selection that
-    keeps the most FLOPs while keeping more parameters than a FLOPs budget at the same predicted latency is kept
+    keeps the most FLOPs while keeping at least the parameters a FLOPs budget keeps at the same latency is kept
     (:mod:`fxmorph.passes.select_latency`; one value: that selection).
     Does not preserve the function (it removes live channels); the mask oracle describes the result.
 
