@@ -53,9 +53,13 @@ def test_selections_that_keep_alike_flops_give_way_to_the_one_with_more_paramete
 
 
 def test_where_none_leads_the_flops_budget_the_one_nearest_it_in_parameters() -> None:
-    assert pick([_candidate(0.0, 0.5, 0.1, 0.3), _candidate(0.1, 0.4, 0.2, 0.25), _candidate(0.2, 0.3, 0.15, 0.2)]) == (
-        _candidate(0.1, 0.4, 0.2, 0.25)
-    )
+    candidates = [_candidate(0.0, 0.5, 0.1, 0.3), _candidate(0.1, 0.4, 0.2, 0.25), _candidate(0.2, 0.3, 0.15, 0.2)]
+    assert pick(candidates).param_value == 0.1
+
+
+def test_no_candidate_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="param_values"):
+        pick([])
 
 
 @pytest.fixture(scope="module")

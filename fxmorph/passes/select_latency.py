@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fxmorph.analysis.cost import CostModel
+from fxmorph.errors import InputError
 
 __all__ = [
     "DEFAULT_PARAM_VALUES",
@@ -85,7 +86,7 @@ def pick(candidates: Sequence[Candidate]) -> Candidate:
     :data:`FLOPS_TIE`, the one with more parameters), or, where none does, the one with the most parameters over the
     FLOPs budget's."""
     if not candidates:
-        raise ValueError("pick needs at least one candidate")  # a caller's bug: the pass always passes values
+        raise InputError("no latency selection to choose from: pass at least one parameter value (param_values).")
     leading = [c for c in candidates if c.leads]
     if not leading:
         return max(candidates, key=lambda c: c.params / max(c.reference_params, 1e-12))
