@@ -3,15 +3,15 @@
 The latency benchmark (:mod:`benchmarks.latency_budget`) compares what each method keeps at equal latency in FLOPs and
 parameters, on models with random weights. This one asks what users keep them for: accuracy. A small torchvision
 DenseNet (densenet121's structure: growth 12, three blocks of 6 layers, 24 initial features) is trained on MNIST
-(28x28 digits upsampled to 56x56, the grey channel read as RGB), then cut by:
+(by default 2 epochs of 20,000 digits upsampled from 28x28 to 112x112, the grey channel read as RGB), then cut by:
 
 - ``fxmorph.shrink(..., budget_latency=b)`` on onnxruntime's CPU provider, 2 threads, batch 1;
 - ``fxmorph.shrink(model, f)`` at FLOPs budgets f every 5% of the FLOPs, and Torch-Pruning at ratios every 5%: of each
   curve, the cut measured nearest the latency result's time, at or under it (1% of slack), is the one compared.
 
 Every cut is measured in one interleaved run (:func:`fxmorph.measure_latency`, 10th percentiles), and every compared
-cut is fine-tuned alike (one epoch, SGD with momentum, the rate falling linearly to a hundredth) before its test
-accuracy is taken. Results go to ``LATENCY_ACCURACY.md`` and ``latency_accuracy.json``.
+cut is fine-tuned alike (one epoch by default, SGD with momentum, the rate falling linearly to a hundredth) before
+its test accuracy is taken. Results go to ``LATENCY_ACCURACY.md`` and ``latency_accuracy.json``.
 """
 
 from __future__ import annotations
