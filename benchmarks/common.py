@@ -4,8 +4,10 @@ with peak memory."""
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -75,3 +77,13 @@ def at_latency(points: list[dict[str, Any]], ratio: float, key: str) -> float | 
     if not pts or not pts[0][0] <= ratio <= pts[-1][0]:
         return None
     return float(np.interp(ratio, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def measure_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, threads: int) -> fxmorph.LatencyReport:
+    """Every model exported and measured in one interleaved run (40 rounds after 10 of warm-up), as the latency
+    benchmarks compare cuts: the :class:`fxmorph.measure_latency` report (10th-percentile ratios to the first)."""
+    with tempfile.TemporaryDirectory(prefix="fxmorph-latency-bench-") as tmp:
+        exported = {
+            n: fxmorph.export_onnx(m, (x,), Path(tmp) / f"{n.replace(' ', '_')}.onnx") for n, m in models.items()
+        }
+        return fxmorph.measure_latency(exported, (x,), threads=threads, rounds=40, warmup=10)

@@ -21,7 +21,6 @@ import copy
 import json
 import logging
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 import fxmorph
 from benchmarks import tp_adapter
-from benchmarks.common import count
+from benchmarks.common import count, measure_interleaved
 from fxmorph.io.data import load_mnist
 
 logger = logging.getLogger("benchmarks.latency_accuracy")
@@ -98,12 +97,7 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
 
 def measure(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
     """Every model's latency over the original's (10th percentiles, interleaved, 40 rounds)."""
-    with tempfile.TemporaryDirectory(prefix="fxmorph-latency-accuracy-") as tmp:
-        exported = {
-            n: fxmorph.export_onnx(m, (x,), Path(tmp) / f"{n.replace(' ', '_')}.onnx") for n, m in models.items()
-        }
-        report = fxmorph.measure_latency(exported, (x,), threads=THREADS, rounds=40, warmup=10)
-    return {m.name: m.steady_ratio for m in report.models}
+    return {m.name: m.steady_ratio for m in measure_interleaved(models, x, THREADS).models}
 
 
 def nearest_under(curve: list[tuple[str, float]], ratio: float) -> str | None:

@@ -37,7 +37,7 @@ from torch import nn
 
 import fxmorph
 from benchmarks import tp_adapter
-from benchmarks.common import at_latency, count
+from benchmarks.common import at_latency, count, measure_interleaved
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.latency import kernels_of
 from fxmorph.api.latency_budget import CONFIRMATIONS
@@ -171,11 +171,7 @@ def run_model(name: str, budgets: tuple[float, ...], cache: Path, min_width: int
 def _measure(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
     """Every model's ratio to the original as shrink measures it (10th percentiles, interleaved, 40 rounds), and the
     original's median."""
-    with tempfile.TemporaryDirectory(prefix="fxmorph-latency-bench-") as tmp:
-        exported = {
-            n: fxmorph.export_onnx(m, (x,), Path(tmp) / f"{n.replace(' ', '_')}.onnx") for n, m in models.items()
-        }
-        report = fxmorph.measure_latency(exported, (x,), threads=THREADS, rounds=40, warmup=10)
+    report = measure_interleaved(models, x, THREADS)
     out = {m.name: m.steady_ratio for m in report.models}
     out["original_ms"] = report["original"].median_ms
     return out
