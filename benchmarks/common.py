@@ -81,7 +81,7 @@ def at_latency(points: list[dict[str, Any]], ratio: float, key: str) -> float | 
 
 def measure_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, threads: int) -> fxmorph.LatencyReport:
     """Every model exported and measured in one interleaved run (40 rounds after 10 of warm-up), as the latency
-    benchmarks compare cuts: the :class:`fxmorph.measure_latency` report (10th-percentile ratios to the first)."""
+    benchmarks compare cuts: :func:`fxmorph.measure_latency`'s report (10th-percentile ratios to the first)."""
     with tempfile.TemporaryDirectory(prefix="fxmorph-latency-bench-") as tmp:
         exported = {
             n: fxmorph.export_onnx(m, (x,), Path(tmp) / f"{n.replace(' ', '_')}.onnx") for n, m in models.items()
