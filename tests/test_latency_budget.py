@@ -391,7 +391,7 @@ def test_a_stall_through_one_pass_of_a_profile_moves_nothing(tmp_path: Any, monk
     def profiled(stalled_pass: int | None) -> RuntimeProfile:
         calls: list[int] = []
 
-        def _time(self: OnnxRuntimeCPU, points: list[Any], rounds: int | None = None) -> dict[str, float]:
+        def _time(self: OnnxRuntimeCPU, points: list[Any], rounds: int | None = None) -> dict[str, tuple[float, float]]:
             if points[0].key.split("|")[0] in {c.value for c in MemoryClass}:
                 assert rounds is not None and rounds >= 60  # the memory-bound points take many rounds
             calls.append(len(points))
@@ -399,7 +399,8 @@ def test_a_stall_through_one_pass_of_a_profile_moves_nothing(tmp_path: Any, monk
                 timed[p.key] = timed.get(p.key, 0) + 1
             # a pass is one call per list of points: the calls of the stalled pass run three times slower
             slow = 3.0 if stalled_pass is not None and (len(calls) - 1) // per_pass == stalled_pass else 1.0
-            return {p.key: slow * _fake_micros(p.key) for p in points}
+            # a graph of one op (the isolated graph's 30 us and the op) and one of five: the op by their difference
+            return {p.key: (slow * (30 + _fake_micros(p.key)), slow * (30 + 5 * _fake_micros(p.key))) for p in points}
 
         monkeypatch.setattr(OnnxRuntimeCPU, "_time", _time)
         return OnnxRuntimeCPU(threads=1, cache_dir=tmp_path / str(stalled_pass)).profile(kernels)

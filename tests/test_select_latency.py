@@ -22,7 +22,6 @@ from fxmorph.passes.select import DEFAULT_LATENCY_BALANCE, greedy_widths
 from fxmorph.passes.select_latency import (
     DEFAULT_PARAM_VALUES,
     FLOPS_TIE,
-    REFERENCE_OFFSET,
     Candidate,
     flops_reference,
     pick,
@@ -98,7 +97,7 @@ def test_a_latency_budget_keeps_the_most_flops_of_its_selections_that_lead_the_f
     spents, kept = _flops_budget(cost, priced, scores)
 
     def reference(widths: np.ndarray) -> float:  # the FLOPs budget's parameters at the same latency
-        return float(np.interp(priced.spent(widths) + REFERENCE_OFFSET * priced.spent(), spents, kept))
+        return float(np.interp(priced.spent(widths), spents, kept))
 
     assert priced.spent(chosen) <= budget
     assert cost.params(chosen) / cost.params() >= reference(chosen) - 0.01

@@ -22,11 +22,12 @@ __all__ = ["CacheKey", "LatencyCache", "cpu_model", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 5
+FORMAT = 6
 """The file format (and measuring method) version: a change measures everything again. 2: memory costs fitted
 for relative error from 784 elements up, and the convolutions' channel block. 3: each kind of memory-bound op
 timed three times over 60 rounds, and the median fitted. 4: every point timed in three passes over all of them,
-and its median over the passes kept. 5: a point's time the 20th percentile of its runs, the least over the passes."""
+and its median over the passes kept. 5: a point's time the 20th percentile of its runs, the least over the passes.
+6: a point's time by wall clock, the difference of graphs of five copies of its op and of one, not the profiler's."""
 
 
 def cpu_model() -> str:

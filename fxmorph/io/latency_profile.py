@@ -1,10 +1,12 @@
-"""onnxruntime's CPU provider as a :class:`~fxmorph.api.runtimes.LatencyRuntime`: profiled kernel by kernel.
+"""onnxruntime's CPU provider as a :class:`~fxmorph.api.runtimes.LatencyRuntime`: timed kernel by kernel.
 
 :meth:`OnnxRuntimeCPU.profile` measures every kernel a graph runs on a grid of widths
-(:func:`~fxmorph.analysis.latency.grid_points`), each point a small ONNX graph (:mod:`fxmorph.io.onnx_kernels`) in
-its own session with the settings of :func:`fxmorph.io.latency.measure_latency` (the thread count, every graph
-optimisation, no spinning). A table's points run interleaved, round after round, in three passes over every point
-the profile measures; a point's time is the fast tail of its runs (:data:`_QUANTILE`), the least over the passes;
+(:func:`~fxmorph.analysis.latency.grid_points`), each point two small ONNX graphs (:mod:`fxmorph.io.onnx_kernels`)
+in sessions with the settings of :func:`fxmorph.io.latency.measure_latency` (the thread count, every graph
+optimisation, no spinning): one op, and :data:`_COPIES` of it. The op's time is their difference by wall clock over
+the extra copies (:func:`_marginal`). A table's points run interleaved, round after round, in three passes over
+every point the profile measures; a graph's time is the fast tail of its runs (:data:`_QUANTILE`), the least over
+the passes;
 the cache (:mod:`fxmorph.io.latency_cache`) keeps every point, so the second shrink on a machine measures nothing.
 Memory-bound ops get a fixed time and a time per element, fitted over five sizes; products without a table the time
 of a FLOP of two batched products; blocked convolutions the channel block they pad widths to.
@@ -13,8 +15,6 @@ of a FLOP of two batched products; blocked convolutions the channel block they p
 
 from __future__ import annotations
 
-import bisect
-import json
 import logging
 import tempfile
 import time
@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnx import helper
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,7 +35,7 @@ from fxmorph.api.runtimes import Timing, register_runtime
 from fxmorph.io.export import export_onnx
 from fxmorph.io.latency import measure_latency, session_options
 from fxmorph.io.latency_cache import CacheKey, LatencyCache, cpu_model
-from fxmorph.io.onnx_kernels import input_shapes, kernel_graph, memory_graph, onnx_model
+from fxmorph.io.onnx_kernels import input_shapes, kernel_graph, memory_graph, product_graph
 
 __all__ = ["OnnxRuntimeCPU"]
 
@@ -55,6 +54,10 @@ _SESSIONS = 3
 percent for as long as it lives (:mod:`fxmorph.io.latency`), and a measurement averages three placements."""
 _BLOCK_PROBE = (16, 24, 32)
 """Output widths of the 1x1 convolution that tells the channel block (:func:`_block`)."""
+_CHUNK_BYTES = 256 << 20
+"""The most graph bytes a table times interleaved at once. Each point's sessions hold its weights six times over
+(five copies and one) and again as the runtime repacks them: vit_b_16's table of 768 by 3072 products held 13 GB
+of sessions timed at once; the rest of a table waits for the next run."""
 _MEMORY_ROUNDS = 60
 """Interleaved rounds of a memory-bound kind's points. Their smallest sizes run in 5 to 20 us, and a kind timed over
 :attr:`OnnxRuntimeCPU.rounds` rounds was measured in a few milliseconds, where one stall of the machine moves its
@@ -69,7 +72,7 @@ long, and more than a table's few rounds take) lifted whole tables: densenet121'
 moved from 34.6 to 36.8 ms, and from 36.4 to 40.0 ms in five builds on a busier hour; a first profile takes three
 times as long."""
 _QUANTILE = 20.0
-"""The percentile of an op's kernel times over its rounds that a pass keeps; of the passes, the least is kept. A
+"""The percentile of a graph's times over its rounds that a pass keeps; of the passes, the least is kept. A
 neighbour on a shared machine only ever slows a run, so the fast tail is what the op costs on the machine alone, as
 the whole models' 10th percentiles are (:attr:`~fxmorph.io.latency.ModelLatency.steady_ratio`). Kept as the median
 over runs and over passes, three builds of efficientnet_b0's tables predicted its original 12.5 to 17.2 ms, and
@@ -77,9 +80,15 @@ densenet121's 47.2 to 51.6 ms; as the 20th percentile, the least over passes, 10
 on the same busy hour, with its cuts' shares as steady (a cut to 30% of every width: 36.4 to 37.8%, against 34.5
 to 40.1%)."""
 _WARMUP = 2
-"""Runs of each point before the timed rounds (the first run allocates)."""
-_REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
-"""onnxruntime's layout changes around blocked (NCHWc) kernels: an isolated op pays them, a whole model once."""
+"""Runs of each graph before the timed rounds (the first run allocates)."""
+_COPIES = 5
+"""Copies of the op in the second graph of a point. Its time less the one-op graph's, over the four extra copies,
+is what the op costs inside a model: an isolated graph's own cost per run (the session's, the layout reorders of a
+blocked convolution at its input and output: 25 us of a 16-channel 1x1 convolution's 33 us at 28x28) is in both.
+Until format 6 a point was the op's kernel time in onnxruntime's profiler, which lengthens every op it times: a
+ReLU of 32x7x7 took 5.4 us in a profiled chain and 0.5 us by wall clock, a depthwise 3x3 convolution of 96
+channels at 56x56 103 us alone and 78 us in a chain; so the tables priced a model's many small ops high, and a cut
+that removes layers cheaper than one that thins them."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +96,13 @@ class _Point:
     """One graph to time: its cache key, its bytes and its input shapes."""
 
     key: str
-    model: bytes
+    one: bytes
+    """The graph of one op."""
+    copies: bytes
+    """The graph of :data:`_COPIES` of the op."""
     shapes: list[tuple[int, ...]]
     elements: int = 0
-    """The elements a memory-bound op's point moves (0 for a table's)."""
+    """The elements a memory-bound op's point moves, the FLOPs of a product (0 for a table's)."""
 
 
 @dataclass(frozen=True)
@@ -154,22 +166,24 @@ class OnnxRuntimeCPU:
         memory = _memory_points() if extra else {}
         probes = [_product_points(), _block_points()] if extra else []
         # the memory-bound ops' smallest sizes run in 5 to 20 us: they take more rounds than the other points
-        jobs = [(points, self.rounds) for points in [*tables, *probes]]
+        jobs = [(chunk, self.rounds) for points in [*tables, *probes] for chunk in _chunks(points)]
         jobs += [(points, max(self.rounds, _MEMORY_ROUNDS)) for points in memory.values()]
         total = _PASSES * sum(len(points) for points, _ in jobs)
         logger.info("profiling %s: %d measurements (cached for the next run)", self.describe(), total)
         start = time.perf_counter()
-        runs: dict[str, list[float]] = {}
+        runs: dict[str, list[tuple[float, float]]] = {}
         # no bar where stderr is not a terminal (CI logs): the log lines say as much
         with tqdm(total=total, desc="latency profile", unit="graph", leave=False, disable=None) as bar:
             for _ in range(_PASSES):
                 # a pass times every point once: a slow spell of the machine falls on the points of one pass, and
                 # the least over the passes sets it aside
                 for points, rounds in jobs:
-                    for key, micros in self._time(points, rounds).items():
-                        runs.setdefault(key, []).append(micros)
+                    for key, tails in self._time(points, rounds).items():
+                        runs.setdefault(key, []).append(tails)
                     bar.update(len(points))
-        least = {key: min(values) for key, values in runs.items()}
+        # each graph's least over the passes, then the difference: the least of the passes' differences would keep
+        # the pass whose noise happened to favour the graph of copies
+        least = {key: _marginal(min(one for one, _ in ts), min(c for _, c in ts)) for key, ts in runs.items()}
         cache.points.update({p.key: least[p.key] for points in tables for p in points})
         if extra:
             cache.extra["memory"] = {kind.value: _fitted(points, least) for kind, points in memory.items()}
@@ -178,31 +192,30 @@ class OnnxRuntimeCPU:
         cache.save()
         logger.info("profiled in %.1f s", time.perf_counter() - start)
 
-    def _time(self, points: list[_Point], rounds: int | None = None) -> dict[str, float]:
-        """Median microseconds of every point's op, run interleaved ``rounds`` times (:attr:`rounds` by default) after
-        a warm-up.
-
-        The time is onnxruntime's own profile of the op's kernels (:func:`_op_micros`): the layout reorders an
-        isolated blocked convolution needs at its input and output, which a whole model pays once rather than per
-        layer, and the session's own overhead per run, are left out."""
+    def _time(self, points: list[_Point], rounds: int | None = None) -> dict[str, tuple[float, float]]:
+        """Microseconds of every point's two graphs (one op, :data:`_COPIES` ops), the :data:`_QUANTILE` percentile
+        of their runs by wall clock, run interleaved with every other point's ``rounds`` times (:attr:`rounds` by
+        default) after a warm-up."""
         options = session_options(self.threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False)
         rng = np.random.default_rng(0)
-        with tempfile.TemporaryDirectory(prefix="fxmorph-profile-") as workdir:
-            options.enable_profiling = True
-            sessions, feeds = [], []
-            for j, p in enumerate(points):
-                options.profile_file_prefix = str(Path(workdir) / f"p{j}")  # a file per session (the session copies)
-                session = ort.InferenceSession(p.model, options, providers=["CPUExecutionProvider"])
+        runs: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]] = []
+        for p in points:
+            for model in (p.one, p.copies):
+                session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
                 names = [i.name for i in session.get_inputs()]
                 feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, p.shapes, strict=True)}
                 for _ in range(_WARMUP):
                     session.run(None, feed)
-                sessions.append(session)
-                feeds.append(feed)
-            for r in range(rounds or self.rounds):
-                for j in _rotated(len(points), r):
-                    sessions[j].run(None, feeds[j])
-            return {p.key: _op_micros(Path(s.end_profiling()), _WARMUP) for p, s in zip(points, sessions, strict=True)}
+                runs.append((session, feed))
+        seconds: list[list[float]] = [[] for _ in runs]
+        for r in range(rounds or self.rounds):
+            for j in _rotated(len(runs), r):
+                session, feed = runs[j]
+                start = time.perf_counter()
+                session.run(None, feed)
+                seconds[j].append(time.perf_counter() - start)
+        tails = [float(np.percentile(s, _QUANTILE)) * 1e6 for s in seconds]
+        return {p.key: (tails[2 * j], tails[2 * j + 1]) for j, p in enumerate(points)}
 
     def measure(self, models: Mapping[str, nn.Module], example_inputs: tuple[Any, ...]) -> dict[str, Timing]:
         """Export every model to ONNX (checked against torch) and time them interleaved over :data:`_SESSIONS`
@@ -226,24 +239,30 @@ def _memory_points() -> dict[MemoryClass, list[_Point]]:
     for kind in MemoryClass:
         out[kind] = []
         for channels, side in _MEMORY_SIZES:
-            model, shapes, count = memory_graph(kind, channels, side)
-            out[kind].append(_Point(f"{kind.value}|{channels}x{side}", model, shapes, count))
+            one, shapes, count = memory_graph(kind, channels, side)
+            copies = memory_graph(kind, channels, side, _COPIES)[0]
+            out[kind].append(_Point(f"{kind.value}|{channels}x{side}", one, copies, shapes, count))
     return out
 
 
 def _missing_points(kernel: Kernel, grid: tuple[tuple[int, ...], ...], missing: set[str]) -> list[_Point]:
     """The graphs of ``kernel``'s grid points that are ``missing``."""
     keys = ((w, _point_key(kernel, w)) for w in product(*grid))
-    return [_Point(key, kernel_graph(kernel, w), input_shapes(kernel, w)) for w, key in keys if key in missing]
+    return [_kernel_point(key, kernel, w) for w, key in keys if key in missing]
+
+
+def _kernel_point(key: str, kernel: Kernel, widths: tuple[int, ...]) -> _Point:
+    """The point of ``kernel`` at ``widths``: one copy and :data:`_COPIES`."""
+    one, copies = kernel_graph(kernel, widths), kernel_graph(kernel, widths, _COPIES)
+    return _Point(key, one, copies, input_shapes(kernel, widths))
 
 
 def _product_points() -> list[_Point]:
     """The batched products of two activations of :data:`_PRODUCTS`; ``elements`` holds their FLOPs."""
     points = []
     for b, m, k, n in _PRODUCTS:
-        node = helper.make_node("MatMul", ["x", "z"], ["y"])
-        model = onnx_model([node], [("x", (b, m, k)), ("z", (b, k, n))], [])
-        points.append(_Point(f"matmul|{b}x{m}x{k}x{n}", model, [(b, m, k), (b, k, n)], 2 * b * m * k * n))
+        one, shapes, flops = product_graph(b, m, k, n)
+        points.append(_Point(f"matmul|{b}x{m}x{k}x{n}", one, product_graph(b, m, k, n, _COPIES)[0], shapes, flops))
     return points
 
 
@@ -255,9 +274,7 @@ def _flop_us(points: list[_Point], micros: Mapping[str, float]) -> float:
 def _block_points() -> list[_Point]:
     """1x1 convolutions of 64 input channels at 56x56 to :data:`_BLOCK_PROBE` output channels."""
     kernel = Kernel(KernelKind.CONV, 1, (56, 56), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
-    return [
-        _Point(f"block|{out}", kernel_graph(kernel, (64, out)), input_shapes(kernel, (64, out))) for out in _BLOCK_PROBE
-    ]
+    return [_kernel_point(f"block|{out}", kernel, (64, out)) for out in _BLOCK_PROBE]
 
 
 def _block(points: list[_Point], micros: Mapping[str, float]) -> int:
@@ -278,23 +295,24 @@ def _fitted(points: list[_Point], micros: Mapping[str, float]) -> tuple[float, f
     return max(float(fixed), 0.0), max(float(slope), 0.0)
 
 
-def _op_micros(trace: Path, warmup: int) -> float:
-    """The :data:`_QUANTILE` percentile over runs (after ``warmup``) of the kernel time of every node but layout
-    reorders, from an onnxruntime profile (a Chrome trace: one ``model_run`` event per run, one ``*_kernel_time``
-    event per node)."""
-    events = json.loads(trace.read_text())
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
-    totals = [0.0] * len(runs)
-    starts = [start for start, _ in runs]
-    for e in events:
-        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-            continue
-        if e.get("args", {}).get("op_name") in _REORDERS:
-            continue
-        k = bisect.bisect_right(starts, e["ts"]) - 1
-        if k >= 0 and e["ts"] <= runs[k][1]:
-            totals[k] += e["dur"]
-    return float(np.percentile(totals, _QUANTILE)) if totals else 0.0
+def _chunks(points: list[_Point]) -> Iterator[list[_Point]]:
+    """``points`` in runs of graphs of at most :data:`_CHUNK_BYTES` in all, each run timed interleaved on its own."""
+    chunk: list[_Point] = []
+    size = 0
+    for p in points:
+        if chunk and size + len(p.one) + len(p.copies) > _CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += len(p.one) + len(p.copies)
+    if chunk:
+        yield chunk
+
+
+def _marginal(one: float, copies: float) -> float:
+    """What one op costs inside a model: the graph of :data:`_COPIES` copies less the graph of one, per extra copy
+    (never below zero: an op too small to tell from the noise costs nothing)."""
+    return max(copies - one, 0.0) / (_COPIES - 1)
 
 
 def _point_key(kernel: Kernel, widths: tuple[int, ...]) -> str:

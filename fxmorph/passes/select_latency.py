@@ -12,7 +12,14 @@ So a latency budget selects at every value of :data:`DEFAULT_PARAM_VALUES` and k
 FLOPs among those that keep as many parameters as the FLOPs budget does at the same latency (:func:`pick`): the FLOPs
 budget is what a latency budget must beat, and its FLOPs are what it is for. The FLOPs budget's cut at that latency
 is found by bisection over its budget (:func:`flops_reference`), with the pass's own FLOPs settings, where the model
-predicts it :data:`REFERENCE_OFFSET` slower than the selection.
+predicts it as fast as the selection.
+
+Until the latency tables were timed by wall clock (``benchmarks/RESULTS.md``, session 21) the reference was taken 4%
+of the original's time slower than the selection, because the profiler's tables predicted the FLOPs budget's evenly
+thinned cuts slower than they ran. Timed by wall clock they predict them 0 to 2% faster than they run at 60 to 90%
+of the FLOPs and 1 to 9% faster at 30%, so the FLOPs budget's cut that measures as fast as the selection is the one
+predicted a little slower than it, and keeps fewer parameters than the reference: the comparison at equal prediction
+asks a little more of the selection than the measured one would.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from fxmorph.errors import InputError
 __all__ = [
     "DEFAULT_PARAM_VALUES",
     "FLOPS_TIE",
-    "REFERENCE_OFFSET",
     "Candidate",
     "flops_reference",
     "latency_widths",
@@ -42,19 +48,6 @@ DEFAULT_PARAM_VALUES = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.12, 0.16, 0.
 """The parameter values a latency budget selects at (``param_value`` of
 :func:`~fxmorph.passes.select.greedy_widths`): denser where densenet121's cut turns from removing dense layers to
 thinning them (0.04 to 0.06)."""
-
-REFERENCE_OFFSET = 0.04
-"""The FLOPs budget's cut a selection is compared with is the one predicted this share of the original's predicted
-latency slower than the selection. The latency model predicts the FLOPs budget's evenly thinned cuts slower than they
-run, by about the same time whatever their size, as if each op's fixed time were a little too high: 0.6 to 4.8% of
-the original's time at 20 to 90% of the FLOPs on densenet121, mobilenet_v2 and efficientnet_b0 (4.4 to 7.2% at 10%),
-1.1 to 2.3% on convnext_tiny, -3.2 to +0.5% on resnet50 (predicted from the tables the latency benchmark built, against
-its measured FLOPs-budget cuts; ``benchmarks/RESULTS.md``, session 19). Compared at the same prediction, densenet121
-cut to 29% kept 17.7% of its parameters, 4.8 points more than the model gave the FLOPs budget there (12.9%), and 0.4
-points less than the FLOPs budget measured at the same latency (18.1%). The bias moves between builds of the tables
-about as much: on another build the cuts to 50% were predicted +0.3% (densenet121), -3.4% (mobilenet_v2), +6.3%
-(efficientnet_b0) and -0.9% (resnet50) off their measured times, so the offset is the bias's sign on average, not a
-constant of the runtime (``benchmarks/RESULTS.md``, session 20)."""
 
 FLOPS_TIE = 0.01
 """Selections whose FLOPs are this share of the model's apart keep the same FLOPs as far as the latency model can tell
@@ -69,7 +62,7 @@ _BISECTIONS = 10
 @dataclass(frozen=True)
 class Candidate:
     """One selection: its parameter value, widths and predicted cost, and the shares of the model's FLOPs and
-    parameters it keeps beside the parameters the FLOPs budget keeps at the same latency (:data:`REFERENCE_OFFSET`)."""
+    parameters it keeps beside the parameters the FLOPs budget keeps at the same predicted latency."""
 
     param_value: float
     widths: np.ndarray
@@ -132,15 +125,14 @@ def latency_widths(
     FLOPs)``."""
     if len(param_values) == 1:
         return widths_at(param_values[0])
-    offset = REFERENCE_OFFSET * cost.spent()
-    reference = flops_reference(cost, flops_widths, budget + offset)
+    reference = flops_reference(cost, flops_widths, budget)
     flops, params = max(float(cost.flops()), 1.0), max(float(cost.params()), 1.0)
     candidates = []
     for value in param_values:
         widths = widths_at(value)
         spent = cost.spent(widths)
         kept = cost.flops(widths) / flops, cost.params(widths) / params
-        candidates.append(Candidate(value, widths, spent, *kept, reference(spent + offset)))
+        candidates.append(Candidate(value, widths, spent, *kept, reference(spent)))
     chosen = pick(candidates)
     logger.info(
         "latency selection at parameter value %g: %.1f%% of the FLOPs, %.1f%% of the parameters (the FLOPs budget "
