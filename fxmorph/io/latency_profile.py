@@ -87,13 +87,13 @@ is what the op costs inside a model: an isolated graph's own cost per run (the s
 blocked convolution at its input and output: 25 us of a 16-channel 1x1 convolution's 33 us at 28x28) is in both.
 Until format 6 a point was the op's kernel time in onnxruntime's profiler, which lengthens every op it times: a
 ReLU of 32x7x7 took 5.4 us in a profiled chain and 0.5 us by wall clock, a depthwise 3x3 convolution of 96
-channels at 56x56 103 us alone and 78 us in a chain; so the tables priced a model's many small ops high, and a cut
-that removes layers cheaper than one that thins them."""
+channels at 56x56 103 us profiled alone and 78 us by wall clock; so the tables priced a model's many small ops high,
+and a cut that removes layers cheaper than one that thins them."""
 
 
 @dataclass(frozen=True)
 class _Point:
-    """One graph to time: its cache key, its bytes and its input shapes."""
+    """One point to time: its cache key, its two graphs and their input shapes."""
 
     key: str
     one: bytes
