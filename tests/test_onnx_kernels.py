@@ -57,6 +57,8 @@ def test_the_sum_of_side_by_side_convolutions_is_fused_into_them(tmp_path: Path)
     """Copies of a blocked convolution add no op of their own: the runtime folds each sum into a convolution, as it
     folds a residual add, so five copies less one are four convolutions."""
     ops = _optimized_ops(kernel_graph(_CONV, (16, 32), 5), tmp_path)
+    if "ReorderInput" not in ops:  # a CPU without the blocked kernels (AVX2 and up) runs no fused sum
+        pytest.skip("onnxruntime runs no blocked convolutions on this CPU")
     assert ops.count("Conv") == 5 and "Add" not in ops
 
 

@@ -8,7 +8,9 @@ A graph of ``copies`` ops less one of one op is what ``copies - 1`` ops cost ins
 op pays once per run (the session's overhead, the layout reorders a blocked convolution needs at the graph's input
 and output). Ops that keep their input's shape run in a chain; kernels that change it run side by side on the same
 input, their outputs summed into the next copy (onnxruntime fuses the sum into the convolution, as it fuses a
-residual add; a ``Gemm`` takes it as its ``C``), so every copy's output stays inside the graph as in a model.
+residual add; a ``Gemm`` takes it as its ``C``), so every copy's output stays inside the graph as in a model. On
+a CPU where onnxruntime runs no blocked convolutions (below AVX2) the sum is not fused, and a convolution's time
+includes that of an add of its output.
 """
 
 from __future__ import annotations
