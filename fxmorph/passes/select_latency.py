@@ -14,12 +14,12 @@ budget is what a latency budget must beat, and its FLOPs are what it is for. The
 is found by bisection over its budget (:func:`flops_reference`), with the pass's own FLOPs settings, where the model
 predicts it as fast as the selection.
 
-Until the latency tables were timed by wall clock (``benchmarks/RESULTS.md``, session 21) the reference was taken 4%
-of the original's time slower than the selection, because the profiler's tables predicted the FLOPs budget's evenly
-thinned cuts slower than they ran. Timed by wall clock they predict them 0 to 2% faster than they run at 60 to 90%
-of the FLOPs and 1 to 9% faster at 30%, so the FLOPs budget's cut that measures as fast as the selection is the one
-predicted a little slower than it, and keeps fewer parameters than the reference: the comparison at equal prediction
-asks a little more of the selection than the measured one would.
+Until the latency tables were timed by wall clock (``benchmarks/RESULTS.md``, session 21) the reference was taken 4% of
+the original's time slower than the selection, because the profiler's tables predicted the FLOPs budget's evenly thinned
+cuts slower than they ran. Timed by wall clock they predict them up to 5.5% faster than they run at 60 to 90% of the
+FLOPs and 3.4 to 8.6% faster at 30% (six models), so the FLOPs budget's cut that measures as fast as the selection is
+the one predicted a little slower than it, and keeps fewer parameters than the reference: the comparison at equal
+prediction asks a little more of the selection than the measured one would.
 """
 
 from __future__ import annotations
