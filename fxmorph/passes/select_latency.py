@@ -18,8 +18,8 @@ Until the latency tables were timed by wall clock (``benchmarks/RESULTS.md``, se
 the original's time slower than the selection, because the profiler's tables predicted the FLOPs budget's evenly thinned
 cuts slower than they ran. Timed by wall clock they predict them up to 5.5% faster than they run at 60 to 90% of the
 FLOPs and 3.4 to 8.6% faster at 30% (six models), so the FLOPs budget's cut that measures as fast as the selection is
-the one predicted a little slower than it, and keeps fewer parameters than the reference: the comparison at equal
-prediction asks a little more of the selection than the measured one would.
+the one predicted a little faster than it, a deeper cut that keeps fewer parameters than the reference: the comparison
+at equal prediction asks a little more of the selection than the measured one would.
 """
 
 from __future__ import annotations
