@@ -551,3 +551,16 @@ def test_a_latency_budget_cuts_first_where_the_runtime_is_slow_per_flop() -> Non
     assert slow[dear] < alike[dear] and all(slow[g] >= alike[g] for g in free[1:])
     flat = cost.flops(greedy_widths(cost, scores, cost.flops(alike), 1, 1, param_cost=0.0))
     assert flat == pytest.approx(cost.flops(alike), rel=0.02)  # priced alike: the same cut as a FLOPs budget
+
+
+def test_a_large_table_is_timed_in_runs_that_keep_every_point_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Points are timed in runs of at most the byte cap (a point larger than the cap runs alone), in order, each once:
+    so a table too large to hold in memory at once is still measured whole."""
+    from fxmorph.io import latency_profile
+
+    monkeypatch.setattr(latency_profile, "_CHUNK_BYTES", 100)
+    sizes = [30, 30, 30, 150, 10, 60, 60]
+    points = [latency_profile._Point(str(j), b"x" * (s // 2), b"y" * (s - s // 2), []) for j, s in enumerate(sizes)]
+    chunks = list(latency_profile._chunks(points))
+    assert [p.key for chunk in chunks for p in chunk] == [p.key for p in points]
+    assert [[p.key for p in chunk] for chunk in chunks] == [["0", "1", "2"], ["3"], ["4", "5"], ["6"]]
