@@ -11,7 +11,8 @@ its FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) are
 2. measured together, interleaved (:meth:`~fxmorph.io.latency_profile.OnnxRuntimeCPU.measure`, twice, the mean of
    the two ratios);
 3. run with onnxruntime's profiler, whose kernel times are summed per kind of op (depthwise and other convolutions
-   by kernel size, products with a weight, everything else) beside what the tables predict for the same ops.
+   by kernel size, products with a weight, concatenations, everything else) beside what the tables predict for the
+   same ops.
 
 A model whose prediction for a cut is too slow shows where in the per-kind rows: the ops whose time inside the
 model falls further than their tables do. *Per kind* predicts the cuts again with every kind's tables scaled to its
@@ -27,7 +28,7 @@ share of the model's FLOPs per parameter; a latency budget selects at each of
 (``balance``, :data:`~fxmorph.passes.select.DEFAULT_LATENCY_BALANCE`); the settings not varied are a latency
 budget's, at a parameter value of :data:`PARAM_VALUE` (the ``--param-costs`` rows value no parameters). Written to
 ``LATENCY_MODEL.md`` and ``latency_model.json``; a run keeps the sections it does not measure (``--levels`` alone,
-with no level, profiles no cuts).
+with no level, profiles no cuts) and the cuts of the models it does not run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -50,9 +52,19 @@ from benchmarks.common import at_latency, build, count
 from fxmorph.analysis import build_channel_graph
 from fxmorph.analysis.cost import CostModel
 from fxmorph.analysis.kernels import Kernel, KernelKind
-from fxmorph.analysis.latency import LatencyBudget, LatencyFunction, RuntimeProfile, kernels_of, layout_width
+from fxmorph.analysis.latency import (
+    LatencyBudget,
+    LatencyFunction,
+    RuntimeProfile,
+    fused_nodes,
+    kernels_of,
+    layout_width,
+    memory_class,
+)
+from fxmorph.analysis.ops import node_facts
 from fxmorph.io.latency import session_options
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
+from fxmorph.meta import tensor_shape
 from fxmorph.passes.importance import importance
 from fxmorph.passes.keep import keep_best
 from fxmorph.passes.protect import free_group_ids
@@ -98,7 +110,7 @@ def _event_kind(args: dict[str, Any]) -> str:
         return f"conv {size}"
     if op == "Gemm" or (op in ("MatMul", "FusedMatMul") and (len(shapes) == 1 or len(shapes[1]) == 2)):
         return "product"
-    return "other"
+    return "concat" if op == "Concat" else "other"
 
 
 def predicted_by_kind(gm: fx.GraphModule, profile: RuntimeProfile) -> dict[str, float]:
@@ -111,8 +123,23 @@ def predicted_by_kind(gm: fx.GraphModule, profile: RuntimeProfile) -> dict[str, 
             continue
         sizes = [a if isinstance(a, int) else layout_width(cost.cg, a) for a in term.axes]
         out[_kind(term.kernel)] += float(profile.tables[term.kernel].at(np.asarray(sizes, dtype=float)[:, None])[0])
+    out["concat"] = _concatenations_us(cost, profile)
     out["other"] = total - sum(out.values())
     return dict(out)
+
+
+def _concatenations_us(cost: CostModel, profile: RuntimeProfile) -> float:
+    """What the memory costs price the graph's concatenations at (ops that join tensors, priced as copies)."""
+    gm = cost.cg.gm
+    skip = {t.node for t in cost.cg.costs} | fused_nodes(cost.cg)
+    total = 0.0
+    for node in gm.graph.nodes:
+        kind = memory_class(node, gm, skip)
+        shape = tensor_shape(node)
+        if kind is None or kind not in profile.memory or shape is None or not node_facts(node, gm).joins:
+            continue
+        total += profile.memory[kind].fixed_us + profile.memory[kind].element_us * math.prod(shape)
+    return total
 
 
 def profiled_by_kind(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -326,9 +353,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     path = HERE / "latency_model.json"
-    # a run keeps the sections it does not measure (``--levels`` with no level: no cuts profiled)
+    # a run keeps the sections it does not measure (``--levels`` with no level: no cuts profiled), and the cuts of the
+    # models it does not run
     kept = json.loads(path.read_text()) if path.exists() else {}
-    results = [run_model(name, tuple(args.levels)) for name in args.models] if args.levels else kept.get("cuts", [])
+    results = kept.get("cuts", [])
+    if args.levels:
+        results = [r for r in results if r["model"] not in args.models]
+        results += [run_model(name, tuple(args.levels)) for name in args.models]
     selected: dict[Knob, list[dict[str, Any]]] = {}
     knobs: tuple[tuple[Knob, list[float]], ...] = (
         ("param_cost", args.param_costs),
