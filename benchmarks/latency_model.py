@@ -300,7 +300,8 @@ def summarize(results: list[dict[str, Any]], out: Path, selected: dict[Knob, lis
         "the script's docstring). *Predicted* is the latency model's time for the cut over its time for the "
         "original; *measured*, the two models' ratio in an interleaved measurement. Per kind of op: the tables' "
         "microseconds and onnxruntime's profiled kernel microseconds (a profiled run is slower than a plain one), "
-        "for the original and the deepest cut, and the share of the original's time each keeps.",
+        "for the original and the deepest cut, and the share of the original's time each keeps. A run rewrites only "
+        "what it measures, so sections may come from different runs and tables (`RESULTS.md` dates each).",
         "",
     ]
     for result in results:
