@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Kernel", "KernelKind", "conv_kernel", "gemm_kernel"]
+__all__ = ["Kernel", "KernelKind", "conv_kernel", "gemm_kernel", "norm_kernel"]
 
 
 class KernelKind(Enum):
@@ -108,6 +108,17 @@ def conv_kernel(
         padding=pads,
         dilation=dilations,
         groups=cout // groups if depthwise else groups,
+    )
+
+
+def norm_kernel(x_shape: Sequence[int]) -> Kernel | None:
+    """The kernel a CPU runtime runs a batch norm of a 4-d input as where it cannot fold the norm into a convolution
+    before it: a depthwise 1x1 convolution (onnxruntime's blocked one, the ReLU after it fused), whose time follows
+    the channels as well as the elements; None for other dimensions."""
+    if len(x_shape) != 4:
+        return None
+    return Kernel(
+        KernelKind.DEPTHWISE, int(x_shape[0]), tuple(int(s) for s in x_shape[2:]), (1, 1), (1, 1), (0,) * 4, (1, 1), 1
     )
 
 

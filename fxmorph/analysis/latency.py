@@ -7,7 +7,8 @@ A runtime is profiled once per machine (:class:`RuntimeProfile`, measured by :mo
   of widths (:func:`grid_points`), interpolated bilinearly in between;
 - ops that move memory without a table (elementwise arithmetic and activations, norms, concatenations, pooling) cost
   a fixed time plus a time per element of their output (:class:`MemoryCost` per :class:`MemoryClass`), except where
-  the runtime fuses them into the convolution before them (:func:`fused_nodes`);
+  the runtime fuses them into the convolution before them (:func:`fused_nodes`), and batch norms it runs as a
+  depthwise kernel of their own, which have tables (:mod:`fxmorph.analysis.fusion`);
 - products without a kernel (attention, batched matmul) cost their FLOPs at the runtime's rate.
 
 :class:`LatencyFunction` sums these for any widths, fast enough for the selection step to evaluate thousands of steps
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -27,8 +28,9 @@ from torch import fx
 
 from fxmorph.analysis.atoms import Layout
 from fxmorph.analysis.cost import CostModel, Polynomial, Resource
+from fxmorph.analysis.fusion import fusion
 from fxmorph.analysis.graph import ChannelGraph
-from fxmorph.analysis.kernels import Kernel, KernelKind
+from fxmorph.analysis.kernels import Kernel
 from fxmorph.analysis.ops import OpKind, node_facts
 from fxmorph.meta import tensor_shape
 
@@ -163,14 +165,15 @@ def grid_points(size: int) -> tuple[int, ...]:
 
 
 def kernels_of(cg: ChannelGraph) -> dict[Kernel, tuple[int, ...]]:
-    """Every kernel the graph runs, with the widest each of its axes gets (its table spans up to that)."""
+    """Every kernel the graph runs, with the widest each of its axes gets (its table spans up to that): its layers',
+    and those of the batch norms a CPU runtime runs as kernels (:func:`~fxmorph.analysis.fusion.fusion`)."""
+    ops = [(t.kernel, t.axes) for t in cg.costs if t.kernel is not None]
+    ops += [(kernel, (layout,)) for kernel, layout in fusion(cg)[1].values()]
     widest: dict[Kernel, tuple[int, ...]] = {}
-    for term in cg.costs:
-        if term.kernel is None:
-            continue
-        sizes = tuple(a if isinstance(a, int) else layout_width(cg, a) for a in term.axes)
-        old = widest.get(term.kernel, sizes)
-        widest[term.kernel] = tuple(max(a, b) for a, b in zip(old, sizes, strict=True))
+    for kernel, axes in ops:
+        sizes = tuple(a if isinstance(a, int) else layout_width(cg, a) for a in axes)
+        old = widest.get(kernel, sizes)
+        widest[kernel] = tuple(max(a, b) for a, b in zip(old, sizes, strict=True))
     return widest
 
 
@@ -180,18 +183,10 @@ def layout_width(cg: ChannelGraph, layout: Layout) -> int:
 
 
 def fused_nodes(cg: ChannelGraph) -> set[str]:
-    """The nodes a CPU runtime fuses into a convolution (:attr:`~fxmorph.analysis.facts.OpFacts.fuses`): an op
-    that fuses whose operand is a convolution, or an op fused into one, read by this op alone. A batch norm and a
-    ReLU after a convolution, and a residual add and the ReLU after it, all run inside the convolution."""
-    conv = {t.node for t in cg.costs if t.kernel is not None and t.kernel.kind is not KernelKind.GEMM}
-    fused: set[str] = set()
-    for node in cg.gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method") or not node_facts(node, cg.gm).fuses:
-            continue
-        operands = [a for a in node.args if isinstance(a, fx.Node)]
-        if any((a.name in conv or a.name in fused) and len(a.users) == 1 for a in operands):
-            fused.add(node.name)
-    return fused
+    """The nodes a CPU runtime fuses into a convolution, or into a batch norm it runs as a kernel
+    (:func:`~fxmorph.analysis.fusion.fusion`): a batch norm and a ReLU after a convolution, a residual add and the
+    ReLU after it, and a ReLU after a norm of a concatenation all run inside the kernel before them."""
+    return fusion(cg)[0]
 
 
 def memory_class(node: fx.Node, gm: fx.GraphModule, skip: set[str]) -> MemoryClass | None:
@@ -213,46 +208,54 @@ class LatencyFunction:
         """The latency of ``cost``'s graph as ``profile`` prices it (a kernel it has no table for, as a layer
         factorized after profiling makes, costs its FLOPs at ``profile.flop_us``)."""
         cg = cost.cg
-        n = len(cg.groups)
         self.scale = scale
-        self._rest = Polynomial(n, exact=False)  # memory and FLOP-rate terms: polynomials of the widths
-        forms: list[np.ndarray] = []
-        offsets: list[int] = []
+        self._rest = Polynomial(len(cg.groups), exact=False)  # memory and FLOP-rate terms: polynomials of the widths
+        self._forms: list[np.ndarray] = []
+        self._offsets: list[int] = []
         self._ops: dict[Kernel, list[list[int]]] = {}  # per kernel: per op, the form index of each axis
-        gates: dict[Kernel, list[np.ndarray]] = {}  # per kernel: per op, the groups whose removal takes it
+        self._gate_rows: dict[Kernel, list[np.ndarray]] = {}  # per kernel: per op, the groups whose removal takes it
         for term in cg.costs:
             gated = cost.gates.get(term.node, frozenset())
             if term.kernel is None or term.kernel not in profile.tables:  # no table: its FLOPs at the runtime's rate
                 self._rest.term(term.coef * profile.flop_us, [self._rest.form(cg, f) for f in term.factors], gated)
                 continue
-            row = np.zeros(n, dtype=np.int64)
-            row[list(gated)] = 1
-            gates.setdefault(term.kernel, []).append(row)
-            axes = []
-            for axis in term.axes:
-                row = np.zeros(n, dtype=np.int64)
-                if isinstance(axis, int):
-                    offsets.append(axis)
-                else:
-                    offsets.append(0)
-                    for gid, inner in cg.layout_groups(axis):
-                        row[gid] += inner
-                forms.append(row)
-                axes.append(len(forms) - 1)
-            self._ops.setdefault(term.kernel, []).append(axes)
+            self._add_op(cg, term.kernel, term.axes, gated)
+        fused, norms = fusion(cg, lambda kernel: kernel in profile.tables)
+        for name, (kernel, layout) in norms.items():  # batch norms the runtime runs as kernels, priced by their tables
+            self._add_op(cg, kernel, (layout,), cost.gates.get(name, frozenset()))
         self._tables = {k: profile.tables[k] for k in self._ops}
-        self._a = np.vstack(forms) if forms else np.zeros((0, n), dtype=np.int64)
-        self._b = np.asarray(offsets, dtype=np.int64)
+        n = len(cg.groups)
+        self._a = np.vstack(self._forms) if self._forms else np.zeros((0, n), dtype=np.int64)
+        self._b = np.asarray(self._offsets, dtype=np.int64)
         self._index = {k: np.asarray(ops, dtype=np.int64).T for k, ops in self._ops.items()}  # (axes, ops)
-        self._gates = {k: np.vstack(rows) for k, rows in gates.items()}  # (ops, groups)
-        self._add_memory(cost, profile)
+        self._gates = {k: np.vstack(rows) for k, rows in self._gate_rows.items()}  # (ops, groups)
+        self._add_memory(cost, profile, {t.node for t in cg.costs} | fused | set(norms))
         self._rest.freeze()
 
-    def _add_memory(self, cost: CostModel, profile: RuntimeProfile) -> None:
-        """A fixed and a per-element term for every op priced by its memory (see :func:`memory_class`), per element
-        of its largest tensor (:func:`_largest_tensor`); both go with the op where a group's removal takes it."""
+    def _add_op(self, cg: ChannelGraph, kernel: Kernel, axes: tuple[Layout | int, ...], gated: Collection[int]) -> None:
+        """One op priced by ``kernel``'s table at the widths of ``axes`` (a layout over groups, or a fixed width), gone
+        where a group of ``gated`` is removed whole."""
+        row = np.zeros(len(cg.groups), dtype=np.int64)
+        row[list(gated)] = 1
+        self._gate_rows.setdefault(kernel, []).append(row)
+        indices = []
+        for axis in axes:
+            row = np.zeros(len(cg.groups), dtype=np.int64)
+            if isinstance(axis, int):
+                self._offsets.append(axis)
+            else:
+                self._offsets.append(0)
+                for gid, inner in cg.layout_groups(axis):
+                    row[gid] += inner
+            self._forms.append(row)
+            indices.append(len(self._forms) - 1)
+        self._ops.setdefault(kernel, []).append(indices)
+
+    def _add_memory(self, cost: CostModel, profile: RuntimeProfile, skip: set[str]) -> None:
+        """A fixed and a per-element term for every op priced by its memory (see :func:`memory_class`; not those of
+        ``skip``: priced by a table, or fused into a kernel), per element of its largest tensor
+        (:func:`_largest_tensor`); both go with the op where a group's removal takes it."""
         cg = cost.cg
-        skip = {t.node for t in cg.costs} | fused_nodes(cg)
         for node in cg.gm.graph.nodes:
             kind = memory_class(node, cg.gm, skip)
             if kind is None or kind not in profile.memory or tensor_shape(node) is None:
