@@ -3,6 +3,7 @@
     python -m benchmarks.latency_budget                                   # 6 models x 3 budgets (about 40 min)
     python -m benchmarks.latency_budget --models resnet50 --budgets 0.5   # one case
     python -m benchmarks.latency_budget --summarize                       # LATENCY_BUDGET.md and the plot again
+    python -m benchmarks.latency_budget --models densenet121 --budgets 0.5 --latency-keep flops  # a row of its own
 
 For each torchvision model (random weights, 1x3x224x224, onnxruntime's CPU provider with 2 threads):
 
@@ -43,6 +44,7 @@ from fxmorph.analysis.latency import kernels_of
 from fxmorph.api.latency_budget import CONFIRMATIONS
 from fxmorph.api.runtimes import SteadyTimer
 from fxmorph.io.latency_profile import OnnxRuntimeCPU
+from fxmorph.passes.select_latency import KEEPS, LatencyKeep
 
 HERE = Path(__file__).parent
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny", "vit_b_16")
@@ -69,12 +71,18 @@ def _profile_seconds(model: nn.Module, x: torch.Tensor, cache: Path) -> dict[str
 
 
 def _latency_cut(
-    model: nn.Module, x: torch.Tensor, budget: float, cache: Path, min_width: int
+    model: nn.Module, x: torch.Tensor, budget: float, cache: Path, min_width: int, keep: LatencyKeep
 ) -> tuple[nn.Module, dict[str, Any]]:
     start = time.perf_counter()
     runtime = OnnxRuntimeCPU(threads=THREADS, cache_dir=cache)
     small, report = fxmorph.shrink(
-        model, example_inputs=x, budget_latency=budget, runtime=runtime, min_width=min_width, return_report=True
+        model,
+        example_inputs=x,
+        budget_latency=budget,
+        runtime=runtime,
+        min_width=min_width,
+        latency_keep=keep,
+        return_report=True,
     )
     outcome = report.latency
     assert outcome is not None
@@ -124,18 +132,26 @@ def _verify(model: nn.Module, small: nn.Module, x: torch.Tensor) -> dict[str, fl
     }
 
 
-def run_model(name: str, budgets: tuple[float, ...], cache: Path, min_width: int = 0) -> dict[str, Any]:
+def row_name(name: str, keep: LatencyKeep) -> str:
+    """A row's name: the model's, with ``latency_keep`` beside it where that is not the default."""
+    return name if keep == "model" else f"{name} (latency_keep={keep})"
+
+
+def run_model(
+    name: str, budgets: tuple[float, ...], cache: Path, min_width: int = 0, keep: LatencyKeep = "model"
+) -> dict[str, Any]:
     """Every cut of ``name`` and their latencies, measured together."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
-    row: dict[str, Any] = {"model": name, **count(model, x), "profile": _profile_seconds(model, x, cache)}
+    row: dict[str, Any] = {"model": row_name(name, keep), **count(model, x)}
+    row["profile"] = _profile_seconds(model, x, cache)
     cuts: dict[str, nn.Module] = {"original": model}
     row["latency_cuts"] = []
     row["unreachable"] = []
     for b in budgets:
         try:
-            small, cut = _latency_cut(model, x, b, cache, min_width)
+            small, cut = _latency_cut(model, x, b, cache, min_width, keep)
         except fxmorph.BudgetError as exc:  # below what the model can reach, as its latency model predicts
             row["unreachable"].append({"budget": b, "error": str(exc)})
             logger.info("%s latency %.2f: %s", name, b, exc)
@@ -200,7 +216,8 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "efficientnet_b0, `fxmorph/analysis/removal.py`). Under the latency budget groups thin unevenly "
         "(`DEFAULT_LATENCY_BALANCE`) and a step's parameters count beside its FLOPs, at several values; of the "
         "cuts those give, the one with the most FLOPs that keeps as many parameters as the FLOPs budget at the same "
-        "latency is kept (`fxmorph/passes/select_latency.py`).",
+        "latency is kept (`fxmorph/passes/select_latency.py`). A row named *(latency_keep=flops)* takes "
+        '`latency_keep="flops"` (`--latency-keep flops`): the cut with the most FLOPs, parameters not valued.',
         "",
         "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "
         "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",
@@ -313,18 +330,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=HERE / "latency_budget.json")
     parser.add_argument("--summarize", action="store_true", help="only write LATENCY_BUDGET.md and the plot")
     parser.add_argument("--min-width", type=int, default=0, help="min_width of the latency cuts (default 0)")
+    parser.add_argument(
+        "--latency-keep", choices=tuple(KEEPS), default="model", help="latency_keep of the latency cuts (default model)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if not args.summarize:
         rows = json.loads(args.json.read_text())["rows"] if args.json.exists() else []
-        rows = [r for r in rows if r["model"] not in args.models]
+        rows = [r for r in rows if r["model"] not in {row_name(m, args.latency_keep) for m in args.models}]
         with tempfile.TemporaryDirectory(prefix="fxmorph-latency-cache-") as cache:
             for name in args.models:
-                rows.append(run_model(name, tuple(args.budgets), Path(cache), args.min_width))
+                rows.append(run_model(name, tuple(args.budgets), Path(cache), args.min_width, args.latency_keep))
                 args.json.write_text(json.dumps({"threads": THREADS, "rows": rows}, indent=1))
     rows = json.loads(args.json.read_text())["rows"]
     order = {m: k for k, m in enumerate(MODELS)}
-    rows.sort(key=lambda r: order.get(r["model"], len(order)))
+    rows.sort(key=lambda r: order.get(r["model"].split(" ")[0], len(order)) + 0.5 * (" " in r["model"]))
     summarize(rows, HERE / "LATENCY_BUDGET.md", HERE / "latency_budget.png")
 
 

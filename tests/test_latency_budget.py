@@ -321,6 +321,28 @@ def test_shrink_needs_a_budget(resnet: tuple[nn.Module, torch.Tensor]) -> None:
         fxmorph.shrink(model, example_inputs=x, budget_latency="60%", latency_threads=0)
 
 
+def test_bad_latency_keep_is_an_input_error(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = resnet
+    with pytest.raises(fxmorph.InputError, match="unknown latency_keep 'params': choose one of model, flops"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="60%", latency_keep="params")  # type: ignore[arg-type]
+    with pytest.raises(fxmorph.InputError, match="unknown latency_keep"):
+        fxmorph.shrink(model, example_inputs=x, budget_latency="60%", latency_keep=["flops"])  # type: ignore[arg-type]
+    with pytest.raises(fxmorph.InputError, match="pass budget_latency with strategy='prune'"):
+        fxmorph.shrink(model, "50%", x, latency_keep="flops")
+
+
+def test_a_latency_budget_keeping_flops_is_met(resnet: tuple[nn.Module, torch.Tensor]) -> None:
+    """``latency_keep="flops"`` selects at a parameter value of 0 and is measured and corrected like the default."""
+    model, x = resnet
+    small, report = fxmorph.shrink(
+        model, example_inputs=x, budget_latency="60%", latency_keep="flops", runtime=FakeRuntime(), return_report=True
+    )
+    outcome = report.latency
+    assert outcome is not None and 0.95 * outcome.budget_ms <= outcome.measured_ms <= outcome.budget_ms
+    assert report.settings["latency_keep"] == "flops"
+    assert small(x).shape == model(x).shape and isinstance(small, type(model))
+
+
 def test_cache_key_changes_with_threads_and_runtime_version(monkeypatch: pytest.MonkeyPatch) -> None:
     one, two = OnnxRuntimeCPU(threads=1).cache_key(), OnnxRuntimeCPU(threads=2).cache_key()
     assert one != two and one.file_name() != two.file_name()
@@ -438,6 +460,7 @@ def test_command_line_latency_budget_reports_rounds_and_the_flops_comparison(
     ("argv", "message"),
     [
         (["--budget-latency", "12"], "--budget-latency: budget_latency '12' has no unit"),
+        (["--budget-flops", "50%", "--latency-keep", "flops"], "--latency-keep flops needs --budget-latency"),
         (["--budget-latency", "150%"], "--budget-latency: budget_latency '150%' must be a share"),
         ([], "--budget-flops (or --budget-latency) is required"),
     ],

@@ -28,6 +28,7 @@ from fxmorph.passes.importance import CRITERIA
 from fxmorph.passes.prune import BudgetPass, PrunePass
 from fxmorph.passes.rounding import AUTO, Grid, RoundTo, check_round_to
 from fxmorph.passes.select import DEFAULT_MAX_PRUNE, DEFAULT_PARAM_COST, DEFAULT_ROUND_TO
+from fxmorph.passes.select_latency import KEEPS, LatencyKeep
 from fxmorph.passes.width import WidthPass
 from fxmorph.validate import check_callable, check_number, check_prefixes, check_seed
 
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_MAX_PRUNE",
     "DEFAULT_PARAM_COST",
     "DEFAULT_ROUND_TO",
+    "KEEPS",
     "STRATEGIES",
     "Budget",
     "GrowOptions",
@@ -118,6 +120,8 @@ class ShrinkOptions(Options):
     """The runtime a latency budget is measured on: a registered name, or a runtime object."""
     latency_threads: int | None = None
     """The runtime's intra-op threads for a latency budget (None: every core)."""
+    latency_keep: LatencyKeep = "model"
+    """What a latency budget keeps the most of (:data:`~fxmorph.passes.select_latency.LatencyKeep`)."""
     criterion: str = "l1"
     strategy: Strategy = "prune"
     min_width: int | None = None
@@ -133,6 +137,7 @@ class ShrinkOptions(Options):
         _check_criterion(self.criterion)
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}.")
+        self._check_latency_keep()
         if not check_round_to(self.round_to):
             raise InputError(f"round_to must be 'auto' or a positive integer, got round_to={self.round_to!r}.")
         if self.min_width is not None and (
@@ -162,6 +167,20 @@ class ShrinkOptions(Options):
         if self.budget_latency is not None and self.latency_threads is not None:
             _check_positive_int("latency_threads", self.latency_threads)
 
+    def _check_latency_keep(self) -> None:
+        """``latency_keep`` is one of :data:`~fxmorph.passes.select_latency.KEEPS`, and only says something under a
+        latency budget's pruning."""
+        if not isinstance(self.latency_keep, str) or self.latency_keep not in KEEPS:
+            raise InputError(
+                f"unknown latency_keep {self.latency_keep!r}: choose one of {', '.join(KEEPS)} ('model' keeps the most "
+                "FLOPs while keeping the parameters a FLOPs budget keeps; 'flops' the most FLOPs)."
+            )
+        if self.latency_keep != "model" and (self.budget_latency is None or self.strategy != "prune"):
+            raise InputError(
+                f"latency_keep={self.latency_keep!r} says what a latency budget's pruning keeps: pass budget_latency "
+                "with strategy='prune', or leave latency_keep out."
+            )
+
     @property
     def floor(self) -> int:
         """The width no group goes below: ``min_width``, or where it is None, 0 under a latency budget (groups may go
@@ -188,7 +207,8 @@ class ShrinkOptions(Options):
             "latency": latency,
         }
         if self.strategy == "prune":
-            return PrunePass(budget, max_prune=max_prune, param_cost=self.param_cost, **shared)
+            kept = KEEPS[self.latency_keep]
+            return PrunePass(budget, max_prune=max_prune, param_cost=self.param_cost, param_values=kept, **shared)
         return WidthPass(budget, **shared)
 
     def settings(self, rounding: str) -> dict[str, Any]:
@@ -201,6 +221,7 @@ class ShrinkOptions(Options):
                 "budget_latency": self.budget_latency,
                 "runtime": runtime,
                 "latency_threads": self.latency_threads,
+                "latency_keep": self.latency_keep,
             }
         return {
             **latency,

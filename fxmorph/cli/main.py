@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from fxmorph.api.options import AUTO, CAPTURES, DEFAULT_ROUND_TO, RoundTo
+from fxmorph.api.options import AUTO, CAPTURES, DEFAULT_ROUND_TO, KEEPS, RoundTo
 
 __all__ = ["CRITERIA", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BUDGET",
         help='latency to shrink to, measured in onnxruntime with --threads: a percentage ("60%%"), a fraction (0.6) '
         "or a time (12ms, 800us); with --budget-flops both are met",
+    )
+    parser.add_argument(
+        "--latency-keep",
+        choices=tuple(KEEPS),
+        default="model",
+        help="what --budget-latency keeps the most of: model (the most FLOPs while keeping the parameters a FLOPs "
+        "budget keeps at that latency) or flops (the most FLOPs, fewer parameters where whole layers go; "
+        "default model)",
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (created; nothing is written outside it)")
     parser.add_argument(

@@ -153,6 +153,8 @@ def _load(args: argparse.Namespace, out: Path) -> _Loaded:
 
     shape = parse_shape(args.input_shape)
     check_budget(args.budget_flops, args.budget_latency)
+    if args.latency_keep != "model" and (args.budget_latency is None or args.strategy != "prune"):
+        raise UsageError(f"--latency-keep {args.latency_keep} needs --budget-latency with --strategy prune.")
     check_out(out, args.force)
     torch.manual_seed(0)  # the report promises this seed before the model and the input are drawn
     model = load_model(args.model).eval()
@@ -184,6 +186,7 @@ def _shrink(args: argparse.Namespace, run: _Loaded) -> tuple[nn.Module, ShrinkRe
             (run.x,),
             budget_latency=args.budget_latency,
             latency_threads=args.threads,
+            latency_keep=args.latency_keep,
             return_report=True,
             **_cut_options(args),
         )

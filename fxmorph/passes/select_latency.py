@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -36,7 +37,9 @@ from fxmorph.errors import InputError
 __all__ = [
     "DEFAULT_PARAM_VALUES",
     "FLOPS_TIE",
+    "KEEPS",
     "Candidate",
+    "LatencyKeep",
     "flops_reference",
     "latency_widths",
     "pick",
@@ -48,6 +51,17 @@ DEFAULT_PARAM_VALUES = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.12, 0.16, 0.
 """The parameter values a latency budget selects at (``param_value`` of
 :func:`~fxmorph.passes.select.greedy_widths`): denser where densenet121's cut turns from removing dense layers to
 thinning them (0.04 to 0.06)."""
+
+LatencyKeep = Literal["model", "flops"]
+"""What a latency budget keeps the most of: ``"model"`` (the default), the most FLOPs among the cuts that keep at least
+the parameters a FLOPs budget keeps at the same latency (:func:`pick` over :data:`DEFAULT_PARAM_VALUES`); ``"flops"``,
+the most FLOPs, parameters not valued (a parameter value of 0). They differ where whole layers run slower than their
+FLOPs say: densenet121 cut to half its latency keeps 47.9% of its FLOPs and 52.3% of its parameters under ``"model"``,
+50.3% and 18.9% under ``"flops"``, where a FLOPs budget keeps 38 to 40% and 33 to 35% (``benchmarks/RESULTS.md``,
+session 23)."""
+
+KEEPS: dict[LatencyKeep, tuple[float, ...]] = {"model": DEFAULT_PARAM_VALUES, "flops": (0.0,)}
+"""The parameter values each :data:`LatencyKeep` selects at."""
 
 FLOPS_TIE = 0.01
 """Selections whose FLOPs are this share of the model's apart keep the same FLOPs as far as the latency model can tell
