@@ -153,6 +153,7 @@ def _load(args: argparse.Namespace, out: Path) -> _Loaded:
 
     shape = parse_shape(args.input_shape)
     check_budget(args.budget_flops, args.budget_latency)
+    # before the model is built, as check_budget: shrink would refuse it too, but only after the first forward
     if args.latency_keep != "model" and (args.budget_latency is None or args.strategy != "prune"):
         raise UsageError(f"--latency-keep {args.latency_keep} needs --budget-latency with --strategy prune.")
     check_out(out, args.force)
