@@ -61,7 +61,7 @@ def _norm(cg: ChannelGraph, node: fx.Node) -> tuple[Kernel, Layout | int] | None
     """The kernel of a batch norm of a 4-d tensor and its channels' layout (their count where no group holds them)."""
     shape = tensor_shape(node)
     kernel = None if shape is None else norm_kernel(shape)
-    if shape is None or kernel is None:
+    if shape is None or kernel is None:  # no shape recorded, or not 4-d
         return None
     spaces = cg.spaces.get(node.name)
     layout = spaces.get(1) if isinstance(spaces, dict) else None

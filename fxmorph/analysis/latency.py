@@ -235,9 +235,9 @@ class LatencyFunction:
     def _add_op(self, cg: ChannelGraph, kernel: Kernel, axes: tuple[Layout | int, ...], gated: Collection[int]) -> None:
         """One op priced by ``kernel``'s table at the widths of ``axes`` (a layout over groups, or a fixed width), gone
         where a group of ``gated`` is removed whole."""
-        row = np.zeros(len(cg.groups), dtype=np.int64)
-        row[list(gated)] = 1
-        self._gate_rows.setdefault(kernel, []).append(row)
+        gate = np.zeros(len(cg.groups), dtype=np.int64)
+        gate[list(gated)] = 1
+        self._gate_rows.setdefault(kernel, []).append(gate)
         indices = []
         for axis in axes:
             row = np.zeros(len(cg.groups), dtype=np.int64)
