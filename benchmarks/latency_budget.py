@@ -12,9 +12,10 @@ For each torchvision model (random weights, 1x3x224x224, onnxruntime's CPU provi
    latency (``min_width=0`` lets groups go whole where that is exact: densenet121's dense layers; none of the other
    five models has such a group, ``--min-width 1`` keeps every group);
 3. FLOPs-budget cuts (``fxmorph.shrink(budget_flops=f)``, defaults) at 10..90% of the FLOPs, and Torch-Pruning
-   (``MagnitudePruner``, one ratio for every layer, :mod:`benchmarks.tp_adapter`) at ratios 0.1..0.6;
-4. everything exported to ONNX and measured together, interleaved (30 rounds after 10 warm-up runs; a model's
-   latency is the median over rounds of its time over the original's in the same round).
+   (``MagnitudePruner``, one ratio for every layer, :mod:`benchmarks.tp_adapter`) at ratios 0.1..0.8;
+4. everything exported to ONNX and measured together, interleaved (40 rounds after 10 warm-up runs; a model's
+   latency is its 10th-percentile time over the original's), ``--curve-runs`` times (default 3; each cut's ratio the
+   median of its runs).
 
 The FLOPs-budget and Torch-Pruning curves are interpolated at each latency result's measured latency: the FLOPs
 and parameters each method keeps at equal latency. Raw rows go to ``latency_budget.json``; ``LATENCY_BUDGET.md``
@@ -52,7 +53,9 @@ BUDGETS = (0.75, 0.5, 0.3)
 FLOPS_LEVELS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 """The FLOPs-budget curve the latency cuts are compared on; 0.1 reaches 30% of the latency where 0.2 does not
 (densenet121, mobilenet_v2, efficientnet_b0)."""
-TP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+TP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+CURVE_RUNS = 3
+"""Interleaved runs the cuts of a model are compared in: each cut's ratio is the median of its runs."""
 THREADS = 2
 
 logger = logging.getLogger("benchmarks.latency_budget")
@@ -138,9 +141,14 @@ def row_name(name: str, keep: LatencyKeep) -> str:
 
 
 def run_model(
-    name: str, budgets: tuple[float, ...], cache: Path, min_width: int = 0, keep: LatencyKeep = "model"
+    name: str,
+    budgets: tuple[float, ...],
+    cache: Path,
+    min_width: int = 0,
+    keep: LatencyKeep = "model",
+    curve_runs: int = CURVE_RUNS,
 ) -> dict[str, Any]:
-    """Every cut of ``name`` and their latencies, measured together."""
+    """Every cut of ``name`` and their latencies, measured together ``curve_runs`` times."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
@@ -174,9 +182,12 @@ def run_model(
             small = tp_adapter.prune(model, x, r, None)
             cuts[f"tp {r:g}"] = small
             row["tp_cuts"].append({"ratio": r, **count(small, x)})
-    ratios = _measure(cuts, x)
-    for cut in row["latency_cuts"]:  # beside the curves, in the one measurement they share
+    runs = _measure(cuts, x, curve_runs)
+    ratios = {name: float(np.median(values)) for name, values in runs.items()}
+    row["curve_runs"] = curve_runs
+    for cut in row["latency_cuts"]:  # beside the curves, in the measurements they share
         cut["curve_ratio"] = ratios[f"latency {cut['budget']:g}"]
+        cut["curve_ratios"] = runs[f"latency {cut['budget']:g}"]
     for key, field, label in (("flops_cuts", "level", "flops"), ("tp_cuts", "ratio", "tp")):
         for r in row[key]:
             r["ratio"] = ratios[f"{label} {r[field]:g}"]
@@ -184,12 +195,17 @@ def run_model(
     return row
 
 
-def _measure(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
-    """Every model's ratio to the original as shrink measures it (10th percentiles, interleaved, 40 rounds), and the
-    original's median."""
-    report = measure_interleaved(models, x, THREADS)
-    out = {m.name: m.steady_ratio for m in report.models}
-    out["original_ms"] = report["original"].median_ms
+def _measure(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, list[float]]:
+    """Every model's ratio to the original as shrink measures it (10th percentiles, interleaved, 40 rounds) in each
+    of ``runs`` runs, and the original's median (``original_ms``). One run of vit_b_16's cuts moves a cut by up to
+    2% of the original against the next (``benchmarks/RESULTS.md``, session 24): as much as the methods differ."""
+    out: dict[str, list[float]] = {}
+    for run in range(runs):
+        report = measure_interleaved(models, x, THREADS)
+        for m in report.models:
+            out.setdefault(m.name, []).append(m.steady_ratio)
+        out.setdefault("original_ms", []).append(report["original"].median_ms)
+        logger.info("curves measured %d of %d times", run + 1, runs)
     return out
 
 
@@ -208,9 +224,12 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "loop* is what shrink's returned round measured (a round landing in the window 1% of the budget inside "
         "its edges is measured twice more, and accepted if the median of the three lands there). For the "
         "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 10..90% and Torch-Pruning at"
-        " ratios 0.1..0.6) is measured in one interleaved run (40 rounds, 10th percentiles), and the FLOPs and "
-        "parameters of the FLOPs-budget and Torch-Pruning cuts are interpolated along their curves at the latency"
-        " result's latency in that run (-: outside the curve). The latency cuts take `min_width=0`: a group may "
+        " ratios 0.1..0.8; rows of one run: 0.1..0.6) is measured in interleaved runs (40 rounds, 10th "
+        "percentiles; *runs*: how many, each cut's ratio the median of them), and the FLOPs and parameters of the "
+        "FLOPs-budget and Torch-Pruning cuts "
+        "are interpolated along their curves at the latency result's latency in those runs (-: outside the curve);"
+        " *spread*: how far apart the runs put the latency result, in points of the original's latency. The "
+        "latency cuts take `min_width=0`: a group may "
         "go whole where that is exact (*gone*: groups at width 0, with the ops that computed them; densenet121's "
         "dense layers, two groups each; residual branches and squeeze-excitations in mobilenet_v2 and "
         "efficientnet_b0, `fxmorph/analysis/removal.py`). Under the latency budget groups thin unevenly "
@@ -220,8 +239,8 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         '`latency_keep="flops"` (`--latency-keep flops`): the cut with the most FLOPs, parameters not valued.',
         "",
         "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "
-        "params kept: latency / FLOPs budget / TP | first-round prediction error | shrink s |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "params kept: latency / FLOPs budget / TP | runs | spread | first-round prediction error | shrink s |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     errors, first_errors, misses, median_misses = [], [], 0, 0
     for row in rows:
@@ -247,7 +266,7 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
                 f"| {row['model']} | {cut['budget']:.0%} | {ratio:.1%}{'' if ok else ' (miss)'} | "
                 f"{median:.1%}{'' if median_ok else ' (miss)'} | {cut['in_loop_ratio']:.1%} | {len(cut['rounds'])} | "
                 f"{cut.get('removed', 0)} | "
-                f"{_pcts(kept)} | {_pcts(params)} | "
+                f"{_pcts(kept)} | {_pcts(params)} | {row.get('curve_runs', 1)} | {_spread(cut)} | "
                 f"{first:.1%} | {cut['seconds']:.0f} |"
             )
     unreachable = [(row["model"], u) for row in rows for u in row.get("unreachable", [])]
@@ -285,6 +304,12 @@ def _raw_error(row: dict[str, Any]) -> float:
     """The uncalibrated model's error on the original: predicted over measured, minus one."""
     first = row["latency_cuts"][0]
     return first["predicted_original_ms"] / first["original_ms"] - 1
+
+
+def _spread(cut: dict[str, Any]) -> str:
+    """How far apart the comparison's runs put a latency cut, in points of the original's latency."""
+    ratios = cut.get("curve_ratios", [])
+    return f"{100 * (max(ratios) - min(ratios)):.1f}" if len(ratios) > 1 else "-"
 
 
 def _pcts(values: list[float | None]) -> str:
@@ -331,6 +356,9 @@ def main() -> None:
     parser.add_argument("--summarize", action="store_true", help="only write LATENCY_BUDGET.md and the plot")
     parser.add_argument("--min-width", type=int, default=0, help="min_width of the latency cuts (default 0)")
     parser.add_argument(
+        "--curve-runs", type=int, default=CURVE_RUNS, help=f"runs the cuts are compared in (default {CURVE_RUNS})"
+    )
+    parser.add_argument(
         "--latency-keep", choices=tuple(KEEPS), default="model", help="latency_keep of the latency cuts (default model)"
     )
     args = parser.parse_args()
@@ -340,7 +368,11 @@ def main() -> None:
         rows = [r for r in rows if r["model"] not in {row_name(m, args.latency_keep) for m in args.models}]
         with tempfile.TemporaryDirectory(prefix="fxmorph-latency-cache-") as cache:
             for name in args.models:
-                rows.append(run_model(name, tuple(args.budgets), Path(cache), args.min_width, args.latency_keep))
+                rows.append(
+                    run_model(
+                        name, tuple(args.budgets), Path(cache), args.min_width, args.latency_keep, args.curve_runs
+                    )
+                )
                 args.json.write_text(json.dumps({"threads": THREADS, "rows": rows}, indent=1))
     rows = json.loads(args.json.read_text())["rows"]
     order = {m: k for k, m in enumerate(MODELS)}

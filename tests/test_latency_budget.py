@@ -159,7 +159,7 @@ def test_a_round_in_the_window_is_confirmed_by_a_median_of_three_measurements(
     outcome = report.latency
     chosen = outcome.steps[outcome.chosen] if outcome is not None else None
     assert chosen is not None and chosen.runs == CONFIRMATIONS == 3 and chosen.confirmed and chosen.spread_ms == 0.0
-    assert 0.96 * outcome.budget_ms <= chosen.measured_ms <= 0.99 * outcome.budget_ms  # GUARD inside both edges
+    assert 0.96 * outcome.budget_ms <= chosen.measured_ms <= 0.985 * outcome.budget_ms  # GUARD, TOP_GUARD inside
     # earlier rounds missed the window: measured once, or three times where one stalled the rounds (a second look)
     assert not any(s.confirmed or _in_band(s.measured_ms, outcome.budget_ms) for s in outcome.steps[:-1])
     assert "(median of 3, 0.00 ms apart)" in report.table()
@@ -209,6 +209,8 @@ def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
     [
         ((0.97, 0.975, 0.98), True),
         ((0.995, 0.995, 0.995), False),  # in the window, but at its edge: a later measurement falls out half the time
+        ((0.988, 0.99, 0.986), False),  # within TOP_GUARD of the budget (vit_b_16 at 50%, session 24: 100.04% after)
+        ((0.955, 0.962, 0.966), True),  # GUARD inside the lower edge is enough there
         ((0.97, 1.04, 0.975), True),  # one odd run over the budget: the median sets it aside
         ((0.97, 1.01, 1.02), False),  # two runs over the budget
         ((0.955, 0.97, 0.95), False),  # the median near the lower edge
