@@ -71,8 +71,8 @@ def _shape(cost: CostModel, head: int, mlps: list[int], per_head: int, target: f
 
 
 def cuts(model: nn.Module, x: torch.Tensor, target: float) -> tuple[dict[str, nn.Module], dict[str, float]]:
-    """The cuts to compare, by name, and each one's latency as the latency model predicts it (a share of the
-    original's; NaN for Torch-Pruning's, whose widths are not read back)."""
+    """The cuts to compare, by name, and each one's latency as the latency tables predict it, uncalibrated (a share
+    of the original's; NaN for the FLOPs budget's and Torch-Pruning's cuts, whose widths are not read back)."""
     cg = fxmorph.analyze(model, (x,))
     cost = CostModel(cg)
     predict = LatencyFunction(cost, OnnxRuntimeCPU(threads=THREADS).profile(kernels_of(cg)))
