@@ -223,9 +223,9 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "shrink meets the budget in; *median* is the median of per-round ratios of the same measurements. *In "
         "loop* is what shrink's returned round measured (a round landing in the window 1% of the budget inside "
         "its lower edge and 1.5% under the budget is measured twice more, and accepted if the median of the three "
-        "lands there; every row here was measured with 1% under the budget, before session 24 changed it). For the "
+        "lands there). For the "
         "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 10..90% and Torch-Pruning at"
-        " ratios 0.1..0.8; rows of one run: 0.1..0.6) is measured in interleaved runs (40 rounds, 10th "
+        " ratios 0.1..0.8) is measured in interleaved runs (40 rounds, 10th "
         "percentiles; *runs*: how many, each cut's ratio the median of them), and the FLOPs and parameters of the "
         "FLOPs-budget and Torch-Pruning cuts "
         "are interpolated along their curves at the latency result's latency in those runs (-: outside the curve);"
@@ -243,7 +243,7 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "params kept: latency / FLOPs budget / TP | runs | spread | first-round prediction error | shrink s |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
-    errors, first_errors, misses, median_misses = [], [], 0, 0
+    errors, first_errors, moves, misses, median_misses = [], [], [], 0, 0
     for row in rows:
         for cut in row["latency_cuts"]:
             ratio, median = cut["ratio"], cut.get("median_ratio", float("nan"))
@@ -251,6 +251,7 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
             median_ok = cut["budget"] * 0.95 <= median <= cut["budget"]
             at = cut["curve_ratio"]  # the curves are compared where they were measured: in one run, together
             misses += not ok
+            moves.append((ratio - cut["in_loop_ratio"]) / cut["budget"])  # verified against accepted, of the budget
             median_misses += not median_ok
             kept = [cut["flops"] / row["flops"]]
             params = [cut["params"] / row["params"]]
@@ -276,7 +277,9 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "",
         f"**{len(first_errors) - misses} of {len(first_errors)}** results measured at or under their budget and "
         f"within 5% of it (by the median of per-round ratios: {len(first_errors) - median_misses} of "
-        f"{len(first_errors)}). Shrink took {retaken} measurement(s) again because the machine was busy."
+        f"{len(first_errors)}). Measured again, the results moved {min(moves):+.1%} to {max(moves):+.1%} of their "
+        f"budget from what shrink accepted them at (median {np.median(moves):+.1%}, {sum(m > 0 for m in moves)} up); "
+        f"shrink took {retaken} measurement(s) again because the machine was busy."
         + "".join(
             f" {model} at {u['budget']:.0%}: refused, {u['error'].split(': ', 1)[-1].split(' (round_to')[0]}."
             for model, u in unreachable
