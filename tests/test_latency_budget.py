@@ -37,6 +37,7 @@ from fxmorph.analysis.latency import (
 from fxmorph.api.budget import parse_latency
 from fxmorph.api.latency_budget import (
     CONFIRMATIONS,
+    SETTLE,
     LatencyOutcome,
     _in_band,
     _step,
@@ -197,8 +198,9 @@ def test_a_round_whose_confirmation_misses_the_window_is_not_accepted(
 ) -> None:
     _, outcome, _ = _latency_shrink(resnet, SecondLooksSlower())
     assert outcome.measured_ms <= outcome.budget_ms
-    refuted = [s for s in outcome.steps if s.runs == 3 and not s.confirmed]
-    assert refuted and all(s.spread_ms > 0 for s in refuted)  # landed in the window once, then outside it
+    refuted = [s for s in outcome.steps if s.runs > 1 and not s.confirmed]
+    # landed in the window once, then 15% slower: too far apart for three, so measured five times
+    assert refuted and all(s.spread_ms > 0 and s.runs == SETTLE for s in refuted)
     assert not any(s.confirmed for s in outcome.steps[:-1])  # the loop goes on past every unconfirmed round
     assert len({s.flops for s in outcome.steps}) == len(outcome.steps)  # no round measures a cut already measured
     assert outcome.steps[outcome.chosen].confirmed or not any(s.confirmed for s in outcome.steps)
