@@ -56,9 +56,9 @@ LatencyKeep = Literal["model", "flops"]
 """What a latency budget keeps the most of: ``"model"`` (the default), the most FLOPs among the cuts that keep at least
 the parameters a FLOPs budget keeps at the same latency (:func:`pick` over :data:`DEFAULT_PARAM_VALUES`); ``"flops"``,
 the most FLOPs, parameters not valued (a parameter value of 0). They differ where whole layers run slower than their
-FLOPs say: densenet121 cut to half its latency keeps 47.9% of its FLOPs and 52.3% of its parameters under ``"model"``
-(measured at 49.1% of its latency), 50.3% and 14.4% under ``"flops"`` (48.6%, 38 of its 58 dense layers removed),
-where a FLOPs budget keeps 37.5 to 38.6% and 33.1 to 34.0% (``benchmarks/LATENCY_BUDGET.md``)."""
+FLOPs say: densenet121 cut to half its latency keeps 47.0% of its FLOPs and 52.8% of its parameters under ``"model"``
+(measured at 48.2% of its latency), 51.3% and 24.5% under ``"flops"`` (48.6%, 37 of its 58 dense layers removed),
+where a FLOPs budget keeps 39.4 to 39.5% and 34.6 to 34.8% (``benchmarks/LATENCY_BUDGET.md``, session 25)."""
 
 KEEPS: dict[LatencyKeep, tuple[float, ...]] = {"model": DEFAULT_PARAM_VALUES, "flops": (0.0,)}
 """The parameter values each :data:`LatencyKeep` selects at."""
