@@ -52,8 +52,8 @@ def test_the_most_flops_among_the_selections_that_keep_more_parameters_than_the_
 
 def test_selections_that_keep_alike_flops_give_way_to_the_one_with_more_parameters() -> None:
     first = _candidate(0.02, 0.257, 0.30)
-    many_weights = _candidate(0.32, 0.257 - FLOPS_TIE / 2, 0.67)
-    fewer_flops = _candidate(0.64, 0.257 - 2 * FLOPS_TIE, 0.80)
+    many_weights = _candidate(0.32, 0.257 * (1 - FLOPS_TIE / 2), 0.67)
+    fewer_flops = _candidate(0.64, 0.257 * (1 - 2 * FLOPS_TIE), 0.80)
     assert pick([first, many_weights, fewer_flops]) is many_weights
 
 
@@ -65,13 +65,13 @@ def test_where_none_leads_the_flops_budget_the_one_nearest_it_in_parameters() ->
 def test_the_flops_budgets_cut_keeps_its_place_where_the_model_cannot_tell_a_selection_from_it() -> None:
     """vit_b_16's case: a selection within :data:`FLOPS_TIE` of the even cut in FLOPs and in parameters."""
     even = _even(0.735, 0.728)
-    uneven = _candidate(0.05, 0.735 + FLOPS_TIE / 2, 0.728 + FLOPS_TIE / 2, 0.728)
+    uneven = _candidate(0.05, 0.735 * (1 + FLOPS_TIE / 2), 0.728 * (1 + FLOPS_TIE / 2), 0.728)
     assert pick([uneven, even]) is even
 
 
 @pytest.mark.parametrize(
     ("flops", "params"),
-    [(0.50 + 2 * FLOPS_TIE, 0.34), (0.40, 0.34 + 0.2), (0.40 + FLOPS_TIE / 2, 0.34 + 2 * FLOPS_TIE)],
+    [(0.50 * (1 + 2 * FLOPS_TIE), 0.34), (0.40, 0.34 + 0.2), (0.40 * (1 + FLOPS_TIE / 2), 0.34 * (1 + 2 * FLOPS_TIE))],
     ids=["more-flops", "more-parameters-alike-flops", "a-little-more-of-both"],
 )
 def test_a_selection_that_keeps_clearly_more_than_the_flops_budgets_cut_replaces_it(
@@ -140,7 +140,7 @@ def test_a_latency_budget_keeps_the_most_flops_of_its_selections_that_lead_the_f
             priced, scores, budget, 1, 1, balance=DEFAULT_LATENCY_BALANCE, param_cost=0.0, param_value=value
         )
         if cost.params(one) / cost.params() >= reference(one) + 0.01:
-            assert cost.flops(chosen) >= cost.flops(one) - FLOPS_TIE * cost.flops()
+            assert cost.flops(chosen) >= cost.flops(one) * (1 - FLOPS_TIE)
 
 
 def test_the_flops_budget_is_bisected_to_the_predicted_latency(
