@@ -227,8 +227,7 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "shrink meets the budget in; *median* is the median of per-round ratios of the same measurements. *In "
         "loop* is what shrink's returned round measured (a round landing in the window 1% of the budget inside "
         "its lower edge and 1.5% under the budget is measured twice more, four times where the three lie more "
-        "than 2.5% of the budget apart, and accepted if the median lands there; every row before vit_b_16's was "
-        "accepted at the median of three). For the "
+        "than 2.5% of the budget apart, and accepted if the median lands there). For the "
         "comparison, every cut of a model (the latency results, FLOPs-budget cuts at 10..90% and Torch-Pruning at"
         " ratios 0.1..0.8) is measured in interleaved runs (40 rounds, 10th "
         "percentiles; *runs*: how many, each cut's ratio the median of them), and the FLOPs and parameters of the "
@@ -240,8 +239,10 @@ def summarize(rows: list[dict[str, Any]], out_md: Path, out_png: Path) -> None:
         "dense layers, two groups each; residual branches and squeeze-excitations in mobilenet_v2 and "
         "efficientnet_b0, `fxmorph/analysis/removal.py`). Under the latency budget groups thin unevenly "
         "(`DEFAULT_LATENCY_BALANCE`) and a step's parameters count beside its FLOPs, at several values; of the "
-        "cuts those give, the one with the most FLOPs that keeps as many parameters as the FLOPs budget at the same "
-        "latency is kept (`fxmorph/passes/select_latency.py`). A row named *(latency_keep=flops)* takes "
+        "cuts those give and the FLOPs budget's own cut at the budget, the one with the most FLOPs (within 1% of "
+        "them) that keeps as many parameters as the FLOPs budget at the same latency is kept, the FLOPs budget's "
+        "cut where no other keeps clearly more (since session 26; `fxmorph/passes/select_latency.py`). A row named "
+        "*(latency_keep=flops)* takes "
         '`latency_keep="flops"` (`--latency-keep flops`): the cut with the most FLOPs, parameters not valued.',
         "",
         "| model | budget | measured | median | in loop | rounds | gone | FLOPs kept: latency / FLOPs budget / TP | "

@@ -63,9 +63,9 @@ LatencyKeep = Literal["model", "flops"]
 """What a latency budget keeps the most of: ``"model"`` (the default), the most FLOPs among the cuts that keep at least
 the parameters a FLOPs budget keeps at the same latency (:func:`pick` over :data:`DEFAULT_PARAM_VALUES`); ``"flops"``,
 the most FLOPs, parameters not valued (a parameter value of 0). They differ where whole layers run slower than their
-FLOPs say: densenet121 cut to half its latency keeps 47.0% of its FLOPs and 52.8% of its parameters under ``"model"``
-(measured at 48.2% of its latency), 51.3% and 24.5% under ``"flops"`` (48.6%, 37 of its 58 dense layers removed),
-where a FLOPs budget keeps 39.4 to 39.5% and 34.6 to 34.8% (``benchmarks/LATENCY_BUDGET.md``, session 25)."""
+FLOPs say: densenet121 cut to half its latency keeps 48.6% of its FLOPs and 53.8% of its parameters under ``"model"``
+(measured at 49.3% of its latency, session 26), 51.3% and 24.5% under ``"flops"`` (48.6%, 37 of its 58 dense layers
+removed, session 25), where a FLOPs budget keeps 39.5 to 40.9% and 34.8 to 35.3% (``benchmarks/LATENCY_BUDGET.md``)."""
 
 KEEPS: dict[LatencyKeep, tuple[float, ...]] = {"model": DEFAULT_PARAM_VALUES, "flops": (0.0,)}
 """The parameter values each :data:`LatencyKeep` selects at."""
@@ -106,11 +106,16 @@ class Candidate:
         """Whether it is the FLOPs budget's cut."""
         return self.param_value is None
 
+    @property
+    def label(self) -> str:
+        """What the log calls it."""
+        return "the FLOPs budget's cut" if self.even else f"at parameter value {self.param_value:g}"
+
 
 def pick(candidates: Sequence[Candidate]) -> Candidate:
-    """The candidate with the most FLOPs among those that lead the FLOPs budget in parameters (within
-    :data:`FLOPS_TIE`, the one with more parameters), or, where none does, the one with the most parameters over the
-    FLOPs budget's.
+    """The candidate with the most FLOPs among those that lead the FLOPs budget in parameters (of those within
+    :data:`FLOPS_TIE` of the most, the one with the most parameters), or, where none does, the one with the most
+    parameters over the FLOPs budget's.
 
     The FLOPs budget's cut, where it is a candidate, keeps its place against a selection within :data:`FLOPS_TIE` of it
     in both FLOPs and parameters: the latency model cannot tell such cuts apart, and where it cannot, the even cut runs
@@ -188,7 +193,7 @@ def latency_widths(
     for c in candidates:
         logger.debug(
             "latency candidate %s: %.2f%% of the FLOPs, %.2f%% of the parameters (the FLOPs budget: %.2f%%)",
-            "the FLOPs budget's cut" if c.even else f"at parameter value {c.param_value:g}",
+            c.label,
             100 * c.flops,
             100 * c.params,
             100 * c.reference_params,
@@ -197,7 +202,7 @@ def latency_widths(
     logger.info(
         "latency selection %s: %.1f%% of the FLOPs, %.1f%% of the parameters (the FLOPs budget at the same latency: "
         "%.1f%% of the parameters)",
-        "the FLOPs budget's cut" if chosen.even else f"at parameter value {chosen.param_value:g}",
+        chosen.label,
         100 * chosen.flops,
         100 * chosen.params,
         100 * chosen.reference_params,
